@@ -1,0 +1,146 @@
+"""Turn what users pass as prompts into `input_ids` + a full-width `attention_mask`.
+
+Accepted forms: a string, a list of strings, one chat (a list of `{"role", "content"}` dicts), a list of
+chats (the tokenizer's chat template is applied with a generation prompt), a tensor of ids, or a mapping
+with `input_ids` (and optionally `attention_mask`).
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from latent_merge_nnsight.errors import LatentMergeError
+
+__all__ = ["Batch", "encode", "is_chat"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Token ids and the mask that says which are real (1) and which are padding (0)."""
+
+    input_ids: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)  # type: ignore[return-value]
+
+    def to(self, device: Any) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+def is_chat(obj: Any) -> bool:
+    """True for one chat: a non-empty list of dicts with a `role` key."""
+    return (
+        isinstance(obj, Sequence)
+        and not isinstance(obj, str)
+        and len(obj) > 0
+        and all(isinstance(m, Mapping) and "role" in m for m in obj)
+    )
+
+
+def _from_tensors(input_ids: Any, attention_mask: Any) -> Batch:
+    ids = torch.as_tensor(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2 or ids.dtype not in (torch.int64, torch.int32):
+        raise LatentMergeError(
+            f"input_ids has shape {tuple(ids.shape)} and dtype {ids.dtype}; expected integer ids [batch, pos]"
+        )
+    if ids.shape[1] == 0:
+        raise LatentMergeError("input_ids is empty (0 positions); expected at least one token per row")
+    if attention_mask is None:
+        mask = torch.ones_like(ids)
+    else:
+        mask = torch.as_tensor(attention_mask, device=ids.device)
+        if mask.ndim == 1:
+            mask = mask[None, :]
+        if mask.shape != ids.shape:
+            raise LatentMergeError(
+                f"attention_mask has shape {tuple(mask.shape)}; expected {tuple(ids.shape)} like input_ids"
+            )
+        mask = mask.long()
+    if bool((mask.sum(dim=-1) == 0).any()):
+        raise LatentMergeError(
+            "attention_mask has a row with no real tokens; every prompt needs at least one"
+        )
+    return Batch(ids.long(), mask)
+
+
+def encode(
+    tokenizer: Any,
+    prompts: Any = None,
+    *,
+    input_ids: Any = None,
+    attention_mask: Any = None,
+    padding_side: Literal["left", "right"] | None = None,
+    chat: bool | None = None,
+) -> Batch:
+    """Tokenize `prompts` (or take `input_ids`) into a padded `Batch`.
+
+    Arguments:
+        tokenizer: a Hugging Face tokenizer (needed unless ids are given).
+        prompts: a string, list of strings, one chat, a list of chats, a tensor of ids, or a mapping.
+        padding_side: defaults to the tokenizer's own side (nnsight sets it to "left").
+        chat: force (True) or skip (False) the chat template for strings; chats always use it.
+    """
+    if padding_side not in (None, "left", "right"):
+        raise LatentMergeError(f"padding_side={padding_side!r}; expected 'left' or 'right'")
+    if input_ids is not None or isinstance(prompts, Tensor):
+        if prompts is not None and input_ids is not None:
+            raise LatentMergeError("give either prompts or input_ids, not both")
+        return _from_tensors(input_ids if input_ids is not None else prompts, attention_mask)
+    if isinstance(prompts, Mapping):
+        if "input_ids" not in prompts:
+            raise LatentMergeError(f"prompts mapping has keys {sorted(prompts)}; expected 'input_ids'")
+        return _from_tensors(prompts["input_ids"], prompts.get("attention_mask"))
+    if prompts is None:
+        raise LatentMergeError(
+            "no prompts given; pass a string, a list of strings, chat messages or input_ids"
+        )
+
+    if isinstance(prompts, str) or is_chat(prompts):
+        prompts = [prompts]
+    if not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise LatentMergeError(
+            f"prompts={prompts!r}; expected a string, a list of strings, chat messages or input_ids"
+        )
+    if tokenizer is None:
+        raise LatentMergeError(
+            "this model has no tokenizer; pass input_ids (and attention_mask) instead of text"
+        )
+
+    texts: list[str] = []
+    templated = False
+    for i, p in enumerate(prompts):
+        if is_chat(p) or (chat and isinstance(p, str)):
+            messages = p if is_chat(p) else [{"role": "user", "content": p}]
+            if getattr(tokenizer, "chat_template", None) is None:
+                raise LatentMergeError(
+                    f"prompts[{i}] is a chat but the tokenizer has no chat_template; pass plain strings"
+                )
+            texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+            templated = True
+        elif isinstance(p, str):
+            texts.append(p)
+        else:
+            raise LatentMergeError(f"prompts[{i}] has type {type(p).__name__}; expected a string or a chat")
+        if texts[-1] == "":
+            raise LatentMergeError(f"prompts[{i}] is empty; every prompt needs at least one token")
+
+    side = padding_side or getattr(tokenizer, "padding_side", "left") or "left"
+    if tokenizer.pad_token_id is None:
+        raise LatentMergeError(
+            "the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token) before batching"
+        )
+    old_side = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not templated)
+    finally:
+        tokenizer.padding_side = old_side
+    return _from_tensors(enc["input_ids"], enc["attention_mask"])

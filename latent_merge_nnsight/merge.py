@@ -1,0 +1,166 @@
+"""`merge_into`: mix a source's residual state into the traced model's residual stream.
+
+Called inside `with base.trace(...)` (or a generation trace); the model is found from the active trace.
+Everything is checked before the residual is read, so a bad call leaves the forward untouched.
+"""
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from latent_merge_nnsight.capture import Capture
+from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.models import active_model, last_inputs, model_info
+from latent_merge_nnsight.ops import OpSpec, check_alpha, get_op
+from latent_merge_nnsight.positions import Positions, check_positions, position_mask
+from latent_merge_nnsight.sites import Site, check_layer, check_site, get_layers, read_resid, write_resid
+
+__all__ = ["ResidSource", "merge_into"]
+
+
+@runtime_checkable
+class ResidSource(Protocol):
+    """Anything that can hand over a residual state for (layer, site): a `Capture`, `Deltas`, a live pair."""
+
+    def resid(self, layer: int, site: Site) -> Tensor: ...
+
+
+def _source_tensor(source: Any, layer: int, site: Site, index: str) -> Tensor:
+    if isinstance(source, Tensor):
+        return source
+    if isinstance(source, ResidSource):
+        return source.resid(layer, site)
+    raise LatentMergeError(
+        f"source{index} has type {type(source).__name__}; expected a Capture, a tensor, Deltas, "
+        "or a list of them for a multi-source op"
+    )
+
+
+def _current_mask(model: Any, hidden: Tensor, sources: list[Any]) -> tuple[Tensor, bool, Tensor | None]:
+    """This forward's token mask `[batch, pos]`, whether it is a decode step, and its ids."""
+    batch, pos = hidden.shape[:2]
+    recorded = last_inputs(model)
+    ids = mask = None
+    if recorded is not None:
+        ids, mask = recorded
+        if ids is not None and ids.shape[0] != batch:  # inside one invoke of several: take its rows
+            from nnsight.intervention.interleaver import Mediator
+
+            group = Mediator.current("merge_into").batch_group
+            if group is not None:
+                start, size = group
+                ids = ids[start : start + size]
+                mask = None if mask is None else mask[start : start + size]
+    if mask is None:
+        capture = next((s for s in sources if isinstance(s, Capture)), None)
+        if capture is not None and capture.attention_mask.shape == (batch, pos):
+            mask = capture.attention_mask
+        else:
+            mask = torch.ones(batch, pos, dtype=torch.long, device=hidden.device)
+    decoding = mask.shape[-1] > pos
+    return mask[:, -pos:].to(hidden.device), decoding, ids
+
+
+def _check_capture_tokens(capture: Capture, ids: Tensor | None, decoding: bool, index: str) -> None:
+    if decoding:
+        raise LatentMergeError(
+            f"source{index} is a Capture of a prompt, but this forward is a decoding step with a KV cache; "
+            "use lmn.generate (or lmn.pair) for merges while generating"
+        )
+    if ids is None:
+        return
+    if tuple(ids.shape) != tuple(capture.input_ids.shape) or not torch.equal(
+        ids.to(capture.input_ids.device), capture.input_ids
+    ):
+        raise LatentMergeError(
+            f"source{index} was captured on different tokens than this forward: capture ids "
+            f"{tuple(capture.input_ids.shape)}, base ids {tuple(ids.shape)}; capture and trace the same "
+            "prompts with the same padding side"
+        )
+
+
+def merge_into(
+    layer: int,
+    source: Any,
+    op: "str | OpSpec" = "slerp",
+    alpha: float | None = None,
+    *,
+    positions: Positions | None = None,
+    site: Site = "pre",
+    model: Any = None,
+    allow_extrapolation: bool = False,
+    **params: Any,
+) -> Float[Tensor, "batch pos d_model"] | None:
+    """Merge `source` into the residual stream of the traced model at `layer`.
+
+    Arguments:
+        layer: decoder block L; the residual entering it (`site="pre"`, HF `hidden_states[L]`) or leaving
+            it (`site="post"`). Must be in `[0, n_layers)`.
+        source: a `Capture` (of the same prompts), a tensor `[batch, pos, d_model]` (or a vector `[d_model]`
+            for steering ops), `Deltas`, or a list of these for a multi-source op (RegMean).
+        op: a registered op name (`lerp`, `slerp`, `regmean`, `delta`, or one of yours).
+        alpha: weight of the source side: 0 leaves the base bit-identical, 1 takes the source. Defaults to
+            0.5 (1.0 for `delta`). Must lie in [0, 1] unless `allow_extrapolation=True`.
+        positions: "last" (default for most ops), "all" (default for `delta`), real-token indices, a slice,
+            or a boolean mask; see `lmn.positions`. Pad positions are never mixed.
+        model: the traced model; found from the active trace when omitted.
+        params: op parameters (RegMean's `weights`, `lam`).
+
+    Returns the merged residual (the base residual when nothing was mixed).
+    """
+    spec = get_op(op)
+    check_site(site)
+    if model is None:
+        model = active_model()
+    info = model_info(model)
+    check_layer(layer, info.n_layers, model_name=info.name)
+    check_alpha(alpha, spec, allow_extrapolation=allow_extrapolation)
+    positions = check_positions(positions if positions is not None else spec.default_positions)
+    unknown = sorted(set(params) - set(spec.params))
+    if unknown:
+        raise LatentMergeError(
+            f"op {spec.name!r} takes no parameter(s) {unknown}; "
+            f"its parameters are {list(spec.params) or 'none'}"
+        )
+    if spec.multi_source:
+        sources = list(source) if isinstance(source, (list, tuple)) else [source]
+        if not sources:
+            raise LatentMergeError(f"source=[] is empty; op {spec.name!r} needs at least one source")
+    else:
+        if isinstance(source, (list, tuple)):
+            raise LatentMergeError(
+                f"op {spec.name!r} takes one source, got a list of {len(source)}; use a multi-source op "
+                "such as 'regmean' to combine several"
+            )
+        sources = [source]
+    index = lambda i: f"[{i}]" if spec.multi_source else ""  # noqa: E731
+    tensors = [_source_tensor(s, layer, site, index(i)) for i, s in enumerate(sources)]
+
+    block = get_layers(model)[layer]
+    hidden = read_resid(block, site)
+    mask, decoding, ids = _current_mask(model, hidden, sources)
+    for i, s in enumerate(sources):
+        if isinstance(s, Capture):
+            _check_capture_tokens(s, ids, decoding, index(i))
+    for i, t in enumerate(tensors):
+        ok = t.shape == hidden.shape if not spec.static_source else t.shape[-1] == hidden.shape[-1]
+        if not ok:
+            raise LatentMergeError(
+                f"source{index(i)} has shape {tuple(t.shape)} at layer {layer}; expected "
+                f"{tuple(hidden.shape)} like the base residual"
+                + (" (or a [d_model] vector)" if spec.static_source else "")
+            )
+    select = position_mask(mask, positions, decoding=decoding)
+    if alpha == 0 or not bool(select.any()):
+        return hidden
+    hs = (
+        torch.stack([t.to(hidden.device) for t in tensors])
+        if spec.multi_source
+        else tensors[0].to(hidden.device)
+    )
+    merged = spec(hidden, hs, alpha, **params)
+    new = torch.where(select[..., None], merged, hidden)
+    write_resid(block, site, new)
+    return new

@@ -1,0 +1,287 @@
+"""Load, wrap and check models.
+
+Every model the package works with is an nnsight `TransformersModel` around a Hugging Face causal LM.
+`load` and `wrap` also install one plain forward-pre-hook on the HF module that remembers the ids and
+attention mask of the latest forward, so `merge_into` can find the real tokens of whatever forward it
+runs in (a trace, a generation step, a batch of invokes) without touching the envoy tree out of order.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.sites import architecture, get_layers, n_layers
+
+__all__ = [
+    "ModelInfo",
+    "active_model",
+    "check_compatible",
+    "hf_module",
+    "load",
+    "model_info",
+    "truncate",
+    "wrap",
+]
+
+_INFO_ATTR = "_lmn_info"
+_INPUTS_ATTR = "_lmn_last_inputs"
+
+
+@dataclass
+class ModelInfo:
+    """What the package knows about a wrapped model.
+
+    Attributes:
+        name: hub id, local path or zoo name it came from (or the class name for an in-memory model).
+        n_layers: decoder blocks present in memory.
+        full_n_layers: decoder blocks of the original model (differs when loaded `up_to_layer`).
+    """
+
+    name: str
+    n_layers: int
+    full_n_layers: int
+
+    @property
+    def truncated(self) -> bool:
+        return self.n_layers < self.full_n_layers
+
+
+def _record_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    setattr(module, _INPUTS_ATTR, (ids, kwargs.get("attention_mask")))
+
+
+def hf_module(model: Any) -> nn.Module:
+    """The Hugging Face module under an nnsight wrapper (or the module itself)."""
+    module = getattr(model, "_module", model)
+    if not isinstance(module, nn.Module):
+        raise LatentMergeError(f"expected a model, got {type(model).__name__}")
+    return module
+
+
+def last_inputs(model: Any) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """The (input_ids, attention_mask) of the latest forward, if the model was wrapped by this package."""
+    return getattr(hf_module(model), _INPUTS_ATTR, None)
+
+
+def model_info(model: Any) -> ModelInfo:
+    """The `ModelInfo` of a wrapped model (built on the fly for a foreign one)."""
+    module = hf_module(model)
+    info = getattr(module, _INFO_ATTR, None)
+    if info is None:
+        n = n_layers(module)
+        info = ModelInfo(name=type(module).__name__, n_layers=n, full_n_layers=n)
+    return info
+
+
+def wrap(hf_model: nn.Module, tokenizer: Any = None, *, name: str | None = None) -> Any:
+    """Wrap an in-memory HF causal LM (and its tokenizer) as an nnsight model, with no hub access.
+
+    nnsight sets the tokenizer's `padding_side` to "left" and gives it a pad token if it has none.
+    """
+    if not isinstance(hf_model, nn.Module):
+        raise LatentMergeError(f"hf_model has type {type(hf_model).__name__}; expected a torch nn.Module")
+    from nnsight.modeling.transformers import TransformersModel
+
+    architecture(hf_model)  # fail early, with the registration hint, for an unknown architecture
+    if tokenizer is None:
+        raise LatentMergeError(
+            "tokenizer is required to wrap a model (nnsight needs it); pass the model's tokenizer"
+        )
+    if not hasattr(hf_model, _INFO_ATTR):
+        n = n_layers(hf_model)
+        full = getattr(hf_model.config, "_lmn_full_n_layers", n)
+        setattr(hf_model, _INFO_ATTR, ModelInfo(name or type(hf_model).__name__, n, full))
+    elif name is not None:
+        getattr(hf_model, _INFO_ATTR).name = name
+    if not getattr(hf_model, "_lmn_hooked", False):
+        hf_model.register_forward_pre_hook(_record_inputs, with_kwargs=True)
+        hf_model._lmn_hooked = True
+    hf_model.eval()
+    return TransformersModel(hf_model, tokenizer=tokenizer)
+
+
+def _resolve_name(name_or_path: str | Path) -> str:
+    name = str(name_or_path)
+    if Path(name).exists():
+        return name
+    try:
+        from latent_merge_nnsight.zoo import ZOO, zoo_path
+    except ImportError:  # the zoo is optional at this layer
+        return name
+    return str(zoo_path(name)) if name in ZOO else name
+
+
+def _dtype(dtype: Any) -> Any:
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype):
+        raise LatentMergeError(
+            f"dtype={dtype!r}; expected 'auto', a torch dtype or its name ('bfloat16', ...)"
+        )
+    return value
+
+
+def _quantization(quantization: Any) -> Any:
+    """`"4bit"`/`"8bit"` become a `BitsAndBytesConfig`; a transformers quantization config passes through."""
+    if quantization is None or not isinstance(quantization, str):
+        return quantization
+    if quantization not in ("4bit", "8bit"):
+        raise LatentMergeError(
+            f"quantization={quantization!r}; expected '4bit', '8bit' or a transformers quantization config"
+        )
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _truncated_config(config: Any, up_to_layer: int) -> Any:
+    full = config.num_hidden_layers
+    if not 0 <= up_to_layer < full:
+        raise LatentMergeError(
+            f"up_to_layer={up_to_layer} is out of range for a model with {full} layers; "
+            f"expected 0 <= up_to_layer < {full}"
+        )
+    config.num_hidden_layers = up_to_layer + 1
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = config.layer_types[: up_to_layer + 1]
+    config._lmn_full_n_layers = full
+    return config
+
+
+def load(
+    name_or_path: str | Path,
+    *,
+    dtype: Any = "auto",
+    device_map: Any = None,
+    quantization: Any = None,
+    up_to_layer: int | None = None,
+    tokenizer: Any = None,
+    **hf_kwargs: Any,
+) -> Any:
+    """Load a causal LM from the hub, a local directory or the shipped zoo, wrapped for nnsight.
+
+    Arguments:
+        name_or_path: a hub id (`"Qwen/Qwen2.5-7B-Instruct"`), a local directory, or a zoo name
+            (`"toy-base"`, `"toy-reasoner"`).
+        dtype: `"auto"`, a torch dtype or its name.
+        device_map: passed to `from_pretrained` (e.g. `"auto"`, `"cuda:0"`).
+        quantization: `"4bit"`, `"8bit"` (bitsandbytes) or any transformers quantization config.
+        up_to_layer: keep only decoder blocks `0..up_to_layer` (a merge source needs nothing above the
+            highest merged layer); the upper blocks are never materialised.
+        tokenizer: a tokenizer to use instead of the one saved with the model.
+    """
+    path = _resolve_name(name_or_path)
+    config = transformers.AutoConfig.from_pretrained(path)
+    if up_to_layer is not None:
+        config = _truncated_config(config, up_to_layer)
+    kwargs: dict[str, Any] = {"config": config, **hf_kwargs}
+    if dtype is not None:
+        kwargs["dtype"] = _dtype(dtype)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    if quantization is not None:
+        kwargs["quantization_config"] = _quantization(quantization)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if tokenizer is None:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    return wrap(hf_model, tokenizer, name=str(name_or_path))
+
+
+def truncate(model: Any, up_to_layer: int) -> Any:
+    """Drop the decoder blocks above `up_to_layer` from an in-memory model (frees their memory).
+
+    Works on an HF module or an nnsight wrapper; returns a freshly wrapped model when given a wrapper.
+    """
+    module = hf_module(model)
+    info = model_info(model)
+    _truncated_config(module.config, up_to_layer)
+    module.config._lmn_full_n_layers = info.full_n_layers
+    layers = get_layers(module)
+    del layers[up_to_layer + 1 :]
+    setattr(module, _INFO_ATTR, ModelInfo(info.name, up_to_layer + 1, info.full_n_layers))
+    if module is model:
+        return module
+    return wrap(module, model.tokenizer)
+
+
+@dataclass(frozen=True)
+class Compatibility:
+    """Result of `check_compatible`: the shared sizes and each model's layer count."""
+
+    hidden_size: int
+    vocab_size: int
+    base_layers: int
+    source_layers: int
+
+    def __str__(self) -> str:
+        return (
+            f"compatible: hidden_size={self.hidden_size}, vocab_size={self.vocab_size}, "
+            f"layers base={self.base_layers} source={self.source_layers}"
+        )
+
+
+def _vocab(tokenizer: Any) -> dict[str, int] | None:
+    return None if tokenizer is None else tokenizer.get_vocab()
+
+
+def check_compatible(base: Any, source: Any) -> Compatibility:
+    """Check that `source` can be merged into `base`: same hidden size, same vocabulary.
+
+    Raises `LatentMergeError` naming both values on a mismatch; returns the shared sizes and layer counts.
+    """
+    bm, sm = hf_module(base), hf_module(source)
+    bc, sc = bm.config, sm.config
+    bi, si = model_info(base), model_info(source)
+    if bc.hidden_size != sc.hidden_size:
+        raise LatentMergeError(
+            f"hidden_size differs: base {bi.name} has {bc.hidden_size}, "
+            f"source {si.name} has {sc.hidden_size}; "
+            "latent merging needs the same residual width"
+        )
+    if bc.vocab_size != sc.vocab_size:
+        raise LatentMergeError(
+            f"vocab_size differs: base {bi.name} has {bc.vocab_size}, source {si.name} has {sc.vocab_size}; "
+            "both models must read the same token ids"
+        )
+    bv, sv = _vocab(getattr(base, "tokenizer", None)), _vocab(getattr(source, "tokenizer", None))
+    if bv is not None and sv is not None and bv != sv:
+        only_b = sorted(set(bv) - set(sv))[:5]
+        only_s = sorted(set(sv) - set(bv))[:5]
+        changed = sorted(k for k in set(bv) & set(sv) if bv[k] != sv[k])[:5]
+        raise LatentMergeError(
+            f"tokenizer vocabularies differ between base {bi.name} ({len(bv)} tokens) and source {si.name} "
+            f"({len(sv)} tokens): only in base {only_b}, only in source {only_s}, different ids {changed}"
+        )
+    return Compatibility(bc.hidden_size, bc.vocab_size, bi.n_layers, si.n_layers)
+
+
+def active_model() -> Any:
+    """The nnsight model whose trace is running now (for helpers called inside a `with model.trace()`)."""
+    from nnsight.intervention.interleaver import Mediator
+
+    try:
+        mediator = Mediator.current("merge_into")
+    except ValueError:
+        raise LatentMergeError(
+            "no active trace: call merge_into inside `with model.trace(...)` (or `model.generate(...)`), "
+            "or pass model= explicitly"
+        ) from None
+    roots = [
+        e
+        for e in mediator.interleaver.envoys.values()
+        if getattr(e, "path", None) == "model" and isinstance(getattr(e, "_module", None), nn.Module)
+    ]
+    if len(roots) != 1:
+        raise LatentMergeError(
+            f"could not tell which model is being traced ({len(roots)} candidates); pass model="
+        )
+    return roots[0]

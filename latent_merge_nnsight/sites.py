@@ -1,0 +1,166 @@
+"""Where the residual stream lives in each architecture.
+
+A site is `(layer, "pre" | "post")`: `"pre"` is the residual stream entering decoder block L (HF
+`hidden_states[L]`, the paper's forward-pre-hook point), `"post"` is the block's output (HF
+`hidden_states[L+1]`, except at the last layer, where HF applies the final norm first). The canonical
+spelling of a site is `layers.{L}.resid_pre` / `layers.{L}.resid_post` (see `site_name`).
+
+This module works on anything whose attributes mirror the HF module tree: a `torch.nn.Module` or an
+nnsight `Envoy`. It imports nothing of the package except the error type.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import Tensor
+
+from latent_merge_nnsight.errors import LatentMergeError
+
+__all__ = [
+    "Site",
+    "architecture",
+    "get_layers",
+    "n_layers",
+    "read_resid",
+    "register_architecture",
+    "site_name",
+    "write_resid",
+]
+
+Site = Literal["pre", "post"]
+SITES: tuple[str, ...] = ("pre", "post")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where one architecture keeps its decoder blocks.
+
+    Attributes:
+        model_type: the HF `config.model_type`.
+        layers: dotted path from the causal-LM module to the `ModuleList` of decoder blocks.
+        final_norm: dotted path to the norm applied after the last block (used to truncate models).
+    """
+
+    model_type: str
+    layers: str
+    final_norm: str | None = None
+
+
+_ARCHITECTURES: dict[str, Architecture] = {}
+
+
+def register_architecture(model_type: str, layers: str, final_norm: str | None = None) -> Architecture:
+    """Teach the package where an architecture's decoder blocks live.
+
+    Example:
+        >>> register_architecture("my_model", layers="backbone.blocks", final_norm="backbone.norm")
+    """
+    arch = Architecture(model_type=model_type, layers=layers, final_norm=final_norm)
+    _ARCHITECTURES[model_type] = arch
+    return arch
+
+
+for _types, _layers, _norm in [
+    (
+        ("qwen2", "qwen3", "llama", "mistral", "mixtral", "gemma", "gemma2", "phi3", "olmo", "olmo2"),
+        "model.layers",
+        "model.norm",
+    ),
+    (("gpt2",), "transformer.h", "transformer.ln_f"),
+    (("gpt_neox",), "gpt_neox.layers", "gpt_neox.final_layer_norm"),
+]:
+    for _t in _types:
+        register_architecture(_t, _layers, _norm)
+
+
+def _resolve(root: Any, path: str) -> Any:
+    obj = root
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _config(model: Any) -> Any:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise LatentMergeError(
+            f"{type(model).__name__} has no `config`; expected a Hugging Face causal LM"
+        )
+    return config
+
+
+def architecture(model: Any) -> Architecture:
+    """The `Architecture` of an HF model (or an nnsight wrapper of one), by `config.model_type`."""
+    model_type = getattr(_config(model), "model_type", None)
+    if model_type in _ARCHITECTURES:
+        return _ARCHITECTURES[model_type]
+    known = ", ".join(sorted(_ARCHITECTURES))
+    raise LatentMergeError(
+        f"unknown architecture model_type={model_type!r} ({type(model).__name__}); known: {known}. "
+        f"Register it with lmn.register_architecture({model_type!r}, layers='path.to.blocks', "
+        f"final_norm='path.to.norm'), naming the ModuleList of decoder blocks."
+    )
+
+
+def get_layers(model: Any) -> Any:
+    """The decoder blocks of `model` (a `ModuleList`, or the matching nnsight envoy list)."""
+    arch = architecture(model)
+    try:
+        return _resolve(model, arch.layers)
+    except AttributeError:
+        raise LatentMergeError(
+            f"{type(model).__name__} (model_type={arch.model_type!r}) has no attribute path {arch.layers!r}; "
+            f"re-register the architecture with the right path"
+        ) from None
+
+
+def n_layers(model: Any) -> int:
+    """Number of decoder blocks."""
+    return len(get_layers(model))
+
+
+def check_site(site: str) -> None:
+    if site not in SITES:
+        raise LatentMergeError(
+            f"site={site!r}; expected one of: 'pre' (entering block L), 'post' (leaving it)"
+        )
+
+
+def check_layer(layer: Any, total: int, *, what: str = "layer", model_name: str = "the model") -> int:
+    """Validate one layer index against `[0, total)`; negative indices are refused (the paper clamped)."""
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise LatentMergeError(f"{what}={layer!r} must be an int; expected 0 <= {what} < {total}")
+    if not 0 <= layer < total:
+        raise LatentMergeError(
+            f"{what}={layer} is out of range for {model_name} ({total} layers); "
+            f"expected 0 <= {what} < {total}"
+        )
+    return layer
+
+
+def site_name(layer: int, site: Site = "pre") -> str:
+    """Canonical name of a residual site: `layers.{L}.resid_pre` or `layers.{L}.resid_post`."""
+    check_site(site)
+    return f"layers.{layer}.resid_{site}"
+
+
+def read_resid(block: Any, site: Site) -> Tensor:
+    """The residual stream at a block (an nnsight envoy, inside a trace): its input or its output.
+
+    Handles both bare-tensor outputs (transformers 5) and tuple outputs (transformers 4).
+    """
+    check_site(site)
+    if site == "pre":
+        return block.input
+    out = block.output
+    return out[0] if isinstance(out, tuple) else out
+
+
+def write_resid(block: Any, site: Site, value: Tensor) -> None:
+    """Replace the residual stream at a block (inside a trace), keeping any extra tuple outputs."""
+    check_site(site)
+    if site == "pre":
+        block.input = value
+        return
+    out = block.output
+    block.output = (value, *out[1:]) if isinstance(out, tuple) else value

@@ -1,0 +1,290 @@
+"""Train the shipped toy pair from a seed: `toy-base` (an "instruct" model) and `toy-reasoner` (its fine-tune).
+
+Stage 1 trains a small `Qwen2ForCausalLM` from scratch on all four task categories of
+`latent_merge_nnsight.evaluation.tasks`, with reasoning rare and answered *without* a scratchpad, so the
+base knows facts, arithmetic and string tasks but is weak at multi-step word problems. Stage 2 continues
+from it on reasoning *with* scratchpads plus a small replay of the other categories, so the fine-tune
+becomes strong at reasoning and partly forgets the rest (like OpenThinker3 against Qwen2.5-Instruct).
+
+Plain torch loop: AdamW, linear warmup then cosine decay to 10%, loss only on the assistant response
+tokens (and its closing ``<|end|>``). The data stream, the initialisation and the order are seeded, and
+`torch.set_num_threads(threads)` is set for the run: CPU float32 results are bit-reproducible only at a
+fixed thread count.
+
+Measured: the default configuration (1.48 M parameters, base 2,400 steps + fine-tune 1,200 steps of
+batch 64) took TIME_PLACEHOLDER on 2 CPU cores that were shared with other jobs at the time, so on a
+quiet machine it should be faster. Command line::
+
+    python -m latent_merge_nnsight.zoo.train --out DIR --seed 0
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import pathlib
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.evaluation.tasks import (
+    CATEGORIES,
+    Example,
+    chat_messages,
+    direct_target,
+    evaluate_model,
+    sample_example,
+)
+from latent_merge_nnsight.zoo.tokenizer import build_tokenizer
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Model size and schedule of the two training stages (defaults: the shipped pair)."""
+
+    hidden_size: int = 128
+    num_layers: int = 6
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 512
+    batch_size: int = 64
+    base_steps: int = 2400
+    ft_steps: int = 1200
+    base_lr: float = 2e-3
+    ft_lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    base_mix: dict[str, float] = field(
+        default_factory=lambda: {"knowledge": 0.3, "reasoning": 0.1, "math": 0.3, "coding": 0.3}
+    )
+    """Category probabilities of a stage-1 example; stage-1 reasoning targets have no scratchpad."""
+    replay: float = 0.02
+    """Probability that a stage-2 example is a replayed stage-1 example (drawn from `base_mix`)."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise LatentMergeError(f"{name}={getattr(self, name)!r} must be >= 1")
+        for name in ("base_steps", "ft_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise LatentMergeError(f"{name}={getattr(self, name)!r} must be >= 0")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise LatentMergeError(
+                f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}: "
+                "expected hidden_size divisible by num_heads and num_heads divisible by num_kv_heads"
+            )
+        if not 0.0 <= self.replay <= 1.0:
+            raise LatentMergeError(f"replay={self.replay!r} must be in [0, 1]")
+        if set(self.base_mix) - set(CATEGORIES) or any(w < 0 for w in self.base_mix.values()):
+            raise LatentMergeError(
+                f"base_mix={self.base_mix!r}: expected non-negative weights keyed by {', '.join(CATEGORIES)}"
+            )
+        if sum(self.base_mix.values()) <= 0:
+            raise LatentMergeError(f"base_mix={self.base_mix!r}: expected a positive total weight")
+
+
+def build_model(config: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen2ForCausalLM:
+    """A freshly initialised Qwen2 causal LM sized by `config` (tied embeddings, GQA like Qwen2.5)."""
+    qwen = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        max_position_embeddings=tokenizer.model_max_length,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    model = Qwen2ForCausalLM(qwen)
+    model.generation_config = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=64,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return model
+
+
+def encode_example(
+    tokenizer: PreTrainedTokenizerFast, example: Example, response: str
+) -> tuple[list[int], list[int]]:
+    """Token ids of the chat (user prompt, assistant `response`, ``<|end|>``) and labels for the response only."""
+    prompt = tokenizer.apply_chat_template(chat_messages(example.prompt), add_generation_prompt=True, tokenize=False)
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return p_ids + r_ids, [IGNORE] * len(p_ids) + r_ids
+
+
+def collate(
+    rows: Sequence[tuple[list[int], list[int]]], pad_id: int
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+    """Right-pad encoded rows into `(input_ids, labels)`; pad positions are ignored by the loss.
+
+    Right padding under a causal mask leaves every real token's attention unchanged, so no attention
+    mask is needed for training.
+    """
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for i, (r_ids, r_labels) in enumerate(rows):
+        ids[i, : len(r_ids)] = torch.tensor(r_ids)
+        labels[i, : len(r_labels)] = torch.tensor(r_labels)
+    return ids, labels
+
+
+def response_loss(model: Qwen2ForCausalLM, ids: Int[Tensor, "batch pos"], labels: Int[Tensor, "batch pos"]) -> Tensor:
+    """Mean next-token cross-entropy over the labelled (response) positions."""
+    logits = model(input_ids=ids).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    """Learning-rate factor: linear warmup, then cosine from 1 down to 0.1."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _stage_examples(
+    stage: str, config: TrainConfig, rng: random.Random
+) -> tuple[Example, str]:
+    """One training example of `stage` ("base" or "ft") and the response to train on."""
+    cats, weights = zip(*sorted(config.base_mix.items()))
+    if stage == "ft" and rng.random() >= config.replay:
+        ex = sample_example("reasoning", rng, "train")
+        return ex, ex.target
+    ex = sample_example(rng.choices(cats, weights)[0], rng, "train")
+    # stage-1 (and replayed) reasoning is answered directly: the base never sees a scratchpad
+    return ex, direct_target(ex.answer) if ex.category == "reasoning" else ex.target
+
+
+def _train_stage(
+    model: Qwen2ForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    stage: str,
+    steps: int,
+    lr: float,
+    config: TrainConfig,
+    rng: random.Random,
+    bar: tqdm,
+) -> float:
+    """Run one stage in place; returns the mean loss of its last 50 steps (nan if no steps)."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, min(config.warmup_steps, steps)))
+    recent: list[float] = []
+    for _ in range(steps):
+        rows = [encode_example(tokenizer, *_stage_examples(stage, config, rng)) for _ in range(config.batch_size)]
+        ids, labels = collate(rows, tokenizer.pad_token_id)
+        loss = response_loss(model, ids, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        recent = (recent + [loss.item()])[-50:]
+        bar.update(1)
+        bar.set_postfix(stage=stage, loss=f"{recent[-1]:.3f}")
+    model.eval()
+    return sum(recent) / len(recent) if recent else float("nan")
+
+
+def _save(
+    model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: pathlib.Path, info: dict
+) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def train_pair(
+    out_dir: str | pathlib.Path,
+    seed: int = 0,
+    threads: int = 2,
+    progress: bool = True,
+    config: TrainConfig | None = None,
+    eval_n: int = 0,
+    eval_seed: int = 0,
+) -> dict[str, dict]:
+    """Train `toy-base` and `toy-reasoner` into `out_dir/toy-base` and `out_dir/toy-reasoner`.
+
+    Each folder gets the safetensors weights, config.json, generation_config.json, the tokenizer files
+    and a train_info.json (seed, threads, config, seconds, final loss, and held-out accuracies when
+    `eval_n > 0`: greedy exact match on `eval_n` examples per category). Returns those infos by name.
+    """
+    config = config or TrainConfig()
+    if threads < 1:
+        raise LatentMergeError(f"threads={threads!r} must be >= 1")
+    if eval_n < 0:
+        raise LatentMergeError(f"eval_n={eval_n!r} must be >= 0")
+    out = pathlib.Path(out_dir)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seed)
+        tokenizer = build_tokenizer()
+        model = build_model(config, tokenizer)
+        common = {
+            "seed": seed,
+            "threads": threads,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "config": dataclasses.asdict(config),
+            "torch": torch.__version__,
+        }
+        infos: dict[str, dict] = {}
+        with tqdm(total=config.base_steps + config.ft_steps, disable=not progress, desc="toy pair") as bar:
+            for name, stage, steps, lr in (
+                ("toy-base", "base", config.base_steps, config.base_lr),
+                ("toy-reasoner", "ft", config.ft_steps, config.ft_lr),
+            ):
+                t0 = time.perf_counter()
+                loss = _train_stage(model, tokenizer, stage, steps, lr, config, random.Random(f"{stage}:{seed}"), bar)
+                info = {**common, "stage": stage, "steps": steps, "train_seconds": round(time.perf_counter() - t0, 1)}
+                info["final_loss"] = round(loss, 4) if loss == loss else None
+                if eval_n:
+                    acc = evaluate_model(model, tokenizer, eval_n, eval_seed)
+                    info["eval"] = {"n_per_category": eval_n, "seed": eval_seed, "accuracy": acc}
+                _save(model, tokenizer, out / name, info)
+                infos[name] = info
+        return infos
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m latent_merge_nnsight.zoo.train --out DIR [--seed S] [--threads T]``."""
+    p = argparse.ArgumentParser(prog="lmn zoo train", description="Train the toy base/reasoner pair from a seed.")
+    p.add_argument("--out", required=True, help="folder that receives toy-base/ and toy-reasoner/")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data stream and initialisation")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (results reproduce at a fixed count)")
+    p.add_argument("--base-steps", type=int, default=TrainConfig.base_steps)
+    p.add_argument("--ft-steps", type=int, default=TrainConfig.ft_steps)
+    p.add_argument("--replay", type=float, default=TrainConfig.replay)
+    p.add_argument("--eval-n", type=int, default=100, help="held-out examples per category to score (0: skip)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = p.parse_args(argv)
+    config = TrainConfig(base_steps=args.base_steps, ft_steps=args.ft_steps, replay=args.replay)
+    infos = train_pair(args.out, args.seed, args.threads, not args.no_progress, config, args.eval_n)
+    for name, info in infos.items():
+        print(name, f"{info['train_seconds']} s", json.dumps(info.get("eval", {}).get("accuracy", {})))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

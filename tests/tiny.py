@@ -1,0 +1,97 @@
+"""Tiny random models and a character tokenizer, built locally (no downloads)."""
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import latent_merge_nnsight as lmn
+
+VOCAB = 128
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """Printable ASCII, one token per character, plus pad/eos/bos/unk and a chat template."""
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    for c in range(32, 127):
+        vocab[chr(c)] = len(vocab)
+    for role in ("user", "assistant", "system"):
+        vocab[f"<|{role}|>"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+    fast.add_special_tokens(
+        {"additional_special_tokens": [f"<|{r}|>" for r in ("user", "assistant", "system")]}
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def config(arch: str = "qwen2", n_layers: int = 4, hidden: int = 32, vocab: int = VOCAB):
+    common = dict(vocab_size=vocab, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
+    if arch == "llama":
+        return transformers.LlamaConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            **common,
+        )
+    if arch == "gpt2":
+        return transformers.GPT2Config(n_embd=hidden, n_layer=n_layers, n_head=4, n_positions=256, **common)
+    if arch == "gpt_neox":
+        return transformers.GPTNeoXConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            **common,
+        )
+    raise ValueError(arch)
+
+
+def hf_pair(
+    arch: str = "qwen2",
+    n_layers: int = 4,
+    hidden: int = 32,
+    seed: int = 0,
+    dtype=torch.float64,
+    noise: float = 0.5,
+):
+    """A random base and an 'FT' that is a perturbed copy of it (so their states are related)."""
+    torch.manual_seed(seed)
+    base = transformers.AutoModelForCausalLM.from_config(config(arch, n_layers, hidden)).to(dtype).eval()
+    ft = transformers.AutoModelForCausalLM.from_config(config(arch, n_layers, hidden)).to(dtype).eval()
+    ft.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(noise * p.std() * torch.randn_like(p) if p.numel() > 1 else 0 * p)
+    return base, ft
+
+
+def pair(arch: str = "qwen2", n_layers: int = 4, hidden: int = 32, seed: int = 0, dtype=torch.float64):
+    """(base, ft) wrapped by lmn, plus the raw HF modules."""
+    hb, hs = hf_pair(arch, n_layers, hidden, seed, dtype)
+    return lmn.wrap(hb, make_tokenizer(), name=f"tiny-{arch}-base"), lmn.wrap(
+        hs, make_tokenizer(), name=f"tiny-{arch}-ft"
+    )
