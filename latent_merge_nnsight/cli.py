@@ -1,0 +1,295 @@
+"""`lmn` on the command line: parse, validate, call the library, write results.
+
+Every subcommand imports what it needs when it runs, so `lmn --help` stays fast.
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from latent_merge_nnsight.errors import LatentMergeError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------------------------------
+# handlers
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from latent_merge_nnsight.demo import run_demo
+
+    result = run_demo(out=args.out, quick=args.quick, progress=not args.no_progress)
+    paths = result.get("paths", {}) if isinstance(result, dict) else getattr(result, "paths", {})
+    print(f"wrote {args.out}/")
+    for name, path in dict(paths).items():
+        print(f"  {name}: {path}")
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    if args.zoo_command == "list":
+        from latent_merge_nnsight.zoo import ZOO, zoo_path
+
+        for name in ZOO:
+            print(f"{name}\t{zoo_path(name)}")
+        return 0
+    from latent_merge_nnsight.zoo.train import main as train_main
+
+    return train_main(args.train_args)
+
+
+def cmd_recipe(args: argparse.Namespace) -> int:
+    from latent_merge_nnsight.recipe import Recipe
+
+    recipe = Recipe.from_file(args.recipe)
+    print(recipe)
+    if args.n_layers is not None:
+        _print_json({str(k): v for k, v in recipe.layer_alphas(args.n_layers).items()})
+    return 0
+
+
+def _recipe_from_args(args: argparse.Namespace) -> Any:
+    from latent_merge_nnsight.recipe import Recipe
+
+    if args.recipe:
+        return Recipe.from_file(args.recipe)
+    if args.layer is None:
+        return None
+    return Recipe(op=args.op, layers={layer: args.alpha for layer in args.layer})
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import latent_merge_nnsight as lmn
+
+    recipe = _recipe_from_args(args)
+    base = lmn.load(args.base, dtype=args.dtype, device_map=args.device_map)
+    sources = [lmn.load(s, dtype=args.dtype, device_map=args.device_map) for s in args.source]
+    prompts = [[{"role": "user", "content": p}] for p in args.prompt] if args.chat else list(args.prompt)
+    out = lmn.generate(
+        base,
+        sources if len(sources) != 1 else sources[0],
+        prompts,
+        recipe,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature if args.temperature > 0 else 1.0,
+        seed=args.seed,
+        engine=args.engine,
+    )
+    for prompt, text, reason in zip(args.prompt, out.texts, out.finish_reasons, strict=True):
+        print(f"### {prompt}\n{text}\n[{reason}]\n")
+    return 0
+
+
+def cmd_respond(args: argparse.Namespace) -> int:
+    from latent_merge_nnsight.evaluation.respond import respond
+
+    respond(
+        args.system,
+        split=args.split,
+        out=args.out,
+        data=args.data,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_judge(args: argparse.Namespace) -> int:
+    from latent_merge_nnsight.evaluation.judge import (
+        judge_pairs_sync,
+        load_comparisons,
+        summarize,
+        write_report,
+    )
+    from latent_merge_nnsight.evaluation.judgebench import load_template
+
+    comparisons = load_comparisons(args.a, args.b, on_missing=args.on_missing)
+    judgments = judge_pairs_sync(
+        comparisons,
+        args.judge_model,
+        args.base_url,
+        load_template(args.template),
+        args.cache or str(Path(args.out) / "judgments.jsonl"),
+        both_orders=not args.single_order,
+        concurrency=args.concurrency,
+        max_retries=args.max_retries,
+        api_key_env=args.api_key_env,
+    )
+    summary = summarize(judgments)
+    label = f"{Path(args.a).stem} vs {Path(args.b).stem}"
+    paths = write_report({label: summary}, args.out)
+    print(paths["markdown"].read_text())
+    return 0
+
+
+def cmd_judgebench_accuracy(args: argparse.Namespace) -> int:
+    from latent_merge_nnsight.evaluation.judgebench import (
+        load_judgebench,
+        load_template,
+        official_accuracy,
+        write_official_outputs,
+    )
+
+    pairs = load_judgebench(args.split, args.data)
+    if args.limit:
+        pairs = pairs[: args.limit]
+    template = load_template(args.template)
+    if args.judge_system:
+        from latent_merge_nnsight.evaluation.judge import judgebench_accuracy_sync
+        from latent_merge_nnsight.evaluation.systems import load_system
+
+        system = load_system(args.judge_system)
+        records = judgebench_accuracy_sync(
+            pairs, system.complete_fn(), template, cache_path=args.cache, judge_model=system.name,
+            concurrency=1,
+        )
+    else:
+        if not args.judge_model:
+            raise LatentMergeError("give --judge-model (with --base-url) or --judge-system SYSTEM.yaml")
+        from latent_merge_nnsight.evaluation.judge import judgebench_accuracy_openai
+
+        records = judgebench_accuracy_openai(
+            pairs, args.judge_model, args.base_url, template, args.cache, api_key_env=args.api_key_env,
+            concurrency=args.concurrency,
+        )
+    write_official_outputs(records, args.out)
+    _print_json(official_accuracy(records))
+    return 0
+
+
+def cmd_judgebench_score(args: argparse.Namespace) -> int:
+    from latent_merge_nnsight.evaluation.judgebench import load_official_outputs, official_accuracy
+
+    _print_json(official_accuracy(load_official_outputs(args.outputs)))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from latent_merge_nnsight.serve import run_serve
+
+    run_serve(args.system, host=args.host, port=args.port)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# parser
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmn", description="Latent merging of LLMs in representation space, as nnsight interventions."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="the paper's Experiment A in miniature on the shipped toy pair")
+    p.add_argument("--out", default="runs/demo", help="output folder (results.csv, report.md, figures)")
+    p.add_argument("--quick", action="store_true", help="a ~30 s version on a smaller grid")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(handler=cmd_demo)
+
+    p = sub.add_parser("zoo", help="the shipped toy models")
+    zsub = p.add_subparsers(dest="zoo_command", required=True)
+    zsub.add_parser("list", help="list the shipped models")
+    zt = zsub.add_parser("train", help="retrain the toy pair from a seed (see `lmn zoo train -- --help`)")
+    zt.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments for the trainer (--out DIR ...)")
+    p.set_defaults(handler=cmd_zoo)
+
+    p = sub.add_parser("recipe", help="validate a recipe file and show its per-layer alphas")
+    p.add_argument("recipe", help="recipe YAML or JSON")
+    p.add_argument("--n-layers", type=int, default=None, help="resolve layers for a model of this depth")
+    p.set_defaults(handler=cmd_recipe)
+
+    p = sub.add_parser("generate", help="merged generation from the command line")
+    p.add_argument("--base", required=True, help="hub id, local dir or zoo name of the base model")
+    p.add_argument("--source", action="append", default=[], help="source model (repeat for RegMean)")
+    p.add_argument("--recipe", default=None, help="recipe YAML/JSON (or use --op/--layer/--alpha)")
+    p.add_argument("--op", default="slerp", help="merge op when no recipe file is given")
+    p.add_argument("--layer", type=int, action="append", default=None, help="merge layer (repeatable)")
+    p.add_argument("--alpha", type=float, default=0.5, help="source weight (0 = base)")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user chat message")
+    p.add_argument("--engine", default="auto", choices=["auto", "fast", "nnsight"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device-map", default=None)
+    _add_sampling(p)
+    p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser("respond", help="answer JudgeBench questions with a system (resumable JSONL)")
+    p.add_argument("system", help="system YAML")
+    p.add_argument("--split", default="claude", choices=["gpt", "claude"])
+    p.add_argument("--data", default=None, help="local JSONL/Parquet instead of the hub")
+    p.add_argument("--out", required=True, help="responses JSONL (appended; reruns skip answered questions)")
+    p.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=cmd_respond)
+
+    p = sub.add_parser("judge", help="pairwise LLM judging of two response files")
+    p.add_argument("a", help="responses JSONL of system A")
+    p.add_argument("b", help="responses JSONL of system B")
+    p.add_argument("--judge-model", required=True)
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (default: OpenAI)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
+    p.add_argument("--template", default="pairwise_abc", help="built-in template name or a file")
+    p.add_argument("--out", default="runs/judge", help="folder for summary.json/.md/.png")
+    p.add_argument("--cache", default=None, help="judgment cache JSONL (default: OUT/judgments.jsonl)")
+    p.add_argument("--single-order", action="store_true", help="judge only the A/B order")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--max-retries", type=int, default=6)
+    p.add_argument("--on-missing", default="error", choices=["error", "drop"])
+    p.set_defaults(handler=cmd_judge)
+
+    p = sub.add_parser("judgebench-accuracy", help="JudgeBench's official judge-accuracy protocol")
+    p.add_argument("--split", default="gpt", choices=["gpt", "claude"])
+    p.add_argument("--data", default=None, help="local JSONL/Parquet instead of the hub")
+    p.add_argument("--template", required=True, help="the vanilla JudgeBench prompt file (Jinja), or a name")
+    p.add_argument("--judge-model", default=None, help="judge model on an OpenAI-compatible endpoint")
+    p.add_argument("--base-url", default=None)
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    p.add_argument("--judge-system", default=None, help="a local system YAML acting as the judge")
+    p.add_argument("--cache", default=None, help="judgment cache JSONL for resuming")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--out", required=True, help="records in JudgeBench's output format (JSONL)")
+    p.set_defaults(handler=cmd_judgebench_accuracy)
+
+    p = sub.add_parser("judgebench-score", help="score a JudgeBench output file (official protocol)")
+    p.add_argument("outputs", help="JSONL in JudgeBench's output format")
+    p.set_defaults(handler=cmd_judgebench_score)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server for a system (merged ones included)")
+    p.add_argument("system", help="system YAML")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(handler=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except LatentMergeError as e:
+        print(f"lmn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

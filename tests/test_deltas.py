@@ -1,0 +1,28 @@
+"""compute_deltas against a mean written in the test, and the safetensors round trip."""
+
+import torch
+
+import latent_merge_nnsight as lmn
+from latent_merge_nnsight.inputs import encode
+from reference import hidden_states
+from tiny import pair
+
+PROMPTS = ["one prompt", "a second, longer prompt", "3"]
+
+
+def test_deltas_are_the_mean_difference_over_real_tokens(tmp_path):
+    base, ft = pair("qwen2", n_layers=3)
+    deltas = lmn.compute_deltas(base, ft, PROMPTS, layers=[0, 2], batch_size=2)
+    batch = encode(base.tokenizer, PROMPTS)
+    real = batch.attention_mask.bool()
+    for layer in (0, 2):
+        hb = hidden_states(base._module, batch.input_ids, batch.attention_mask, layer)
+        hs = hidden_states(ft._module, batch.input_ids, batch.attention_mask, layer)
+        expected = (hs - hb)[real].mean(dim=0)
+        assert torch.allclose(deltas.vectors[layer], expected, atol=1e-12)
+    assert deltas.n_tokens == int(real.sum())
+    deltas.save(tmp_path / "d.safetensors")
+    back = lmn.Deltas.load(tmp_path / "d.safetensors")
+    assert back.site == "pre" and back.n_tokens == deltas.n_tokens
+    assert all(torch.equal(back.vectors[k], deltas.vectors[k]) for k in (0, 2))
+    assert "Deltas(site='pre'" in repr(back)

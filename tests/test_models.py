@@ -1,0 +1,83 @@
+"""Loading from disk (real from_pretrained code path), truncation, compatibility reports, wrapping."""
+
+import pytest
+import torch
+
+import latent_merge_nnsight as lmn
+from latent_merge_nnsight import LatentMergeError
+from latent_merge_nnsight.models import model_info, truncate
+from tiny import hf_pair, make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    hb, hs = hf_pair("qwen2", n_layers=4, dtype=torch.float32)
+    root = tmp_path_factory.mktemp("models")
+    for name, m in (("base", hb), ("ft", hs)):
+        m.save_pretrained(root / name)
+        make_tokenizer().save_pretrained(root / name)
+    return root, hb, hs
+
+
+def test_load_local_directory_matches_in_memory_model(saved):
+    root, hb, _ = saved
+    base = lmn.load(root / "base", dtype="float32")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), base.trace(input_ids=ids, attention_mask=torch.ones_like(ids)):
+        logits = base.lm_head.output.save()
+    with torch.no_grad():
+        ref = hb(input_ids=ids).logits
+    assert torch.allclose(logits, ref, atol=1e-6)
+    info = model_info(base)
+    assert info.n_layers == 4 and not info.truncated and info.name.endswith("base")
+
+
+def test_up_to_layer_loads_only_lower_blocks_with_identical_states(saved):
+    root, _, hs = saved
+    full = lmn.load(root / "ft", dtype="float32")
+    part = lmn.load(root / "ft", dtype="float32", up_to_layer=1)
+    info = model_info(part)
+    assert (info.n_layers, info.full_n_layers, info.truncated) == (2, 4, True)
+    assert len(part._module.model.layers) == 2
+    n_full = sum(p.numel() for p in full._module.parameters())
+    n_part = sum(p.numel() for p in part._module.parameters())
+    assert n_part < n_full
+    a = lmn.capture(full, "some text", layers=[0, 1], site="post")
+    b = lmn.capture(part, "some text", layers=[0, 1], site="post")
+    assert torch.allclose(a[1], b[1], atol=1e-6)
+    with pytest.raises(LatentMergeError, match=r"layers=2 is out of range .* \(2 layers\)"):
+        lmn.capture(part, "x", layers=[2])
+    with pytest.raises(LatentMergeError, match=r"up_to_layer=4 is out of range .* 4 layers"):
+        lmn.load(root / "ft", up_to_layer=4)
+
+
+def test_truncate_in_memory_model():
+    hb, _ = hf_pair("llama", n_layers=4)
+    full = lmn.wrap(hb, make_tokenizer(), name="llama")
+    before = lmn.capture(full, "abc", layers=[1])
+    cut = truncate(full, 1)
+    assert model_info(cut).n_layers == 2 and model_info(cut).full_n_layers == 4
+    assert torch.equal(lmn.capture(cut, "abc", layers=[1])[1], before[1])
+
+
+def test_check_compatible_reports_sizes():
+    hb, hs = hf_pair("qwen2", n_layers=3)
+    base, ft = lmn.wrap(hb, make_tokenizer()), lmn.wrap(hs, make_tokenizer())
+    report = lmn.check_compatible(base, ft)
+    assert (report.hidden_size, report.vocab_size, report.base_layers, report.source_layers) == (32, 128, 3, 3)
+    assert "compatible: hidden_size=32" in str(report)
+    hv, _ = hf_pair("qwen2", n_layers=3)
+    hv.resize_token_embeddings(130)
+    with pytest.raises(LatentMergeError, match="vocab_size differs: base .* has 128, source .* has 130"):
+        lmn.check_compatible(base, lmn.wrap(hv, make_tokenizer()))
+
+
+def test_bad_load_arguments():
+    with pytest.raises(LatentMergeError, match="dtype='float33'"):
+        lmn.models._dtype("float33")
+    with pytest.raises(LatentMergeError, match="quantization='3bit'"):
+        lmn.models._quantization("3bit")
+    with pytest.raises(LatentMergeError, match="tokenizer is required"):
+        lmn.wrap(hf_pair("qwen2", n_layers=2)[0])
+    with pytest.raises(LatentMergeError, match="expected a torch nn.Module"):
+        lmn.wrap("not a model", make_tokenizer())
