@@ -146,13 +146,10 @@ def cmd_judgebench_accuracy(args: argparse.Namespace) -> int:
         pairs = pairs[: args.limit]
     template = load_template(args.template)
     if args.judge_system:
-        from latent_merge_nnsight.evaluation.judge import judgebench_accuracy_sync
-        from latent_merge_nnsight.evaluation.systems import load_system
+        from latent_merge_nnsight.evaluation.systems import judgebench_accuracy_system
 
-        system = load_system(args.judge_system)
-        records = judgebench_accuracy_sync(
-            pairs, system.complete_fn(), template, cache_path=args.cache, judge_model=system.name,
-            concurrency=1,
+        records = judgebench_accuracy_system(
+            pairs, args.judge_system, template, cache_path=args.cache, batch_size=args.concurrency
         )
     else:
         if not args.judge_model:
@@ -160,7 +157,12 @@ def cmd_judgebench_accuracy(args: argparse.Namespace) -> int:
         from latent_merge_nnsight.evaluation.judge import judgebench_accuracy_openai
 
         records = judgebench_accuracy_openai(
-            pairs, args.judge_model, args.base_url, template, args.cache, api_key_env=args.api_key_env,
+            pairs,
+            args.judge_model,
+            args.base_url,
+            template,
+            args.cache,
+            api_key_env=args.api_key_env,
             concurrency=args.concurrency,
         )
     write_official_outputs(records, args.out)
@@ -175,10 +177,58 @@ def cmd_judgebench_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import latent_merge_nnsight as lmn
+    from latent_merge_nnsight import analysis
+
+    if args.eval == "perplexity":
+        if not args.texts:
+            raise LatentMergeError("--eval perplexity needs --texts FILE (one text per line)")
+        prompts = [line for line in Path(args.texts).read_text().splitlines() if line.strip()]
+        evaluate: Any = analysis.Perplexity()
+        metric = "nll"
+    else:
+        from latent_merge_nnsight.evaluation import tasks
+
+        prompts = [
+            ex for c in tasks.CATEGORIES for ex in tasks.make_eval_set(c, args.n_per_category, seed=args.seed)
+        ]
+        evaluate, metric = analysis.TaskAccuracy(), "accuracy"
+    base = lmn.load(args.base, dtype=args.dtype, device_map=args.device_map)
+    sources = [lmn.load(s, dtype=args.dtype, device_map=args.device_map) for s in args.source]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    df = analysis.sweep(
+        base,
+        sources if len(sources) != 1 else sources[0],
+        ops=args.ops,
+        layers=args.layers,
+        alphas=args.alphas,
+        evaluate=evaluate,
+        prompts=prompts,
+        out=out / "sweep.jsonl",
+        site=args.site,
+        resume=not args.fresh,
+        progress=not args.no_progress,
+    )
+    df.to_csv(out / "results.csv", index=False)
+    analysis.heatmaps(df, metric, path=out / f"heatmap_{metric}.png")
+    print(f"wrote {out / 'results.csv'} and {out / f'heatmap_{metric}.png'}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from latent_merge_nnsight.serve import run_serve
 
-    run_serve(args.system, host=args.host, port=args.port)
+    run_serve(
+        args.system,
+        host=args.host,
+        port=args.port,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+    )
     return 0
 
 
@@ -231,6 +281,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.set_defaults(handler=cmd_generate)
 
+    p = sub.add_parser("sweep", help="layer x alpha sweep of latent merges (resumable), with heatmaps")
+    p.add_argument("--base", required=True, help="hub id, local dir or zoo name of the base model")
+    p.add_argument("--source", action="append", required=True, help="source model (repeat for RegMean)")
+    p.add_argument("--ops", nargs="+", default=["lerp", "slerp"], help="merge ops to sweep")
+    p.add_argument("--layers", nargs="+", type=int, required=True, help="merge layers to sweep")
+    p.add_argument("--alphas", nargs="+", type=float, default=[0.25, 0.5, 0.75], help="alphas to sweep")
+    p.add_argument(
+        "--eval", choices=["tasks", "perplexity"], default="tasks", help="what to measure per cell"
+    )
+    p.add_argument("--texts", default=None, help="text file (one per line) for --eval perplexity")
+    p.add_argument("--n-per-category", type=int, default=20, help="toy task questions per category")
+    p.add_argument("--seed", type=int, default=0, help="seed of the toy task questions")
+    p.add_argument("--site", default="pre", choices=["pre", "post"])
+    p.add_argument("--out", default="runs/sweep", help="folder for sweep.jsonl, results.csv and heatmaps")
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming OUT/sweep.jsonl")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device-map", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=cmd_sweep)
+
     p = sub.add_parser("respond", help="answer JudgeBench questions with a system (resumable JSONL)")
     p.add_argument("system", help="system YAML")
     p.add_argument("--split", default="claude", choices=["gpt", "claude"])
@@ -265,7 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-env", default="OPENAI_API_KEY")
     p.add_argument("--judge-system", default=None, help="a local system YAML acting as the judge")
     p.add_argument("--cache", default=None, help="judgment cache JSONL for resuming")
-    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument(
+        "--concurrency", type=int, default=8, help="parallel requests (batch size for a local judge)"
+    )
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--out", required=True, help="records in JudgeBench's output format (JSONL)")
     p.set_defaults(handler=cmd_judgebench_accuracy)
@@ -278,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("system", help="system YAML")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests batched into one generate call")
+    p.add_argument("--max-wait-ms", type=float, default=5, help="how long a batch waits for more requests")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="refuse longer prompts (400)")
+    p.add_argument("--max-tokens-limit", type=int, default=None, help="cap on a request's max_tokens")
     p.set_defaults(handler=cmd_serve)
     return parser
 

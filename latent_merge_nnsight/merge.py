@@ -12,7 +12,7 @@ from torch import Tensor
 
 from latent_merge_nnsight.capture import Capture
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.models import active_model, last_inputs, model_info
+from latent_merge_nnsight.models import active_model, last_inputs, last_past_length, model_info
 from latent_merge_nnsight.ops import OpSpec, check_alpha, get_op
 from latent_merge_nnsight.positions import Positions, check_positions, position_mask
 from latent_merge_nnsight.sites import Site, check_layer, check_site, get_layers, read_resid, write_resid
@@ -59,7 +59,8 @@ def _current_mask(model: Any, hidden: Tensor, sources: list[Any]) -> tuple[Tenso
             mask = capture.attention_mask
         else:
             mask = torch.ones(batch, pos, dtype=torch.long, device=hidden.device)
-    decoding = mask.shape[-1] > pos
+    # a decode step extends a KV cache; HF generate drops an all-ones mask, so ask the cache too
+    decoding = mask.shape[-1] > pos or last_past_length(model) > 0
     return mask[:, -pos:].to(hidden.device), decoding, ids
 
 

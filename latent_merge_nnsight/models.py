@@ -30,6 +30,7 @@ __all__ = [
 
 _INFO_ATTR = "_lmn_info"
 _INPUTS_ATTR = "_lmn_last_inputs"
+_PAST_ATTR = "_lmn_last_past"
 
 
 @dataclass
@@ -51,9 +52,20 @@ class ModelInfo:
         return self.n_layers < self.full_n_layers
 
 
+def _past_length(kwargs: dict) -> int:
+    """Tokens already in the KV cache of this forward (0 for a prompt forward)."""
+    for key in ("cache", "past_key_values"):
+        cache = kwargs.get(key)
+        if cache is not None and hasattr(cache, "get_seq_length"):
+            return int(cache.get_seq_length())
+    position = kwargs.get("cache_position")
+    return int(position[0]) if isinstance(position, torch.Tensor) and position.numel() else 0
+
+
 def _record_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
     ids = kwargs.get("input_ids", args[0] if args else None)
     setattr(module, _INPUTS_ATTR, (ids, kwargs.get("attention_mask")))
+    setattr(module, _PAST_ATTR, _past_length(kwargs))
 
 
 def hf_module(model: Any) -> nn.Module:
@@ -67,6 +79,11 @@ def hf_module(model: Any) -> nn.Module:
 def last_inputs(model: Any) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
     """The (input_ids, attention_mask) of the latest forward, if the model was wrapped by this package."""
     return getattr(hf_module(model), _INPUTS_ATTR, None)
+
+
+def last_past_length(model: Any) -> int:
+    """Tokens already cached before the latest forward (0 for a prompt forward or an unwrapped model)."""
+    return getattr(hf_module(model), _PAST_ATTR, 0)
 
 
 def model_info(model: Any) -> ModelInfo:
@@ -192,8 +209,28 @@ def load(
         kwargs["quantization_config"] = _quantization(quantization)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if tokenizer is None:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
     return wrap(hf_model, tokenizer, name=str(name_or_path))
+
+
+_GENERIC_TOKENIZERS = {"PreTrainedTokenizerFast", "TokenizersBackend"}
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved with a model.
+
+    A generic tokenizer (saved as `PreTrainedTokenizerFast` / `TokenizersBackend`, e.g. the toy zoo's
+    character tokenizer) is loaded as exactly that class: `AutoTokenizer` would otherwise pick the model
+    family's own class from `config.json` (`Qwen2Tokenizer` for a qwen2 model), which re-tokenizes text
+    differently (it drops spaces of a character vocabulary).
+    """
+    config_file = Path(path) / "tokenizer_config.json"
+    if config_file.is_file():
+        import json
+
+        if json.loads(config_file.read_text()).get("tokenizer_class") in _GENERIC_TOKENIZERS:
+            return transformers.PreTrainedTokenizerFast.from_pretrained(str(path))
+    return transformers.AutoTokenizer.from_pretrained(str(path))
 
 
 def truncate(model: Any, up_to_layer: int) -> Any:

@@ -1,5 +1,8 @@
 import os
 
+# beartype must be imported before nnsight: importing nnsight adds `.save()` to `object`, after which
+# beartype fails at import (unhashable instancemethod in its table of slot wrappers).
+import beartype  # noqa: F401
 import pytest
 import torch
 

@@ -42,5 +42,7 @@ def test_judgebench_score_runs_on_an_official_file(capsys):
 
 
 def test_console_script_entry_point_runs():
-    out = subprocess.run([sys.executable, "-m", "latent_merge_nnsight.cli", "--help"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "latent_merge_nnsight.cli", "--help"], capture_output=True, text=True
+    )
     assert out.returncode == 0 and "usage: lmn" in out.stdout

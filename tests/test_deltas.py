@@ -1,11 +1,11 @@
 """compute_deltas against a mean written in the test, and the safetensors round trip."""
 
 import torch
+from reference import hidden_states
+from tiny import pair
 
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight.inputs import encode
-from reference import hidden_states
-from tiny import pair
 
 PROMPTS = ["one prompt", "a second, longer prompt", "3"]
 

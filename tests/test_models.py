@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny import hf_pair, make_tokenizer
 
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight import LatentMergeError
 from latent_merge_nnsight.models import model_info, truncate
-from tiny import hf_pair, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,12 @@ def test_check_compatible_reports_sizes():
     hb, hs = hf_pair("qwen2", n_layers=3)
     base, ft = lmn.wrap(hb, make_tokenizer()), lmn.wrap(hs, make_tokenizer())
     report = lmn.check_compatible(base, ft)
-    assert (report.hidden_size, report.vocab_size, report.base_layers, report.source_layers) == (32, 128, 3, 3)
+    assert (report.hidden_size, report.vocab_size, report.base_layers, report.source_layers) == (
+        32,
+        128,
+        3,
+        3,
+    )
     assert "compatible: hidden_size=32" in str(report)
     hv, _ = hf_pair("qwen2", n_layers=3)
     hv.resize_token_embeddings(130)
@@ -81,3 +86,29 @@ def test_bad_load_arguments():
         lmn.wrap(hf_pair("qwen2", n_layers=2)[0])
     with pytest.raises(LatentMergeError, match="expected a torch nn.Module"):
         lmn.wrap("not a model", make_tokenizer())
+
+
+def test_generic_tokenizer_loads_as_saved_not_as_the_model_family(saved):
+    root, _, _ = saved
+    base = lmn.load(root / "base")
+    text = "a b  c, d"
+    assert base.tokenizer.decode(base.tokenizer(text)["input_ids"]) == text
+    assert base.tokenizer(text)["input_ids"] == make_tokenizer()(text)["input_ids"]
+
+
+def test_recorder_knows_prompt_forwards_from_decode_steps():
+    from transformers import DynamicCache
+
+    from latent_merge_nnsight.models import last_inputs, last_past_length
+
+    hb, _ = hf_pair("qwen2", n_layers=2)
+    base = lmn.wrap(hb, make_tokenizer())
+    cache = DynamicCache()
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        hb(input_ids=ids, past_key_values=cache, use_cache=True)
+        assert last_past_length(base) == 0 and torch.equal(last_inputs(base)[0], ids)
+        hb(
+            input_ids=torch.tensor([[8]]), past_key_values=cache, use_cache=True
+        )  # no mask, as HF generate does
+        assert last_past_length(base) == 3

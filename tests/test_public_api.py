@@ -11,8 +11,19 @@ def test_every_public_name_is_importable():
 
 
 def test_submodules_import_without_cycles():
-    for mod in ("ops", "sites", "positions", "metrics", "errors", "inputs", "models", "capture", "merge",
-                "recipe", "deltas"):
+    for mod in (
+        "ops",
+        "sites",
+        "positions",
+        "metrics",
+        "errors",
+        "inputs",
+        "models",
+        "capture",
+        "merge",
+        "recipe",
+        "deltas",
+    ):
         importlib.import_module(f"latent_merge_nnsight.{mod}")
 
 
@@ -24,7 +35,11 @@ def test_bottom_modules_import_nothing_of_the_package_but_errors():
     for mod in ("ops", "sites", "positions", "metrics"):
         tree = ast.parse((root / f"{mod}.py").read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("latent_merge_nnsight"):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.startswith("latent_merge_nnsight")
+            ):
                 assert node.module == "latent_merge_nnsight.errors", (mod, node.module)
 
 

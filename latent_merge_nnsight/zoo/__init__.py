@@ -31,7 +31,7 @@ ZOO: dict[str, ZooModel] = {
     ),
     "toy-reasoner": ZooModel(
         "toy-reasoner",
-        "toy-base fine-tuned on scratchpad reasoning: strong at reasoning, has partly forgotten other skills.",
+        "toy-base fine-tuned on scratchpad reasoning: strong at reasoning, partly forgot other skills.",
         base="toy-base",
     ),
 }

@@ -28,7 +28,7 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )
-"""Jinja chat template: each turn is ``<|role|>content<|end|>``; the generation prompt is ``<|assistant|>``."""
+"""Jinja chat template: each turn is ``<|role|>content<|end|>``; the generation prompt ``<|assistant|>``."""
 
 
 def build_tokenizer(model_max_length: int = 256) -> PreTrainedTokenizerFast:

@@ -1,4 +1,4 @@
-"""Train the shipped toy pair from a seed: `toy-base` (an "instruct" model) and `toy-reasoner` (its fine-tune).
+"""Train the shipped toy pair from a seed: `toy-base` (an "instruct" model) and `toy-reasoner`.
 
 Stage 1 trains a small `Qwen2ForCausalLM` from scratch on all four task categories of
 `latent_merge_nnsight.evaluation.tasks`, with reasoning rare and answered *without* a scratchpad, so the
@@ -73,7 +73,14 @@ class TrainConfig:
     """Probability that a stage-2 example is a replayed stage-1 example (drawn from `base_mix`)."""
 
     def __post_init__(self) -> None:
-        for name in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "batch_size"):
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "intermediate_size",
+            "batch_size",
+        ):
             if getattr(self, name) < 1:
                 raise LatentMergeError(f"{name}={getattr(self, name)!r} must be >= 1")
         for name in ("base_steps", "ft_steps", "warmup_steps"):
@@ -81,8 +88,9 @@ class TrainConfig:
                 raise LatentMergeError(f"{name}={getattr(self, name)!r} must be >= 0")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise LatentMergeError(
-                f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}: "
-                "expected hidden_size divisible by num_heads and num_heads divisible by num_kv_heads"
+                f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads}: expected hidden_size divisible by num_heads "
+                "and num_heads divisible by num_kv_heads"
             )
         if not 0.0 <= self.replay <= 1.0:
             raise LatentMergeError(f"replay={self.replay!r} must be in [0, 1]")
@@ -122,8 +130,10 @@ def build_model(config: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen
 def encode_example(
     tokenizer: PreTrainedTokenizerFast, example: Example, response: str
 ) -> tuple[list[int], list[int]]:
-    """Token ids of the chat (user prompt, assistant `response`, ``<|end|>``) and labels for the response only."""
-    prompt = tokenizer.apply_chat_template(chat_messages(example.prompt), add_generation_prompt=True, tokenize=False)
+    """Token ids of the chat (prompt, `response`, ``<|end|>``) and labels that keep only the response."""
+    prompt = tokenizer.apply_chat_template(
+        chat_messages(example.prompt), add_generation_prompt=True, tokenize=False
+    )
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return p_ids + r_ids, [IGNORE] * len(p_ids) + r_ids
@@ -146,7 +156,9 @@ def collate(
     return ids, labels
 
 
-def response_loss(model: Qwen2ForCausalLM, ids: Int[Tensor, "batch pos"], labels: Int[Tensor, "batch pos"]) -> Tensor:
+def response_loss(
+    model: Qwen2ForCausalLM, ids: Int[Tensor, "batch pos"], labels: Int[Tensor, "batch pos"]
+) -> Tensor:
     """Mean next-token cross-entropy over the labelled (response) positions."""
     logits = model(input_ids=ids).logits
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
@@ -160,11 +172,9 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _stage_examples(
-    stage: str, config: TrainConfig, rng: random.Random
-) -> tuple[Example, str]:
+def _stage_examples(stage: str, config: TrainConfig, rng: random.Random) -> tuple[Example, str]:
     """One training example of `stage` ("base" or "ft") and the response to train on."""
-    cats, weights = zip(*sorted(config.base_mix.items()))
+    cats, weights = zip(*sorted(config.base_mix.items()), strict=True)
     if stage == "ft" and rng.random() >= config.replay:
         ex = sample_example("reasoning", rng, "train")
         return ex, ex.target
@@ -186,10 +196,14 @@ def _train_stage(
     """Run one stage in place; returns the mean loss of its last 50 steps (nan if no steps)."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, min(config.warmup_steps, steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: _schedule(s, steps, min(config.warmup_steps, steps))
+    )
     recent: list[float] = []
     for _ in range(steps):
-        rows = [encode_example(tokenizer, *_stage_examples(stage, config, rng)) for _ in range(config.batch_size)]
+        rows = [
+            encode_example(tokenizer, *_stage_examples(stage, config, rng)) for _ in range(config.batch_size)
+        ]
         ids, labels = collate(rows, tokenizer.pad_token_id)
         loss = response_loss(model, ids, labels)
         opt.zero_grad(set_to_none=True)
@@ -210,6 +224,10 @@ def _save(
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    _save_info(folder, info)
+
+
+def _save_info(folder: pathlib.Path, info: dict) -> None:
     (folder / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -236,6 +254,7 @@ def train_pair(
     out = pathlib.Path(out_dir)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # tiny values otherwise slow CPU float math by 10x or more
     try:
         torch.manual_seed(seed)
         tokenizer = build_tokenizer()
@@ -254,29 +273,46 @@ def train_pair(
                 ("toy-reasoner", "ft", config.ft_steps, config.ft_lr),
             ):
                 t0 = time.perf_counter()
-                loss = _train_stage(model, tokenizer, stage, steps, lr, config, random.Random(f"{stage}:{seed}"), bar)
-                info = {**common, "stage": stage, "steps": steps, "train_seconds": round(time.perf_counter() - t0, 1)}
+                loss = _train_stage(
+                    model, tokenizer, stage, steps, lr, config, random.Random(f"{stage}:{seed}"), bar
+                )
+                info = {
+                    **common,
+                    "stage": stage,
+                    "steps": steps,
+                    "train_seconds": round(time.perf_counter() - t0, 1),
+                }
                 info["final_loss"] = round(loss, 4) if loss == loss else None
+                _save(
+                    model, tokenizer, out / name, info
+                )  # before evaluating: keep the weights whatever happens
                 if eval_n:
                     acc = evaluate_model(model, tokenizer, eval_n, eval_seed)
                     info["eval"] = {"n_per_category": eval_n, "seed": eval_seed, "accuracy": acc}
-                _save(model, tokenizer, out / name, info)
+                    _save_info(out / name, info)
                 infos[name] = info
         return infos
     finally:
         torch.set_num_threads(old_threads)
+        torch.set_flush_denormal(False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m latent_merge_nnsight.zoo.train --out DIR [--seed S] [--threads T]``."""
-    p = argparse.ArgumentParser(prog="lmn zoo train", description="Train the toy base/reasoner pair from a seed.")
+    p = argparse.ArgumentParser(
+        prog="lmn zoo train", description="Train the toy base/reasoner pair from a seed."
+    )
     p.add_argument("--out", required=True, help="folder that receives toy-base/ and toy-reasoner/")
     p.add_argument("--seed", type=int, default=0, help="seed of the data stream and initialisation")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (results reproduce at a fixed count)")
+    p.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads (results reproduce at a fixed count)"
+    )
     p.add_argument("--base-steps", type=int, default=TrainConfig.base_steps)
     p.add_argument("--ft-steps", type=int, default=TrainConfig.ft_steps)
     p.add_argument("--replay", type=float, default=TrainConfig.replay)
-    p.add_argument("--eval-n", type=int, default=100, help="held-out examples per category to score (0: skip)")
+    p.add_argument(
+        "--eval-n", type=int, default=100, help="held-out examples per category to score (0: skip)"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
     config = TrainConfig(base_steps=args.base_steps, ft_steps=args.ft_steps, replay=args.replay)

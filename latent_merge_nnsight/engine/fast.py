@@ -1,0 +1,262 @@
+"""The fast paired engine: base and sources stepped together, block by block, with static KV caches.
+
+One forward of `PairedEngine` runs, for each layer i: the merge into the base at (i, "pre"), base block
+i, source block i (only while i is below the highest merged layer), the merge at (i, "post"); then the
+final norm and the head on each row's last token. No nnsight trace and no hooks are involved, so a step
+costs the modules' own work plus one small op per merged layer.
+
+On CUDA the decode step is captured as a CUDA graph per batch size (static input buffers, caches written
+at a device-side index, the attention bias built in the graph), so a step is one graph replay with no
+per-module Python work. On CPU, or when capture fails, the same step runs eagerly.
+
+Finished rows are dropped from the batch (their cache rows too): eagerly at once, under CUDA graphs
+when at most half of the rows are left (each new batch size costs one capture).
+"""
+
+import warnings
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from latent_merge_nnsight.engine.plan import Plan
+from latent_merge_nnsight.engine.stack import KVCache, Stack, attention_bias, mask_positions
+from latent_merge_nnsight.positions import position_mask
+
+__all__ = ["PairedEngine"]
+
+
+class _Graph:
+    """One captured decode step for a fixed batch size."""
+
+    def __init__(self, step: Any, pool: Any = None):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        mode = torch.cuda.get_sync_debug_mode()
+        with torch.cuda.stream(stream):  # warm-up outside the graph (rewrites the same cache slot)
+            torch.cuda.set_sync_debug_mode("error")  # a step that synchronises cannot be captured
+            try:
+                for _ in range(2):
+                    step()
+            finally:
+                torch.cuda.set_sync_debug_mode(mode)
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = step()
+
+    def replay(self) -> Any:
+        self.graph.replay()
+        return self.out
+
+
+class _Eager:
+    """Stands in for `_Graph` off CUDA (`static_step=True`): runs the same fixed-shape step each time."""
+
+    def __init__(self, step: Any):
+        self.step = step
+
+    def replay(self) -> Any:
+        return self.step()
+
+
+class PairedEngine:
+    """Runs a `Plan` on a base `Stack` and its source `Stack`s for one batch.
+
+    Arguments:
+        base, sources: the models as stacks (sources may hold fewer blocks: `up_to_layer`).
+        plan: the resolved recipe.
+        batch: number of rows.
+        capacity: KV slots per row (prompt width + new tokens).
+        cuda_graphs: capture the decode step (CUDA only); None means "on CUDA".
+        static_step: run the fixed-shape decode step that CUDA graphs capture, without capturing it
+            (to check that path on CPU).
+    """
+
+    def __init__(
+        self,
+        base: Stack,
+        sources: list[Stack],
+        plan: Plan,
+        batch: int,
+        capacity: int,
+        cuda_graphs: bool | None = None,
+        static_step: bool = False,
+    ):
+        self.base = base
+        self.plan = plan
+        self.sources = sources if plan.live_sources else []
+        self.src_blocks = [plan.source_blocks(s.n_layers) for s in self.sources]
+        self.depth = max([base.n_layers, *self.src_blocks])
+        self.device = base.device
+        self.capacity = capacity
+        self.caches: list[KVCache] = [base.new_cache(capacity)] + [
+            s.new_cache(capacity) for s in self.sources
+        ]
+        self.rows = batch
+        self.kv_mask = torch.zeros(batch, capacity, dtype=torch.long, device=self.device)
+        self.next_pos = torch.zeros(batch, dtype=torch.long, device=self.device)
+        merges = dict(plan.merges) if plan.mode == "merge" else {}
+        self.pre = {layer: a for layer, a in merges.items() if plan.site == "pre"}
+        self.post = {layer: a for layer, a in merges.items() if plan.site == "post"}
+        # during decoding "last"/"all" select every new token, explicit prompt indices select none
+        probe = position_mask(torch.ones(1, 1, dtype=torch.long), plan.positions, decoding=True)
+        self.decode_merges = bool(probe.all())
+        self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self.use_graphs = self.use_graphs and self.device.type == "cuda"
+        self.static = self.use_graphs or static_step
+        if self.use_graphs:
+            # alphas as device scalars: a Python float would be copied to the GPU inside the graph
+            wd = torch.float64 if base.dtype == torch.float64 else torch.float32
+            as_dev = lambda a: None if a is None else torch.tensor(a, dtype=wd, device=self.device)  # noqa: E731
+            self.pre = {layer: as_dev(a) for layer, a in self.pre.items()}
+            self.post = {layer: as_dev(a) for layer, a in self.post.items()}
+        self.graphs: dict[int, _Graph | _Eager] = {}
+        self._pool: Any = None
+        self.graph_error: str | None = None
+
+    # ------------------------------------------------------------------------------------------------
+    # one forward of the pair
+
+    def _mix(
+        self, layer: int, alpha: float | None, hb: Tensor, hs: list[Tensor], select: Tensor | None
+    ) -> Tensor:
+        plan = self.plan
+        if plan.deltas is not None:
+            src = plan.deltas[layer]
+        elif plan.op.multi_source:
+            src = torch.stack([h.to(hb.device) for h in hs])
+        else:
+            src = hs[0].to(hb.device)
+        merged = plan.op(hb, src, alpha, **plan.params)
+        return merged if select is None else torch.where(select[..., None], merged, hb)
+
+    def _forward(
+        self,
+        ids: Int[Tensor, "batch new"],
+        positions: Int[Tensor, "batch new"],
+        bias: Float[Tensor, "batch 1 new slots"],
+        select: Bool[Tensor, "batch new"] | None,
+        merge: bool,
+    ) -> tuple[Float[Tensor, "batch vocab"], Float[Tensor, "batch vocab"] | None]:
+        """Both models over `ids`; returns the logits at each row's last position (base, and the source's
+        for the ensemble)."""
+        base, caches = self.base, self.caches
+        hb, ctx_b = base.embed(ids, positions)
+        hs, ctx_s = [], []
+        for s in self.sources:
+            h, c = s.embed(ids.to(s.device), positions.to(s.device))
+            hs.append(h)
+            ctx_s.append(c)
+        for i in range(self.depth):
+            if merge and i in self.pre:
+                hb = self._mix(i, self.pre[i], hb, hs, select)
+            if i < base.n_layers:
+                hb = base.block(i, hb, bias, positions, ctx_b, caches[0])
+            for j, s in enumerate(self.sources):
+                if i < self.src_blocks[j]:
+                    sb = bias.to(s.device)
+                    hs[j] = s.block(i, hs[j], sb, positions.to(s.device), ctx_s[j], caches[j + 1])
+            if merge and i in self.post:
+                hb = self._mix(i, self.post[i], hb, hs, select)
+        logits = base.logits(hb[:, -1])
+        if self.plan.mode == "ensemble":
+            return logits, self.sources[0].logits(hs[0][:, -1]).to(logits.device)
+        return logits, None
+
+    # ------------------------------------------------------------------------------------------------
+    # prefill and decode
+
+    def prefill(
+        self, ids: Int[Tensor, "batch prompt"], mask: Int[Tensor, "batch prompt"]
+    ) -> tuple[Tensor, Tensor | None]:
+        """Run the (left-padded) prompts; returns next-token logits."""
+        width = ids.shape[1]
+        self.kv_mask[:, :width] = mask
+        self.next_pos = mask.sum(dim=-1)
+        for cache in self.caches:
+            cache.begin(width)
+        select = position_mask(mask, self.plan.positions, decoding=False)
+        bias = attention_bias(mask, 0, width, self.base.dtype)
+        return self._forward(ids, mask_positions(mask), bias, select, merge=bool(select.any()))
+
+    def decode(self, tokens: Int[Tensor, " batch"]) -> tuple[Tensor, Tensor | None]:
+        """Feed one new token per row; returns next-token logits."""
+        slot = self.caches[0].end
+        self.kv_mask[:, slot] = 1
+        positions = self.next_pos[: self.rows, None].clone()
+        self.next_pos += 1
+        for cache in self.caches:
+            cache.begin(1)
+        if self.static:
+            out = self._decode_graph(tokens, positions, slot)
+            if out is not None:
+                return out
+        bias = attention_bias(self.kv_mask[:, : slot + 1], slot, 1, self.base.dtype)
+        return self._forward(tokens[:, None], positions, bias, None, merge=self.decode_merges)
+
+    def keep(self, index: Int[Tensor, " keep"]) -> bool:
+        """Drop the rows not in `index` (positions in the current batch). Returns whether it dropped them."""
+        n = len(index)
+        if self.static and n > self.rows // 2:
+            return False  # under graphs, shrink only when the batch halves (one capture per size)
+        index = index.to(self.device)
+        for cache in self.caches:
+            cache.keep_rows(index, in_place=self.static)
+        if self.static:
+            self.kv_mask[:n] = self.kv_mask.index_select(0, index)
+            self.next_pos[:n] = self.next_pos.index_select(0, index)
+        else:
+            self.kv_mask = self.kv_mask.index_select(0, index)
+            self.next_pos = self.next_pos.index_select(0, index)
+        self.rows = n
+        return True
+
+    # ------------------------------------------------------------------------------------------------
+    # CUDA graphs
+
+    def _decode_graph(
+        self, tokens: Tensor, positions: Tensor, slot: int
+    ) -> tuple[Tensor, Tensor | None] | None:
+        rows = self.rows
+        if not hasattr(self, "_g_ids"):
+            size = self.kv_mask.shape[0]
+            self._g_ids = torch.zeros(size, 1, dtype=torch.long, device=self.device)
+            self._g_pos = torch.zeros(size, 1, dtype=torch.long, device=self.device)
+            self._g_slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._g_ids[:rows, 0].copy_(tokens)
+        self._g_pos[:rows].copy_(positions)
+        self._g_slot.fill_(slot)
+        for cache in self.caches:
+            cache.graph_mode, cache.write_index = True, self._g_slot
+        written = False
+        try:
+            if rows not in self.graphs and not self.use_graphs:
+                self.graphs[rows] = _Eager(lambda: self._graph_step(rows))
+            elif rows not in self.graphs:
+                self.graphs[rows] = graph = _Graph(lambda: self._graph_step(rows), pool=self._pool)
+                self._pool = graph.graph.pool()
+            base_logits, src_logits = self.graphs[rows].replay()
+            written = True
+            return base_logits.clone(), None if src_logits is None else src_logits.clone()
+        except Exception as e:  # capture is best effort: fall back to the eager step
+            if not self.use_graphs:
+                raise
+            self.graph_error = f"{type(e).__name__}: {e}"
+            warnings.warn(f"CUDA graph capture failed ({self.graph_error}); decoding eagerly", stacklevel=2)
+            self.use_graphs = self.static = False
+            self.graphs.clear()
+            self.kv_mask, self.next_pos = self.kv_mask[:rows], self.next_pos[:rows]
+            return None
+        finally:
+            for cache in self.caches:
+                cache.graph_mode = False
+                cache.filled = [cache.end if written else cache.start] * cache.n_layers
+
+    def _graph_step(self, rows: int) -> tuple[Tensor, Tensor | None]:
+        bias = attention_bias(self.kv_mask[:rows], self._g_slot, 1, self.base.dtype)
+        return self._forward(self._g_ids[:rows], self._g_pos[:rows], bias, None, merge=self.decode_merges)
+
+    def cache_bytes(self) -> int:
+        return sum(c.nbytes() for c in self.caches)

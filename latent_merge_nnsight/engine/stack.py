@@ -1,0 +1,238 @@
+"""Run a Hugging Face causal LM block by block, with a key/value cache this package owns.
+
+`Stack` splits a causal LM into the four things a lockstep merge needs to call separately: embed the
+tokens, run decoder block i, apply the final norm and the LM head. It calls the HF modules directly
+(no nnsight trace, no hooks of its own), so a paired step costs only the modules' own work, and a source
+can stop after any block and resume from there.
+
+`KVCache` duck-types the one method HF attention layers call (`update`): it writes each forward's keys
+and values at a cursor into buffers of fixed capacity, so the buffers keep their address from step to
+step (what a CUDA graph needs). Slot i of the cache holds column i of the running attention mask, so
+padding and causality both come from one additive bias built by `attention_bias`.
+"""
+
+import inspect
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.models import hf_module
+
+__all__ = ["KVCache", "Stack", "attention_bias", "fast_support", "mask_positions"]
+
+ROTARY_FAMILY = ("qwen2", "qwen3", "llama", "mistral", "mixtral", "gemma", "phi3", "olmo", "olmo2")
+"""Architectures whose blocks take `(hidden, attention_mask, position_ids, cache, use_cache,
+position_embeddings)`."""
+SUPPORTED = (*ROTARY_FAMILY, "gpt2", "gpt_neox")
+ATTENTION = ("sdpa", "eager")
+"""Attention implementations that accept the additive `[batch, 1, new, slots]` bias built here."""
+
+
+def fast_support(model: Any) -> str | None:
+    """None when `Stack` can run `model`; otherwise the reason it cannot (for error messages and `auto`)."""
+    hf = hf_module(model)
+    config = hf.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED:
+        return (
+            f"model_type={model_type!r} is not supported by the block-by-block engine "
+            f"(supported: {', '.join(SUPPORTED)})"
+        )
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if impl not in ATTENTION:
+        return (
+            f"attention implementation {impl!r} is not supported (expected one of {ATTENTION}); "
+            "load with attn_implementation='sdpa'"
+        )
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and any(t != "full_attention" for t in layer_types):
+        kinds = sorted(set(layer_types))
+        return f"sliding-window layers ({kinds}) are not supported by the block-by-block engine"
+    return None
+
+
+def mask_positions(mask: Int[Tensor, "batch slots"]) -> Int[Tensor, "batch slots"]:
+    """Position ids counted over real tokens (pads get 0), as HF `generate` computes them."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def attention_bias(
+    kv_mask: Int[Tensor, "batch slots"], start: "int | Tensor", n_new: int, dtype: torch.dtype
+) -> Float[Tensor, "batch 1 new slots"]:
+    """Additive attention bias for `n_new` queries written at slots `start..start+n_new-1`.
+
+    A query may attend to a slot that holds a real token (`kv_mask == 1`) at or before its own slot.
+    Masked entries get the dtype's most negative finite value, so a query with nothing to attend to
+    (a pad query) averages instead of producing NaN.
+    """
+    slots = kv_mask.shape[-1]
+    device = kv_mask.device
+    query_slot = torch.arange(n_new, device=device) + start  # [new]
+    causal = torch.arange(slots, device=device)[None, :] <= query_slot[:, None]  # [new, slots]
+    allowed = causal[None, None, :, :] & kv_mask.bool()[:, None, None, :]
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+class KVCache:
+    """Keys and values of one model, `[batch, kv_heads, capacity, head_dim]` per layer, written at a cursor.
+
+    Call `begin(n_new)` before each forward; attention layers then call `update`. In `graph_mode` the
+    write slot comes from the tensor `write_index` and the full buffers are returned (fixed shapes for a
+    CUDA graph); otherwise the new tokens go to `start..end-1` and only the used slots are returned.
+    """
+
+    def __init__(self, n_layers: int, capacity: int):
+        self.n_layers = n_layers
+        self.capacity = capacity
+        self.keys: list[Tensor | None] = [None] * n_layers
+        self.values: list[Tensor | None] = [None] * n_layers
+        self.filled = [0] * n_layers
+        self.start = 0
+        self.end = 0
+        self.graph_mode = False
+        self.write_index: Tensor | None = None
+
+    def begin(self, n_new: int) -> None:
+        """Reserve slots for a forward of `n_new` tokens (grows the buffers if needed, outside graph mode)."""
+        self.start, self.end = self.end, self.end + n_new
+        if self.end > self.capacity:
+            if self.graph_mode:
+                raise LatentMergeError(f"KV cache full: {self.end} slots needed, capacity {self.capacity}")
+            self._grow(max(self.end, 2 * self.capacity))
+
+    def _grow(self, capacity: int) -> None:
+        for store in (self.keys, self.values):
+            for i, buf in enumerate(store):
+                if buf is not None:
+                    bigger = buf.new_zeros(*buf.shape[:2], capacity, buf.shape[-1])
+                    bigger[:, :, : self.capacity] = buf
+                    store[i] = bigger
+        self.capacity = capacity
+
+    def update(
+        self, key: Tensor, value: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        """Store this forward's keys/values for `layer_idx` and return all keys/values to attend to."""
+        if self.keys[layer_idx] is None:
+            shape = (*key.shape[:2], self.capacity, key.shape[-1])
+            self.keys[layer_idx] = key.new_zeros(shape)
+            self.values[layer_idx] = value.new_zeros(*value.shape[:2], self.capacity, value.shape[-1])
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        rows = key.shape[0]
+        if self.graph_mode:
+            k[:rows].index_copy_(2, self.write_index, key)
+            v[:rows].index_copy_(2, self.write_index, value)
+            return k[:rows], v[:rows]
+        if self.filled[layer_idx] != self.start:
+            raise LatentMergeError(
+                f"KV cache of layer {layer_idx} holds {self.filled[layer_idx]} tokens but this forward "
+                f"starts at "
+                f"slot {self.start}: the layer was skipped at an earlier step"
+            )
+        k[:rows, :, self.start : self.end] = key
+        v[:rows, :, self.start : self.end] = value
+        self.filled[layer_idx] = self.end
+        return k[:rows, :, : self.end], v[:rows, :, : self.end]
+
+    def keep_rows(self, index: Int[Tensor, " keep"], in_place: bool = False) -> None:
+        """Keep only the batch rows `index` (finished rows stop costing compute).
+
+        `in_place` moves them to the front of the same buffers (their addresses must not change under a
+        CUDA graph); otherwise the buffers are replaced by smaller ones.
+        """
+        for store in (self.keys, self.values):
+            for i, buf in enumerate(store):
+                if buf is None:
+                    continue
+                picked = buf.index_select(0, index.to(buf.device))
+                if in_place:
+                    buf[: len(index)] = picked
+                else:
+                    store[i] = picked
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values) if t is not None)
+
+
+def _cache_keyword(block: nn.Module) -> str:
+    """The name under which a decoder block takes its cache (it changed across transformers versions)."""
+    params = inspect.signature(type(block).forward).parameters
+    for name in ("cache", "past_key_values", "layer_past", "past_key_value"):
+        if name in params:
+            return name
+    raise LatentMergeError(
+        f"{type(block).__name__}.forward takes no cache argument; cannot run it block by block"
+    )
+
+
+class Stack:
+    """A causal LM as `embed -> block 0..n-1 -> norm -> head`, each part called directly.
+
+    Works for the architectures in `SUPPORTED`; `fast_support(model)` says why another one is refused.
+    Blocks above those loaded (a source from `lmn.load(..., up_to_layer=L)`) simply do not exist here.
+    """
+
+    def __init__(self, model: Any):
+        reason = fast_support(model)
+        if reason is not None:
+            raise LatentMergeError(reason)
+        hf = hf_module(model)
+        self.hf = hf
+        self.config = hf.config
+        self.family = hf.config.model_type
+        if self.family in ROTARY_FAMILY:
+            inner = hf.model
+            self._embed, self._rotary = inner.embed_tokens, inner.rotary_emb
+            self.blocks, self.norm = inner.layers, inner.norm
+            self.head = hf.lm_head
+        elif self.family == "gpt2":
+            inner = hf.transformer
+            self._embed, self._wpe, self._drop = inner.wte, inner.wpe, inner.drop
+            self.blocks, self.norm = inner.h, inner.ln_f
+            self.head = hf.lm_head
+        else:  # gpt_neox
+            inner = hf.gpt_neox
+            self._embed, self._rotary, self._drop = inner.embed_in, inner.rotary_emb, inner.emb_dropout
+            self.blocks, self.norm = inner.layers, inner.final_layer_norm
+            self.head = hf.get_output_embeddings()  # `lm_head` (transformers 5) or `embed_out` (4)
+        self.n_layers = len(self.blocks)
+        self._cache_kw = _cache_keyword(self.blocks[0])
+        first = next(hf.parameters())
+        self.device, self.dtype = first.device, first.dtype
+
+    def new_cache(self, capacity: int) -> KVCache:
+        return KVCache(self.n_layers, capacity)
+
+    def embed(self, ids: Int[Tensor, "batch new"], positions: Int[Tensor, "batch new"]) -> tuple[Tensor, Any]:
+        """Token embeddings, and what the blocks need per forward (rotary cos/sin), from the position ids."""
+        h = self._embed(ids)
+        if self.family == "gpt2":
+            return self._drop(h + self._wpe(positions)), None
+        if self.family == "gpt_neox":
+            h = self._drop(h)
+        return h, self._rotary(h, positions)
+
+    def block(
+        self,
+        i: int,
+        h: Float[Tensor, "batch new d_model"],
+        bias: Float[Tensor, "batch 1 new slots"],
+        positions: Int[Tensor, "batch new"],
+        context: Any,
+        cache: KVCache,
+    ) -> Float[Tensor, "batch new d_model"]:
+        """Run decoder block i (its keys/values go into `cache`)."""
+        kwargs: dict[str, Any] = {self._cache_kw: cache, "attention_mask": bias, "use_cache": True}
+        if self.family != "gpt2":
+            kwargs["position_ids"] = positions
+            kwargs["position_embeddings"] = context
+        out = self.blocks[i](h, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def logits(self, h: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch vocab"]:
+        """Final norm and LM head on one hidden vector per row."""
+        return self.head(self.norm(h))

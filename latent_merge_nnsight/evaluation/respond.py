@@ -1,0 +1,247 @@
+"""Answer every JudgeBench question with one system, for pairwise judging later.
+
+`respond` writes one JSON line per JudgeBench pair::
+
+    {"pair_id", "original_id", "source", "category", "question", "response", "system",
+     "finish_reason", "prompt_tokens", "completion_tokens"}
+
+(the fields `judge.load_responses` reads, plus bookkeeping) and a sidecar ``<out>.meta.json`` with the
+system's provenance. The question is sent as the single user message, so the model's chat template
+applies. A question shared by several pairs (the ``claude`` split has one) is generated once and
+written for each of its pairs. Lines are appended and flushed as each batch finishes: a rerun skips
+the pairs already answered, so an interrupted run resumes with nothing lost or repeated. Nothing is
+pickled.
+"""
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.evaluation.judgebench import HF_DATASET, JudgePair, load_judgebench
+from latent_merge_nnsight.evaluation.systems import LoadedSystem, System, load_system
+
+__all__ = ["RespondResult", "meta_path", "read_responses", "respond"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RespondResult:
+    """What a `respond` run did: the files, the pairs asked for, newly answered and already answered."""
+
+    out: Path
+    meta: Path
+    total: int
+    answered: int
+    skipped: int
+
+
+def meta_path(out: str | Path) -> Path:
+    """The provenance sidecar of a responses file: ``responses.jsonl`` -> ``responses.jsonl.meta.json``."""
+    out = Path(out)
+    return out.with_name(out.name + ".meta.json")
+
+
+def read_responses(path: str | Path, *, repair: bool = False) -> dict[str, dict[str, Any]]:
+    """Read a responses JSONL into ``{pair_id: row}`` (file order).
+
+    A half-written last line (the process died mid-write) is dropped with a warning, and with
+    ``repair=True`` cut from the file so later appends stay valid JSONL. Any other bad line, a line
+    without ``pair_id``/``response``/``system``, or a repeated pair_id is an error naming the line.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    cut = raw.rfind(b"\n") + 1
+    body, tail = raw[:cut], raw[cut:]
+    if tail.strip():
+        try:
+            json.loads(tail)
+            body = raw  # complete, only the newline is missing
+            if repair:
+                with path.open("ab") as fh:
+                    fh.write(b"\n")
+        except json.JSONDecodeError:
+            logger.warning("%s: dropping a truncated last line (%d bytes)", path, len(tail))
+            if repair:
+                with path.open("r+b") as fh:
+                    fh.truncate(cut)
+    rows: dict[str, dict[str, Any]] = {}
+    for lineno, line in enumerate(body.decode("utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise LatentMergeError(
+                f"{path}: line {lineno} is not valid JSON ({exc.msg}); only a damaged last line is "
+                "repaired automatically, fix or remove this one"
+            ) from None
+        if not isinstance(row, Mapping) or not all(k in row for k in ("pair_id", "response", "system")):
+            raise LatentMergeError(
+                f"{path}: line {lineno} is not a response line (needs pair_id, response, system)"
+            )
+        if row["pair_id"] in rows:
+            raise LatentMergeError(f"{path}: line {lineno} repeats pair_id {row['pair_id']!r}")
+        rows[row["pair_id"]] = dict(row)
+    return rows
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _check_meta(meta: Path, system: System, split: str) -> dict[str, Any] | None:
+    """The existing sidecar, after checking it describes the same system and split."""
+    if not meta.is_file():
+        return None
+    try:
+        old = json.loads(meta.read_text(encoding="utf-8"))
+        old_system, old_split = old["provenance"]["system"], old["split"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise LatentMergeError(
+            f"{meta} is not a responses sidecar ({exc}); move it away to start over"
+        ) from None
+    if old_split != split:
+        raise LatentMergeError(
+            f"split={split!r} but {meta} records split {old_split!r}; use another --out to answer a new split"
+        )
+    new_system = system.to_dict()
+    if old_system != new_system:
+        changed = sorted(
+            k for k in set(old_system) | set(new_system) if old_system.get(k) != new_system.get(k)
+        )
+        raise LatentMergeError(
+            f"the system differs from the one that wrote {meta.parent / meta.name[: -len('.meta.json')]} "
+            f"(fields {changed}); answers of two systems must not mix: use another --out"
+        )
+    return old
+
+
+def _row(pair: JudgePair, system: str, response: str, completion: Any) -> dict[str, Any]:
+    return {
+        "pair_id": pair.pair_id,
+        "original_id": pair.original_id,
+        "source": pair.source,
+        "category": pair.category,
+        "question": pair.question,
+        "response": response,
+        "system": system,
+        "finish_reason": getattr(completion, "finish_reason", None),
+        "prompt_tokens": getattr(completion, "prompt_tokens", None),
+        "completion_tokens": getattr(completion, "completion_tokens", None),
+    }
+
+
+def respond(
+    system: str | Path | System | LoadedSystem,
+    split: str = "claude",
+    out: str | Path = "responses.jsonl",
+    data: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> RespondResult:
+    """Generate one answer per JudgeBench question with ``system`` and append them to ``out``.
+
+    Arguments:
+        system: a system YAML path, a `System`, or a `LoadedSystem` (models are loaded only when
+            something is left to answer).
+        split: ``"gpt"`` or ``"claude"``.
+        out: the responses JSONL; pairs already in it are skipped (resume).
+        data: a local JudgeBench JSONL/Parquet (default: the hub dataset).
+        limit: answer only the first ``limit`` pairs of the split.
+        batch_size: questions per `generate` call (the longest questions go first, so a batch too
+            big for memory fails early).
+    Returns a `RespondResult` with the paths and counts.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise LatentMergeError(f"limit={limit!r}; expected a positive int or None (all pairs)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise LatentMergeError(f"batch_size={batch_size!r}; expected an int >= 1")
+    if isinstance(system, LoadedSystem):
+        config = system.config
+    elif isinstance(system, System):
+        config = system
+    elif isinstance(system, str | Path):
+        config = System.from_file(system)
+    else:
+        raise LatentMergeError(
+            f"system has type {type(system).__name__}; expected a YAML path, a System or a LoadedSystem"
+        )
+    pairs = load_judgebench(split, path=data)
+    if limit is not None:
+        pairs = pairs[:limit]
+    out, meta = Path(out), meta_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old_meta = _check_meta(meta, config, split)
+    done = read_responses(out, repair=True) if out.exists() else {}
+    others = sorted({row["system"] for row in done.values()} - {config.name})
+    if others:
+        raise LatentMergeError(
+            f"{out} holds answers of system {others[0]!r}, not {config.name!r}; one responses file per system"
+        )
+
+    todo = [p for p in pairs if p.pair_id not in done]
+    answered_by_question = {row.get("question"): row for row in done.values()}
+    result = RespondResult(out, meta, len(pairs), 0, len(pairs) - len(todo))
+    if not todo:
+        return result
+
+    loaded = load_system(system if isinstance(system, LoadedSystem) else config)
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    sidecar = {
+        "provenance": loaded.provenance(),
+        "split": split,
+        "data": str(data) if data is not None else f"hub:{HF_DATASET}",
+        "created": old_meta.get("created", now) if old_meta else now,
+        "updated": now,
+    }
+    _write_json(meta, sidecar)
+
+    # Questions still to answer, each with its pairs; a question already answered for a sibling pair
+    # reuses that answer instead of generating a second one.
+    by_question: dict[str, list[JudgePair]] = {}
+    for pair in todo:
+        by_question.setdefault(pair.question, []).append(pair)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=len(pairs), initial=len(pairs) - len(todo), desc=f"respond {config.name}", disable=not progress
+    )
+    answered = 0
+    try:
+        with out.open("a", encoding="utf-8") as fh:
+            reused = [q for q in by_question if q in answered_by_question]
+            for question in reused:
+                row = answered_by_question[question]
+                for pair in by_question.pop(question):
+                    line = _row(pair, config.name, row["response"], None) | {
+                        k: row.get(k) for k in ("finish_reason", "prompt_tokens", "completion_tokens")
+                    }
+                    fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+                    answered += 1
+                    bar.update(1)
+            fh.flush()
+            questions = sorted(by_question, key=len, reverse=True)
+            for start in range(0, len(questions), batch_size):
+                chunk = questions[start : start + batch_size]
+                completions = loaded.complete([[{"role": "user", "content": q}] for q in chunk])
+                for question, completion in zip(chunk, completions, strict=True):
+                    for pair in by_question[question]:
+                        row = _row(pair, config.name, completion.text, completion)
+                        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        answered += 1
+                        bar.update(1)
+                fh.flush()
+                os.fsync(fh.fileno())
+    finally:
+        bar.close()
+    return RespondResult(out, meta, len(pairs), answered, result.skipped)

@@ -1,0 +1,374 @@
+"""`lmn.generate`: lockstep merged generation, and the baselines, from one entry point.
+
+    out = lmn.generate(base, ft, prompts, lmn.Recipe(op="slerp", layers={20: 0.5}), max_new_tokens=256)
+    out.texts, out.finish_reasons, out.sequences
+
+Every source model sees exactly the tokens the merged base produced, keeps its own KV cache, and stops
+after the highest merged layer. Each step, in the paper's terms (site "pre", positions "last"):
+
+    1. the source runs its blocks 0..L-1 on the step's tokens, giving h_src = its residual entering L;
+    2. the base runs blocks 0..L-1, and its residual entering L becomes op(h_base, h_src, alpha) at
+       the merged positions (the last real prompt token at prefill, every new token after that);
+    3. the base runs its remaining blocks and head; the next token is chosen from its logits.
+
+Two engines run the same plan and give the same greedy tokens:
+- `engine="fast"` (the default through "auto"): a paired engine that calls the HF modules directly
+  with static KV caches, drops finished rows, and on CUDA replays the decode step as a CUDA graph;
+- `engine="nnsight"`: one nnsight `base.generate` trace with a `merge_into` per step (see `lmn.pair`
+  to add your own interventions to such a trace); HF's decode loop keeps finished rows in the batch.
+
+Baselines use the same call: `recipe=None` (base alone), the source as `base` (source alone),
+`Ensemble(b=...)` (logit ensemble), `Recipe(op="delta", ...)` with `Deltas` (steering).
+
+Memory: a source is needed only up to the highest merged layer, so load it with
+`lmn.load(ft_id, up_to_layer=L)` (or `lmn.models.truncate(ft, L)`); its upper layers never exist.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from latent_merge_nnsight.baselines.ensemble import mix_logits
+from latent_merge_nnsight.engine.fast import PairedEngine
+from latent_merge_nnsight.engine.plan import Plan, device_of, resolve_plan
+from latent_merge_nnsight.engine.stack import Stack, fast_support
+from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.inputs import Batch, encode
+from latent_merge_nnsight.models import hf_module, model_info
+from latent_merge_nnsight.sampling import Sampler, SamplingConfig, Tracker
+
+__all__ = ["ENGINES", "GenerationResult", "generate"]
+
+ENGINES = ("auto", "fast", "nnsight")
+
+BEAM_SEARCH_UNSUPPORTED = (
+    "num_beams={n}: beam search is not supported. Lockstep merging keeps a KV cache per source model in "
+    "step with the base's; beam search reorders the base's cache between steps (beams are re-ranked and "
+    "copied), and the sources' caches would have to be reordered the same way. Use num_beams=1 (greedy "
+    "or sampling), or sample several rows per prompt."
+)
+
+
+@dataclass
+class GenerationResult:
+    """What `lmn.generate` returns.
+
+    Attributes:
+        sequences: prompt + new tokens per row, `[batch, prompt_width + longest]`. Prompts are left-padded
+            (right-padded input is re-aligned: padding moved to the left); rows that finished early are
+            padded with the pad token after their last token.
+        attention_mask: 1 for the real tokens of `sequences`, 0 for padding.
+        prompt_width: columns of `sequences` that belong to the (padded) prompt.
+        tokens: the new token ids of each row (an EOS token that ended a row is included).
+        texts: the new text of each row (EOS left out; cut just after the stop string that ended it).
+        finish_reasons: per row, "eos", "stop" or "length".
+        engine: which engine ran ("fast" or "nnsight").
+        recipe: the recipe (or Ensemble, or None) that ran.
+        info: details (cuda graphs used, KV cache bytes, source blocks per step).
+    """
+
+    sequences: Int[Tensor, "batch seq"]
+    attention_mask: Int[Tensor, "batch seq"]
+    prompt_width: int
+    tokens: list[list[int]]
+    texts: list[str]
+    finish_reasons: list[str]
+    engine: str
+    recipe: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __repr__(self) -> str:
+        what = "base alone" if self.recipe is None else str(self.recipe)
+        lines = [f"GenerationResult(engine={self.engine!r}, {what}, batch={len(self)})"]
+        for i, (text, reason, toks) in enumerate(
+            zip(self.texts, self.finish_reasons, self.tokens, strict=True)
+        ):
+            shown = text if len(text) <= 72 else text[:69] + "..."
+            lines.append(f"  [{i}] {len(toks):>4} tokens, {reason:<6} {shown!r}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Run:
+    """The per-call state both engines share: the batch, the sampler and the tracker."""
+
+    batch: Batch
+    sampler: Sampler
+    tracker: Tracker
+    max_new_tokens: int
+    pad_id: int
+    recipe: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def result(self, engine: str) -> GenerationResult:
+        tracker, batch = self.tracker, self.batch
+        rows, width = batch.input_ids.shape
+        longest = max((len(t) for t in tracker.tokens), default=0)
+        new = torch.full((rows, longest), self.pad_id, dtype=torch.long)
+        new_mask = torch.zeros(rows, longest, dtype=torch.long)
+        for i, toks in enumerate(tracker.tokens):
+            new[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
+            new_mask[i, : len(toks)] = 1
+        return GenerationResult(
+            sequences=torch.cat([batch.input_ids.cpu(), new], dim=1),
+            attention_mask=torch.cat([batch.attention_mask.cpu(), new_mask], dim=1),
+            prompt_width=width,
+            tokens=[list(t) for t in tracker.tokens],
+            texts=[tracker.text(i) for i in range(rows)],
+            finish_reasons=[r or "length" for r in tracker.reasons],
+            engine=engine,
+            recipe=self.recipe,
+            info=dict(self.info),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# checks and preparation (no forward runs here)
+
+
+def left_align(batch: Batch) -> Batch:
+    """Move every row's padding to the left (real tokens keep their order), so each row's last real token
+    is its last column. Both engines run on this layout."""
+    order = torch.sort(batch.attention_mask, dim=-1, stable=True).indices  # pads (0) first, then real
+    return Batch(batch.input_ids.gather(1, order), batch.attention_mask.gather(1, order))
+
+
+def _eos_ids(model: Any, tokenizer: Any, eos_token_id: Any, ignore_eos: bool) -> list[int]:
+    if ignore_eos:
+        return []
+    if eos_token_id is not None:
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            raise LatentMergeError(
+                f"eos_token_id={eos_token_id!r}; expected a token id or a list of token ids"
+            )
+        return ids
+    found: list[int] = []
+    config_eos = getattr(getattr(hf_module(model), "generation_config", None), "eos_token_id", None)
+    for value in (config_eos, getattr(tokenizer, "eos_token_id", None)):
+        for i in [value] if isinstance(value, int) else list(value or []):
+            if i not in found:
+                found.append(int(i))
+    return found
+
+
+def _pad_id(model: Any, tokenizer: Any, eos: list[int]) -> int:
+    for value in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(getattr(hf_module(model), "generation_config", None), "pad_token_id", None),
+    ):
+        if isinstance(value, int):
+            return value
+    return eos[0] if eos else 0
+
+
+def _check_stop(stop: Any, tokenizer: Any) -> list[str]:
+    if stop is None:
+        return []
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, Sequence) or not all(isinstance(s, str) and s for s in items):
+        raise LatentMergeError(f"stop={stop!r}; expected a non-empty string or a list of non-empty strings")
+    if items and tokenizer is None:
+        raise LatentMergeError("stop strings need a tokenizer to decode the new text; the model has none")
+    return list(items)
+
+
+def prepare_run(
+    base: Any,
+    prompts: Any = None,
+    *,
+    max_new_tokens: Any,
+    input_ids: Any = None,
+    attention_mask: Any = None,
+    padding_side: str | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: Any = None,
+    eos_token_id: Any = None,
+    ignore_eos: bool = False,
+    num_beams: int = 1,
+    tokenizer: Any = None,
+) -> Run:
+    """Check the generation arguments and encode the prompts (left-aligned, on the base's device)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise LatentMergeError(f"max_new_tokens={max_new_tokens!r}; expected an int >= 1")
+    if num_beams != 1:
+        raise LatentMergeError(BEAM_SEARCH_UNSUPPORTED.format(n=num_beams))
+    config = SamplingConfig(do_sample, temperature, top_p, top_k, seed)
+    tokenizer = tokenizer if tokenizer is not None else getattr(base, "tokenizer", None)
+    stops = _check_stop(stop, tokenizer)
+    batch = encode(
+        tokenizer, prompts, input_ids=input_ids, attention_mask=attention_mask, padding_side=padding_side
+    )
+    vocab = hf_module(base).config.vocab_size
+    if int(batch.input_ids.max()) >= vocab or int(batch.input_ids.min()) < 0:
+        raise LatentMergeError(
+            f"input_ids hold ids in [{int(batch.input_ids.min())}, {int(batch.input_ids.max())}]; "
+            f"expected 0 <= id < vocab_size={vocab}"
+        )
+    device = device_of(base)
+    batch = left_align(batch).to(device)
+    eos = _eos_ids(base, tokenizer, eos_token_id, ignore_eos)
+    rows = batch.input_ids.shape[0]
+    return Run(
+        batch=batch,
+        sampler=Sampler(config, rows, device),
+        tracker=Tracker(rows, max_new_tokens, eos, stops, tokenizer),
+        max_new_tokens=max_new_tokens,
+        pad_id=_pad_id(base, tokenizer, eos),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# the fast engine's decode loop
+
+
+def _run_fast(
+    base: Any, sources: list[Any], plan: Plan, run: Run, cuda_graphs: bool | None
+) -> GenerationResult:
+    ids, mask = run.batch.input_ids, run.batch.attention_mask
+    n_rows, width = ids.shape
+    engine = PairedEngine(
+        Stack(base), [Stack(s) for s in sources], plan, n_rows, width + run.max_new_tokens, cuda_graphs
+    )
+    tracker, sampler = run.tracker, run.sampler
+    with torch.inference_mode():
+        base_logits, src_logits = engine.prefill(ids, mask)  # 1. both models over the prompts
+        rows = torch.arange(n_rows)  # which original rows the engine's batch rows are
+        while True:
+            logits = base_logits
+            if plan.mode == "ensemble":
+                logits = mix_logits(base_logits, src_logits, plan.ensemble.weight(tracker.steps))
+            tokens = sampler(logits, rows)  # 2. choose the next tokens
+            finished = tracker.push(rows, tokens)  # 3. record them; EOS / stop / length
+            if tracker.all_done:
+                break
+            if finished:  # 4. drop finished rows from the batch (and their caches)
+                keep = torch.tensor([i for i, r in enumerate(rows.tolist()) if tracker.reasons[r] is None])
+                if engine.keep(keep):
+                    rows, tokens = rows[keep], tokens[keep.to(tokens.device)]
+            base_logits, src_logits = engine.decode(tokens)  # 5. one lockstep step on the new tokens
+    run.info.update(
+        cuda_graphs=bool(engine.graphs) and engine.use_graphs,
+        cuda_graph_error=engine.graph_error,
+        kv_cache_bytes=engine.cache_bytes(),
+        source_blocks_per_step=engine.src_blocks,
+    )
+    return run.result("fast")
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def _pick_engine(engine: str, base: Any, sources: list[Any], plan: Plan) -> str:
+    if engine not in ENGINES:
+        raise LatentMergeError(f"engine={engine!r}; expected one of: {', '.join(ENGINES)}")
+    info = model_info(base)
+    if info.truncated:
+        raise LatentMergeError(
+            f"base {info.name} holds only {info.n_layers} of its {info.full_n_layers} layers "
+            "(loaded up_to_layer); "
+            "generate with the whole model"
+        )
+    models = [base, *(sources if plan.live_sources else [])]
+    reasons = [r for r in (fast_support(m) for m in models) if r is not None]
+    if engine == "fast" and reasons:
+        raise LatentMergeError(f"engine='fast' cannot run this pair: {reasons[0]}; use engine='nnsight'")
+    if engine == "auto":
+        engine = "fast" if not reasons else "nnsight"
+    if engine == "nnsight":
+        if not hasattr(base, "interleaver"):
+            raise LatentMergeError(
+                f"engine='nnsight' needs an nnsight model; base is a {type(base).__name__} "
+                "(wrap it with lmn.wrap)"
+            )
+        live_reasons = [r for r in (fast_support(m) for m in models[1:]) if r is not None]
+        if live_reasons:
+            raise LatentMergeError(f"cannot step this source model in lockstep: {live_reasons[0]}")
+    return engine
+
+
+def generate(
+    base: Any,
+    sources: Any = None,
+    prompts: Any = None,
+    recipe: Any = None,
+    *,
+    max_new_tokens: int,
+    input_ids: Any = None,
+    attention_mask: Any = None,
+    padding_side: str | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: str | Sequence[str] | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    ignore_eos: bool = False,
+    num_beams: int = 1,
+    engine: str = "auto",
+    cuda_graphs: bool | None = None,
+    tokenizer: Any = None,
+) -> GenerationResult:
+    """Generate from `base` with `sources` merged in lockstep according to `recipe`.
+
+    Arguments:
+        base: the model that generates (from `lmn.load` / `lmn.wrap`).
+        sources: a source model, a list of them (RegMean), `Deltas` (op "delta"), or None (base alone).
+            Sources loaded with `lmn.load(..., up_to_layer=L)` hold only the blocks a merge at L needs.
+        prompts: a string, list of strings, chat(s) (the chat template is applied), or token ids.
+        recipe: an `lmn.Recipe` (latent merge or delta steering), an `Ensemble` (logit ensemble), or None.
+        max_new_tokens: new tokens per row at most (>= 1).
+        input_ids, attention_mask: token ids (and mask; left or right padding) instead of prompts.
+        padding_side: how to pad text prompts of different lengths ("left" or "right").
+        do_sample, temperature, top_p, top_k, seed: sampling (greedy when do_sample=False); the same seed
+            gives the same tokens on both engines.
+        stop: strings that end a row when they appear in its new text.
+        eos_token_id: tokens that end a row (default: the model's and tokenizer's EOS); ignore_eos=True
+            generates exactly max_new_tokens.
+        num_beams: must be 1 (beam search would need the sources' caches reordered with the base's).
+        engine: "auto" (the fast engine when it supports the models, else nnsight), "fast", "nnsight".
+        cuda_graphs: fast engine on CUDA: capture the decode step as a CUDA graph (default: yes).
+        tokenizer: overrides the base's tokenizer.
+
+    Everything is checked before any forward runs; a bad argument raises `LatentMergeError`.
+    """
+    run = prepare_run(
+        base,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        padding_side=padding_side,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=stop,
+        eos_token_id=eos_token_id,
+        ignore_eos=ignore_eos,
+        num_beams=num_beams,
+        tokenizer=tokenizer,
+    )
+    plan, models = resolve_plan(base, sources, recipe)
+    chosen = _pick_engine(engine, base, models, plan)
+    run.recipe = plan.recipe
+    if plan.live_sources:
+        run.info["source_blocks_per_step"] = [plan.source_blocks(model_info(m).n_layers) for m in models]
+    if chosen == "fast":
+        return _run_fast(base, models, plan, run, cuda_graphs)
+    from latent_merge_nnsight.pair import run_nnsight
+
+    return run_nnsight(base, models, plan, run)

@@ -1,0 +1,189 @@
+"""Token choice and stopping, shared by every generation engine.
+
+`Sampler` turns next-token logits into tokens: greedy argmax, or temperature / top-k / top-p sampling
+by the Gumbel-max trick with noise drawn from its own seeded generator. The noise is drawn for every
+row of the original batch at every step, so a row's tokens depend only on (seed, row, step, logits):
+the same seed gives the same tokens whichever engine runs and however finished rows are dropped.
+
+`Tracker` records each row's new tokens and decides when a row is done: an EOS token ("eos"), a stop
+string in the new text ("stop"), or `max_new_tokens` reached ("length").
+"""
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from latent_merge_nnsight.errors import LatentMergeError
+
+__all__ = ["FINISH_REASONS", "Sampler", "SamplingConfig", "Tracker", "filter_logits"]
+
+FINISH_REASONS = ("eos", "stop", "length")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick the next token. `do_sample=False` is greedy (temperature/top-k/top-p are then unused)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.do_sample, bool):
+            raise LatentMergeError(f"do_sample={self.do_sample!r}; expected True or False")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise LatentMergeError(
+                f"temperature={t!r}; expected a finite number > 0 (use do_sample=False for greedy)"
+            )
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise LatentMergeError(f"top_p={p!r}; expected 0 < top_p <= 1 (1 keeps every token)")
+        k = self.top_k
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise LatentMergeError(f"top_k={k!r}; expected an int >= 0 (0 keeps every token)")
+        s = self.seed
+        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0):
+            raise LatentMergeError(f"seed={s!r}; expected None or an int >= 0")
+
+
+def filter_logits(
+    logits: Float[Tensor, "batch vocab"], top_k: int = 0, top_p: float = 1.0
+) -> Float[Tensor, "batch vocab"]:
+    """Set to -inf every token outside the top-k, then outside the smallest set whose mass reaches top_p.
+
+    Top-p keeps a token while the probability mass of the tokens ranked above it is below `top_p`, so
+    the most likely token is always kept.
+    """
+    vocab = logits.shape[-1]
+    if 0 < top_k < vocab:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ranked, order = logits.sort(dim=-1, descending=True)
+        probs = ranked.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        drop_ranked = mass_before >= top_p
+        drop_ranked[..., 0] = False
+        drop = torch.zeros_like(drop_ranked).scatter(-1, order, drop_ranked)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class Sampler:
+    """Picks next tokens for a batch of `n_rows` rows, step after step."""
+
+    def __init__(self, config: SamplingConfig, n_rows: int, device: Any):
+        self.config = config
+        self.n_rows = n_rows
+        self.generator: torch.Generator | None = None
+        if config.do_sample:
+            seed = config.seed if config.seed is not None else int(torch.randint(0, 2**62, (1,)))
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(seed)
+
+    def __call__(
+        self, logits: Float[Tensor, "rows vocab"], rows: Int[Tensor, " rows"]
+    ) -> Int[Tensor, " rows"]:
+        """Tokens for the batch rows `rows` (indices into the original batch) from their logits.
+
+        Call exactly once per generation step: each call draws the step's noise for all rows.
+        """
+        logits = logits.float()
+        if self.generator is None:
+            return logits.argmax(dim=-1)
+        c = self.config
+        vocab = logits.shape[-1]
+        uniform = torch.rand(self.n_rows, vocab, generator=self.generator, device=logits.device)
+        uniform = uniform[rows.to(logits.device)].clamp_(min=torch.finfo(torch.float32).tiny, max=1 - 1e-7)
+        gumbel = -torch.log(-torch.log(uniform))
+        scores = filter_logits(logits / c.temperature, c.top_k, c.top_p)
+        return (scores + gumbel).argmax(dim=-1)
+
+
+class Tracker:
+    """Each row's new tokens and whether (and why) it finished.
+
+    Arguments:
+        n_rows: batch size.
+        max_new_tokens: a row that reaches this many new tokens finishes with "length".
+        eos_ids: tokens that end a row ("eos"); the EOS token is kept in `tokens` but not in the text.
+        stop: strings that end a row when they appear in its new text ("stop").
+        tokenizer: decodes new tokens (needed for stop strings and texts).
+    """
+
+    def __init__(
+        self,
+        n_rows: int,
+        max_new_tokens: int,
+        eos_ids: Sequence[int] = (),
+        stop: Sequence[str] = (),
+        tokenizer: Any = None,
+    ):
+        self.n_rows = n_rows
+        self.max_new_tokens = max_new_tokens
+        self.eos_ids = frozenset(int(i) for i in eos_ids)
+        self.stop = tuple(stop)
+        self.tokenizer = tokenizer
+        self.tokens: list[list[int]] = [[] for _ in range(n_rows)]
+        self.reasons: list[str | None] = [None] * n_rows
+        self._stop_window = 2 * max((len(s) for s in self.stop), default=0) + 8
+        self.steps = 0
+
+    @property
+    def done(self) -> list[bool]:
+        return [r is not None for r in self.reasons]
+
+    @property
+    def all_done(self) -> bool:
+        return all(r is not None for r in self.reasons)
+
+    def active_rows(self) -> list[int]:
+        return [i for i, r in enumerate(self.reasons) if r is None]
+
+    def push(self, rows: Int[Tensor, " rows"] | Sequence[int], tokens: Int[Tensor, " rows"]) -> list[int]:
+        """Append one token to each listed row (rows already done are skipped); return the rows that
+        just finished."""
+        self.steps += 1
+        row_list = rows.tolist() if isinstance(rows, Tensor) else list(rows)
+        finished = []
+        for row, token in zip(row_list, tokens.tolist(), strict=True):
+            if self.reasons[row] is not None:
+                continue
+            self.tokens[row].append(int(token))
+            reason = self._finish_reason(row, int(token))
+            if reason is not None:
+                self.reasons[row] = reason
+                finished.append(row)
+        return finished
+
+    def _finish_reason(self, row: int, token: int) -> str | None:
+        if token in self.eos_ids:
+            return "eos"
+        if self.stop:
+            tail = self.tokenizer.decode(self.tokens[row][-self._stop_window :], skip_special_tokens=False)
+            if any(s in tail for s in self.stop):
+                return "stop"
+        if len(self.tokens[row]) >= self.max_new_tokens:
+            return "length"
+        return None
+
+    def text(self, row: int) -> str:
+        """The row's new text: EOS left out; cut just after the first stop string when it stopped on one."""
+        if self.tokenizer is None:
+            return ""
+        toks = self.tokens[row]
+        if self.reasons[row] == "eos":
+            toks = toks[:-1]
+        text = self.tokenizer.decode(toks, skip_special_tokens=True)
+        if self.reasons[row] == "stop":
+            cut = min((text.find(s) + len(s) for s in self.stop if s in text), default=len(text))
+            text = text[:cut]
+        return text

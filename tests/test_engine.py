@@ -1,0 +1,242 @@
+"""The block-by-block engine: its pieces against HF forwards, the source's depth, shallow sources, other
+architectures, and the fallback when a model cannot run block by block."""
+
+import functools
+import importlib
+
+import pytest
+import torch
+import transformers
+from reference import position_ids
+from reference_generate import lockstep_generate
+from tiny import config as tiny_config
+from tiny import hf_pair, make_tokenizer, pair
+
+import latent_merge_nnsight as lmn
+from latent_merge_nnsight.engine.fast import PairedEngine
+from latent_merge_nnsight.engine.stack import KVCache, Stack, attention_bias, fast_support, mask_positions
+from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.generate import generate
+from latent_merge_nnsight.models import hf_module, truncate
+
+PROMPTS = ["hello there", "hi", "what is up with you"]
+N_NEW = 5
+ENGINES = ["fast", "nnsight"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return pair("qwen2", n_layers=4, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# pieces
+
+
+def test_attention_bias_allows_real_slots_up_to_each_query():
+    kv_mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 1, 0]])
+    bias = attention_bias(kv_mask, start=2, n_new=2, dtype=torch.float64)  # queries at slots 2 and 3
+    allowed = bias == 0
+    expected = torch.tensor(
+        [
+            [[False, True, True, False, False], [False, True, True, True, False]],
+            [[True, True, True, False, False], [True, True, True, True, False]],
+        ]
+    )
+    assert bias.shape == (2, 1, 2, 5)
+    assert torch.equal(allowed[:, 0], expected)
+    assert torch.all(bias[~allowed] == torch.finfo(torch.float64).min)
+
+
+def test_mask_positions_count_real_tokens():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert mask_positions(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_kv_cache_writes_at_the_cursor_and_keeps_rows():
+    cache = KVCache(n_layers=1, capacity=3)
+    k1, v1 = torch.randn(2, 1, 2, 4), torch.randn(2, 1, 2, 4)
+    cache.begin(2)
+    keys, values = cache.update(k1, v1, 0)
+    assert torch.equal(keys, k1) and torch.equal(values, v1)
+    k2 = torch.randn(2, 1, 2, 4)
+    cache.begin(2)  # past capacity 3: the buffers grow and keep what they held
+    keys, _ = cache.update(k2, k2, 0)
+    assert torch.equal(keys, torch.cat([k1, k2], dim=2))
+    cache.keep_rows(torch.tensor([1]))
+    assert torch.equal(cache.keys[0][:, :, :4], torch.cat([k1, k2], dim=2)[1:])
+    cache.begin(1)
+    with pytest.raises(LatentMergeError, match="skipped"):
+        cache.filled[0] = 1  # a layer that missed tokens
+        cache.update(torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 4), 0)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2", "gpt_neox"])
+def test_stack_prefill_and_decode_equal_hf_forward(arch):
+    hf, _ = hf_pair(arch, n_layers=3, seed=4)
+    stack = Stack(hf)
+    ids = torch.tensor([[0, 0, 40, 41, 42], [50, 51, 52, 53, 54]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    new = torch.tensor([[60], [61]])
+    full_ids, full_mask = torch.cat([ids, new], 1), torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    with torch.no_grad():
+        expected = hf(
+            input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids(full_mask)
+        ).logits
+        cache = stack.new_cache(8)
+        cache.begin(5)
+        h, ctx = stack.embed(ids, mask_positions(mask))
+        for i in range(stack.n_layers):
+            h = stack.block(i, h, attention_bias(mask, 0, 5, h.dtype), mask_positions(mask), ctx, cache)
+        prefill = stack.logits(h[:, -1])
+        cache.begin(1)
+        pos = mask_positions(full_mask)[:, -1:]
+        h, ctx = stack.embed(new, pos)
+        for i in range(stack.n_layers):
+            h = stack.block(i, h, attention_bias(full_mask, 5, 1, h.dtype), pos, ctx, cache)
+        decode = stack.logits(h[:, -1])
+    assert torch.allclose(prefill, expected[:, 4], atol=1e-10)
+    assert torch.allclose(decode, expected[:, 5], atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the source stops at the highest merged layer
+
+
+def count_block_calls(model) -> tuple[list[int], list]:
+    counts = [0] * len(hf_module(model).model.layers)
+    handles = []
+    for i, block in enumerate(hf_module(model).model.layers):
+        handles.append(
+            block.register_forward_pre_hook(lambda m, a, i=i: counts.__setitem__(i, counts[i] + 1))
+        )
+    return counts, handles
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(
+    ("recipe", "blocks_run"),
+    [
+        (dict(op="slerp", layers={2: 0.5}), 2),  # pre at 2: the source's blocks 0, 1
+        (dict(op="lerp", layers={0: 0.2, 1: 0.5}), 1),
+        (dict(op="lerp", layers={2: 0.5}, site="post"), 3),  # post at 2: blocks 0, 1, 2
+    ],
+)
+def test_source_forward_stops_after_the_highest_merged_layer(models, engine, recipe, blocks_run):
+    base, ft = models
+    counts, handles = count_block_calls(ft)
+    try:
+        out = generate(
+            base, ft, PROMPTS, lmn.Recipe(**recipe), max_new_tokens=N_NEW, engine=engine, ignore_eos=True
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    steps = N_NEW  # the prompt step and one step per new token but the last
+    assert counts == [steps] * blocks_run + [0] * (4 - blocks_run)
+    assert out.info["source_blocks_per_step"] == [blocks_run]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_source_loaded_only_up_to_the_merge_layer_gives_the_same_tokens(models, engine, tmp_path):
+    base, ft = models
+    recipe = lmn.Recipe(op="slerp", layers={1: 0.3, 2: 0.6})
+    full = generate(base, ft, PROMPTS, recipe, max_new_tokens=N_NEW, engine=engine)
+    # in memory: drop the blocks above 2 of a copy of the source
+    shallow = lmn.wrap(truncate(hf_pair("qwen2", n_layers=4, seed=0)[1], 2), make_tokenizer(), name="shallow")
+    assert lmn.models.model_info(shallow).n_layers == 3
+    assert generate(base, shallow, PROMPTS, recipe, max_new_tokens=N_NEW, engine=engine).tokens == full.tokens
+    # from disk: lmn.load(..., up_to_layer=2) never builds the upper blocks
+    hf_module(ft).save_pretrained(tmp_path)
+    loaded = lmn.load(tmp_path, up_to_layer=2, tokenizer=make_tokenizer(), dtype=torch.float64)
+    assert len(hf_module(loaded).model.layers) == 3
+    assert generate(base, loaded, PROMPTS, recipe, max_new_tokens=N_NEW, engine=engine).tokens == full.tokens
+
+
+# ----------------------------------------------------------------------------------------------------
+# other architectures
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+def test_other_architectures_match_the_hook_loop_on_both_engines(arch):
+    base, ft = pair(arch, n_layers=3, seed=5)
+    tok = base.tokenizer
+    recipe = lmn.Recipe(op="slerp", layers={1: 0.5})
+    expected = [
+        lockstep_generate(
+            hf_module(base),
+            [hf_module(ft)],
+            tok(p)["input_ids"],
+            {1: 0.5},
+            "slerp",
+            max_new_tokens=N_NEW,
+            eos_id=1,
+        )
+        for p in PROMPTS
+    ]
+    for engine in ENGINES:
+        assert generate(base, ft, PROMPTS, recipe, max_new_tokens=N_NEW, engine=engine).tokens == expected
+
+
+def test_unsupported_model_is_refused_by_fast_and_auto_falls_back_to_nnsight():
+    cfg = tiny_config("qwen2", n_layers=3)
+    cfg.use_sliding_window, cfg.sliding_window, cfg.layer_types = True, 4, ["sliding_attention"] * 3
+    torch.manual_seed(6)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.float64).eval()
+    base = lmn.wrap(hf, make_tokenizer(), name="windowed")
+    assert "sliding" in fast_support(base)
+    with pytest.raises(LatentMergeError, match="engine='fast' cannot run"):
+        generate(base, None, PROMPTS, None, max_new_tokens=3, engine="fast")
+    out = generate(base, None, PROMPTS, None, max_new_tokens=3)
+    assert out.engine == "nnsight"
+    enc = base.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.equal(out.sequences, hf.generate(**enc, max_new_tokens=3, do_sample=False))
+
+
+def test_fixed_shape_decode_step_of_cuda_graphs_gives_the_same_tokens(models, monkeypatch):
+    """The decode step CUDA graphs capture (full-capacity caches written at a device index, rows compacted in
+    place when the batch halves), run eagerly on CPU, gives the tokens of the plain eager step."""
+    base, ft = models
+    prompts = [*PROMPTS, "one more prompt"]
+    recipe = lmn.Recipe(op="slerp", layers={1: 0.3, 2: 0.6})
+    free = generate(base, ft, prompts, recipe, max_new_tokens=7, ignore_eos=True)
+    eos = free.tokens[0][1]  # row 0 ends early; the others when they produce it
+    eager = generate(base, ft, prompts, recipe, max_new_tokens=7, eos_token_id=eos)
+    # the module, not `lmn.generate` the function that shadows it as a package attribute
+    generate_module = importlib.import_module("latent_merge_nnsight.generate")
+    monkeypatch.setattr(generate_module, "PairedEngine", functools.partial(PairedEngine, static_step=True))
+    batch_sizes = []
+    handle = (
+        hf_module(base)
+        .model.layers[0]
+        .register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
+    )
+    try:
+        static = generate(base, ft, prompts, recipe, max_new_tokens=7, eos_token_id=eos)
+        static_free = generate(base, ft, prompts, recipe, max_new_tokens=7, ignore_eos=True)
+    finally:
+        handle.remove()
+    assert static.tokens == eager.tokens
+    assert static_free.tokens == free.tokens
+    # rows are dropped only once at most half are left
+    alive = [sum(1 for toks in eager.tokens if len(toks) > step) for step in range(len(eager.tokens[0]) + 7)]
+    first_run = batch_sizes[: max(len(t) for t in eager.tokens)]
+    for size, left in zip(first_run, alive, strict=False):
+        assert size >= left and (size == 4 or size <= 2)
+
+
+def test_cuda_graphs_are_not_used_on_cpu(models):
+    base, ft = models
+    out = generate(
+        base, ft, PROMPTS, lmn.Recipe(op="slerp", layers={2: 0.5}), max_new_tokens=3, cuda_graphs=True
+    )
+    assert out.info["cuda_graphs"] is False and out.info["kv_cache_bytes"] > 0

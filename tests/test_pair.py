@@ -1,0 +1,136 @@
+"""`lmn.pair`: the traceable lockstep form, with the user's own interventions in the same trace."""
+
+import pytest
+import torch
+from reference import block, hidden_states, ref_slerp
+from tiny import pair as tiny_pair
+
+import latent_merge_nnsight as lmn
+from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.generate import generate
+from latent_merge_nnsight.models import hf_module
+from latent_merge_nnsight.pair import pair
+
+PROMPTS = ["hello there", "hi", "what is up with you"]
+N_NEW = 5
+
+# an open `tracer.iter[:]` loop ends with nnsight's "was never reached" warning by design
+pytestmark = pytest.mark.filterwarnings("ignore:.*was never reached")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models():
+    base, ft = tiny_pair("qwen2", n_layers=4, seed=0)
+    _, ft2 = tiny_pair("qwen2", n_layers=4, seed=1)
+    return base, ft, ft2
+
+
+def merged_layer3_last_token(base, ft, text: str) -> torch.Tensor:
+    """Independent: the base's layer-3 output at the last prompt token, with the FT's layer-2 input slerped
+    into the base's at that token by a plain forward-pre-hook (no padding, no nnsight)."""
+    ids = torch.tensor([base.tokenizer(text)["input_ids"]])
+    mask = torch.ones_like(ids)
+    src = hidden_states(hf_module(ft), ids, mask, 2)[0, -1]
+    got = {}
+
+    def mix(m, args):
+        h = args[0].clone()
+        h[0, -1] = ref_slerp(h[0, -1], src, 0.5)
+        return (h, *args[1:])
+
+    def grab(m, args, out):
+        got["h"] = out[0, -1].clone()
+
+    hb = hf_module(base)
+    handles = [block(hb, 2).register_forward_pre_hook(mix), block(hb, 3).register_forward_hook(grab)]
+    try:
+        with torch.no_grad():
+            hb(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return got["h"]
+
+
+def test_user_save_inside_the_pair_trace_works_alongside_the_merge(models):
+    base, ft, _ = models
+    p = pair(base, ft)
+    with p.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True) as tracer:
+        states = list().save()
+        for _step in tracer.iter[:]:
+            lmn.merge_into(layer=2, source=p.ft, op="slerp", alpha=0.5)
+            states.append(base.model.layers[3].output[:, -1].clone())
+    engine = generate(
+        base,
+        ft,
+        PROMPTS,
+        lmn.Recipe(op="slerp", layers={2: 0.5}),
+        max_new_tokens=N_NEW,
+        ignore_eos=True,
+        engine="fast",
+    )
+    assert tracer.generation.tokens == engine.tokens
+    assert len(states) == N_NEW  # one forward per new token
+    for row, text in enumerate(PROMPTS):
+        assert torch.allclose(states[0][row], merged_layer3_last_token(base, ft, text), atol=1e-10)
+    assert p.ft.cache is None  # the live source let go of its cache after the trace
+
+
+def test_pair_sources_feed_a_multi_source_op(models):
+    base, ft, ft2 = models
+    p = pair(base, [ft, ft2])
+    with p.generate(PROMPTS, max_new_tokens=N_NEW) as tracer:
+        for _step in tracer.iter[:]:
+            lmn.merge_into(layer=1, source=p.sources, op="regmean", alpha=0.6, weights=[2.0, 1.0])
+    recipe = lmn.Recipe(op="regmean", layers={1: 0.6}, weights=[2.0, 1.0])
+    assert tracer.generation.tokens == generate(base, [ft, ft2], PROMPTS, recipe, max_new_tokens=N_NEW).tokens
+
+
+def test_pair_sampling_uses_the_same_sampler_as_the_engines(models):
+    base, ft, _ = models
+    p = pair(base, ft)
+    kw = dict(max_new_tokens=N_NEW, do_sample=True, temperature=1.3, seed=7, ignore_eos=True)
+    with p.generate(PROMPTS, **kw) as tracer:
+        for _step in tracer.iter[:]:
+            lmn.merge_into(layer=2, source=p.ft, op="lerp", alpha=0.4)
+    engine = generate(base, ft, PROMPTS, lmn.Recipe(op="lerp", layers={2: 0.4}), engine="fast", **kw)
+    assert tracer.generation.tokens == engine.tokens
+
+
+def test_live_source_outside_a_trace_is_an_error(models):
+    base, ft, _ = models
+    with pytest.raises(LatentMergeError, match="only inside a trace"):
+        pair(base, ft).ft.resid(2, "pre")
+
+
+def test_asking_deeper_after_the_prompt_step_needs_up_to_layer(models):
+    base, ft, _ = models
+    p = pair(base, ft)
+    with pytest.raises(LatentMergeError, match="up_to_layer=2"):
+        with p.generate(PROMPTS, max_new_tokens=3, ignore_eos=True) as tracer:
+            for step in tracer.iter[:]:
+                lmn.merge_into(layer=1 if step == 0 else 2, source=p.ft, op="lerp", alpha=0.5)
+    p = pair(base, ft, up_to_layer=2)
+    with p.generate(PROMPTS, max_new_tokens=3, ignore_eos=True) as tracer:
+        for step in tracer.iter[:]:
+            lmn.merge_into(layer=1 if step == 0 else 2, source=p.ft, op="lerp", alpha=0.5)
+    assert [len(t) for t in tracer.generation.tokens] == [3, 3, 3]
+
+
+def test_pair_checks_its_models(models):
+    base, ft, _ = models
+    wide, _ = tiny_pair("qwen2", n_layers=4, hidden=48, seed=3)
+    with pytest.raises(LatentMergeError, match="hidden_size"):
+        pair(base, wide)
+    with pytest.raises(LatentMergeError, match="nnsight model"):
+        pair(hf_module(base), ft)
+    with pytest.raises(LatentMergeError, match="max_new_tokens"):
+        pair(base, ft).generate(PROMPTS, max_new_tokens=0)

@@ -1,0 +1,251 @@
+"""Tests of the shipped toy pair: tokenizer, checkpoints, accuracies, size, and the training script."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
+
+from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.evaluation.tasks import (
+    CATEGORIES,
+    Example,
+    evaluate_model,
+    generate_responses,
+    make_eval_set,
+)
+from latent_merge_nnsight.zoo import ZOO, ZOO_DIR, zoo_path
+from latent_merge_nnsight.zoo.tokenizer import build_tokenizer
+from latent_merge_nnsight.zoo.train import IGNORE, TrainConfig, encode_example, main, train_pair
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def test_tokenizer_round_trips_ascii_one_token_per_character(tok) -> None:
+    text = "Mia has 47 coins, gets 18.\n  Answer: 'tzmqk' {x} ~|"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text)
+    assert tok.decode(ids) == text
+    assert [tok.convert_ids_to_tokens(i) for i in ids] == list(text)
+
+
+def test_tokenizer_maps_special_tokens_to_single_ids_and_unknowns_to_unk(tok) -> None:
+    ids = tok("<|user|>hi<|end|>", add_special_tokens=False)["input_ids"]
+    assert ids == [
+        tok.convert_tokens_to_ids("<|user|>"),
+        *tok.convert_tokens_to_ids(["h", "i"]),
+        tok.eos_token_id,
+    ]
+    assert tok.decode(ids, skip_special_tokens=True) == "hi"
+    assert tok("é", add_special_tokens=False)["input_ids"] == [tok.unk_token_id]
+    assert tok.pad_token == "<|pad|>" and tok.eos_token == "<|end|>"
+    assert len(tok) == 6 + 1 + 95  # specials, newline, printable ASCII
+
+
+def test_chat_template_renders_turns_and_generation_prompt(tok) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2+3?"},
+        {"role": "assistant", "content": "Answer: 5"},
+        {"role": "user", "content": "And 2+4?"},
+    ]
+    expected = (
+        "<|system|>Be brief.<|end|><|user|>What is 2+3?<|end|>"
+        "<|assistant|>Answer: 5<|end|><|user|>And 2+4?<|end|>"
+    )
+    assert tok.apply_chat_template(messages, tokenize=False) == expected
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt == expected + "<|assistant|>"
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True)["input_ids"]
+    assert ids == tok(expected + "<|assistant|>", add_special_tokens=False)["input_ids"]
+    with pytest.raises(Exception, match="role must be system, user or assistant, got tool"):
+        tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
+
+
+def test_shipped_tokenizer_equals_the_builder(tok) -> None:
+    for name in ZOO:
+        shipped = AutoTokenizer.from_pretrained(zoo_path(name), local_files_only=True)
+        assert shipped.get_vocab() == tok.get_vocab()
+        assert shipped.chat_template == tok.chat_template
+        text = "Sort the letters of 'kqmzt'.\nAnswer: kmqtz"
+        assert shipped(text)["input_ids"] == tok(text)["input_ids"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Shipped checkpoints
+
+_OFFLINE_SCRIPT = """
+import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from latent_merge_nnsight.zoo import ZOO, zoo_path
+out = {}
+for name in ZOO:
+    tok = AutoTokenizer.from_pretrained(zoo_path(name))
+    model = AutoModelForCausalLM.from_pretrained(zoo_path(name))
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True)
+    out[name] = [type(model).__name__, type(tok).__name__, len(ids["input_ids"])]
+print(json.dumps(out))
+"""
+
+
+def test_shipped_checkpoints_load_offline_with_auto_classes() -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    # any attempt to reach the network would go to a dead proxy and fail
+    env.update({"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"})
+    done = subprocess.run(
+        [sys.executable, "-c", _OFFLINE_SCRIPT], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    prompt_len = 1 + len("What is 2+3?") + 2  # <|user|>, the text, <|end|>, <|assistant|>
+    assert got == {name: ["Qwen2ForCausalLM", "TokenizersBackend", prompt_len] for name in ZOO}
+
+
+def test_shipped_size_is_at_most_20_mb() -> None:
+    total = sum(p.stat().st_size for name in ZOO for p in zoo_path(name).rglob("*") if p.is_file())
+    assert total <= 20 * 2**20, f"{total / 2**20:.1f} MB"
+    for name in ZOO:
+        names = {p.name for p in zoo_path(name).iterdir()}
+        assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= names
+
+
+def test_zoo_path_finds_folders_and_rejects_unknown_names() -> None:
+    assert zoo_path("toy-base") == ZOO_DIR / "toy-base"
+    assert ZOO["toy-reasoner"].base == "toy-base"
+    with pytest.raises(
+        LatentMergeError,
+        match=r"name='toy-llama' is not a zoo model; expected one of: toy-base, toy-reasoner",
+    ):
+        zoo_path("toy-llama")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    models = {name: AutoModelForCausalLM.from_pretrained(zoo_path(name)).eval() for name in ZOO}
+    tokenizer = AutoTokenizer.from_pretrained(zoo_path("toy-base"))
+    return models, tokenizer
+
+
+def test_pair_shares_architecture_but_not_weights(pair) -> None:
+    models, _ = pair
+    base, ft = models["toy-base"], models["toy-reasoner"]
+    assert isinstance(base, Qwen2ForCausalLM) and isinstance(ft, Qwen2ForCausalLM)
+    assert base.config.to_diff_dict() == ft.config.to_diff_dict()
+    sb = load_file(zoo_path("toy-base") / "model.safetensors")
+    sf = load_file(zoo_path("toy-reasoner") / "model.safetensors")
+    assert sb.keys() == sf.keys()
+    assert all(sb[k].dtype == torch.float32 for k in sb)
+    assert any(not torch.equal(sb[k], sf[k]) for k in sb)
+
+
+def test_batched_left_padded_generation_matches_one_at_a_time(pair) -> None:
+    models, tokenizer = pair
+    prompts = [e.prompt for e in make_eval_set("reasoning", 3, seed=4) + make_eval_set("math", 3, seed=4)]
+    batched = generate_responses(models["toy-reasoner"], tokenizer, prompts, max_new_tokens=48)
+    alone = [
+        generate_responses(models["toy-reasoner"], tokenizer, [p], max_new_tokens=48)[0] for p in prompts
+    ]
+    assert batched == alone
+    assert len({len(p) for p in prompts}) > 1  # the batch really was padded
+
+
+def test_shipped_pair_reaches_target_accuracies(pair) -> None:
+    models, tokenizer = pair
+    base = evaluate_model(models["toy-base"], tokenizer, n_per_category=32, seed=123)
+    ft = evaluate_model(models["toy-reasoner"], tokenizer, n_per_category=32, seed=123)
+    msg = f"base={base} reasoner={ft}"
+    assert set(base) == set(ft) == set(CATEGORIES)
+    assert base["knowledge"] >= 0.9 and base["coding"] >= 0.9 and base["math"] >= 0.85, msg
+    assert base["reasoning"] <= 0.4, msg
+    assert ft["reasoning"] >= 0.9, msg
+    assert max(base[c] - ft[c] for c in CATEGORIES if c != "reasoning") >= 0.2, msg
+
+
+# ------------------------------------------------------------------------------------------------
+# Training code (tiny smoke runs: the real pair takes minutes)
+
+_TINY = TrainConfig(
+    hidden_size=16,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    intermediate_size=32,
+    batch_size=4,
+    base_steps=3,
+    ft_steps=2,
+    warmup_steps=1,
+)
+
+
+def test_encode_example_labels_only_the_response(tok) -> None:
+    ex = Example("math", "What is 1+2?", "3", "Answer: 3")
+    ids, labels = encode_example(tok, ex, ex.target)
+    prompt = "<|user|>What is 1+2?<|end|><|assistant|>"
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert tok.decode(ids) == prompt + "Answer: 3<|end|>"
+    assert labels[:n_prompt] == [IGNORE] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:]
+    assert tok.decode(labels[n_prompt:]) == "Answer: 3<|end|>"
+
+
+def test_train_pair_smoke_writes_loadable_reproducible_checkpoints(tmp_path: pathlib.Path) -> None:
+    threads = torch.get_num_threads()
+    infos = train_pair(tmp_path / "a", seed=3, threads=1, progress=False, config=_TINY, eval_n=2)
+    train_pair(tmp_path / "b", seed=3, threads=1, progress=False, config=_TINY)
+    assert torch.get_num_threads() == threads  # restored
+    for name in ZOO:
+        folder = tmp_path / "a" / name
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        assert isinstance(model, Qwen2ForCausalLM)
+        assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 16
+        assert tokenizer.eos_token_id == model.generation_config.eos_token_id
+        info = json.loads((folder / "train_info.json").read_text())
+        assert info == infos[name]
+        assert set(info["eval"]["accuracy"]) == set(CATEGORIES)
+        # same seed and thread count -> bit-identical weights
+        a = load_file(folder / "model.safetensors")
+        b = load_file(tmp_path / "b" / name / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert infos["toy-base"]["steps"] == 3 and infos["toy-reasoner"]["steps"] == 2
+    a_base = load_file(tmp_path / "a" / "toy-base" / "model.safetensors")
+    a_ft = load_file(tmp_path / "a" / "toy-reasoner" / "model.safetensors")
+    assert any(not torch.equal(a_base[k], a_ft[k]) for k in a_base)  # the fine-tune moved the weights
+
+
+def test_train_main_runs_from_the_command_line(tmp_path: pathlib.Path, capsys) -> None:
+    argv = ["--out", str(tmp_path), "--base-steps", "1", "--ft-steps", "1", "--eval-n", "0", "--no-progress"]
+    assert main(argv) == 0
+    assert (tmp_path / "toy-reasoner" / "model.safetensors").is_file()
+    assert "toy-base" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"hidden_size": 0}, r"hidden_size=0 must be >= 1"),
+        ({"num_heads": 3}, r"hidden_size=128, num_heads=3"),
+        ({"replay": 1.5}, r"replay=1.5 must be in \[0, 1\]"),
+        ({"base_mix": {"poetry": 1.0}}, r"base_mix=.*poetry.*knowledge, reasoning, math, coding"),
+        ({"base_steps": -1}, r"base_steps=-1 must be >= 0"),
+    ],
+)
+def test_train_config_rejects_bad_values(kwargs: dict, message: str) -> None:
+    with pytest.raises(LatentMergeError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_train_pair_rejects_bad_threads(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(LatentMergeError, match=r"threads=0 must be >= 1"):
+        train_pair(tmp_path, threads=0, config=_TINY)
