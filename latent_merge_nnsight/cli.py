@@ -106,12 +106,8 @@ def cmd_respond(args: argparse.Namespace) -> int:
 
 
 def cmd_judge(args: argparse.Namespace) -> int:
-    from latent_merge_nnsight.evaluation.judge import (
-        judge_pairs_sync,
-        load_comparisons,
-        summarize,
-        write_report,
-    )
+    from latent_merge_nnsight.evaluation.judge import judge_pairs_sync, load_comparisons
+    from latent_merge_nnsight.evaluation.judge_summary import summarize, write_report
     from latent_merge_nnsight.evaluation.judgebench import load_template
 
     comparisons = load_comparisons(args.a, args.b, on_missing=args.on_missing)

@@ -24,14 +24,6 @@ N_NEW = 5
 ENGINES = ["fast", "nnsight"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models():
     return pair("qwen2", n_layers=4, seed=0)

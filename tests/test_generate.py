@@ -27,15 +27,6 @@ ENGINES = ["fast", "nnsight"]
 EOS = 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run ~100x faster single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models():
     base, ft = pair("qwen2", n_layers=4, seed=0)

@@ -24,10 +24,8 @@ from latent_merge_nnsight.evaluation.judge import (
     judgebench_accuracy_sync,
     load_comparisons,
     load_judgments,
-    markdown_table,
-    summarize,
-    write_report,
 )
+from latent_merge_nnsight.evaluation.judge_summary import markdown_table, summarize, write_report
 from latent_merge_nnsight.evaluation.judgebench import (
     JudgePair,
     Template,

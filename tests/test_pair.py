@@ -18,14 +18,6 @@ N_NEW = 5
 pytestmark = pytest.mark.filterwarnings("ignore:.*was never reached")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models():
     base, ft = tiny_pair("qwen2", n_layers=4, seed=0)

@@ -17,15 +17,6 @@ TEXTS = ["The cat sat on the mat.", "Hi there!", "Merging in latent space", "abc
 N_LAYERS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and do not fight the other jobs on a shared CPU."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def models():
     return pair("qwen2", n_layers=N_LAYERS)

@@ -41,6 +41,7 @@ from latent_merge_nnsight.capture import Capture, capture
 from latent_merge_nnsight.deltas import Deltas, compute_deltas
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.inputs import Batch, encode
+from latent_merge_nnsight.jsonl import read_resumable
 from latent_merge_nnsight.merge import merge_into
 from latent_merge_nnsight.models import check_compatible, model_info
 from latent_merge_nnsight.ops import check_alpha, get_op
@@ -181,31 +182,7 @@ def _read_done(path: Path, fingerprint: str) -> dict[tuple, dict[str, Any]]:
     done: dict[tuple, dict[str, Any]] = {}
     if not path.exists():
         return done
-    raw = path.read_bytes()
-    good_end = 0
-    offset = 0
-    for line in raw.splitlines(keepends=True):
-        offset += len(line)
-        text = line.strip()
-        if not text:
-            good_end = offset
-            continue
-        try:
-            record = json.loads(text)
-            if not line.endswith(b"\n"):
-                raise ValueError("unterminated line")
-        except ValueError:
-            if offset == len(raw):  # a torn final line: drop it, recompute its cell
-                warnings.warn(
-                    f"{path}: dropping an incomplete last line (a sweep was interrupted)", stacklevel=3
-                )
-                with path.open("r+b") as f:
-                    f.truncate(good_end)
-                break
-            raise LatentMergeError(
-                f"out={str(path)!r} has a line that is not JSON at byte {offset - len(line)}; "
-                "expected a sweep results file (JSONL) written by lmn.sweep"
-            ) from None
+    for _, record in read_resumable(path):
         if record.get("format") != _FORMAT:
             raise LatentMergeError(
                 f"out={str(path)!r} is not a sweep results file (format={record.get('format')!r}); "
@@ -218,7 +195,6 @@ def _read_done(path: Path, fingerprint: str) -> dict[tuple, dict[str, Any]]:
             )
         cell = record["cell"]
         done[(cell["system"], cell["op"], cell["layer"], cell["alpha"])] = record
-        good_end = offset
     return done
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.judgebench import HF_DATASET, JudgePair, load_judgebench
 from latent_merge_nnsight.evaluation.systems import LoadedSystem, System, load_system
+from latent_merge_nnsight.jsonl import read_resumable
 
 __all__ = ["RespondResult", "meta_path", "read_responses", "respond"]
 
@@ -56,32 +57,8 @@ def read_responses(path: str | Path, *, repair: bool = False) -> dict[str, dict[
     without ``pair_id``/``response``/``system``, or a repeated pair_id is an error naming the line.
     """
     path = Path(path)
-    raw = path.read_bytes()
-    cut = raw.rfind(b"\n") + 1
-    body, tail = raw[:cut], raw[cut:]
-    if tail.strip():
-        try:
-            json.loads(tail)
-            body = raw  # complete, only the newline is missing
-            if repair:
-                with path.open("ab") as fh:
-                    fh.write(b"\n")
-        except json.JSONDecodeError:
-            logger.warning("%s: dropping a truncated last line (%d bytes)", path, len(tail))
-            if repair:
-                with path.open("r+b") as fh:
-                    fh.truncate(cut)
     rows: dict[str, dict[str, Any]] = {}
-    for lineno, line in enumerate(body.decode("utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise LatentMergeError(
-                f"{path}: line {lineno} is not valid JSON ({exc.msg}); only a damaged last line is "
-                "repaired automatically, fix or remove this one"
-            ) from None
+    for lineno, row in read_resumable(path, repair=repair):
         if not isinstance(row, Mapping) or not all(k in row for k in ("pair_id", "response", "system")):
             raise LatentMergeError(
                 f"{path}: line {lineno} is not a response line (needs pair_id, response, system)"
