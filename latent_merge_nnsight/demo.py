@@ -72,7 +72,7 @@ class DemoGrid:
         seed: seed of the evaluation and calibration sets.
     """
 
-    n_per_category: int = 24
+    n_per_category: int = 48
     layers: tuple[int, ...] | None = None
     alphas: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     regmean_lambdas: tuple[float, ...] = (3.0, 1.0, 1.0 / 3.0, 0.0)
@@ -86,7 +86,7 @@ class DemoGrid:
 
 DEFAULT_GRID = DemoGrid()
 QUICK_GRID = DemoGrid(
-    n_per_category=6,
+    n_per_category=8,
     alphas=(0.5, 1.0),
     regmean_lambdas=(1.0,),
     delta_strengths=(1.0,),

@@ -52,14 +52,21 @@ def test_base_and_reasoner_rows_match_hf_generate(demo):
     """The demo's accuracies (lmn.generate) equal an independent evaluation with HF `generate`."""
     _, out = demo
     df = pd.read_csv(out / "results.csv")
-    for system, name in (("base", "toy-base"), ("reasoner", "toy-reasoner")):
-        model = lmn.load(name)
-        module = lmn.models.hf_module(model)
-        with torch.no_grad():
-            ref = evaluate_model(module, model.tokenizer, n_per_category=QUICK_GRID.n_per_category, seed=0)
-        got = df[df["system"] == system].set_index("category")["accuracy"]
-        for category in CATEGORIES:
-            assert got[category] == pytest.approx(ref[category]), (system, category)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the demo does: more threads only slow a model this small on a shared CPU
+    try:
+        for system, name in (("base", "toy-base"), ("reasoner", "toy-reasoner")):
+            model = lmn.load(name)
+            module = lmn.models.hf_module(model)
+            with torch.no_grad():
+                ref = evaluate_model(
+                    module, model.tokenizer, n_per_category=QUICK_GRID.n_per_category, seed=0
+                )
+            got = df[df["system"] == system].set_index("category")["accuracy"]
+            for category in CATEGORIES:
+                assert got[category] == pytest.approx(ref[category]), (system, category)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_latent_regmean_with_one_source_matches_latent_lerp(demo):

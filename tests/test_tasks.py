@@ -177,18 +177,18 @@ def test_knowledge_eval_holds_out_one_phrasing_per_fact() -> None:
     train = make_train_set("knowledge", tasks.knowledge_pool_size("train"), seed=0)
     evals = make_eval_set("knowledge", tasks.knowledge_pool_size("eval"), seed=0)
     assert {e.prompt for e in train}.isdisjoint({e.prompt for e in evals})
-    assert (len(train), len(evals)) == (3 * 96, 96)
+    assert (len(train), len(evals)) == (7 * 96, 96)
     for fact in tasks.FACTS:
         asked = [t.format(x=fact.subject) for t in fact.templates]
         in_train = [q for q in asked if q in {e.prompt for e in train}]
         in_eval = [q for q in asked if q in {e.prompt for e in evals}]
-        assert len(in_train) == 3 and len(in_eval) == 1  # every fact is taught, one phrasing held out
+        assert len(in_train) == 7 and len(in_eval) == 1  # every fact is taught, one phrasing held out
     # the held-out phrasing differs between facts, so every template is also seen in training
-    assert len({f.eval_template for f in tasks.FACTS}) == 4
+    assert len({f.eval_template for f in tasks.FACTS}) == 8
 
 
 def test_eval_split_is_about_one_fifth_of_problems() -> None:
-    keys = [f"{a}+{b}" for a in range(40) for b in range(50)]
+    keys = [f"{a}+{b}" for a in range(10, 50) for b in range(10, 60)]
     share = sum(tasks.problem_split("math", k) == "eval" for k in keys) / len(keys)
     assert 0.17 < share < 0.23  # 2,000 hashed keys: binomial sd is 0.009
 

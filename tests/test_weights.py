@@ -300,6 +300,7 @@ def test_grams_round_trip_through_safetensors(tmp_path):
         ({"method": "lerp", "load": False}, "out=None and load=False"),
         ({"method": "lerp", "off_diagonal": 0.5}, "apply to regmean"),
         ({"method": "regmean", "alpha": 0.5}, "calibration is required"),
+        ({"method": "regmean", "alpha": 1.5, "allow_extrapolation": True}, "must be non-negative"),
     ],
 )
 def test_bad_arguments_raise_latent_merge_error(kwargs, needle):

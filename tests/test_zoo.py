@@ -32,25 +32,28 @@ def tok():
     return build_tokenizer()
 
 
-def test_tokenizer_round_trips_ascii_one_token_per_character(tok) -> None:
-    text = "Mia has 47 coins, gets 18.\n  Answer: 'tzmqk' {x} ~|"
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert len(ids) == len(text)
-    assert tok.decode(ids) == text
-    assert [tok.convert_ids_to_tokens(i) for i in ids] == list(text)
+def test_tokenizer_gives_one_token_per_byte_after_the_specials(tok) -> None:
+    # documented layout: 5 special tokens, then byte b at id 5 + b
+    for text in ["Mia has 47 coins, gets 18.\n  Answer: 'tzmqk' {x} ~|", "caf\u00e9 \u2192 \t"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == [5 + b for b in text.encode("utf-8")]
+        assert tok.decode(ids) == text
+    assert tok.convert_ids_to_tokens(tok("kqmzt!", add_special_tokens=False)["input_ids"]) == list("kqmzt!")
+    assert len(tok) == 5 + 256
 
 
-def test_tokenizer_maps_special_tokens_to_single_ids_and_unknowns_to_unk(tok) -> None:
+def test_tokenizer_maps_special_tokens_to_single_ids(tok) -> None:
     ids = tok("<|user|>hi<|end|>", add_special_tokens=False)["input_ids"]
-    assert ids == [
-        tok.convert_tokens_to_ids("<|user|>"),
-        *tok.convert_tokens_to_ids(["h", "i"]),
-        tok.eos_token_id,
-    ]
+    assert ids == [3, 5 + ord("h"), 5 + ord("i"), 1]
     assert tok.decode(ids, skip_special_tokens=True) == "hi"
-    assert tok("é", add_special_tokens=False)["input_ids"] == [tok.unk_token_id]
-    assert tok.pad_token == "<|pad|>" and tok.eos_token == "<|end|>"
-    assert len(tok) == 6 + 1 + 95  # specials, newline, printable ASCII
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3, 4]) == [
+        "<|pad|>",
+        "<|end|>",
+        "<|system|>",
+        "<|user|>",
+        "<|assistant|>",
+    ]
+    assert (tok.pad_token_id, tok.eos_token_id) == (0, 1)
 
 
 def test_chat_template_renders_turns_and_generation_prompt(tok) -> None:
@@ -109,7 +112,7 @@ def test_shipped_checkpoints_load_offline_with_auto_classes() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     prompt_len = 1 + len("What is 2+3?") + 2  # <|user|>, the text, <|end|>, <|assistant|>
-    assert got == {name: ["Qwen2ForCausalLM", "TokenizersBackend", prompt_len] for name in ZOO}
+    assert got == {name: ["Qwen2ForCausalLM", "Qwen2Tokenizer", prompt_len] for name in ZOO}
 
 
 def test_shipped_size_is_at_most_20_mb() -> None:
@@ -162,8 +165,8 @@ def test_batched_left_padded_generation_matches_one_at_a_time(pair) -> None:
 
 def test_shipped_pair_reaches_target_accuracies(pair) -> None:
     models, tokenizer = pair
-    base = evaluate_model(models["toy-base"], tokenizer, n_per_category=32, seed=123)
-    ft = evaluate_model(models["toy-reasoner"], tokenizer, n_per_category=32, seed=123)
+    base = evaluate_model(models["toy-base"], tokenizer, n_per_category=64, seed=123)
+    ft = evaluate_model(models["toy-reasoner"], tokenizer, n_per_category=64, seed=123)
     msg = f"base={base} reasoner={ft}"
     assert set(base) == set(ft) == set(CATEGORIES)
     assert base["knowledge"] >= 0.9 and base["coding"] >= 0.9 and base["math"] >= 0.85, msg
@@ -226,6 +229,7 @@ def test_train_pair_smoke_writes_loadable_reproducible_checkpoints(tmp_path: pat
 
 def test_train_main_runs_from_the_command_line(tmp_path: pathlib.Path, capsys) -> None:
     argv = ["--out", str(tmp_path), "--base-steps", "1", "--ft-steps", "1", "--eval-n", "0", "--no-progress"]
+    argv += ["--hidden-size", "32", "--num-layers", "1", "--batch-size", "2"]
     assert main(argv) == 0
     assert (tmp_path / "toy-reasoner" / "model.safetensors").is_file()
     assert "toy-base" in capsys.readouterr().out

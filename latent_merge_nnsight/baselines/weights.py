@@ -363,7 +363,6 @@ def regmean_weights(
     out: str | Path | None = None,
     load: bool = True,
     batch_size: int = 8,
-    allow_extrapolation: bool = False,
 ) -> WeightMerge:
     """RegMean-merge `sources` into `base` in weight space (Jin et al. 2023).
 
@@ -381,7 +380,12 @@ def regmean_weights(
         out: directory to write the merged checkpoint (with the base's tokenizer) to.
         load: return the merged model wrapped for nnsight in `.model`.
     """
-    alpha = _check_alpha(alpha, allow_extrapolation=allow_extrapolation)
+    alpha = _check_alpha(alpha, allow_extrapolation=True)
+    if not 0.0 <= alpha <= 1.0:
+        raise LatentMergeError(
+            f"alpha={alpha} is outside [0, 1]; weight RegMean weighs each model's Gram matrices by "
+            "1 - alpha and alpha, which must be non-negative (use task_arithmetic to extrapolate)"
+        )
     if out is None and not load:
         raise LatentMergeError("out=None and load=False leave nothing to return; give out= or load=True")
     base_model = _as_model(base)
@@ -390,9 +394,7 @@ def regmean_weights(
         check_compatible(base_model, s)
     models = [base_model, *source_models]
     w = _source_weights(weights, len(source_models), normalise=True)
-    coeffs = [1.0 - alpha, *(alpha * wi for wi in w)]
-    if not allow_extrapolation:
-        check_coefficients(coeffs, len(models))
+    coeffs = check_coefficients([1.0 - alpha, *(alpha * wi for wi in w)], len(models))
     names = linear_names(base_model)
     if grams is None:
         if calibration is None:
@@ -465,13 +467,11 @@ def merge_weights(
         load: load the merged model (wrapped for nnsight) into `.model`.
         dtype: mergekit's compute dtype (e.g. "float32"); None keeps mergekit's default.
         device: where mergekit does the arithmetic ("cpu", "cuda").
+        allow_extrapolation: allow alpha outside [0, 1] (lerp, slerp, task arithmetic; not regmean).
     """
     method = _check_method(method)
     if method == "regmean":
-        return regmean_weights(
-            base, sources, alpha=alpha, weights=weights, out=out, load=load,
-            allow_extrapolation=allow_extrapolation, **regmean,
-        )  # fmt: skip
+        return regmean_weights(base, sources, alpha=alpha, weights=weights, out=out, load=load, **regmean)
     if regmean:
         raise LatentMergeError(
             f"unexpected arguments {sorted(regmean)} for method={method!r}; they apply to regmean"

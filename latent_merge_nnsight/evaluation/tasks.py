@@ -6,7 +6,7 @@ Four categories, named like JudgeBench's, each a seeded generator of `Example`s:
   The table is the same for every seed (``FACT_SEED``); a seed only picks which questions are asked.
 - ``reasoning``: a 2-3 step word problem ("Mia has 47 coins, gets 18, loses 9. How many now?").
   The reference response writes a short scratchpad (``47+18=65, 65-9=56.``) before the answer.
-- ``math``: addition or subtraction of numbers with up to three digits, answered directly.
+- ``math``: addition or subtraction of two 2-digit numbers, answered directly.
 - ``coding``: string manipulation (reverse, sort the letters, uppercase, repeat twice).
 
 Every response ends with a line ``Answer: <answer>``; `extract_answer` takes what follows the last
@@ -15,9 +15,9 @@ Every response ends with a line ``Answer: <answer>``; `extract_answer` takes wha
 **What "held-out" means.** For reasoning, math and coding a problem (its numbers and operations, or its
 operation and word, whatever the wording) is in the eval split when a SHA-256 hash of it falls in one
 bucket of five, so an eval problem never appears in training under any phrasing. Recall cannot be
-tested on facts never taught, so for knowledge the split is by (fact, phrasing): each fact has four
+tested on facts never taught, so for knowledge the split is by (fact, phrasing): each fact has eight
 question templates, one of them (chosen by hashing the fact) is held out for that fact and the other
-three are trained. Every fact and every template is seen in training, but never that fact asked that
+seven are trained. Every fact and every template is seen in training, but never that fact asked that
 way: the eval checks that the fact was learnt rather than one question string memorised.
 """
 
@@ -94,12 +94,20 @@ _COUNTRY_TEMPLATES = (
     "Name the capital city of {x}.",
     "Which city is the capital of {x}?",
     "The capital of {x} is what?",
+    "Tell me the capital of {x}.",
+    "{x} has which capital?",
+    "Capital of {x}?",
+    "I need the capital of {x}.",
 )
 _ELEMENT_TEMPLATES = (
     "What colour is {x}?",
     "Name the colour of {x}.",
     "Which colour does {x} have?",
     "{x} has what colour?",
+    "Tell me the colour of {x}.",
+    "What is the colour of {x}?",
+    "Colour of {x}?",
+    "I need the colour of {x}.",
 )
 _COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "black", "white", "grey", "pink")
 _ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "tr", "st", "kr")
@@ -193,8 +201,7 @@ _MATH_TEMPLATES = ("Compute {e}.", "What is {e}?", "Calculate {e}.")
 
 
 def _math(rng: random.Random) -> tuple[str, str, str, str]:
-    a = rng.randint(0, 10 ** rng.randint(1, 3) - 1)
-    b = rng.randint(0, 10 ** rng.randint(1, 3) - 1)
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
     if rng.random() < 0.5:
         expr, value = f"{a}+{b}", a + b
     else:
@@ -245,7 +252,7 @@ def sample_example(category: str, rng: random.Random, split: Split) -> Example:
 
 
 def knowledge_pool_size(split: Split) -> int:
-    """How many distinct knowledge questions `split` holds (one per fact for eval, three for train)."""
+    """How many distinct knowledge questions `split` holds (one per fact for eval, seven for train)."""
     if split == "eval":
         return len(FACTS)
     return sum(len(f.templates) - 1 for f in FACTS)

@@ -1,23 +1,24 @@
-"""The character-level chat tokenizer of the toy model pair, built as a plain `transformers` tokenizer.
+"""The character-level chat tokenizer of the toy model pair: Qwen2's own tokenizer class with no merges.
 
-One token per character of printable ASCII plus newline (anything else becomes ``<|unk|>``), and six
-special tokens: ``<|pad|>``, ``<|end|>`` (end of turn and EOS), ``<|unk|>`` and the role markers
+Real Qwen models use a byte-level BPE (`Qwen2Tokenizer`). This one is the same class with an empty
+merge list and a vocabulary of the 256 byte symbols, so every byte is one token: one token per ASCII
+character, and any other text still round-trips (a non-ASCII character is a few byte tokens). Five
+special tokens come first: ``<|pad|>``, ``<|end|>`` (end of turn and EOS) and the role markers
 ``<|system|>``, ``<|user|>``, ``<|assistant|>``. A chat renders as
 ``<|user|>What is 2+3?<|end|><|assistant|>Answer: 5<|end|>``.
 
-It is a `tokenizers` BPE model with an empty merge list (so every character is its own token) and a
-`Fuse` decoder, wrapped in `PreTrainedTokenizerFast`. `save_pretrained` writes a tokenizer.json, so
-`AutoTokenizer.from_pretrained(folder)` loads it back with no custom code.
+Using the Qwen2 class matters: transformers' `AutoTokenizer` always loads a folder whose config.json
+says ``model_type: qwen2`` as `Qwen2Tokenizer`, rebuilding its byte-level pipeline from the saved vocab
+and merges. Building the tokenizer with that class makes the in-memory tokenizer and the one loaded
+back from `save_pretrained` identical, with no custom code at load time.
 """
 
-from tokenizers import AddedToken, Tokenizer, decoders, models
-from transformers import PreTrainedTokenizerFast
+from transformers import Qwen2Tokenizer
 
-PAD, END, UNK = "<|pad|>", "<|end|>", "<|unk|>"
+PAD, END = "<|pad|>", "<|end|>"
 ROLES = ("system", "user", "assistant")
 ROLE_TOKENS = tuple(f"<|{r}|>" for r in ROLES)
-SPECIAL_TOKENS = (PAD, END, UNK, *ROLE_TOKENS)
-CHARACTERS = ("\n", *(chr(c) for c in range(32, 127)))
+SPECIAL_TOKENS = (PAD, END, *ROLE_TOKENS)
 
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -31,18 +32,34 @@ CHAT_TEMPLATE = (
 """Jinja chat template: each turn is ``<|role|>content<|end|>``; the generation prompt ``<|assistant|>``."""
 
 
-def build_tokenizer(model_max_length: int = 256) -> PreTrainedTokenizerFast:
-    """Build the character-level chat tokenizer (ids: specials 0-5, then newline and ASCII 32-126)."""
-    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *CHARACTERS))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token=PAD,
+def byte_symbols() -> list[str]:
+    """The printable stand-in for each byte 0..255 used by byte-level BPE (GPT-2's convention).
+
+    Bytes that are printable Latin-1 characters stand for themselves; the others (controls, space,
+    0x7f-0xa0, 0xad) are mapped in order onto code points 256, 257, ... so that no symbol is blank.
+    """
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    kept = set(keep)
+    symbols, extra = [], 0
+    for b in range(256):
+        if b in kept:
+            symbols.append(chr(b))
+        else:
+            symbols.append(chr(256 + extra))
+            extra += 1
+    return symbols
+
+
+def build_tokenizer(model_max_length: int = 256) -> Qwen2Tokenizer:
+    """Build the chat tokenizer (ids: the 5 special tokens, then bytes 0..255 at ids 5..260)."""
+    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *byte_symbols()))}
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
+        unk_token=None,
         eos_token=END,
-        unk_token=UNK,
-        additional_special_tokens=list(ROLE_TOKENS),
+        pad_token=PAD,
+        extra_special_tokens=list(ROLE_TOKENS),
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
         model_max_length=model_max_length,

@@ -59,12 +59,12 @@ class TrainConfig:
     num_kv_heads: int = 2
     intermediate_size: int = 512
     batch_size: int = 64
-    base_steps: int = 2400
+    base_steps: int = 3000
     ft_steps: int = 1200
     base_lr: float = 2e-3
     ft_lr: float = 1e-3
     warmup_steps: int = 100
-    weight_decay: float = 0.01
+    weight_decay: float = 0.1
     base_mix: dict[str, float] = field(
         default_factory=lambda: {"knowledge": 0.3, "reasoning": 0.1, "math": 0.3, "coding": 0.3}
     )
@@ -310,12 +310,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--base-steps", type=int, default=TrainConfig.base_steps)
     p.add_argument("--ft-steps", type=int, default=TrainConfig.ft_steps)
     p.add_argument("--replay", type=float, default=TrainConfig.replay)
+    p.add_argument("--hidden-size", type=int, default=TrainConfig.hidden_size)
+    p.add_argument("--num-layers", type=int, default=TrainConfig.num_layers)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument(
         "--eval-n", type=int, default=100, help="held-out examples per category to score (0: skip)"
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
-    config = TrainConfig(base_steps=args.base_steps, ft_steps=args.ft_steps, replay=args.replay)
+    config = TrainConfig(
+        base_steps=args.base_steps,
+        ft_steps=args.ft_steps,
+        replay=args.replay,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        batch_size=args.batch_size,
+    )
     infos = train_pair(args.out, args.seed, args.threads, not args.no_progress, config, args.eval_n)
     for name, info in infos.items():
         print(name, f"{info['train_seconds']} s", json.dumps(info.get("eval", {}).get("accuracy", {})))
