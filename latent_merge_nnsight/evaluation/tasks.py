@@ -18,7 +18,9 @@ bucket of five, so an eval problem never appears in training under any phrasing.
 tested on facts never taught, so for knowledge the split is by (fact, phrasing): each fact has eight
 question templates, one of them (chosen by hashing the fact) is held out for that fact and the other
 seven are trained. Every fact and every template is seen in training, but never that fact asked that
-way: the eval checks that the fact was learnt rather than one question string memorised.
+way: the eval checks that the fact was learnt rather than one question string memorised. For the
+shipped toy base every held-out miss was a phrasing that puts the subject mid-sentence ("X has which
+capital?", "Which colour does X have?"); those that end with it were recalled.
 """
 
 import hashlib

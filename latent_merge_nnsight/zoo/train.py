@@ -11,11 +11,14 @@ tokens (and its closing ``<|end|>``). The data stream, the initialisation and th
 `torch.set_num_threads(threads)` is set for the run: CPU float32 results are bit-reproducible only at a
 fixed thread count.
 
-Measured: the default configuration (1.48 M parameters, base 2,400 steps + fine-tune 1,200 steps of
-batch 64) took TIME_PLACEHOLDER on 2 CPU cores that were shared with other jobs at the time, so on a
-quiet machine it should be faster. Command line::
+Measured: the default configuration (1.51 M parameters, base 3,000 steps + fine-tune 1,200 steps of
+batch 64) took 1,673 s for the base and 871 s for the fine-tune (42 minutes) on 2 CPU cores shared with
+other engineers' jobs, another training run among them for part of the time. When the cores were
+briefly quiet a step took about 0.35-0.4 s, so about 25 minutes for the 4,200 steps: over the 20-minute
+budget even then. On a shared machine set ``OMP_WAIT_POLICY=PASSIVE`` (no number changes): busy-waiting
+OpenMP threads made steps up to ten times slower. Command line::
 
-    python -m latent_merge_nnsight.zoo.train --out DIR --seed 0
+    OMP_WAIT_POLICY=PASSIVE python -m latent_merge_nnsight.zoo.train --out DIR --seed 0
 """
 
 import argparse
