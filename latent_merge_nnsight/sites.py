@@ -83,9 +83,7 @@ def _resolve(root: Any, path: str) -> Any:
 def _config(model: Any) -> Any:
     config = getattr(model, "config", None)
     if config is None:
-        raise LatentMergeError(
-            f"{type(model).__name__} has no `config`; expected a Hugging Face causal LM"
-        )
+        raise LatentMergeError(f"{type(model).__name__} has no `config`; expected a Hugging Face causal LM")
     return config
 
 
