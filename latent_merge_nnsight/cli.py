@@ -66,16 +66,24 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
     return Recipe(op=args.op, layers={layer: args.alpha for layer in args.layer})
 
 
+def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The --base model and the --source models (one source as a model, several as a list, none as None)."""
+    import latent_merge_nnsight as lmn
+
+    base = lmn.load(args.base, dtype=args.dtype, device_map=args.device_map)
+    sources = [lmn.load(s, dtype=args.dtype, device_map=args.device_map) for s in args.source]
+    return base, (sources[0] if len(sources) == 1 else sources or None)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import latent_merge_nnsight as lmn
 
     recipe = _recipe_from_args(args)
-    base = lmn.load(args.base, dtype=args.dtype, device_map=args.device_map)
-    sources = [lmn.load(s, dtype=args.dtype, device_map=args.device_map) for s in args.source]
+    base, sources = _load_models(args)
     prompts = [[{"role": "user", "content": p}] for p in args.prompt] if args.chat else list(args.prompt)
     out = lmn.generate(
         base,
-        sources if len(sources) != 1 else sources[0],
+        sources,
         prompts,
         recipe,
         max_new_tokens=args.max_new_tokens,
@@ -174,7 +182,6 @@ def cmd_judgebench_score(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    import latent_merge_nnsight as lmn
     from latent_merge_nnsight import analysis
 
     if args.eval == "perplexity":
@@ -190,13 +197,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             ex for c in tasks.CATEGORIES for ex in tasks.make_eval_set(c, args.n_per_category, seed=args.seed)
         ]
         evaluate, metric = analysis.TaskAccuracy(), "accuracy"
-    base = lmn.load(args.base, dtype=args.dtype, device_map=args.device_map)
-    sources = [lmn.load(s, dtype=args.dtype, device_map=args.device_map) for s in args.source]
+    base, sources = _load_models(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     df = analysis.sweep(
         base,
-        sources if len(sources) != 1 else sources[0],
+        sources,
         ops=args.ops,
         layers=args.layers,
         alphas=args.alphas,

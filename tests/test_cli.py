@@ -46,3 +46,28 @@ def test_console_script_entry_point_runs():
         [sys.executable, "-m", "latent_merge_nnsight.cli", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "usage: lmn" in out.stdout
+
+
+def test_generate_command_on_the_toy_pair_runs_a_merge(capsys):
+    code = main(
+        ["generate", "--base", "toy-base", "--source", "toy-reasoner", "--layer", "3", "--alpha", "0.5",
+         "--prompt", "Compute 12+30.", "--chat", "--max-new-tokens", "12"]
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "### Compute 12+30." in out and "[" in out
+
+
+def test_sweep_command_writes_results_and_a_heatmap(tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("<|user|>Compute 12+30.<|end|><|assistant|>Answer: 42\nsome other text\n")
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--base", "toy-base", "--source", "toy-reasoner", "--ops", "lerp", "--layers", "2", "4",
+            "--alphas", "0.5", "--eval", "perplexity", "--texts", str(texts), "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    import pandas as pd
+
+    df = pd.read_csv(out / "results.csv")
+    assert set(df["layer"].dropna().astype(int)) == {2, 4}
+    assert (out / "heatmap_nll.png").read_bytes().startswith(b"\x89PNG")
+    assert main([*argv]) == 0  # a rerun resumes: nothing left to compute
