@@ -62,8 +62,18 @@ def test_sweep_command_writes_results_and_a_heatmap(tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("<|user|>Compute 12+30.<|end|><|assistant|>Answer: 42\nsome other text\n")
     out = tmp_path / "sweep"
-    argv = ["sweep", "--base", "toy-base", "--source", "toy-reasoner", "--ops", "lerp", "--layers", "2", "4",
-            "--alphas", "0.5", "--eval", "perplexity", "--texts", str(texts), "--out", str(out), "--no-progress"]  # fmt: skip
+    argv = ["sweep", "--base", "toy-base", "--source", "toy-reasoner", "--ops", "lerp", "--layers", "2", "4"]
+    argv += [
+        "--alphas",
+        "0.5",
+        "--eval",
+        "perplexity",
+        "--texts",
+        str(texts),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 0
     import pandas as pd
 
