@@ -24,6 +24,7 @@ from latent_merge_nnsight.errors import LatentMergeError
 __all__ = [
     "OpSpec",
     "check_alpha",
+    "check_weight",
     "delta",
     "get_op",
     "lerp",
@@ -266,6 +267,21 @@ def delta(
     a = _as_alpha(alpha, hb.to(wd), default=1.0)
     result = hb.to(wd) + a * hs.to(wd)
     return torch.where(a == 0, hb.to(wd), result).to(hb.dtype)
+
+
+def check_weight(value: Any, *, allow_extrapolation: bool = False, what: str = "alpha") -> float:
+    """A mixing weight outside any op (weight merges, logit ensembles): finite, and in [0, 1] unless
+    extrapolating. Returns it as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LatentMergeError(
+            f"{what}={value!r} must be a finite number (0 keeps the base, 1 takes the source)"
+        )
+    if not allow_extrapolation and not 0.0 <= value <= 1.0:
+        raise LatentMergeError(
+            f"{what}={value} is outside [0, 1] (0 keeps the base, 1 takes the source); "
+            "pass allow_extrapolation=True to extrapolate"
+        )
+    return float(value)
 
 
 def check_alpha(

@@ -195,3 +195,13 @@ def test_check_alpha_ranges():
         ops.check_alpha(float("nan"), "lerp")
     with pytest.raises(LatentMergeError, match="must be finite"):
         ops.check_alpha(float("inf"), "delta")
+
+
+def test_check_weight_for_weight_merges_and_ensembles():
+    assert ops.check_weight(1) == 1.0 and isinstance(ops.check_weight(1), float)
+    assert ops.check_weight(-0.5, allow_extrapolation=True) == -0.5
+    with pytest.raises(LatentMergeError, match=r"b=1.5 is outside \[0, 1\].*allow_extrapolation=True"):
+        ops.check_weight(1.5, what="b")
+    for bad in (float("nan"), True, "0.5"):
+        with pytest.raises(LatentMergeError, match="must be a finite number"):
+            ops.check_weight(bad)

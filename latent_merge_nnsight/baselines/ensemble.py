@@ -8,7 +8,6 @@ recipe; sampling, batching and stopping are those of every other run:
     out = lmn.generate(base, ft, prompts, Ensemble(b=[1.0, 0.75, 0.5]), max_new_tokens=64)  # per step
 """
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,23 +16,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.ops import check_weight
 
 __all__ = ["Ensemble", "mix_logits"]
 
 Schedule = float | Sequence[float] | Callable[[int], float]
-
-
-def _check_b(b: object, allow_extrapolation: bool, what: str) -> float:
-    if isinstance(b, bool) or not isinstance(b, (int, float)) or not math.isfinite(b):
-        raise LatentMergeError(
-            f"{what}={b!r}; expected a finite number (0 keeps the base, 1 takes the source)"
-        )
-    if not allow_extrapolation and not 0.0 <= b <= 1.0:
-        raise LatentMergeError(
-            f"{what}={b} is outside [0, 1] (0 keeps the base, 1 takes the source); "
-            "pass allow_extrapolation=True to extrapolate"
-        )
-    return float(b)
 
 
 @dataclass(frozen=True)
@@ -58,14 +45,14 @@ class Ensemble:
             if len(self.b) == 0:
                 raise LatentMergeError("b=[] is an empty schedule; give at least one weight")
             for i, v in enumerate(self.b):
-                _check_b(v, self.allow_extrapolation, f"b[{i}]")
+                check_weight(v, allow_extrapolation=self.allow_extrapolation, what=f"b[{i}]")
             return
-        _check_b(self.b, self.allow_extrapolation, "b")
+        check_weight(self.b, allow_extrapolation=self.allow_extrapolation, what="b")
 
     def weight(self, step: int) -> float:
         """The source weight at generation step `step` (0-based)."""
         if callable(self.b):
-            return _check_b(self.b(step), self.allow_extrapolation, f"b({step})")
+            return check_weight(self.b(step), allow_extrapolation=self.allow_extrapolation, what=f"b({step})")
         if isinstance(self.b, Sequence):
             return float(self.b[min(step, len(self.b) - 1)])
         return float(self.b)

@@ -35,6 +35,7 @@ from latent_merge_nnsight.baselines.regmean_weights import check_coefficients, r
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.inputs import encode
 from latent_merge_nnsight.models import check_compatible, hf_module, load, model_info, wrap
+from latent_merge_nnsight.ops import check_weight
 
 __all__ = [
     "WEIGHT_METHODS",
@@ -83,23 +84,6 @@ def _check_method(method: str) -> str:
             f"method={method!r} is not a weight-merge method; expected one of: {', '.join(WEIGHT_METHODS)}"
         )
     return method
-
-
-def _check_alpha(alpha: Any, *, allow_extrapolation: bool) -> float:
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, (int, float))
-        or not torch.isfinite(torch.tensor(float(alpha)))
-    ):
-        raise LatentMergeError(
-            f"alpha={alpha!r} must be a finite number (0 keeps the base, 1 takes the source)"
-        )
-    if not allow_extrapolation and not 0.0 <= alpha <= 1.0:
-        raise LatentMergeError(
-            f"alpha={alpha} is outside [0, 1] (0 keeps the base, 1 takes the source); "
-            "pass allow_extrapolation=True to extrapolate"
-        )
-    return float(alpha)
 
 
 def _as_list(sources: Any) -> list[Any]:
@@ -380,7 +364,7 @@ def regmean_weights(
         out: directory to write the merged checkpoint (with the base's tokenizer) to.
         load: return the merged model wrapped for nnsight in `.model`.
     """
-    alpha = _check_alpha(alpha, allow_extrapolation=True)
+    alpha = check_weight(alpha, allow_extrapolation=True)
     if not 0.0 <= alpha <= 1.0:
         raise LatentMergeError(
             f"alpha={alpha} is outside [0, 1]; weight RegMean weighs each model's Gram matrices by "
@@ -476,7 +460,7 @@ def merge_weights(
         raise LatentMergeError(
             f"unexpected arguments {sorted(regmean)} for method={method!r}; they apply to regmean"
         )
-    alpha = _check_alpha(alpha, allow_extrapolation=allow_extrapolation)
+    alpha = check_weight(alpha, allow_extrapolation=allow_extrapolation)
     if out is None and not load:
         raise LatentMergeError("out=None and load=False leave nothing to return; give out= or load=True")
     items = _as_list(sources)
