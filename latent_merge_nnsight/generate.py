@@ -41,7 +41,7 @@ from latent_merge_nnsight.inputs import Batch, encode
 from latent_merge_nnsight.models import hf_module, model_info
 from latent_merge_nnsight.sampling import Sampler, SamplingConfig, Tracker
 
-__all__ = ["ENGINES", "GenerationResult", "generate"]
+__all__ = ["ENGINES", "GenerationResult", "generate", "release_engine"]
 
 ENGINES = ("auto", "fast", "nnsight")
 
@@ -233,14 +233,43 @@ def prepare_run(
 # the fast engine's decode loop
 
 
+_KEPT = "_lmn_kept_engine"
+"""Attribute of the base's HF module holding the engine kept by `generate(..., keep_engine=True)`."""
+
+
+def release_engine(base: Any) -> bool:
+    """Free the engine kept on `base` by `generate(..., keep_engine=True)` (its caches, graphs and its
+    hold on the sources). Returns whether there was one."""
+    kept = hf_module(base).__dict__.pop(_KEPT, None)
+    if kept is not None:
+        kept.release()
+    return kept is not None
+
+
+def _engine_for(base: Any, sources: list[Any], plan: Plan, run: Run, options: dict[str, Any]) -> PairedEngine:
+    """A fresh engine, or the one kept by the previous call made ready for this run."""
+    rows, width = run.batch.input_ids.shape
+    capacity = width + run.max_new_tokens
+    module = hf_module(base)
+    kept: PairedEngine | None = module.__dict__.pop(_KEPT, None)
+    stacks = Stack(base), [Stack(s) for s in sources]
+    compile_step = options["compile_step"]
+    reusable = options["keep_engine"] and kept is not None
+    if reusable and kept.reuse(*stacks, plan, rows, capacity, compile_step):
+        run.info["engine_reused"] = True
+        return kept
+    if kept is not None:
+        kept.release()
+    run.info["engine_reused"] = False
+    return PairedEngine(*stacks, plan, rows, capacity, options["cuda_graphs"], compile_step=compile_step)
+
+
 def _run_fast(
-    base: Any, sources: list[Any], plan: Plan, run: Run, cuda_graphs: bool | None
+    base: Any, sources: list[Any], plan: Plan, run: Run, options: dict[str, Any]
 ) -> GenerationResult:
     ids, mask = run.batch.input_ids, run.batch.attention_mask
-    n_rows, width = ids.shape
-    engine = PairedEngine(
-        Stack(base), [Stack(s) for s in sources], plan, n_rows, width + run.max_new_tokens, cuda_graphs
-    )
+    n_rows = ids.shape[0]
+    engine = _engine_for(base, sources, plan, run, options)
     tracker, sampler = run.tracker, run.sampler
     with torch.inference_mode():
         base_logits, src_logits = engine.prefill(ids, mask)  # 1. both models over the prompts
@@ -260,10 +289,15 @@ def _run_fast(
             base_logits, src_logits = engine.decode(tokens)  # 5. one lockstep step on the new tokens
     run.info.update(
         cuda_graphs=bool(engine.graphs) and engine.use_graphs,
+        compiled_step=engine.compiled and engine.static,
         cuda_graph_error=engine.graph_error,
         kv_cache_bytes=engine.cache_bytes(),
         source_blocks_per_step=engine.src_blocks,
     )
+    if options["keep_engine"] and engine.static:
+        hf_module(base).__dict__[_KEPT] = engine
+    else:
+        engine.release()
     return run.result("fast")
 
 
@@ -319,6 +353,8 @@ def generate(
     num_beams: int = 1,
     engine: str = "auto",
     cuda_graphs: bool | None = None,
+    keep_engine: bool = False,
+    compile_step: bool = False,
     tokenizer: Any = None,
 ) -> GenerationResult:
     """Generate from `base` with `sources` merged in lockstep according to `recipe`.
@@ -340,6 +376,15 @@ def generate(
         num_beams: must be 1 (beam search would need the sources' caches reordered with the base's).
         engine: "auto" (the fast engine when it supports the models, else nnsight), "fast", "nnsight".
         cuda_graphs: fast engine on CUDA: capture the decode step as a CUDA graph (default: yes).
+        keep_engine: fast engine on CUDA: keep its KV caches and captured graphs on the base after this
+            call, so the next call with the same models, batch size and recipe layout (alphas and deltas
+            may change) skips the capture. The kept engine holds the sources and the caches in memory
+            until a call with `keep_engine=False` (or with another layout) replaces it, or until
+            `release_engine(base)` (from `latent_merge_nnsight.generate`).
+        compile_step: fast engine: run the decode step through `torch.compile` (then, on CUDA, capture
+            it as a graph). Fuses the many small kernels of a step, so a step runs closer to the time of
+            reading the weights; costs a compilation (about a minute for a 7B pair) per batch size, so it
+            pays off with `keep_engine=True` over many calls.
         tokenizer: overrides the base's tokenizer.
 
     Everything is checked before any forward runs; a bad argument raises `LatentMergeError`.
@@ -368,7 +413,8 @@ def generate(
     if plan.live_sources:
         run.info["source_blocks_per_step"] = [plan.source_blocks(model_info(m).n_layers) for m in models]
     if chosen == "fast":
-        return _run_fast(base, models, plan, run, cuda_graphs)
+        options = dict(cuda_graphs=cuda_graphs, keep_engine=keep_engine, compile_step=compile_step)
+        return _run_fast(base, models, plan, run, options)
     from latent_merge_nnsight.pair import run_nnsight
 
     return run_nnsight(base, models, plan, run)

@@ -18,6 +18,7 @@ from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.sites import architecture, get_layers, n_layers
 
 __all__ = [
+    "DroppedHead",
     "ModelInfo",
     "active_model",
     "check_compatible",
@@ -181,6 +182,7 @@ def load(
     device_map: Any = None,
     quantization: Any = None,
     up_to_layer: int | None = None,
+    keep_head: bool = False,
     tokenizer: Any = None,
     **hf_kwargs: Any,
 ) -> Any:
@@ -193,7 +195,9 @@ def load(
         device_map: passed to `from_pretrained` (e.g. `"auto"`, `"cuda:0"`).
         quantization: `"4bit"`, `"8bit"` (bitsandbytes) or any transformers quantization config.
         up_to_layer: keep only decoder blocks `0..up_to_layer` (a merge source needs nothing above the
-            highest merged layer); the upper blocks are never materialised.
+            highest merged layer); the upper blocks are never materialised. Such a model's untied LM head
+            is dropped too (its logits would mean nothing; it returns zero-width logits) unless
+            `keep_head=True`.
         tokenizer: a tokenizer to use instead of the one saved with the model.
     """
     path = _resolve_name(name_or_path)
@@ -208,6 +212,8 @@ def load(
     if quantization is not None:
         kwargs["quantization_config"] = _quantization(quantization)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if up_to_layer is not None and not keep_head:
+        _drop_head(hf_model)
     if tokenizer is None:
         tokenizer = load_tokenizer(path)
     return wrap(hf_model, tokenizer, name=str(name_or_path))
@@ -233,8 +239,33 @@ def load_tokenizer(path: str | Path) -> Any:
     return transformers.AutoTokenizer.from_pretrained(str(path))
 
 
-def truncate(model: Any, up_to_layer: int) -> Any:
-    """Drop the decoder blocks above `up_to_layer` from an in-memory model (frees their memory).
+class DroppedHead(nn.Module):
+    """Stands in for the LM head of a model cut after a block: logits of a middle layer mean nothing to a
+    merge source, and an untied head of a 7B model is over a gigabyte. Returns zero-width logits."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.new_zeros(*hidden.shape[:-1], 0)
+
+    def extra_repr(self) -> str:
+        shape = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"dropped: {shape} (loaded up_to_layer)"
+
+
+def _drop_head(module: nn.Module) -> None:
+    """Replace an untied LM head by a `DroppedHead` (a head tied to the embeddings costs nothing: kept)."""
+    head, embed = module.get_output_embeddings(), module.get_input_embeddings()
+    if not isinstance(head, nn.Linear) or head.weight is getattr(embed, "weight", None):
+        return
+    module.set_output_embeddings(DroppedHead(head.in_features, head.out_features))
+
+
+def truncate(model: Any, up_to_layer: int, *, keep_head: bool = False) -> Any:
+    """Drop the decoder blocks above `up_to_layer` from an in-memory model (frees their memory), and its
+    untied LM head unless `keep_head` (the engines never use a cut source's head).
 
     Works on an HF module or an nnsight wrapper; returns a freshly wrapped model when given a wrapper.
     """
@@ -244,6 +275,8 @@ def truncate(model: Any, up_to_layer: int) -> Any:
     module.config._lmn_full_n_layers = info.full_n_layers
     layers = get_layers(module)
     del layers[up_to_layer + 1 :]
+    if not keep_head:
+        _drop_head(module)
     setattr(module, _INFO_ATTR, ModelInfo(info.name, up_to_layer + 1, info.full_n_layers))
     if module is model:
         return module

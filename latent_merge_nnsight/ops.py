@@ -10,7 +10,7 @@ The registry maps a name to an `OpSpec`; `@register_op` adds one, and every entr
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ __all__ = [
     "lerp",
     "list_ops",
     "regmean",
+    "regmean_weights",
     "register_op",
     "slerp",
 ]
@@ -151,6 +152,8 @@ def _as_alpha(alpha: Alpha | None, like: Tensor, default: float = 0.5) -> Tensor
     """Alpha as a tensor broadcastable against `[*batch, 1]` in the working dtype."""
     if alpha is None:
         alpha = default
+    if isinstance(alpha, (int, float)):  # a fill, not a host-to-device copy: capturable in a CUDA graph
+        return torch.full((), float(alpha), dtype=like.dtype, device=like.device)
     a = torch.as_tensor(alpha, dtype=like.dtype, device=like.device)
     if a.ndim > 0:
         a = a.unsqueeze(-1)  # one alpha per token: [*batch] -> [*batch, 1]
@@ -241,20 +244,31 @@ def regmean(
     m = s.shape[0]
     if weights is None:
         w = torch.full((m,), 1.0 / m, dtype=wd, device=b.device)
-    else:
-        w = torch.as_tensor(weights, dtype=wd, device=b.device).flatten()
+    elif isinstance(weights, Tensor) and weights.device == b.device and weights.device.type != "cpu":
+        # already on the accelerator: checking its values would synchronise (and break a CUDA graph);
+        # the engines check the weights on the host before moving them
+        w = weights.to(wd).flatten()
         if w.shape[0] != m:
             raise LatentMergeError(f"regmean: weights has {w.shape[0]} entries for {m} sources; expected {m}")
-        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
-            raise LatentMergeError(
-                f"regmean: weights={w.tolist()} must be finite, non-negative and not all zero"
-            )
         w = w / w.sum()
+    else:
+        w = regmean_weights(weights, m).to(device=b.device, dtype=wd)
     mixed = einops.einsum(w, s, "m, m ... d -> ... d")
     a = _as_alpha(alpha, b)
     result = (1 - a) * b + a * mixed
     result = torch.where(a == 0, b, result)
     return result.to(hb.dtype)
+
+
+def regmean_weights(weights: "Tensor | Sequence[float]", m: int) -> Float[Tensor, " m"]:
+    """RegMean source weights checked (m finite, non-negative, not all zero) and normalised to sum to 1,
+    as a float64 CPU tensor."""
+    w = torch.as_tensor(weights, dtype=torch.float64, device="cpu").flatten()
+    if w.shape[0] != m:
+        raise LatentMergeError(f"regmean: weights has {w.shape[0]} entries for {m} sources; expected {m}")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise LatentMergeError(f"regmean: weights={w.tolist()} must be finite, non-negative and not all zero")
+    return w / w.sum()
 
 
 @register_op("delta", default_positions="all", static_source=True)

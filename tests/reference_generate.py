@@ -107,7 +107,8 @@ def lockstep_generate(
     layers = sorted(merges)
     base_cache = DynamicCache()
     src_caches = [DynamicCache() for _ in hf_sources]
-    ids = torch.tensor([prompt_ids])
+    device = next(hf_base.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
     new: list[int] = []
     with torch.no_grad():
         for step in range(max_new_tokens):
@@ -139,7 +140,7 @@ def lockstep_generate(
             new.append(token)
             if eos_id is not None and token == eos_id:
                 break
-            ids = torch.tensor([[token]])
+            ids = torch.tensor([[token]], device=device)
     return new
 
 
@@ -149,7 +150,8 @@ def ensemble_generate(
     """The paper's logit ensemble: greedy on (1-b)*logits_base + b*logits_source, two full models.
     `b` may be a list: one weight per step, the last one held."""
     caches = [DynamicCache(), DynamicCache()]
-    ids = torch.tensor([prompt_ids])
+    device = next(hf_base.parameters()).device
+    ids = torch.tensor([prompt_ids], device=device)
     new: list[int] = []
     weights = b if isinstance(b, list) else [b]
     with torch.no_grad():
@@ -167,5 +169,5 @@ def ensemble_generate(
             )
             token = int(((1 - b) * lb + b * ls).argmax())
             new.append(token)
-            ids = torch.tensor([[token]])
+            ids = torch.tensor([[token]], device=device)
     return new

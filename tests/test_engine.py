@@ -153,6 +153,55 @@ def test_source_loaded_only_up_to_the_merge_layer_gives_the_same_tokens(models, 
     assert generate(base, loaded, PROMPTS, recipe, max_new_tokens=N_NEW, engine=engine).tokens == full.tokens
 
 
+def test_a_cut_source_drops_its_untied_head_unless_asked_to_keep_it():
+    hf = hf_pair("qwen2", n_layers=4, seed=0)[1]
+    head_params = hf.lm_head.weight.numel()
+    full_params = sum(p.numel() for p in hf.parameters())
+    block_params = sum(p.numel() for p in hf.model.layers[3].parameters())
+    cut = truncate(hf, 2)
+    assert isinstance(cut.lm_head, lmn.models.DroppedHead)
+    assert sum(p.numel() for p in cut.parameters()) == full_params - head_params - block_params
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        assert cut(input_ids=ids).logits.shape == (1, 3, 0)
+    kept = truncate(hf_pair("qwen2", n_layers=4, seed=0)[1], 2, keep_head=True)
+    assert isinstance(kept.lm_head, torch.nn.Linear)
+    # a head tied to the embeddings costs nothing and stays
+    tied_cfg = tiny_config("qwen2", n_layers=3)
+    tied_cfg.tie_word_embeddings = True
+    tied = transformers.AutoModelForCausalLM.from_config(tied_cfg)
+    assert isinstance(truncate(tied, 1).lm_head, torch.nn.Linear)
+    # what a traced capture of the cut source reads is unchanged
+    source = lmn.wrap(truncate(hf_pair("qwen2", n_layers=4, seed=0)[1], 2), make_tokenizer(), name="cut")
+    reference = lmn.wrap(hf_pair("qwen2", n_layers=4, seed=0)[1], make_tokenizer(), name="whole")
+    assert torch.equal(lmn.capture(source, PROMPTS, [2])[2], lmn.capture(reference, PROMPTS, [2])[2])
+
+
+def test_a_kept_engine_is_reused_with_new_alphas_and_gives_fresh_engine_tokens(models, monkeypatch):
+    """keep_engine=True keeps the fixed-shape engine (what CUDA graphs capture) for the next call of the same
+    layout; the reused run, with other alphas and prompts, gives the tokens of a fresh eager engine."""
+    base, ft = models
+    generate_module = importlib.import_module("latent_merge_nnsight.generate")
+    first = lmn.Recipe(op="slerp", layers={1: 0.3, 2: 0.6})
+    second = lmn.Recipe(op="slerp", layers={1: 0.9, 2: 0.1})
+    other_prompts = ["a b c", "zz", "what is up with me"]
+    expected = generate(base, ft, other_prompts, second, max_new_tokens=N_NEW, ignore_eos=True)
+    stale = generate(base, ft, other_prompts, first, max_new_tokens=N_NEW, ignore_eos=True)
+    assert stale.tokens != expected.tokens  # so a reused engine that kept the old alphas would fail below
+    monkeypatch.setattr(generate_module, "PairedEngine", functools.partial(PairedEngine, static_step=True))
+    kw = dict(max_new_tokens=N_NEW, ignore_eos=True, keep_engine=True)
+    one = generate(base, ft, PROMPTS, first, **kw)
+    two = generate(base, ft, other_prompts, second, **kw)
+    assert not one.info["engine_reused"] and two.info["engine_reused"]
+    assert two.tokens == expected.tokens
+    # another batch size or layer layout builds a new engine; keep_engine=False lets the kept one go
+    assert not generate(base, ft, PROMPTS[:2], second, **kw).info["engine_reused"]
+    other_layers = lmn.Recipe(op="slerp", layers={2: 0.5})
+    assert not generate(base, ft, PROMPTS[:2], other_layers, **kw).info["engine_reused"]
+    generate(base, ft, PROMPTS, first, max_new_tokens=N_NEW)
+    assert generate_module._KEPT not in hf_module(base).__dict__
+
+
 # ----------------------------------------------------------------------------------------------------
 # other architectures
 
@@ -232,3 +281,51 @@ def test_cuda_graphs_are_not_used_on_cpu(models):
         base, ft, PROMPTS, lmn.Recipe(op="slerp", layers={2: 0.5}), max_new_tokens=3, cuda_graphs=True
     )
     assert out.info["cuda_graphs"] is False and out.info["kv_cache_bytes"] > 0
+
+
+def test_compiled_decode_step_gives_the_eager_tokens_and_is_reused_without_recompiling(models):
+    """compile_step=True runs the fixed-shape step through torch.compile (on CPU here, without graphs)."""
+    base, ft = models
+    kw = dict(max_new_tokens=N_NEW, ignore_eos=True)
+    first = lmn.Recipe(op="slerp", layers={1: 0.3, 2: 0.6})
+    second = lmn.Recipe(op="slerp", layers={1: 0.9, 2: 0.1})
+    expected = [generate(base, ft, PROMPTS, r, **kw).tokens for r in (first, second)]
+    assert expected[0] != expected[1]
+    compiled = generate(base, ft, PROMPTS, first, compile_step=True, keep_engine=True, **kw)
+    assert compiled.info["compiled_step"] and compiled.tokens == expected[0]
+    counters = torch._dynamo.utils.counters
+    graphs_before = counters["stats"]["unique_graphs"]
+    again = generate(base, ft, PROMPTS, second, compile_step=True, keep_engine=True, **kw)
+    assert again.info["engine_reused"] and counters["stats"]["unique_graphs"] == graphs_before
+    assert again.tokens == expected[1]
+    generate(base, ft, PROMPTS, first, max_new_tokens=1)  # lets the kept engine go
+
+
+def test_release_engine_lets_the_kept_engine_and_its_sources_go(models, monkeypatch):
+    base, ft = models
+    generate_module = importlib.import_module("latent_merge_nnsight.generate")
+    monkeypatch.setattr(generate_module, "PairedEngine", functools.partial(PairedEngine, static_step=True))
+    recipe = lmn.Recipe(op="slerp", layers={2: 0.5})
+    generate(base, ft, PROMPTS, recipe, max_new_tokens=2, keep_engine=True)
+    kept = hf_module(base).__dict__[generate_module._KEPT]
+    assert any(s.hf is hf_module(ft) for s in kept.sources)
+    assert generate_module.release_engine(base) and not generate_module.release_engine(base)
+    assert generate_module._KEPT not in hf_module(base).__dict__ and kept.cache_bytes() == 0
+
+
+def test_a_kept_engine_takes_new_deltas_and_leaves_the_callers_untouched(models, monkeypatch):
+    base, ft = models
+    generate_module = importlib.import_module("latent_merge_nnsight.generate")
+    first = lmn.compute_deltas(base, ft, PROMPTS, [1, 2])
+    second = lmn.compute_deltas(base, ft, ["something else entirely", "xyz"], [1, 2])
+    recipe = lmn.Recipe(op="delta", layers={1: 2.0, 2: 3.0})
+    kw = dict(max_new_tokens=N_NEW, ignore_eos=True)
+    expected = generate(base, second, PROMPTS, recipe, **kw).tokens
+    assert expected != generate(base, first, PROMPTS, recipe, **kw).tokens
+    saved = {k: v.clone() for k, v in first.vectors.items()}
+    monkeypatch.setattr(generate_module, "PairedEngine", functools.partial(PairedEngine, static_step=True))
+    generate(base, first, PROMPTS, recipe, keep_engine=True, **kw)
+    again = generate(base, second, PROMPTS, recipe, keep_engine=True, **kw)
+    assert again.info["engine_reused"] and again.tokens == expected
+    assert all(torch.equal(saved[k], first.vectors[k]) for k in saved)
+    generate_module.release_engine(base)

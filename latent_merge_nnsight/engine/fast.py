@@ -13,6 +13,7 @@ Finished rows are dropped from the batch (their cache rows too): eagerly at once
 when at most half of the rows are left (each new batch size costs one capture).
 """
 
+import functools
 import warnings
 from typing import Any
 
@@ -22,28 +23,42 @@ from torch import Tensor
 
 from latent_merge_nnsight.engine.plan import Plan
 from latent_merge_nnsight.engine.stack import KVCache, Stack, attention_bias, mask_positions
+from latent_merge_nnsight.ops import regmean_weights
 from latent_merge_nnsight.positions import position_mask
 
 __all__ = ["PairedEngine"]
+
+
+_SIDE_STREAMS: dict[int, Any] = {}
+
+
+def _side_stream() -> Any:
+    """One warm-up/capture stream per device, reused by every capture: cuBLAS keeps a workspace for each
+    stream it has seen, so a fresh stream per capture leaves a workspace behind each time (on an H200 this
+    held 17 MB per capture, up to the 32 streams of torch's pool)."""
+    device = torch.cuda.current_device()
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 class _Graph:
     """One captured decode step for a fixed batch size."""
 
     def __init__(self, step: Any, pool: Any = None):
-        stream = torch.cuda.Stream()
+        stream = _side_stream()
         stream.wait_stream(torch.cuda.current_stream())
         mode = torch.cuda.get_sync_debug_mode()
         with torch.cuda.stream(stream):  # warm-up outside the graph (rewrites the same cache slot)
+            step()  # the first call may compile (torch.compile), which is allowed to synchronise
             torch.cuda.set_sync_debug_mode("error")  # a step that synchronises cannot be captured
             try:
-                for _ in range(2):
-                    step()
+                step()
             finally:
                 torch.cuda.set_sync_debug_mode(mode)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
             self.out = step()
 
     def replay(self) -> Any:
@@ -72,6 +87,9 @@ class PairedEngine:
         cuda_graphs: capture the decode step (CUDA only); None means "on CUDA".
         static_step: run the fixed-shape decode step that CUDA graphs capture, without capturing it
             (to check that path on CPU).
+        compile_step: run the fixed-shape decode step through `torch.compile` (fuses the small elementwise
+            kernels a step is mostly made of; costs a compilation per batch size). Implies the fixed-shape
+            step; on CUDA the compiled step is then captured as a graph like the eager one.
     """
 
     def __init__(
@@ -83,6 +101,7 @@ class PairedEngine:
         capacity: int,
         cuda_graphs: bool | None = None,
         static_step: bool = False,
+        compile_step: bool = False,
     ):
         self.base = base
         self.plan = plan
@@ -100,21 +119,71 @@ class PairedEngine:
         merges = dict(plan.merges) if plan.mode == "merge" else {}
         self.pre = {layer: a for layer, a in merges.items() if plan.site == "pre"}
         self.post = {layer: a for layer, a in merges.items() if plan.site == "post"}
+        self.params = dict(plan.params)
+        self.deltas = plan.deltas
         # during decoding "last"/"all" select every new token, explicit prompt indices select none
         probe = position_mask(torch.ones(1, 1, dtype=torch.long), plan.positions, decoding=True)
         self.decode_merges = bool(probe.all())
         self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self.use_graphs = self.use_graphs and self.device.type == "cuda"
-        self.static = self.use_graphs or static_step
-        if self.use_graphs:
-            # alphas as device scalars: a Python float would be copied to the GPU inside the graph
+        self.static = self.use_graphs or static_step or compile_step
+        self.compiled = compile_step
+        self._step_fn = torch.compile(self._graph_step, dynamic=False) if compile_step else self._graph_step
+        if self.static:
+            # alphas as device scalars, so a kept engine takes new alphas without a new capture
             wd = torch.float64 if base.dtype == torch.float64 else torch.float32
             as_dev = lambda a: None if a is None else torch.tensor(a, dtype=wd, device=self.device)  # noqa: E731
             self.pre = {layer: as_dev(a) for layer, a in self.pre.items()}
             self.post = {layer: as_dev(a) for layer, a in self.post.items()}
+            if self.deltas is not None:  # own copies: `reuse` writes the next run's deltas into them
+                self.deltas = {layer: v.clone() for layer, v in self.deltas.items()}
+            if self.params.get("weights") is not None:  # checked on the host, once: no sync in the step
+                self.params["weights"] = regmean_weights(self.params["weights"], len(self.sources)).to(
+                    self.device
+                )
+        self.layout = self._layout(base, self.sources, plan, batch)
         self.graphs: dict[int, _Graph | _Eager] = {}
         self._pool: Any = None
         self.graph_error: str | None = None
+
+    # ------------------------------------------------------------------------------------------------
+    # keeping an engine for the next call
+
+    @staticmethod
+    def _layout(base: Stack, sources: list[Stack], plan: Plan, batch: int) -> tuple:
+        """What a captured step depends on besides the values of alphas and deltas (which `reuse` swaps)."""
+        alphas = tuple((layer, a is None) for layer, a in plan.merges) if plan.mode == "merge" else ()
+        deltas = None if plan.deltas is None else tuple((k, tuple(v.shape)) for k, v in plan.deltas.items())
+        params = tuple(sorted((k, repr(v)) for k, v in plan.params.items()))
+        op = None if plan.op is None else plan.op.name
+        models = (id(base.hf), *(id(s.hf) for s in sources))
+        return (models, plan.mode, op, plan.site, repr(plan.positions), alphas, deltas, params, batch)
+
+    def reuse(
+        self, base: Stack, sources: list[Stack], plan: Plan, batch: int, capacity: int, compile_step: bool
+    ) -> bool:
+        """Make this engine ready for a new run of the same layout (new alphas and deltas, fresh caches),
+        keeping its buffers and captured graphs. Returns False (and changes nothing) when it cannot."""
+        live = sources if plan.live_sources else []
+        if self._layout(base, live, plan, batch) != self.layout or capacity > self.capacity:
+            return False
+        if compile_step != self.compiled or not self.static:
+            return False
+        merges = dict(plan.merges) if plan.mode == "merge" else {}
+        with torch.inference_mode():
+            for table in (self.pre, self.post):
+                for layer, value in table.items():
+                    if value is not None:
+                        value.fill_(merges[layer])
+            if plan.deltas is not None:
+                for layer, vector in plan.deltas.items():
+                    self.deltas[layer].copy_(vector)
+            self.kv_mask.zero_()
+            self.next_pos.zero_()
+        self.rows = batch  # self.plan stays: the new plan has the same layout (a compiled step guards on it)
+        for cache in self.caches:
+            cache.reset()
+        return True
 
     # ------------------------------------------------------------------------------------------------
     # one forward of the pair
@@ -123,13 +192,13 @@ class PairedEngine:
         self, layer: int, alpha: float | None, hb: Tensor, hs: list[Tensor], select: Tensor | None
     ) -> Tensor:
         plan = self.plan
-        if plan.deltas is not None:
-            src = plan.deltas[layer]
+        if self.deltas is not None:
+            src = self.deltas[layer]
         elif plan.op.multi_source:
             src = torch.stack([h.to(hb.device) for h in hs])
         else:
             src = hs[0].to(hb.device)
-        merged = plan.op(hb, src, alpha, **plan.params)
+        merged = plan.op(hb, src, alpha, **self.params)
         return merged if select is None else torch.where(select[..., None], merged, hb)
 
     def _forward(
@@ -233,9 +302,11 @@ class PairedEngine:
         written = False
         try:
             if rows not in self.graphs and not self.use_graphs:
-                self.graphs[rows] = _Eager(lambda: self._graph_step(rows))
+                self.graphs[rows] = _Eager(functools.partial(self._step_fn, rows))
             elif rows not in self.graphs:
-                self.graphs[rows] = graph = _Graph(lambda: self._graph_step(rows), pool=self._pool)
+                with torch.cuda.device(self.device):
+                    graph = _Graph(functools.partial(self._step_fn, rows), pool=self._pool)
+                self.graphs[rows] = graph
                 self._pool = graph.graph.pool()
             base_logits, src_logits = self.graphs[rows].replay()
             written = True
@@ -257,6 +328,17 @@ class PairedEngine:
     def _graph_step(self, rows: int) -> tuple[Tensor, Tensor | None]:
         bias = attention_bias(self.kv_mask[:rows], self._g_slot, 1, self.base.dtype)
         return self._forward(self._g_ids[:rows], self._g_pos[:rows], bias, None, merge=self.decode_merges)
+
+    def release(self) -> None:
+        """Drop the captured graphs, the caches and the step buffers now (a finished engine not kept for
+        the next call), rather than whenever the garbage collector gets to them."""
+        self.graphs.clear()
+        self._pool = None
+        for cache in self.caches:
+            cache.keys = [None] * cache.n_layers
+            cache.values = [None] * cache.n_layers
+        for name in ("_g_ids", "_g_pos", "_g_slot"):
+            self.__dict__.pop(name, None)
 
     def cache_bytes(self) -> int:
         return sum(c.nbytes() for c in self.caches)

@@ -104,6 +104,11 @@ class KVCache:
                 raise LatentMergeError(f"KV cache full: {self.end} slots needed, capacity {self.capacity}")
             self._grow(max(self.end, 2 * self.capacity))
 
+    def reset(self) -> None:
+        """Start over at slot 0 (the buffers, and their addresses, stay)."""
+        self.start = self.end = 0
+        self.filled = [0] * self.n_layers
+
     def _grow(self, capacity: int) -> None:
         for store in (self.keys, self.values):
             for i, buf in enumerate(store):
