@@ -164,34 +164,30 @@ def _merged_hidden_states(
         torch.no_grad(),
         base.trace(input_ids=batch.input_ids, attention_mask=batch.attention_mask) as tracer,
     ):
+
+        def merge(block_index: int) -> Any:
+            return merge_into(
+                layer=block_index,
+                source=source_for(block_index),
+                op=spec,
+                alpha=alphas[block_index],
+                positions=positions,
+                site=site,
+                allow_extrapolation=recipe.allow_extrapolation,
+                **params,
+            )
+
+        # in execution order: block i's input (merged at "pre"), then its output (merged at "post")
         for block_index in range(min(top + 1, n)):
-            merge = block_index in alphas
-            if merge and site == "pre":
-                new = merge_into(
-                    layer=block_index,
-                    source=source_for(block_index),
-                    op=spec,
-                    alpha=alphas[block_index],
-                    positions=positions,
-                    site="pre",
-                    allow_extrapolation=recipe.allow_extrapolation,
-                    **params,
-                )
+            merged = block_index in alphas
+            if merged and site == "pre":
+                new = merge(block_index)
                 if block_index in wanted:
                     saved[block_index] = new.clone().save()
             elif block_index in wanted:
                 saved[block_index] = blocks[block_index].input.clone().save()
-            if merge and site == "post":
-                new = merge_into(
-                    layer=block_index,
-                    source=source_for(block_index),
-                    op=spec,
-                    alpha=alphas[block_index],
-                    positions=positions,
-                    site="post",
-                    allow_extrapolation=recipe.allow_extrapolation,
-                    **params,
-                )
+            if merged and site == "post":
+                new = merge(block_index)
                 if block_index == n - 1 and n in wanted:
                     saved[n] = new.clone().save()
             elif block_index == n - 1 and n in wanted:
