@@ -50,6 +50,7 @@ from pydantic import (
 )
 
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.ops import check_weight
 from latent_merge_nnsight.recipe import Recipe
 
 __all__ = [
@@ -145,11 +146,7 @@ class WeightMerge(BaseModel):
 
     @model_validator(mode="after")
     def _alpha_range(self) -> "WeightMerge":
-        if not math.isfinite(self.alpha) or (not self.allow_extrapolation and not 0.0 <= self.alpha <= 1.0):
-            raise ValueError(
-                f"alpha={self.alpha} is outside [0, 1] (0 keeps the base, 1 takes the source); "
-                "set allow_extrapolation: true to extrapolate"
-            )
+        check_weight(self.alpha, allow_extrapolation=self.allow_extrapolation)  # a ValueError for pydantic
         return self
 
 
