@@ -63,13 +63,13 @@ class TrainConfig:
     intermediate_size: int = 512
     batch_size: int = 64
     base_steps: int = 3000
-    ft_steps: int = 1200
-    base_lr: float = 2e-3
+    ft_steps: int = 1800
+    base_lr: float = 3e-3
     ft_lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 0.1
     base_mix: dict[str, float] = field(
-        default_factory=lambda: {"knowledge": 0.3, "reasoning": 0.1, "math": 0.3, "coding": 0.3}
+        default_factory=lambda: {"knowledge": 0.25, "reasoning": 0.1, "math": 0.35, "coding": 0.3}
     )
     """Category probabilities of a stage-1 example; stage-1 reasoning targets have no scratchpad."""
     replay: float = 0.02
