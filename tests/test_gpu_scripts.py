@@ -1,0 +1,37 @@
+"""The scripts a lent GPU machine runs (`benchmarks/gpu_session.sh`) must work when a session gets one:
+run them here on CPU, small, so they cannot rot between GPU sessions."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_check_cuda_runs_every_check_on_cpu(tmp_path):
+    out = tmp_path / "check.json"
+    proc = _run("benchmarks/check_cuda.py", "--dry-run-cpu", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["failed"] == 0 and len(report["results"]) >= 10
+    assert all(r["ok"] for r in report["results"].values())
+
+
+def test_bench_decode_measures_every_method_it_is_given(tmp_path):
+    out = tmp_path / "bench.json"
+    methods = ["hf_eager", "hook_loop", "nnsight", "fast", "fast_compiled"]
+    small = ["--preset", "tiny", "--prompt", "8", "--new", "4", "--batches", "1", "2", "--repeats", "1"]
+    proc = _run("benchmarks/bench_decode.py", *small, "--methods", *methods, "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {(r["method"], r["batch"]): r for r in report["results"]}
+    assert set(rows) == {(m, b) for m in methods for b in (1, 2)}
+    assert all("error" not in r and r["decode_tok_s"] > 0 for r in rows.values())
+    assert rows[("fast_compiled", 1)]["compiled_step"] and not report["partial"]
+    assert all("tokens" not in r for r in report["results"])
+    assert len(rows[("fast", 2)]["tokens_equal_to_nnsight_before_first_difference"]) == 2
