@@ -79,6 +79,21 @@ def _over_categories(sub: pd.DataFrame, category: str | None) -> tuple[pd.DataFr
     return sub, ("mean over " + ", ".join(cats)) if len(cats) > 1 else cats[0]
 
 
+def _chosen(name: str, what: str, given: Sequence[str] | None, present: list[str]) -> list[str]:
+    """The `given` subset of `present` to draw (all of them when None); an empty or unknown pick is an error
+    naming the parameter."""
+    if given is None:
+        return present
+    chosen = list(given)
+    if not chosen:
+        raise LatentMergeError(f"{name}=[] is empty; expected at least one {what} to draw")
+    for i, item in enumerate(chosen):
+        if item not in present:
+            expected = ", ".join(present)
+            raise LatentMergeError(f"{name}[{i}]={item!r} is not in df; expected any of: {expected}")
+    return chosen
+
+
 def _fmt(v: float, span: float | None = None) -> str:
     """A short label; with `span` (the range of the values shown), enough decimals to tell them apart."""
     if not math.isfinite(v):
@@ -116,13 +131,7 @@ def heatmaps(
     latent = sub[sub["system"] == "latent"]
     if latent.empty:
         raise LatentMergeError("df has no latent cells (system == 'latent') to draw")
-    all_ops = list(dict.fromkeys(latent["op"]))
-    ops = list(ops) if ops is not None else all_ops
-    if not ops:
-        raise LatentMergeError("ops=[] is empty; expected at least one op to draw")
-    for i, op in enumerate(ops):
-        if op not in all_ops:
-            raise LatentMergeError(f"ops[{i}]={op!r} is not in df; expected any of: {', '.join(all_ops)}")
+    ops = _chosen("ops", "op", ops, list(dict.fromkeys(latent["op"])))
     grid = latent.groupby(["op", "layer", "alpha"])["value"].mean()
     layers = sorted(latent["layer"].dropna().unique())
     alphas = sorted(latent["alpha"].dropna().unique())
@@ -258,13 +267,7 @@ def category_bars(
     sub = _pick_metric(df, metric).copy()
     auto = system_labels(sub) if {"op", "layer", "alpha"} <= set(sub.columns) else sub["system"].astype(str)
     sub["label"] = sub["label"].fillna(auto) if "label" in sub.columns else auto
-    present = list(dict.fromkeys(sub["label"]))
-    systems = list(systems) if systems is not None else present
-    if not systems:
-        raise LatentMergeError("systems=[] is empty; expected at least one system to draw")
-    for i, s in enumerate(systems):
-        if s not in present:
-            raise LatentMergeError(f"systems[{i}]={s!r} is not in df; expected any of: {', '.join(present)}")
+    systems = _chosen("systems", "system", systems, list(dict.fromkeys(sub["label"])))
     table = sub.groupby(["category", "label"], sort=False)["value"].mean().unstack("label")
     categories = list(table.index)
     k = len(systems)
