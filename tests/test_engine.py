@@ -9,8 +9,8 @@ import torch
 import transformers
 from reference import position_ids
 from reference_generate import lockstep_generate
+from tiny import batch_sizes_seen, hf_pair, make_tokenizer, pair
 from tiny import config as tiny_config
-from tiny import hf_pair, make_tokenizer, pair
 
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight.engine.fast import PairedEngine
@@ -255,17 +255,9 @@ def test_fixed_shape_decode_step_of_cuda_graphs_gives_the_same_tokens(models, mo
     # the module, not `lmn.generate` the function that shadows it as a package attribute
     generate_module = importlib.import_module("latent_merge_nnsight.generate")
     monkeypatch.setattr(generate_module, "PairedEngine", functools.partial(PairedEngine, static_step=True))
-    batch_sizes = []
-    handle = (
-        hf_module(base)
-        .model.layers[0]
-        .register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
-    )
-    try:
+    with batch_sizes_seen(base) as batch_sizes:
         static = generate(base, ft, prompts, recipe, max_new_tokens=7, eos_token_id=eos)
         static_free = generate(base, ft, prompts, recipe, max_new_tokens=7, ignore_eos=True)
-    finally:
-        handle.remove()
     assert static.tokens == eager.tokens
     assert static_free.tokens == free.tokens
     # rows are dropped only once at most half are left

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from reference_generate import ensemble_generate, lockstep_generate
-from tiny import hf_pair, make_tokenizer, pair
+from tiny import batch_sizes_seen, hf_pair, make_tokenizer, pair
 
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight.baselines.ensemble import Ensemble
@@ -350,16 +350,8 @@ def test_finished_rows_stop_costing_compute_in_the_fast_engine(models):
     free = generate(base, ft, PROMPTS, recipe, max_new_tokens=6, ignore_eos=True)
     eos = free.tokens[0][1]  # row 0 ends at its 2nd token (others may too)
     out = generate(base, ft, PROMPTS, recipe, max_new_tokens=6, eos_token_id=eos)
-    batch_sizes = []
-    handle = (
-        hf_module(base)
-        .model.layers[0]
-        .register_forward_pre_hook(lambda m, args: batch_sizes.append(args[0].shape[0]))
-    )
-    try:
+    with batch_sizes_seen(base) as batch_sizes:
         generate(base, ft, PROMPTS, recipe, max_new_tokens=6, eos_token_id=eos, engine="fast")
-    finally:
-        handle.remove()
     # one forward per step; at each step only the rows still running are in the batch
     alive = [sum(1 for toks in out.tokens if len(toks) > step) for step in range(len(batch_sizes))]
     assert batch_sizes == alive

@@ -1,5 +1,8 @@
 """Tiny random models and a character tokenizer, built locally (no downloads)."""
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -95,3 +98,15 @@ def pair(arch: str = "qwen2", n_layers: int = 4, hidden: int = 32, seed: int = 0
     return lmn.wrap(hb, make_tokenizer(), name=f"tiny-{arch}-base"), lmn.wrap(
         hs, make_tokenizer(), name=f"tiny-{arch}-ft"
     )
+
+
+@contextlib.contextmanager
+def batch_sizes_seen(model) -> Iterator[list[int]]:
+    """Record the batch size of every forward of the model's first decoder block while the block runs."""
+    sizes: list[int] = []
+    block = lmn.models.hf_module(model).model.layers[0]
+    handle = block.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        yield sizes
+    finally:
+        handle.remove()
