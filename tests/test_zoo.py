@@ -1,10 +1,12 @@
 """Tests of the shipped toy pair: tokenizer, checkpoints, accuracies, size, and the training script."""
 
+import dataclasses
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -21,7 +23,16 @@ from latent_merge_nnsight.evaluation.tasks import (
 )
 from latent_merge_nnsight.zoo import ZOO, ZOO_DIR, zoo_path
 from latent_merge_nnsight.zoo.tokenizer import build_tokenizer
-from latent_merge_nnsight.zoo.train import IGNORE, TrainConfig, encode_example, main, train_pair
+from latent_merge_nnsight.zoo.train import (
+    IGNORE,
+    TrainConfig,
+    build_model,
+    encode_example,
+    main,
+    pack,
+    response_loss,
+    train_pair,
+)
 
 # ------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -209,6 +220,45 @@ def test_encode_example_labels_only_the_response(tok) -> None:
     assert tok.decode(labels[n_prompt:]) == "Answer: 3<|end|>"
 
 
+def test_pack_lays_examples_end_to_end_with_restarting_positions() -> None:
+    rows = [([1, 2, 3], [IGNORE, 2, 3]), ([4, 5, 6, 7, 8], [IGNORE] * 3 + [7, 8]), ([9, 10], [IGNORE, 10])]
+    ids, labels, positions = pack(rows, width=8, pad_id=0)
+    # first-fit decreasing: the 5-token row opens row 0, the 3-token row fills it, the 2-token one opens row 1
+    assert ids.tolist() == [[4, 5, 6, 7, 8, 1, 2, 3], [9, 10, 0, 0, 0, 0, 0, 0]]
+    assert positions.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5]]
+    assert labels[1].tolist() == [IGNORE, 10] + [IGNORE] * 6
+    # an example longer than the width widens the rows rather than being cut
+    ids, _, _ = pack([([1] * 11, [IGNORE] * 11)], width=8, pad_id=0)
+    assert ids.shape == (1, 11)
+
+
+def test_packed_loss_and_gradients_equal_one_example_at_a_time(tok) -> None:
+    # reference: each example alone, no padding; the packed rows must give the same token-mean loss
+    torch.manual_seed(0)
+    model = build_model(_TINY, tok).double()
+    examples = [ex for c in CATEGORIES for ex in make_eval_set(c, 2, seed=1)]
+    rows = [encode_example(tok, ex, ex.target) for ex in examples]
+    ids, labels, positions = pack(rows, width=96, pad_id=tok.pad_token_id)
+    assert ids.shape[0] < len(rows)  # really packed
+    for impl in ("eager", "sdpa"):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        packed = response_loss(model, ids, labels, positions)
+        packed.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        total, count = 0.0, 0
+        for r_ids, r_labels in rows:
+            logits = model(input_ids=torch.tensor([r_ids])).logits[0, :-1]
+            target = torch.tensor(r_labels[1:])
+            total = total + torch.nn.functional.cross_entropy(logits, target, reduction="sum")
+            count += int((target != IGNORE).sum())
+        (total / count).backward()
+        torch.testing.assert_close(packed, total / count, rtol=1e-6, atol=0)
+        for g, p in zip(grads, model.parameters(), strict=True):
+            torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-9)
+
+
 def test_train_pair_smoke_writes_loadable_reproducible_checkpoints(tmp_path: pathlib.Path) -> None:
     threads = torch.get_num_threads()
     infos = train_pair(tmp_path / "a", seed=3, threads=1, progress=False, config=_TINY, eval_n=2)
@@ -255,6 +305,17 @@ def test_train_main_runs_from_the_command_line(tmp_path: pathlib.Path, capsys) -
 def test_train_config_rejects_bad_values(kwargs: dict, message: str) -> None:
     with pytest.raises(LatentMergeError, match=message):
         TrainConfig(**kwargs)
+
+
+def test_training_in_bf16_on_a_cpu_without_it_warns(tmp_path: pathlib.Path, monkeypatch) -> None:
+    train_module = sys.modules[train_pair.__module__]
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
+    tiny = dataclasses.replace(_TINY, base_steps=0, ft_steps=0)
+    with pytest.warns(UserWarning, match=r"no bfloat16 instructions.*--fp32"):
+        train_pair(tmp_path / "a", threads=1, progress=False, config=tiny)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_pair(tmp_path / "b", threads=1, progress=False, config=dataclasses.replace(tiny, bf16=False))
 
 
 def test_train_pair_rejects_bad_threads(tmp_path: pathlib.Path) -> None:
