@@ -127,6 +127,10 @@ def main() -> None:
         again = generate(base, ft, PROMPTS[::-1], second, keep_engine=True, **kw)
         assert (again.info["engine_reused"] and again.info["cuda_graphs"]) or not on_gpu
         assert again.tokens == expected.tokens
+        # a smaller batch runs on the same engine (one more capture, for its size)
+        fewer = generate(base, ft, PROMPTS[::-1][:1], second, keep_engine=True, **kw)
+        assert (fewer.info["engine_reused"] and fewer.info["cuda_graphs"]) or not on_gpu
+        assert fewer.tokens == expected.tokens[:1]
         generate(base, ft, PROMPTS, first, max_new_tokens=2)  # lets the kept engine go
         return {}
 
@@ -157,7 +161,7 @@ def main() -> None:
         return {}
 
     check("rows finishing early (batch shrinks under graphs)", rows_finish_early)
-    check("kept engine reused with new alphas", kept_engine_reused)
+    check("kept engine reused with new alphas and a smaller batch", kept_engine_reused)
     check("50 generations leave GPU memory flat", memory_flat)
     check("compiled decode step (torch.compile, then captured)", compiled_step)
 

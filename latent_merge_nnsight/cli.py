@@ -150,7 +150,7 @@ def cmd_judgebench_accuracy(args: argparse.Namespace) -> int:
         pairs = pairs[: args.limit]
     template = load_template(args.template)
     if args.judge_system:
-        from latent_merge_nnsight.evaluation.systems import judgebench_accuracy_system
+        from latent_merge_nnsight.evaluation.loaded import judgebench_accuracy_system
 
         records = judgebench_accuracy_system(
             pairs, args.judge_system, template, cache_path=args.cache, batch_size=args.concurrency

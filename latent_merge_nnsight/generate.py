@@ -247,17 +247,24 @@ def release_engine(base: Any) -> bool:
 
 
 def _engine_for(base: Any, sources: list[Any], plan: Plan, run: Run, options: dict[str, Any]) -> PairedEngine:
-    """A fresh engine, or the one kept by the previous call made ready for this run."""
+    """A fresh engine, or the one kept by the previous call made ready for this run.
+
+    A kept engine serves any batch up to its own size. When only its size or capacity is too small, the
+    new engine takes the larger of both, so calls that alternate sizes (a sweep's last, partial batch;
+    a benchmark's batch 1 and 16) settle on one engine and capture each batch size once.
+    """
     rows, width = run.batch.input_ids.shape
     capacity = width + run.max_new_tokens
     module = hf_module(base)
     kept: PairedEngine | None = module.__dict__.pop(_KEPT, None)
     stacks = Stack(base), [Stack(s) for s in sources]
     compile_step = options["compile_step"]
-    reusable = options["keep_engine"] and kept is not None
-    if reusable and kept.reuse(*stacks, plan, rows, capacity, compile_step):
-        run.info["engine_reused"] = True
-        return kept
+    if options["keep_engine"] and kept is not None:
+        if kept.reuse(*stacks, plan, rows, capacity, compile_step):
+            run.info["engine_reused"] = True
+            return kept
+        if kept.same_layout(*stacks, plan, compile_step):
+            rows, capacity = max(rows, kept.max_rows), max(capacity, kept.capacity)
     if kept is not None:
         kept.release()
     run.info["engine_reused"] = False
@@ -377,10 +384,11 @@ def generate(
         engine: "auto" (the fast engine when it supports the models, else nnsight), "fast", "nnsight".
         cuda_graphs: fast engine on CUDA: capture the decode step as a CUDA graph (default: yes).
         keep_engine: fast engine on CUDA: keep its KV caches and captured graphs on the base after this
-            call, so the next call with the same models, batch size and recipe layout (alphas and deltas
-            may change) skips the capture. The kept engine holds the sources and the caches in memory
-            until a call with `keep_engine=False` (or with another layout) replaces it, or until
-            `release_engine(base)` (from `latent_merge_nnsight.generate`).
+            call, so the next call with the same models and recipe layout (alphas and deltas may change)
+            and a batch no larger skips the capture (a batch size not seen before costs one). The kept
+            engine holds the sources and the caches in memory until a call with `keep_engine=False` (or
+            with another layout) replaces it, or until `release_engine(base)` (from
+            `latent_merge_nnsight.generate`).
         compile_step: fast engine: run the decode step through `torch.compile` (then, on CUDA, capture
             it as a graph). Fuses the many small kernels of a step, so a step runs closer to the time of
             reading the weights; costs a compilation (about a minute for a 7B pair) per batch size, so it

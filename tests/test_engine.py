@@ -194,8 +194,15 @@ def test_a_kept_engine_is_reused_with_new_alphas_and_gives_fresh_engine_tokens(m
     two = generate(base, ft, other_prompts, second, **kw)
     assert not one.info["engine_reused"] and two.info["engine_reused"]
     assert two.tokens == expected.tokens
-    # another batch size or layer layout builds a new engine; keep_engine=False lets the kept one go
-    assert not generate(base, ft, PROMPTS[:2], second, **kw).info["engine_reused"]
+    # a smaller batch runs on the kept engine, with the tokens of a fresh engine
+    fewer = generate(base, ft, other_prompts[:2], second, **kw)
+    assert fewer.info["engine_reused"] and fewer.tokens == expected.tokens[:2]
+    # a larger batch builds a new engine, sized for both: the smaller batch then reuses it again
+    more = other_prompts + ["one more row"]
+    assert not generate(base, ft, more, second, **kw).info["engine_reused"]
+    assert hf_module(base).__dict__[generate_module._KEPT].max_rows == len(more)
+    assert generate(base, ft, other_prompts[:1], second, **kw).tokens == expected.tokens[:1]
+    # another layer layout builds a new engine; keep_engine=False lets the kept one go
     other_layers = lmn.Recipe(op="slerp", layers={2: 0.5})
     assert not generate(base, ft, PROMPTS[:2], other_layers, **kw).info["engine_reused"]
     generate(base, ft, PROMPTS, first, max_new_tokens=N_NEW)

@@ -10,8 +10,9 @@ from test_systems import save_tiny_pair, write_system
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.judge import load_comparisons, load_responses
 from latent_merge_nnsight.evaluation.judgebench import category_of
+from latent_merge_nnsight.evaluation.loaded import LoadedSystem, load_system
 from latent_merge_nnsight.evaluation.respond import meta_path, read_responses, respond
-from latent_merge_nnsight.evaluation.systems import LoadedSystem, System, load_system
+from latent_merge_nnsight.evaluation.systems import System
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "judgebench"
 CLAUDE_FILE = DATA / "dataset=judgebench,response_model=claude-3-5-sonnet-20240620.jsonl"

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from latent_merge_nnsight.evaluation.systems import Completion
+from latent_merge_nnsight.evaluation.loaded import Completion
 from latent_merge_nnsight.serve import start_server
 
 ZOO_BASE = (
@@ -387,7 +387,7 @@ def test_streaming_request_that_fails_gets_500_not_a_broken_stream(fake):
 def tiny_latent(tmp_path_factory):
     from test_systems import save_tiny_pair, write_system
 
-    from latent_merge_nnsight.evaluation.systems import load_system
+    from latent_merge_nnsight.evaluation.loaded import load_system
 
     root = save_tiny_pair(tmp_path_factory.mktemp("serve-models"))
     path = write_system(
@@ -453,7 +453,7 @@ def test_server_default_prompt_limit_is_the_models_context(tiny_latent):
 
 @pytest.mark.skipif(not ZOO_BASE.is_file(), reason="the toy zoo checkpoints are not trained yet")
 def test_toy_pair_latent_system_served_through_openai_sdk():
-    from latent_merge_nnsight.evaluation.systems import load_system
+    from latent_merge_nnsight.evaluation.loaded import load_system
 
     system = load_system(EXAMPLES / "toy-latent-slerp.yaml")
     messages = [{"role": "user", "content": "What is 2+3?"}]

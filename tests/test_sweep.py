@@ -287,3 +287,44 @@ def test_incompatible_source_is_refused(models):
     other = lmn.wrap(wide, make_tokenizer(), name="wide")
     with pytest.raises(LatentMergeError, match=r"hidden_size differs"):
         sweep(base, other, ops=["lerp"], layers=[1], alphas=[0.5], evaluate=Recorder(), prompts=TEXTS)
+
+
+def test_task_accuracy_keeps_one_engine_across_cells_and_the_sweep_lets_it_go(monkeypatch):
+    """On the fixed-shape engine (what CUDA graphs capture; forced here on CPU) TaskAccuracy keeps the engine
+    between calls: cells that differ only in alpha, and a smaller last batch, reuse it. The texts equal
+    those of a fresh engine per call, and nothing stays kept once the sweep ends."""
+    import functools
+    import importlib
+
+    from latent_merge_nnsight.engine.fast import PairedEngine
+    from latent_merge_nnsight.evaluation.tasks import make_eval_set
+    from latent_merge_nnsight.models import hf_module
+
+    evaluators = importlib.import_module("latent_merge_nnsight.analysis.evaluators")
+    generate_module = importlib.import_module("latent_merge_nnsight.generate")
+    base, ft = lmn.load("toy-base"), lmn.load("toy-reasoner")
+    examples = make_eval_set("math", 3, seed=5) + make_eval_set("reasoning", 3, seed=5)
+    grid = dict(ops=["slerp"], layers=[3], alphas=[0.3, 0.8], baselines=(), prompts=examples, progress=False)
+
+    def run() -> list[tuple]:
+        calls: list[tuple] = []
+
+        def recording(*args, **kwargs):
+            out = generate_module.generate(*args, **kwargs)
+            calls.append((out.texts, out.info.get("engine_reused")))
+            return out
+
+        monkeypatch.setattr(evaluators, "generate", recording)
+        sweep(base, ft, **grid, evaluate=TaskAccuracy(batch_size=2, max_new_tokens=12))
+        return calls
+
+    fresh = run()
+    assert not any(reused for _, reused in fresh)  # on CPU the engine is eager and never kept
+    monkeypatch.setattr(generate_module, "PairedEngine", functools.partial(PairedEngine, static_step=True))
+    kept = run()
+    assert [texts for texts, _ in kept] == [texts for texts, _ in fresh]
+    # 2 cells x 2 categories x (a batch of 2, then one of 1). The first call builds an engine; the longer
+    # reasoning prompts need more slots, so their first batch builds one sized for both; then all reuse it
+    reused = [r for _, r in kept]
+    assert reused[:4] == [False, True, False, True] and all(reused[4:])
+    assert generate_module._KEPT not in hf_module(base).__dict__

@@ -14,13 +14,8 @@ from tiny import hf_pair, make_tokenizer
 
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.judgebench import JudgePair, load_template, official_accuracy
-from latent_merge_nnsight.evaluation.systems import (
-    Completion,
-    LoadedSystem,
-    Sampling,
-    System,
-    load_system,
-)
+from latent_merge_nnsight.evaluation.loaded import Completion, LoadedSystem, load_system
+from latent_merge_nnsight.evaluation.systems import Sampling, System
 from latent_merge_nnsight.inputs import encode
 from latent_merge_nnsight.models import model_info
 from latent_merge_nnsight.recipe import Recipe
@@ -403,7 +398,7 @@ def test_weight_system_at_alpha_zero_gives_the_base_alone(tiny_dir, single):
 
 
 def test_local_system_judges_judgebench_pairs_with_resumable_cache(single, tmp_path):
-    from latent_merge_nnsight.evaluation.systems import judge_model_id, judgebench_accuracy_system
+    from latent_merge_nnsight.evaluation.loaded import judge_model_id, judgebench_accuracy_system
 
     template = load_template("pairwise_abc")
     pairs = [
@@ -435,3 +430,12 @@ def test_local_system_judges_judgebench_pairs_with_resumable_cache(single, tmp_p
     assert single.generate_calls == calls and again == records
     # other sampling settings are another judge in the cache, not a cache hit
     assert judge_model_id(single, {"max_new_tokens": 2}) != judge_model_id(single)
+
+
+def test_the_loaded_side_stays_importable_from_systems() -> None:
+    from latent_merge_nnsight.evaluation import loaded, systems
+
+    for name in ("Completion", "LoadedSystem", "judge_model_id", "judgebench_accuracy_system", "load_system"):
+        assert getattr(systems, name) is getattr(loaded, name)
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        systems.Nope  # noqa: B018

@@ -18,10 +18,10 @@
 
 from typing import TYPE_CHECKING, Any
 
+from latent_merge_nnsight.analysis.evaluators import Perplexity as Perplexity
+from latent_merge_nnsight.analysis.evaluators import TaskAccuracy as TaskAccuracy
 from latent_merge_nnsight.analysis.representations import representations as representations
 from latent_merge_nnsight.analysis.representations import summarize as summarize
-from latent_merge_nnsight.analysis.sweep import Perplexity as Perplexity
-from latent_merge_nnsight.analysis.sweep import TaskAccuracy as TaskAccuracy
 from latent_merge_nnsight.analysis.sweep import best_cells as best_cells
 from latent_merge_nnsight.analysis.sweep import sweep as sweep
 

@@ -12,18 +12,13 @@ short by a kill is dropped and its cell recomputed. Each line records a fingerpr
 (prompts, evaluate, site, positions, op params, model names); a file written for other inputs is refused
 rather than mixed in (pass `resume=False` to start it afresh).
 
-**Reuse below the merge layer.** Cells are visited layer by layer (all ops and alphas of a layer in a row),
-so an evaluator can keep per-layer work between cells. `Perplexity` does: per (texts, layer) it runs the
-base and the sources once up to the merge layer, then for each (op, alpha) it runs only the blocks from
-the merge layer up (the lower blocks are skipped with nnsight's `skip`, fed the cached residual).
-Generation-based evaluators (`TaskAccuracy`) cannot reuse prefixes across alphas: after the first new
-token the merged and base streams differ at every layer.
+Ready-made evaluators (`Perplexity`, `TaskAccuracy`) live in `analysis.evaluators`; cells are visited
+layer by layer so that an evaluator can keep per-layer work between cells.
 """
 
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 import warnings
@@ -33,23 +28,19 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
-from jaxtyping import Float, Int
 from torch import Tensor
 
-from latent_merge_nnsight.analysis.representations import as_model_list, as_recipe, model_device
-from latent_merge_nnsight.capture import Capture, capture
-from latent_merge_nnsight.deltas import Deltas, compute_deltas
+from latent_merge_nnsight.analysis.representations import as_model_list
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.inputs import Batch, encode
+from latent_merge_nnsight.generate import release_engine
 from latent_merge_nnsight.jsonl import read_resumable
-from latent_merge_nnsight.merge import merge_into
 from latent_merge_nnsight.models import check_compatible, model_info
 from latent_merge_nnsight.ops import check_alpha, get_op
 from latent_merge_nnsight.positions import check_positions
 from latent_merge_nnsight.recipe import Recipe
-from latent_merge_nnsight.sites import check_layer, check_site, get_layers
+from latent_merge_nnsight.sites import check_layer, check_site
 
-__all__ = ["COLUMNS", "Perplexity", "TaskAccuracy", "best_cells", "sweep"]
+__all__ = ["COLUMNS", "best_cells", "sweep"]
 
 Evaluate = Callable[[Any, list[Any], Recipe | None, Any], Mapping[str, Any]]
 
@@ -149,7 +140,7 @@ def _evaluate_name(evaluate: Any) -> str:
     return f"{getattr(evaluate, '__module__', '') or type(evaluate).__module__}.{name}"
 
 
-def _fingerprint(config: Mapping[str, Any]) -> str:
+def fingerprint_of(config: Mapping[str, Any]) -> str:
     text = json.dumps(_jsonable(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -299,7 +290,7 @@ def sweep(
                 recipes[cell.key] = recipe
                 cells.append(cell)
 
-    fingerprint = _fingerprint(
+    fingerprint = fingerprint_of(
         {
             "prompts": prompts,
             "evaluate": _evaluate_name(evaluate),
@@ -351,6 +342,8 @@ def sweep(
             bar.update(1)
     finally:
         bar.close()
+        for model in (base, *srcs, *models.values()):
+            release_engine(model)  # an evaluator's kept engine (TaskAccuracy keeps one between cells)
 
     rows = []
     for cell in cells:
@@ -390,266 +383,3 @@ def best_cells(df: pd.DataFrame, metric: str, *, higher_is_better: bool = True) 
         sel = df[(df["system"] == "latent") & cell]
         rows.append(sel.assign(label=f"latent {op} L{int(layer)} a={float(alpha):g}"))
     return pd.concat(rows, ignore_index=True)
-
-
-# ---------------------------------------------------------------------------------------- evaluators
-
-
-def _nll_sums(
-    logits: Float[Tensor, "b p v"], ids: Int[Tensor, "b p"], mask: Int[Tensor, "b p"]
-) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood over real (token, next token) pairs, and their count."""
-    wd = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logp = torch.log_softmax(logits[:, :-1].to(wd), dim=-1)
-    target = ids[:, 1:].to(logp.device)
-    nll = -logp.gather(-1, target[..., None]).squeeze(-1)
-    real = (mask[:, 1:].bool() & mask[:, :-1].bool()).to(nll.device)
-    return float(nll[real].sum()), int(real.sum())
-
-
-@dataclasses.dataclass
-class _Prefix:
-    """What one (texts, layer) needs for every alpha: cached base residual and source captures."""
-
-    key: tuple
-    chunks: list[Batch]
-    base_states: list[Tensor | tuple]  # what the skipped blocks hand on (the residual entering the layer)
-    sources: list[Any]  # per chunk: a Capture, a list of Captures (multi-source) or Deltas
-
-
-class Perplexity:
-    """Evaluator: token-level negative log-likelihood and perplexity of given texts under a (merged) model.
-
-    Use as `sweep(..., evaluate=Perplexity(), prompts=texts)`; the texts are scored whole (every real
-    token after the first), teacher-forced. The merge is applied with `merge_into` in an nnsight trace.
-    Positions: the recipe's, or "all" when the recipe leaves them unset: teacher forcing stands in for
-    generation, where lockstep merging mixes every new token (with the paper's "last", only the final
-    position would change, and its prediction is not scored).
-
-    Reuse: for single-layer recipes it keeps, for the latest (model, sources, texts, layer, site), the
-    base residual entering the merge layer and the sources' captures; each further (op, alpha) skips the
-    base's blocks below the layer (nnsight `skip`, fed the cached residual) and runs no source forward.
-    `reuse_prefix=False` runs everything per call (same numbers, to float rounding).
-
-    Returns `{"nll": mean nats per token, "perplexity": exp(nll), "n_tokens": count}`.
-    """
-
-    def __init__(self, *, batch_size: int = 8, reuse_prefix: bool = True, padding_side: str = "right"):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise LatentMergeError(f"batch_size={batch_size!r}; expected an int >= 1")
-        if padding_side not in ("left", "right"):
-            raise LatentMergeError(f"padding_side={padding_side!r}; expected 'left' or 'right'")
-        self.batch_size = batch_size
-        self.reuse_prefix = reuse_prefix
-        self.padding_side = padding_side
-        self._prefix: _Prefix | None = None
-        self.prefix_runs = 0
-        """How many times a prefix (base and sources up to the merge layer) was computed."""
-
-    def __repr__(self) -> str:
-        return f"Perplexity(batch_size={self.batch_size}, reuse_prefix={self.reuse_prefix})"
-
-    def _chunks(self, model: Any, texts: Any) -> list[Batch]:
-        batch = encode(getattr(model, "tokenizer", None), texts, padding_side=self.padding_side)  # type: ignore[arg-type]
-        ids, mask = batch.input_ids, batch.attention_mask
-        return [
-            Batch(ids[i : i + self.batch_size], mask[i : i + self.batch_size])
-            for i in range(0, ids.shape[0], self.batch_size)
-        ]
-
-    def __call__(
-        self, model: Any, sources: Sequence[Any], recipe: Recipe | None, prompts: Any
-    ) -> dict[str, float]:
-        chunks = self._chunks(model, prompts)
-        total, count = 0.0, 0
-        if recipe is None:
-            for chunk in chunks:
-                c = chunk.to(model_device(model))
-                with torch.no_grad(), model.trace(input_ids=c.input_ids, attention_mask=c.attention_mask):
-                    logits = model.lm_head.output.save()
-                s, k = _nll_sums(logits, c.input_ids, c.attention_mask)
-                total, count = total + s, count + k
-            return self._result(total, count)
-
-        recipe = as_recipe(recipe)
-        spec = get_op(recipe.op)
-        srcs = list(sources)
-        if not srcs and not (spec.static_source and recipe.deltas):
-            raise LatentMergeError(f"sources is empty; recipe op {recipe.op!r} needs a source model")
-        alphas = recipe.layer_alphas(model_info(model).n_layers)
-        positions = recipe.positions if recipe.positions is not None else "all"
-        params = recipe.op_params()
-        layers = sorted(alphas)
-        prefix = self._get_prefix(model, srcs, recipe, prompts, chunks, layers)
-        reuse = self.reuse_prefix and len(layers) == 1 and layers[0] > 0
-        blocks = get_layers(model)
-        for i, chunk in enumerate(chunks):
-            c = chunk.to(model_device(model))
-            with torch.no_grad(), model.trace(input_ids=c.input_ids, attention_mask=c.attention_mask):
-                if reuse:
-                    for b in range(layers[0]):
-                        blocks[b].skip(prefix.base_states[i])
-                for layer in layers:
-                    merge_into(
-                        layer=layer,
-                        source=prefix.sources[i],
-                        op=spec,
-                        alpha=alphas[layer],
-                        positions=positions,
-                        site=recipe.site,
-                        allow_extrapolation=recipe.allow_extrapolation,
-                        **params,
-                    )
-                logits = model.lm_head.output.save()
-            s, k = _nll_sums(logits, c.input_ids, c.attention_mask)
-            total, count = total + s, count + k
-        return self._result(total, count)
-
-    @staticmethod
-    def _result(total: float, count: int) -> dict[str, float]:
-        if count == 0:
-            raise LatentMergeError(
-                "prompts have no token pairs to score; each text needs at least two tokens"
-            )
-        nll = total / count
-        return {"nll": nll, "perplexity": math.exp(nll), "n_tokens": float(count)}
-
-    def _get_prefix(
-        self, model: Any, srcs: list[Any], recipe: Recipe, texts: Any, chunks: list[Batch], layers: list[int]
-    ) -> _Prefix:
-        spec = get_op(recipe.op)
-        key = (
-            id(model),
-            tuple(id(s) for s in srcs),
-            _fingerprint({"texts": texts}),
-            tuple(layers),
-            recipe.site,
-            spec.static_source,
-            recipe.deltas,
-            self.padding_side,
-        )
-        if self._prefix is not None and self._prefix.key == key:
-            return self._prefix
-        self.prefix_runs += 1
-        base_states: list[Any] = []
-        per_chunk_sources: list[Any] = []
-        deltas: Deltas | None = None
-        if spec.static_source:
-            if recipe.deltas is not None:
-                deltas = Deltas.load(recipe.deltas, device=model_device(model))
-            else:
-                deltas = compute_deltas(
-                    model, srcs[0], texts, layers, site=recipe.site, batch_size=self.batch_size
-                )
-        blocks = get_layers(model)
-        for chunk in chunks:
-            if deltas is not None:
-                per_chunk_sources.append(deltas)
-            else:
-                caps: list[Capture] = [
-                    capture(
-                        s,
-                        input_ids=chunk.input_ids,
-                        attention_mask=chunk.attention_mask,
-                        layers=layers,
-                        site=recipe.site,
-                    )
-                    for s in srcs
-                ]
-                per_chunk_sources.append(caps if spec.multi_source else caps[0])
-            if self.reuse_prefix and len(layers) == 1 and layers[0] > 0:
-                c = chunk.to(model_device(model))
-                with (
-                    torch.no_grad(),
-                    model.trace(input_ids=c.input_ids, attention_mask=c.attention_mask) as tracer,
-                ):
-                    out = blocks[layers[0] - 1].output
-                    state = (out[0].clone(),) if isinstance(out, tuple) else out.clone()
-                    state = state.save()
-                    tracer.stop()
-                base_states.append(state)
-        self._prefix = _Prefix(key, chunks, base_states, per_chunk_sources)
-        return self._prefix
-
-
-class TaskAccuracy:
-    """Evaluator for the toy tasks: greedy exact-match accuracy per category, generated with `lmn.generate`.
-
-    `prompts` is a list of `lmn.evaluation.tasks.Example`; each is asked as one user turn (the chat the toy
-    models were trained on), answered greedily within the category's token budget (`tasks.MAX_NEW_TOKENS`
-    unless `max_new_tokens` is given) and scored with `tasks.score`. Op `delta` steers with the recipe's
-    `deltas` file, or else with `compute_deltas(model, sources[0], the prompts' chats, layers)`.
-    Returns `{category: {"accuracy": x}}`.
-    """
-
-    def __init__(self, *, max_new_tokens: int | None = None, batch_size: int = 64, engine: str = "auto"):
-        if max_new_tokens is not None and (
-            isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1
-        ):
-            raise LatentMergeError(f"max_new_tokens={max_new_tokens!r}; expected an int >= 1 or None")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise LatentMergeError(f"batch_size={batch_size!r}; expected an int >= 1")
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-        self.engine = engine
-        self._deltas: tuple[tuple, Deltas] | None = None
-
-    def __repr__(self) -> str:
-        return f"TaskAccuracy(max_new_tokens={self.max_new_tokens}, batch_size={self.batch_size})"
-
-    def __call__(
-        self, model: Any, sources: Sequence[Any], recipe: Recipe | None, prompts: Any
-    ) -> dict[str, Any]:
-        from latent_merge_nnsight.evaluation.tasks import MAX_NEW_TOKENS, Example, accuracy, chat_messages
-        from latent_merge_nnsight.generate import generate
-
-        examples = list(prompts)
-        if not examples:
-            raise LatentMergeError("prompts=[] is empty; expected a list of evaluation.tasks.Example")
-        for i, ex in enumerate(examples):
-            if not isinstance(ex, Example):
-                raise LatentMergeError(
-                    f"prompts[{i}] has type {type(ex).__name__}; TaskAccuracy expects "
-                    "evaluation.tasks.Example items (e.g. from tasks.make_eval_set)"
-                )
-        chats = [chat_messages(ex.prompt) for ex in examples]
-        merge_sources: Any = None
-        if recipe is not None:
-            recipe = as_recipe(recipe)
-            merge_sources = list(sources)
-            if get_op(recipe.op).static_source:
-                merge_sources = self._steering(model, merge_sources, recipe, chats)
-        outputs: list[str] = [""] * len(examples)
-        by_category: dict[str, list[int]] = {}
-        for i, ex in enumerate(examples):
-            by_category.setdefault(ex.category, []).append(i)
-        for category, idx in by_category.items():
-            budget = self.max_new_tokens or MAX_NEW_TOKENS.get(category, 64)
-            for start in range(0, len(idx), self.batch_size):
-                rows = idx[start : start + self.batch_size]
-                result = generate(
-                    model,
-                    merge_sources,
-                    [chats[i] for i in rows],
-                    recipe,
-                    max_new_tokens=budget,
-                    engine=self.engine,
-                )
-                for i, text in zip(rows, result.texts, strict=True):
-                    outputs[i] = text
-        return {c: {"accuracy": a} for c, a in accuracy(examples, outputs).items()}
-
-    def _steering(self, model: Any, sources: list[Any], recipe: Recipe, chats: list[Any]) -> Deltas:
-        if recipe.deltas is not None:
-            return Deltas.load(recipe.deltas, device=model_device(model))
-        if not sources:
-            raise LatentMergeError(
-                "op 'delta' needs a source model to compute deltas from (or a recipe with a deltas file)"
-            )
-        layers = sorted(recipe.layer_alphas(model_info(model).n_layers))
-        key = (id(model), id(sources[0]), _fingerprint({"chats": chats}), recipe.site)
-        if self._deltas is None or self._deltas[0] != key or not set(layers) <= set(self._deltas[1].vectors):
-            n = model_info(model).n_layers
-            every = sorted(set(range(min(n, model_info(sources[0]).n_layers))))
-            self._deltas = (key, compute_deltas(model, sources[0], chats, every, site=recipe.site))
-        return self._deltas[1]

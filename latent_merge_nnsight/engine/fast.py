@@ -82,7 +82,7 @@ class PairedEngine:
     Arguments:
         base, sources: the models as stacks (sources may hold fewer blocks: `up_to_layer`).
         plan: the resolved recipe.
-        batch: number of rows.
+        batch: number of rows its buffers hold (a run may use fewer: see `reuse`).
         capacity: KV slots per row (prompt width + new tokens).
         cuda_graphs: capture the decode step (CUDA only); None means "on CUDA".
         static_step: run the fixed-shape decode step that CUDA graphs capture, without capturing it
@@ -113,7 +113,8 @@ class PairedEngine:
         self.caches: list[KVCache] = [base.new_cache(capacity)] + [
             s.new_cache(capacity) for s in self.sources
         ]
-        self.rows = batch
+        self.rows = batch  # rows of the current run (fewer once finished rows are dropped)
+        self.max_rows = batch
         self.kv_mask = torch.zeros(batch, capacity, dtype=torch.long, device=self.device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=self.device)
         merges = dict(plan.merges) if plan.mode == "merge" else {}
@@ -141,7 +142,7 @@ class PairedEngine:
                 self.params["weights"] = regmean_weights(self.params["weights"], len(self.sources)).to(
                     self.device
                 )
-        self.layout = self._layout(base, self.sources, plan, batch)
+        self.layout = self._layout(base, self.sources, plan)
         self.graphs: dict[int, _Graph | _Eager] = {}
         self._pool: Any = None
         self.graph_error: str | None = None
@@ -150,24 +151,31 @@ class PairedEngine:
     # keeping an engine for the next call
 
     @staticmethod
-    def _layout(base: Stack, sources: list[Stack], plan: Plan, batch: int) -> tuple:
-        """What a captured step depends on besides the values of alphas and deltas (which `reuse` swaps)."""
+    def _layout(base: Stack, sources: list[Stack], plan: Plan) -> tuple:
+        """What a captured step depends on besides the values of alphas and deltas (which `reuse` swaps)
+        and the batch size (each size has its own graph)."""
         alphas = tuple((layer, a is None) for layer, a in plan.merges) if plan.mode == "merge" else ()
         deltas = None if plan.deltas is None else tuple((k, tuple(v.shape)) for k, v in plan.deltas.items())
         params = tuple(sorted((k, repr(v)) for k, v in plan.params.items()))
         op = None if plan.op is None else plan.op.name
         models = (id(base.hf), *(id(s.hf) for s in sources))
-        return (models, plan.mode, op, plan.site, repr(plan.positions), alphas, deltas, params, batch)
+        return (models, plan.mode, op, plan.site, repr(plan.positions), alphas, deltas, params)
+
+    def same_layout(self, base: Stack, sources: list[Stack], plan: Plan, compile_step: bool) -> bool:
+        """Whether a run of `plan` could reuse this engine's captured steps, given room enough."""
+        live = sources if plan.live_sources else []
+        return self.static and compile_step == self.compiled and self._layout(base, live, plan) == self.layout
 
     def reuse(
         self, base: Stack, sources: list[Stack], plan: Plan, batch: int, capacity: int, compile_step: bool
     ) -> bool:
-        """Make this engine ready for a new run of the same layout (new alphas and deltas, fresh caches),
-        keeping its buffers and captured graphs. Returns False (and changes nothing) when it cannot."""
-        live = sources if plan.live_sources else []
-        if self._layout(base, live, plan, batch) != self.layout or capacity > self.capacity:
+        """Make this engine ready for a new run of the same layout with at most `max_rows` rows and
+        `capacity` slots (new alphas and deltas, fresh caches), keeping its buffers and captured graphs
+        (a batch size it has not run before costs one capture). Returns False (and changes nothing) when
+        it cannot."""
+        if not self.same_layout(base, sources, plan, compile_step):
             return False
-        if compile_step != self.compiled or not self.static:
+        if batch > self.max_rows or capacity > self.capacity:
             return False
         merges = dict(plan.merges) if plan.mode == "merge" else {}
         with torch.inference_mode():
@@ -180,7 +188,7 @@ class PairedEngine:
                     self.deltas[layer].copy_(vector)
             self.kv_mask.zero_()
             self.next_pos.zero_()
-        self.rows = batch  # self.plan stays: the new plan has the same layout (a compiled step guards on it)
+        # self.plan stays: the new plan has the same layout (a compiled step guards on it)
         for cache in self.caches:
             cache.reset()
         return True
@@ -241,8 +249,9 @@ class PairedEngine:
         self, ids: Int[Tensor, "batch prompt"], mask: Int[Tensor, "batch prompt"]
     ) -> tuple[Tensor, Tensor | None]:
         """Run the (left-padded) prompts; returns next-token logits."""
-        width = ids.shape[1]
-        self.kv_mask[:, :width] = mask
+        rows, width = ids.shape
+        self.rows = rows  # a reused engine may hold more rows than this run has
+        self.kv_mask[:rows, :width] = mask
         self.next_pos = mask.sum(dim=-1)
         for cache in self.caches:
             cache.begin(width)

@@ -5,22 +5,18 @@ first; ``"BA"`` shows it second, and the verdict is mapped back to the original 
 bias shows up as order inconsistency instead of as a win. Each raw judgment is appended (flushed) to a
 JSONL cache keyed by (pair_id, order, judge_model, template_id): an interrupted run resumes without
 losing or repeating a judgment. Retries (429, 5xx, timeouts, connection errors) are ours, with
-exponential backoff and jitter; the SDK's own retries are off. The API key is read from the
-environment and never logged or written.
+exponential backoff and jitter; the SDK's own retries are off (`evaluation.openai_chat`). The API key
+is read from the environment and never logged or written.
 """
 
 import asyncio
-import ipaddress
 import json
 import logging
-import os
-import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.judgebench import (
@@ -31,22 +27,35 @@ from latent_merge_nnsight.evaluation.judgebench import (
     read_jsonl,
     verdict_to_decision,
 )
+from latent_merge_nnsight.evaluation.openai_chat import JudgeRequestError, Messages, OpenAIChat, SleepFn
 from latent_merge_nnsight.jsonl import read_resumable
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "ORDERS",
+    "UNCATEGORIZED",
+    "CompleteFn",
+    "Comparison",
+    "JudgeRequestError",
+    "Judgment",
+    "JudgmentCache",
+    "OpenAIChat",
+    "judge_pairs",
+    "judge_pairs_sync",
+    "judgebench_accuracy",
+    "judgebench_accuracy_openai",
+    "judgebench_accuracy_sync",
+    "load_comparisons",
+    "load_judgments",
+    "load_responses",
+]
+
 ORDERS: tuple[str, ...] = ("AB", "BA")
 UNCATEGORIZED = "uncategorized"
-Messages = list[dict[str, str]]
 CompleteFn = Callable[[Messages], Awaitable[str]]
 """An async callable: chat messages -> the judge's reply text (an OpenAI endpoint or a local model)."""
-SleepFn = Callable[[float], Awaitable[Any]]
-_RETRY_STATUS = frozenset({408, 409, 429})
 _SWAP = {"A": "B", "B": "A", "tie": "tie", None: None}
-
-
-class JudgeRequestError(RuntimeError):
-    """A judge request failed for good: a non-retryable status, or retries exhausted."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,145 +171,6 @@ def load_comparisons(
     if not comparisons:
         raise LatentMergeError(f"{path_a} and {path_b} share no pair_id")
     return comparisons
-
-
-# ---------------------------------------------------------------------------------------------------
-# OpenAI-compatible client with our own retries
-# ---------------------------------------------------------------------------------------------------
-
-
-def _is_loopback(base_url: str | None) -> bool:
-    host = urlparse(base_url or "").hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _api_key(api_key_env: str, base_url: str | None) -> str:
-    key = os.environ.get(api_key_env)
-    if key:
-        return key
-    if _is_loopback(base_url):
-        return "unused-local-key"  # local servers usually ignore the key, but the SDK wants one
-    raise LatentMergeError(
-        f"api_key_env={api_key_env!r}: the environment variable {api_key_env} is not set; export your "
-        f"API key there (a local server without auth accepts any value, e.g. {api_key_env}=dummy)"
-    )
-
-
-def _retry_after(exc: Exception) -> float | None:
-    response = getattr(exc, "response", None)
-    value = response.headers.get("retry-after") if response is not None else None
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
-
-
-class OpenAIChat:
-    """Async `CompleteFn` over an OpenAI-compatible ``/chat/completions`` endpoint.
-
-    Retries 408/409/429/5xx, timeouts and connection errors up to ``max_retries`` times, waiting
-    ``min(max_delay, base_delay * 2**attempt)`` scaled by a random factor in [0.5, 1] (or the server's
-    ``Retry-After`` when longer). Other errors raise `JudgeRequestError` at once. ``sleep`` is
-    injectable so tests need not wait.
-    """
-
-    def __init__(
-        self,
-        judge_model: str,
-        base_url: str | None = None,
-        *,
-        api_key_env: str = "OPENAI_API_KEY",
-        max_retries: int = 6,
-        base_delay: float = 1.0,
-        max_delay: float = 60.0,
-        timeout: float = 120.0,
-        temperature: float | None = 0.0,
-        max_tokens: int | None = None,
-        sleep: SleepFn = asyncio.sleep,
-        seed: int | None = None,
-    ) -> None:
-        if max_retries < 0:
-            raise LatentMergeError(f"max_retries={max_retries} must be >= 0")
-        if base_delay < 0 or max_delay < 0:
-            raise LatentMergeError(f"base_delay={base_delay}, max_delay={max_delay} must be >= 0")
-        import openai
-
-        self._openai = openai
-        self.judge_model = judge_model
-        self.base_url = base_url
-        self.max_retries, self.base_delay, self.max_delay = max_retries, base_delay, max_delay
-        self.temperature, self.max_tokens = temperature, max_tokens
-        self._sleep = sleep
-        self._rng = random.Random(seed)
-        self.requests_sent = 0
-        self._client = openai.AsyncOpenAI(
-            base_url=base_url, api_key=_api_key(api_key_env, base_url), max_retries=0, timeout=timeout
-        )
-
-    def __repr__(self) -> str:  # never show the key
-        return f"OpenAIChat(judge_model={self.judge_model!r}, base_url={self.base_url!r})"
-
-    def _retryable(self, exc: Exception) -> bool:
-        if isinstance(exc, self._openai.APIConnectionError):  # includes APITimeoutError
-            return True
-        return isinstance(exc, self._openai.APIStatusError) and (
-            exc.status_code in _RETRY_STATUS or exc.status_code >= 500
-        )
-
-    def backoff(self, attempt: int, exc: Exception | None = None) -> float:
-        """Seconds to wait before retry number ``attempt + 1`` (0-based ``attempt``)."""
-        delay = min(self.max_delay, self.base_delay * 2.0**attempt) * (0.5 + 0.5 * self._rng.random())
-        hint = _retry_after(exc) if exc is not None else None
-        return min(self.max_delay, max(delay, hint)) if hint is not None else delay
-
-    async def __call__(self, messages: Messages) -> str:
-        kwargs: dict[str, Any] = {"model": self.judge_model, "messages": messages}
-        if self.temperature is not None:
-            kwargs["temperature"] = self.temperature
-        if self.max_tokens is not None:
-            kwargs["max_tokens"] = self.max_tokens
-        for attempt in range(self.max_retries + 1):
-            self.requests_sent += 1
-            try:
-                response = await self._client.chat.completions.create(**kwargs)
-            except self._openai.OpenAIError as exc:
-                status = getattr(exc, "status_code", None)
-                if not self._retryable(exc) or attempt == self.max_retries:
-                    tried = f"after {attempt + 1} attempt{'s' if attempt else ''}"
-                    detail = str(exc).replace(self._client.api_key, "***")[:300]  # a server may echo the key
-                    raise JudgeRequestError(
-                        f"judge request to {self.base_url or 'api.openai.com'} (model {self.judge_model!r}) "
-                        f"failed {tried}: {type(exc).__name__} (status {status}): {detail}"
-                    ) from None  # the SDK exception may hold an echoed key; its text is scrubbed above
-                delay = self.backoff(attempt, exc)
-                logger.info(
-                    "judge request failed (%s, status %s); retry %d in %.2fs",
-                    type(exc).__name__,
-                    status,
-                    attempt + 1,
-                    delay,
-                )
-                await self._sleep(delay)
-                continue
-            if not response.choices:
-                return ""
-            return response.choices[0].message.content or ""
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def aclose(self) -> None:
-        """Close the underlying HTTP client."""
-        await self._client.close()
-
-    async def __aenter__(self) -> "OpenAIChat":
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        await self.aclose()
 
 
 # ---------------------------------------------------------------------------------------------------

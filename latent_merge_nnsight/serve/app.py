@@ -15,7 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation.systems import Completion, System, load_system
+from latent_merge_nnsight.evaluation.loaded import Completion, load_system
+from latent_merge_nnsight.evaluation.systems import System
 from latent_merge_nnsight.serve.batching import Batcher
 
 __all__ = ["create_app", "run_serve", "start_server"]

@@ -1,0 +1,385 @@
+"""A loaded system: its models in memory, generation in one worker thread, provenance, judge callables.
+
+`System.load()` (or `load_system`) gives a `LoadedSystem` whose `generate(prompts)` returns texts and
+whose `complete(prompts)` also returns finish reasons and token counts. A merge source is loaded only up
+to the recipe's highest layer (its upper blocks are never needed). All generation of one loaded system
+runs in one worker thread behind one lock: an nnsight model must not be traced from two threads.
+`complete_fn()` wraps it as the async judge callable, batching concurrent calls (`serve.batching`), and
+`judgebench_accuracy_system` runs JudgeBench's official protocol with a system as the judge.
+"""
+
+import asyncio
+import importlib
+import importlib.metadata
+import json
+import platform
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.evaluation.systems import Sampling, System, WeightMerge, explain_errors
+
+__all__ = ["Completion", "LoadedSystem", "judge_model_id", "judgebench_accuracy_system", "load_system"]
+
+_VERSIONED_PACKAGES = ("torch", "transformers", "nnsight", "latent_merge_nnsight", "pydantic")
+
+
+def load_system(system: "str | Path | System | LoadedSystem") -> "LoadedSystem":
+    """A `LoadedSystem` from a YAML path, a `System`, or one already loaded (returned as is)."""
+    if isinstance(system, LoadedSystem):
+        return system
+    if isinstance(system, System):
+        return system.load()
+    if isinstance(system, str | Path):
+        return System.from_file(system).load()
+    raise LatentMergeError(
+        f"system has type {type(system).__name__}; expected a YAML path, a System or a LoadedSystem"
+    )
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer: its text, why it ended (``"stop"`` or ``"length"``) and token counts."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+class LoadedSystem:
+    """A `System` with its models in memory, ready to generate.
+
+    Attributes:
+        config: the `System` it was loaded from.
+        name: the system's name.
+        base: the nnsight model that generates (the weight-merged model for kind ``weight``).
+        sources: the source models (latent and ensemble kinds).
+        tokenizer: the base model's tokenizer.
+    """
+
+    def __init__(self, config: System) -> None:
+        from latent_merge_nnsight.models import load
+
+        self.config = config
+        self.name = config.name
+        load_kwargs: dict[str, Any] = {"dtype": config.dtype}
+        if config.device_map is not None:
+            load_kwargs["device_map"] = config.device_map
+        if config.quantization is not None:
+            load_kwargs["quantization"] = config.quantization
+        base_ref = config.resolve(config.base)
+        source_refs = [config.resolve(s) for s in config.sources]
+        self.sources: list[Any] = []
+        if config.kind == "weight":
+            assert config.weight_merge is not None
+            self.base = _weight_merged(base_ref, source_refs, config.weight_merge, config, load_kwargs)
+        else:
+            self.base = load(base_ref, **load_kwargs)
+        if config.kind in ("latent", "ensemble"):
+            from latent_merge_nnsight.models import model_info
+
+            up_to = config.source_up_to_layer(model_info(self.base).full_n_layers)
+            extra = {"up_to_layer": up_to} if up_to is not None else {}
+            self.sources = [load(ref, **load_kwargs, **extra) for ref in source_refs]
+            recipe = config.recipe
+            if recipe is not None and recipe.op == "delta" and not self.sources:
+                if recipe.deltas is None:
+                    raise LatentMergeError(
+                        f"system {config.name!r}: op 'delta' without sources needs recipe.deltas "
+                        "(a safetensors file from lmn.compute_deltas(...).save(path))"
+                    )
+                from latent_merge_nnsight.deltas import Deltas
+
+                self.sources = [Deltas.load(config.resolve(recipe.deltas))]
+        self.tokenizer = self.base.tokenizer
+        self._counter = _token_counter(self.tokenizer)
+        self._lock = threading.Lock()
+        self._counter_lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lmn-{config.name}")
+        self.generate_calls = 0
+
+    def __repr__(self) -> str:
+        return f"LoadedSystem(name={self.name!r}, kind={self.config.kind!r}, base={self.config.base!r})"
+
+    # ------------------------------------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest prompt the base model is meant for (config or tokenizer limit), if known."""
+        from latent_merge_nnsight.models import hf_module
+
+        limits = [getattr(hf_module(self.base).config, "max_position_embeddings", None)]
+        tok_max = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(tok_max, int) and tok_max < 10**7:  # transformers uses ~1e30 for "no limit"
+            limits.append(tok_max)
+        limits = [x for x in limits if isinstance(x, int) and x > 0]
+        return min(limits) if limits else None
+
+    def count_prompt_tokens(self, prompt: str | Sequence[Mapping[str, Any]]) -> int:
+        """Tokens of one prompt as `generate` will see it (chat template applied to a chat).
+
+        Safe to call from any thread while the model generates: it uses a private copy of the tokenizer.
+        """
+        from latent_merge_nnsight.inputs import is_chat
+
+        if is_chat(prompt):
+            text = self.tokenizer.apply_chat_template(
+                list(prompt), add_generation_prompt=True, tokenize=False
+            )
+            special = False
+        elif isinstance(prompt, str):
+            text, special = prompt, True
+        else:
+            raise LatentMergeError(f"prompt has type {type(prompt).__name__}; expected a string or a chat")
+        with self._counter_lock:
+            return self._counter(text, special)
+
+    def sampling(self, **overrides: Any) -> Sampling:
+        """The system's sampling settings with ``overrides`` applied (validated)."""
+        unknown = sorted(set(overrides) - set(Sampling.model_fields))
+        if unknown:
+            raise LatentMergeError(
+                f"unknown sampling overrides {unknown}; expected some of {sorted(Sampling.model_fields)}"
+            )
+        try:
+            return Sampling.model_validate(self.config.sampling.model_dump() | overrides)
+        except ValidationError as exc:
+            raise LatentMergeError(f"sampling overrides are invalid:\n{explain_errors(exc)}") from None
+
+    def complete(self, prompts: Sequence[Any], **overrides: Any) -> list[Completion]:
+        """Generate one answer per prompt (strings are used as is, chats get the chat template).
+
+        ``overrides`` replace the system's sampling settings for this call (``max_new_tokens``,
+        ``temperature``, ``seed``, ``stop``, ...). Thread-safe: calls run one at a time.
+        """
+        from latent_merge_nnsight.inputs import is_chat
+
+        if isinstance(prompts, str) or is_chat(prompts):
+            raise LatentMergeError(
+                "prompts must be a list of prompts (strings or chats), not a single prompt"
+            )
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        sampling = self.sampling(**overrides)
+        with self._lock:
+            self.generate_calls += 1
+            result = self._generate(prompts, sampling)
+        texts, reasons = list(result.texts), list(result.finish_reasons)
+        if len(texts) != len(prompts) or len(reasons) != len(prompts):
+            raise RuntimeError(f"generate returned {len(texts)} texts for {len(prompts)} prompts")
+        # prompt tokens: the real ones in the prompt columns; new tokens: each row's ids (with a final EOS)
+        prompt_tokens = result.attention_mask[:, : result.prompt_width].sum(dim=-1).tolist()
+        new_tokens = [len(t) for t in result.tokens]
+        return [
+            Completion(t, _finish_reason(r), int(p), n)
+            for t, r, p, n in zip(texts, reasons, prompt_tokens, new_tokens, strict=True)
+        ]
+
+    def generate(self, prompts: Sequence[Any], **overrides: Any) -> list[str]:
+        """The answer texts for `prompts` (see `complete` for finish reasons and token counts)."""
+        return [c.text for c in self.complete(prompts, **overrides)]
+
+    def _generate(self, prompts: list[Any], sampling: Sampling) -> Any:
+        """One `lmn.generate` call in this system's mode."""
+        from latent_merge_nnsight.generate import generate
+
+        kwargs = sampling.generate_kwargs()
+        if self.config.engine is not None:
+            kwargs["engine"] = self.config.engine
+        kind = self.config.kind
+        if kind == "ensemble":
+            assert self.config.ensemble is not None
+            return generate(self.base, self.sources[0], prompts, self.config.ensemble.build(), **kwargs)
+        if kind == "latent":
+            sources = self.sources[0] if len(self.sources) == 1 else self.sources
+            return generate(self.base, sources, prompts, self.config.recipe, **kwargs)
+        return generate(self.base, None, prompts, None, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------
+
+    def provenance(self) -> dict[str, Any]:
+        """What produced an output: the system file's content, models, recipe, sampling, seed, versions."""
+        from latent_merge_nnsight.models import model_info
+
+        def describe(model: Any, ref: str | None) -> dict[str, Any]:
+            if not hasattr(model, "_module") and not hasattr(model, "config"):  # e.g. steering Deltas
+                return {"ref": ref, "type": type(model).__name__}
+            info = model_info(model)
+            return {"ref": ref, "n_layers": info.n_layers, "full_n_layers": info.full_n_layers}
+
+        refs: list[str | None] = (
+            list(self.config.sources) if self.config.kind in ("latent", "ensemble") else []
+        )
+        if self.config.recipe is not None and self.config.recipe.deltas is not None and not refs:
+            refs = [self.config.recipe.deltas]
+        return {
+            "system": self.config.to_dict(),
+            "name": self.name,
+            "kind": self.config.kind,
+            "models": {
+                "base": self.config.base,
+                "sources": list(self.config.sources),
+                "loaded": [describe(self.base, self.config.base)]
+                + [describe(m, r) for m, r in zip(self.sources, refs, strict=True)],
+            },
+            "recipe": self.config.recipe.to_dict() if self.config.recipe is not None else None,
+            "weight_merge": self.config.weight_merge.model_dump() if self.config.weight_merge else None,
+            "ensemble": self.config.ensemble.model_dump() if self.config.ensemble else None,
+            "sampling": self.config.sampling.model_dump(),
+            "seed": self.config.sampling.seed,
+            "versions": _package_versions(),
+        }
+
+    # ------------------------------------------------------------------------------------------------
+
+    def run_in_worker(self, fn: Callable[[], Any]) -> "asyncio.Future[Any]":
+        """Run ``fn`` in this system's single generation thread (from a running event loop)."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def complete_fn(self, *, max_batch_size: int = 8, max_wait_ms: float = 5.0, **overrides: Any) -> Any:
+        """An async ``messages -> reply text`` callable (a judge's `CompleteFn`) that batches calls.
+
+        Concurrent calls (e.g. `judgebench_accuracy` with ``concurrency=8``) are collected into one
+        `generate` call of up to ``max_batch_size`` prompts. ``overrides`` set sampling for every call.
+        """
+        from latent_merge_nnsight.serve.batching import SystemCompleteFn
+
+        self.sampling(**overrides)  # validate now, not on the first call
+        return SystemCompleteFn(
+            self, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, overrides=overrides
+        )
+
+    def close(self) -> None:
+        """Stop the generation thread (the models stay in memory until the object is dropped)."""
+        self._executor.shutdown(wait=True)
+
+
+def _token_counter(tokenizer: Any) -> Callable[[str, bool], int]:
+    """A token-counting function over a private copy of the tokenizer's backend (rebuilt from its JSON,
+    so counting never touches the padding state that batched encoding sets on the shared tokenizer)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        from tokenizers import Tokenizer
+
+        private = Tokenizer.from_str(backend.to_str())
+        private.no_padding()
+        private.no_truncation()
+        return lambda text, special: len(private.encode(text, add_special_tokens=special).ids)
+    lock = threading.Lock()
+
+    def count(text: str, special: bool) -> int:  # a slow tokenizer: serialise its use
+        with lock:
+            return len(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    return count
+
+
+def _finish_reason(reason: str) -> str:
+    """`lmn.generate`'s "eos" / "stop" (a stop string) / "length" as OpenAI's "stop" / "length"."""
+    return "length" if reason == "length" else "stop"
+
+
+def _weight_merged(
+    base_ref: str, source_refs: list[str], spec: WeightMerge, config: System, load_kwargs: dict[str, Any]
+) -> Any:
+    """Merge in weight space (mergekit or RegMean) and load the merged checkpoint like any model.
+
+    With ``spec.out`` the checkpoint is kept there and reused by later loads; without it the merge goes
+    to a temporary directory that is removed once the model is in memory.
+    """
+    import tempfile
+
+    from latent_merge_nnsight.baselines.weights import merge_weights
+    from latent_merge_nnsight.models import load
+
+    def merge(out: Path) -> None:
+        merge_weights(
+            base_ref,
+            source_refs,
+            spec.method,
+            spec.alpha,
+            weights=spec.weights,
+            out=out,
+            load=False,
+            dtype=spec.merge_dtype,
+            device=spec.merge_device,
+            allow_extrapolation=spec.allow_extrapolation,
+            **spec.params,
+        )
+
+    if spec.out is not None:
+        out = Path(spec.out)
+        out = out if out.is_absolute() or config._base_dir is None else config._base_dir / out
+        if not (out / "config.json").is_file():
+            merge(out)
+        return load(out, **load_kwargs)
+    with tempfile.TemporaryDirectory(prefix="lmn-system-merge-") as scratch:
+        merge(Path(scratch) / "merged")
+        return load(Path(scratch) / "merged", **load_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A system as the judge of JudgeBench's official protocol (no API needed)
+# ---------------------------------------------------------------------------------------------------
+
+
+def judge_model_id(system: "LoadedSystem", overrides: Mapping[str, Any] | None = None) -> str:
+    """``name-<hash>``: the system's name plus a hash of its settings, so a judgment cache never mixes
+    judgments of two different setups that share a name."""
+    import hashlib
+
+    blob = json.dumps([system.config.to_dict(), dict(overrides or {})], sort_keys=True)
+    return f"{system.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+
+def judgebench_accuracy_system(
+    pairs: Sequence[Any],
+    system: "str | Path | System | LoadedSystem",
+    template: Any,
+    *,
+    cache_path: str | Path | None = None,
+    batch_size: int = 8,
+    both_orders: bool = True,
+    progress: bool = True,
+    **overrides: Any,
+) -> list[dict[str, Any]]:
+    """JudgeBench's official protocol with a local system as the judge (`lmn judgebench-accuracy
+    --judge-system`): returns records in JudgeBench's output format, for `official_accuracy`.
+
+    Judge requests are batched ``batch_size`` at a time (twice that many are kept in flight so the next
+    batch gathers while one generates). ``overrides`` set the judge's sampling (e.g. ``max_new_tokens``).
+    """
+    from latent_merge_nnsight.evaluation.judge import judgebench_accuracy_sync
+
+    loaded = load_system(system)
+    fn = loaded.complete_fn(max_batch_size=batch_size, **overrides)
+    model_id = judge_model_id(loaded, overrides)
+    return judgebench_accuracy_sync(
+        pairs,
+        fn,
+        template,
+        cache_path=cache_path,
+        judge_model=model_id,
+        judge_name=loaded.name,
+        both_orders=both_orders,
+        concurrency=2 * batch_size,
+        progress=progress,
+    )
