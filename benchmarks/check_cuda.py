@@ -3,9 +3,10 @@
     python benchmarks/check_cuda.py [--out results.json]
 
 On tiny float64 models on the GPU, for each recipe the greedy tokens of the fast engine replaying a
-captured CUDA graph must equal those of the same engine stepping eagerly, of the nnsight engine, and of
-a plain-PyTorch forward-pre-hook loop (the paper's algorithm, one row at a time). It also checks that the
-graphs were really used (no silent eager fallback), that rows finishing early (the batch shrinking under
+captured CUDA graph must equal those of the same engine stepping eagerly, of the nnsight engine (its
+sources' decode steps replaying their own graphs), and of a plain-PyTorch forward-pre-hook loop (the
+paper's algorithm, one row at a time). It also checks that the graphs were really used (no silent eager
+fallback), that rows finishing early (the batch shrinking under
 graphs) and a kept engine reused with new alphas give the same tokens, and that 50 generations leave
 GPU memory flat. Exits non-zero when any check fails.
 """
@@ -91,6 +92,9 @@ def main() -> None:
             assert used, f"graphs not used: {graphs.info.get('cuda_graph_error')}"
             eager = generate(base, sources, PROMPTS, recipe, engine="fast", cuda_graphs=False, **kw)
             traced = generate(base, sources, PROMPTS, recipe, engine="nnsight", **kw)
+            if "cuda_graphs" in traced.info:  # live sources: their decode steps replay CUDA graphs
+                used = traced.info["cuda_graphs"] or not on_gpu
+                assert used, f"source graphs not used: {traced.info.get('cuda_graph_error')}"
             assert graphs.tokens == eager.tokens, (graphs.tokens, eager.tokens)
             assert graphs.tokens == traced.tokens, (graphs.tokens, traced.tokens)
             if name in reference_args:
@@ -106,7 +110,7 @@ def main() -> None:
                     assert graphs.tokens[row] == expected, (row, graphs.tokens[row], expected)
             return {"tokens_row0": graphs.tokens[0]}
 
-        check(f"graph == eager == nnsight (== hook loop): {name}", one)
+        check(f"graph == eager == nnsight with source graphs (== hook loop): {name}", one)
 
     def rows_finish_early() -> dict:
         recipe = lmn.Recipe(op="slerp", layers={1: 0.3, 2: 0.6})
@@ -138,7 +142,8 @@ def main() -> None:
         if not on_gpu:
             return {}
         recipe = lmn.Recipe(op="slerp", layers={2: 0.5})
-        generate(base, ft, PROMPTS, recipe, max_new_tokens=N_NEW)
+        generate(base, ft, PROMPTS, recipe, max_new_tokens=N_NEW)  # warm-ups: what stays is not growth
+        generate(base, ft, PROMPTS, recipe, max_new_tokens=N_NEW, engine="nnsight")
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         for _ in range(50):
@@ -148,7 +153,13 @@ def main() -> None:
         gc.collect()
         after_gc = torch.cuda.memory_allocated()
         detail = {"allocated_before": before, "allocated_after": after, "allocated_after_gc": after_gc}
+        # the nnsight engine captures its sources' steps afresh each generation and frees them after
+        for _ in range(20):
+            generate(base, ft, PROMPTS, recipe, max_new_tokens=N_NEW, engine="nnsight")
+        torch.cuda.synchronize()
+        detail["allocated_after_nnsight"] = torch.cuda.memory_allocated()
         assert after - before < 2**20, detail
+        assert detail["allocated_after_nnsight"] - after < 2**20, detail
         return detail
 
     def compiled_step() -> dict:
@@ -162,7 +173,7 @@ def main() -> None:
 
     check("rows finishing early (batch shrinks under graphs)", rows_finish_early)
     check("kept engine reused with new alphas and a smaller batch", kept_engine_reused)
-    check("50 generations leave GPU memory flat", memory_flat)
+    check("50 (fast) + 20 (nnsight) generations leave GPU memory flat", memory_flat)
     check("compiled decode step (torch.compile, then captured)", compiled_step)
 
     summary = {

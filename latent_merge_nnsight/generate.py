@@ -297,7 +297,7 @@ def _run_fast(
     run.info.update(
         cuda_graphs=bool(engine.graphs) and engine.use_graphs,
         compiled_step=engine.compiled and engine.static,
-        cuda_graph_error=engine.graph_error,
+        cuda_graph_error=engine.graphs.error,
         kv_cache_bytes=engine.cache_bytes(),
         source_blocks_per_step=engine.src_blocks,
     )
@@ -382,7 +382,8 @@ def generate(
             generates exactly max_new_tokens.
         num_beams: must be 1 (beam search would need the sources' caches reordered with the base's).
         engine: "auto" (the fast engine when it supports the models, else nnsight), "fast", "nnsight".
-        cuda_graphs: fast engine on CUDA: capture the decode step as a CUDA graph (default: yes).
+        cuda_graphs: on CUDA, capture decode steps as CUDA graphs (default: yes): the fast engine's whole
+            paired step; the nnsight engine's source steps (the base runs under nnsight's trace).
         keep_engine: fast engine on CUDA: keep its KV caches and captured graphs on the base after this
             call, so the next call with the same models and recipe layout (alphas and deltas may change)
             and a batch no larger skips the capture (a batch size not seen before costs one). The kept
@@ -425,4 +426,4 @@ def generate(
         return _run_fast(base, models, plan, run, options)
     from latent_merge_nnsight.pair import run_nnsight
 
-    return run_nnsight(base, models, plan, run)
+    return run_nnsight(base, models, plan, run, cuda_graphs=cuda_graphs)

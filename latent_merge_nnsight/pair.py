@@ -15,7 +15,8 @@ the block (with a warning); read results after the block (`tracer.generation`, s
 that site in the current forward, runs the source model on exactly the tokens the base is processing
 now (plain torch, block by block, with its own KV cache), and returns its residual there. The source
 stops after the highest block anyone asked for, so its upper layers are never computed (and need not
-be loaded: `lmn.load(ft_id, up_to_layer=20)`).
+be loaded: `lmn.load(ft_id, up_to_layer=20)`). On CUDA each decode step of a source (its embedding and
+all the blocks it runs) replays one captured CUDA graph, so the source costs no per-block Python work.
 
 Token choice and stopping come from the package's own sampler (`lmn.sampling`), so a seed gives the same
 tokens here as with `lmn.generate(..., engine="fast")`. Beam search is not offered: it reorders the
@@ -27,7 +28,6 @@ import warnings
 from typing import Any
 
 import torch
-from jaxtyping import Float
 from nnsight.intervention.tracer import InterleavingTracer
 from torch import Tensor
 from transformers import (
@@ -40,143 +40,16 @@ from transformers import (
 
 from latent_merge_nnsight.baselines.ensemble import mix_logits
 from latent_merge_nnsight.engine.plan import Plan
-from latent_merge_nnsight.engine.stack import Stack, attention_bias, mask_positions
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.inputs import Batch
+from latent_merge_nnsight.live import LiveSource
 from latent_merge_nnsight.merge import merge_into
-from latent_merge_nnsight.models import check_compatible, hf_module, last_inputs, model_info
+from latent_merge_nnsight.models import check_compatible, hf_module, model_info
 from latent_merge_nnsight.positions import position_mask
 from latent_merge_nnsight.sampling import Sampler, Tracker
-from latent_merge_nnsight.sites import Site, check_layer, check_site, get_layers, read_resid
+from latent_merge_nnsight.sites import Site
 
 __all__ = ["LiveSource", "Pair", "PairTracer", "pair"]
-
-
-class LiveSource:
-    """A source model's residual stream at the step a traced base model is running (a `ResidSource`).
-
-    Arguments:
-        base: the traced base model (nnsight).
-        model: the source model (a shallow one from `up_to_layer` works).
-        up_to_layer: run the source through block `up_to_layer` every step, so any site up to that layer
-            can be asked for at any step. Without it the source runs as deep as the deepest request at the
-            prompt step; asking deeper at a later step is an error (its deeper caches would lack the
-            earlier tokens).
-    """
-
-    def __init__(self, base: Any, model: Any, *, up_to_layer: int | None = None):
-        self.base = base
-        self.model = model
-        self.info = model_info(model)
-        self.stack = Stack(model)
-        if up_to_layer is not None:
-            check_layer(up_to_layer, self.info.n_layers, what="up_to_layer", model_name=self.info.name)
-        self.min_blocks = 0 if up_to_layer is None else up_to_layer + 1
-        self.budget = 64
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the current generation (frees the KV cache)."""
-        self.cache = None
-        self._ids: Tensor | None = None
-        self._h: Tensor | None = None
-        self._states: dict[int, Tensor] = {}
-        self._ran = 0
-        self.depth = self.min_blocks
-
-    def __repr__(self) -> str:
-        return f"LiveSource({self.info.name}, blocks run per step={self.depth} of {self.info.n_layers})"
-
-    # ------------------------------------------------------------------------------------------------
-
-    def resid(self, layer: int, site: Site) -> Float[Tensor, "batch pos d_model"]:
-        """The source's residual at (layer, site) for the tokens the base is processing now."""
-        check_site(site)
-        check_layer(layer, self.info.n_layers, model_name=self.info.name)
-        if not getattr(self.base.interleaver, "interleaving", False):
-            raise LatentMergeError(
-                "a live source's state exists only inside a trace of its base: use it in "
-                "`with pair.generate(...)` (or a trace of the pair's base model)"
-            )
-        # reading the base at this site parks the trace body until the model gets there, so the tokens
-        # recorded below are those of the forward now running (the body runs ahead otherwise)
-        read_resid(get_layers(self.base)[layer], site)
-        self._sync()
-        return self._state(layer + (1 if site == "post" else 0), layer)
-
-    def logits(self) -> Float[Tensor, "batch vocab"]:
-        """The source's next-token logits for the base's latest forward (the whole model runs)."""
-        self._sync()
-        h = self._state(self.info.n_layers, self.info.n_layers - 1)
-        return self.stack.logits(h[:, -1])
-
-    # ------------------------------------------------------------------------------------------------
-
-    def _sync(self) -> None:
-        """Start a source forward on the base's latest tokens, if it has not started yet."""
-        recorded = last_inputs(self.base)
-        ids, mask = recorded if recorded is not None else (None, None)
-        if ids is None:
-            raise LatentMergeError(
-                "the base's latest forward recorded no input_ids; wrap the base with lmn.wrap"
-            )
-        if ids is self._ids:
-            return
-        self._complete()
-        new = ids.shape[1]
-        if mask is None:  # HF generate drops an all-ones mask: no padding, so the mask is all ones
-            prompt = self.cache is None or new > 1  # decoding steps feed one token
-            past = 0 if prompt else self.cache.end
-            mask = torch.ones(ids.shape[0], past + new, dtype=torch.long, device=ids.device)
-        width = mask.shape[1]
-        if width == new:  # a prompt: a new generation starts
-            self.reset()
-            self.cache = self.stack.new_cache(width + self.budget)
-        elif self.cache is None or self.cache.end != width - new:
-            have = 0 if self.cache is None else self.cache.end
-            raise LatentMergeError(
-                f"the source is out of step with the base: it holds {have} tokens, the base {width - new}; "
-                "a live source follows one generation from its prompt on"
-            )
-        dev = self.stack.device
-        ids, mask = ids.to(dev), mask.to(dev)
-        self.cache.begin(new)
-        self._ids = recorded[0]
-        self._pos = mask_positions(mask)[:, -new:]
-        self._bias = attention_bias(mask, width - new, new, self.stack.dtype)
-        self._h, self._ctx = self.stack.embed(ids, self._pos)
-        self._ran = 0
-        self._states = {0: self._h}
-
-    def _run_to(self, blocks: int) -> None:
-        while self._ran < blocks:
-            self._h = self.stack.block(self._ran, self._h, self._bias, self._pos, self._ctx, self.cache)
-            self._ran += 1
-
-    def _state(self, blocks: int, layer: int) -> Tensor:
-        """The residual after `blocks` blocks (asked for as a site of `layer`)."""
-        if blocks in self._states:
-            return self._states[blocks]
-        if blocks < self._ran:
-            raise LatentMergeError(
-                f"asked for the source state after {blocks} blocks after it ran {self._ran}; "
-                "ask in layer order"
-            )
-        if blocks > self.depth and self.cache.start > 0:
-            raise LatentMergeError(
-                f"asked for the source state after {blocks} blocks, but earlier steps ran only "
-                f"{self.depth}, so "
-                f"its deeper KV caches lack those tokens; pass up_to_layer={layer} to lmn.pair"
-            )
-        self._run_to(blocks)
-        self.depth = max(self.depth, blocks)
-        self._states[blocks] = self._h
-        return self._h
-
-    def _complete(self) -> None:
-        """Finish the previous step up to the depth every step runs (keeps all caches in step)."""
-        if self._h is not None and self._ran < self.depth:
-            self._run_to(self.depth)
 
 
 class _Step(LogitsProcessor):
@@ -263,7 +136,9 @@ class Pair:
         ft: the first (usually only) live source; `sources` for RegMean.
     """
 
-    def __init__(self, base: Any, sources: Any, *, up_to_layer: int | None = None):
+    def __init__(
+        self, base: Any, sources: Any, *, up_to_layer: int | None = None, cuda_graphs: bool | None = None
+    ):
         if not hasattr(base, "interleaver"):
             raise LatentMergeError(
                 f"base has type {type(base).__name__}; lmn.pair needs an nnsight model from lmn.load "
@@ -275,7 +150,7 @@ class Pair:
         for m in models:
             check_compatible(base, m)
         self.base = base
-        self.sources = [LiveSource(base, m, up_to_layer=up_to_layer) for m in models]
+        self.sources = [LiveSource(base, m, up_to_layer=up_to_layer, cuda_graphs=cuda_graphs) for m in models]
 
     @property
     def ft(self) -> LiveSource:
@@ -302,13 +177,14 @@ class Pair:
         return open_trace(self.base, self.sources, run, plan=None)
 
 
-def pair(base: Any, sources: Any, *, up_to_layer: int | None = None) -> Pair:
+def pair(base: Any, sources: Any, *, up_to_layer: int | None = None, cuda_graphs: bool | None = None) -> Pair:
     """Pair a base model with one source model (or a list, for RegMean) for lockstep generation traces.
 
     Inside `with pair.generate(...)`, `pair.ft` (or `pair.sources`) is the sources' live state, to pass
     as `source=` to `lmn.merge_into`. Sources loaded with `lmn.load(..., up_to_layer=L)` save memory.
+    On CUDA each source's decode step runs as a captured CUDA graph unless `cuda_graphs=False`.
     """
-    return Pair(base, sources, up_to_layer=up_to_layer)
+    return Pair(base, sources, up_to_layer=up_to_layer, cuda_graphs=cuda_graphs)
 
 
 def _generate_kwargs(base: Any, live: list[LiveSource], run: Any, plan: Plan | None) -> dict[str, Any]:
@@ -329,31 +205,40 @@ def _generate_kwargs(base: Any, live: list[LiveSource], run: Any, plan: Plan | N
     )
 
 
+def _finish_sources(run: Any, live: list[LiveSource]) -> None:
+    """Record whether the sources' steps ran as CUDA graphs, then free their caches and graphs."""
+    if live:
+        run.info["cuda_graphs"] = all(s.graphs.use_graphs for s in live)
+        run.info["cuda_graph_error"] = next((s.graphs.error for s in live if s.graphs.error), None)
+    for s in live:
+        s.reset()
+
+
 def open_trace(base: Any, live: list[LiveSource], run: Any, plan: Plan | None) -> PairTracer:
     """A `PairTracer` over `base.generate` with the package's sampler and stopping (not yet entered)."""
     tracer = base.trace(tracer_cls=PairTracer, **_generate_kwargs(base, live, run, plan))
 
     def finish(ok: bool) -> Any:
-        for s in live:
-            s.reset()
+        _finish_sources(run, live)
         return run.result("nnsight") if ok else None
 
     tracer._lmn_finish = finish
     return tracer
 
 
-def run_nnsight(base: Any, sources: list[Any], plan: Plan, run: Any) -> Any:
+def run_nnsight(
+    base: Any, sources: list[Any], plan: Plan, run: Any, *, cuda_graphs: bool | None = None
+) -> Any:
     """Run `plan` through nnsight's `base.generate`: one trace with a merge at every step (the
     `engine="nnsight"` path); without merges (base alone, ensemble) the same call runs untraced."""
-    live = [LiveSource(base, m) for m in sources]
+    live = [LiveSource(base, m, cuda_graphs=cuda_graphs) for m in sources]
     merges = plan.merges if plan.mode == "merge" else []
     if not merges:
         try:
             with torch.no_grad():
                 base.trace(trace=False, **_generate_kwargs(base, live, run, plan))
         finally:
-            for s in live:
-                s.reset()
+            _finish_sources(run, live)
         return run.result("nnsight")
     if plan.deltas is not None:
         source: Any = _StaticSource(plan.deltas)

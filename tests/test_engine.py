@@ -328,3 +328,32 @@ def test_a_kept_engine_takes_new_deltas_and_leaves_the_callers_untouched(models,
     assert again.info["engine_reused"] and again.tokens == expected
     assert all(torch.equal(saved[k], first.vectors[k]) for k in saved)
     generate_module.release_engine(base)
+
+
+@pytest.mark.parametrize(
+    ("engine", "module", "name", "what"),
+    [
+        ("fast", "latent_merge_nnsight.generate", "PairedEngine", "the decode step"),
+        ("nnsight", "latent_merge_nnsight.pair", "LiveSource", "the source step"),
+    ],
+)
+def test_a_failed_capture_falls_back_to_the_eager_step_with_a_warning(
+    models, monkeypatch, engine, module, name, what
+):
+    """The fast engine's paired step and the nnsight engine's source step: capture forced on CPU fails."""
+    base, ft = models
+    owner = importlib.import_module(module)
+    recipe = lmn.Recipe(op="slerp", layers={1: 0.3, 2: 0.6})
+    kw = dict(max_new_tokens=N_NEW, ignore_eos=True, engine=engine)
+    eager = generate(base, ft, PROMPTS, recipe, **kw)
+
+    class Forced(getattr(owner, name)):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.graphs.use_graphs = self.static = True
+
+    monkeypatch.setattr(owner, name, Forced)
+    with pytest.warns(UserWarning, match=f"CUDA graph capture of {what} failed"):
+        out = generate(base, ft, PROMPTS, recipe, **kw)
+    assert out.tokens == eager.tokens
+    assert out.info["cuda_graphs"] is False and out.info["cuda_graph_error"]

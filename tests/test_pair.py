@@ -126,3 +126,74 @@ def test_pair_checks_its_models(models):
         pair(hf_module(base), ft)
     with pytest.raises(LatentMergeError, match="max_new_tokens"):
         pair(base, ft).generate(PROMPTS, max_new_tokens=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the sources' decode step as one fixed-shape step (what a CUDA graph captures), checked on CPU
+
+FIXED_CASES = {
+    "slerp-two-layers": (lambda ft, ft2: ft, lmn.Recipe(op="slerp", layers={1: 0.3, 3: 0.7})),
+    "lerp-site-post": (lambda ft, ft2: ft, lmn.Recipe(op="lerp", layers={2: 0.8}, site="post")),
+    "slerp-positions-all": (lambda ft, ft2: ft, lmn.Recipe(op="slerp", layers={1: 0.5}, positions="all")),
+    "regmean-two-sources": (lambda ft, ft2: [ft, ft2], lmn.Recipe(op="regmean", layers={2: 0.6})),
+    "ensemble": (lambda ft, ft2: ft, lmn.Ensemble(b=0.6)),
+}
+
+
+def _fixed_live_sources(monkeypatch) -> list[int]:
+    """Make run_nnsight's live sources take the fixed-shape step on CPU; returns a replay counter."""
+    import functools
+    import importlib
+
+    from latent_merge_nnsight.engine.graphs import EagerStep
+
+    pair_module = importlib.import_module("latent_merge_nnsight.pair")
+    fixed = functools.partial(pair_module.LiveSource, static_step=True)
+    monkeypatch.setattr(pair_module, "LiveSource", fixed)
+    replays = [0]
+    original = EagerStep.replay
+
+    def counting(self):
+        replays[0] += 1
+        return original(self)
+
+    monkeypatch.setattr(EagerStep, "replay", counting)
+    return replays
+
+
+@pytest.mark.parametrize("case", list(FIXED_CASES))
+def test_fixed_shape_source_step_gives_the_tokens_of_the_eager_source(models, monkeypatch, case):
+    base, ft, ft2 = models
+    make_sources, recipe = FIXED_CASES[case]
+    sources = make_sources(ft, ft2)
+    kw = dict(max_new_tokens=N_NEW, ignore_eos=True)
+    eager = generate(base, sources, PROMPTS, recipe, engine="nnsight", **kw)
+    fast = generate(base, sources, PROMPTS, recipe, engine="fast", **kw)  # checked against the hook loop
+    replays = _fixed_live_sources(monkeypatch)
+    fixed = generate(base, sources, PROMPTS, recipe, engine="nnsight", **kw)
+    n_sources = len(sources) if isinstance(sources, list) else 1
+    assert replays[0] == n_sources * (N_NEW - 1)  # every decode step of every source, none eager
+    assert fixed.tokens == eager.tokens == fast.tokens
+    assert fixed.info["cuda_graphs"] is False  # a CPU run: fixed-shape, not captured
+
+
+def test_fixed_shape_source_states_saved_each_step_are_copies(models, monkeypatch):
+    """The fixed step's outputs are buffers it overwrites next step; what a user saves must not change."""
+    base, ft, _ = models
+
+    def run(static: bool) -> list[torch.Tensor]:
+        p = pair(base, ft)
+        for s in p.sources:
+            s.static = static
+        with p.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True) as tracer:
+            states = list().save()
+            for _step in tracer.iter[:]:
+                states.append(p.ft.resid(2, "pre")[:, -1])
+                lmn.merge_into(layer=2, source=p.ft, op="lerp", alpha=0.5)
+        return list(states)
+
+    eager, fixed = run(False), run(True)
+    assert len(fixed) == N_NEW
+    for a, b in zip(eager, fixed, strict=True):  # float64: equal up to the summation order over slots
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
+    assert (fixed[1] - fixed[2]).abs().max() > 1e-3  # distinct steps kept distinct values

@@ -14,66 +14,18 @@ when at most half of the rows are left (each new batch size costs one capture).
 """
 
 import functools
-import warnings
-from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from latent_merge_nnsight.engine.graphs import StepGraphs
 from latent_merge_nnsight.engine.plan import Plan
 from latent_merge_nnsight.engine.stack import KVCache, Stack, attention_bias, mask_positions
 from latent_merge_nnsight.ops import regmean_weights
 from latent_merge_nnsight.positions import position_mask
 
 __all__ = ["PairedEngine"]
-
-
-_SIDE_STREAMS: dict[int, Any] = {}
-
-
-def _side_stream() -> Any:
-    """One warm-up/capture stream per device, reused by every capture: cuBLAS keeps a workspace for each
-    stream it has seen, so a fresh stream per capture leaves a workspace behind each time (on an H200 this
-    held 17 MB per capture, up to the 32 streams of torch's pool)."""
-    device = torch.cuda.current_device()
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
-
-
-class _Graph:
-    """One captured decode step for a fixed batch size."""
-
-    def __init__(self, step: Any, pool: Any = None):
-        stream = _side_stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        mode = torch.cuda.get_sync_debug_mode()
-        with torch.cuda.stream(stream):  # warm-up outside the graph (rewrites the same cache slot)
-            step()  # the first call may compile (torch.compile), which is allowed to synchronise
-            torch.cuda.set_sync_debug_mode("error")  # a step that synchronises cannot be captured
-            try:
-                step()
-            finally:
-                torch.cuda.set_sync_debug_mode(mode)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool, stream=stream):
-            self.out = step()
-
-    def replay(self) -> Any:
-        self.graph.replay()
-        return self.out
-
-
-class _Eager:
-    """Stands in for `_Graph` off CUDA (`static_step=True`): runs the same fixed-shape step each time."""
-
-    def __init__(self, step: Any):
-        self.step = step
-
-    def replay(self) -> Any:
-        return self.step()
 
 
 class PairedEngine:
@@ -125,9 +77,9 @@ class PairedEngine:
         # during decoding "last"/"all" select every new token, explicit prompt indices select none
         probe = position_mask(torch.ones(1, 1, dtype=torch.long), plan.positions, decoding=True)
         self.decode_merges = bool(probe.all())
-        self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
-        self.use_graphs = self.use_graphs and self.device.type == "cuda"
-        self.static = self.use_graphs or static_step or compile_step
+        use_graphs = self.device.type == "cuda" and (cuda_graphs is None or bool(cuda_graphs))
+        self.graphs = StepGraphs(self.device, use_graphs, "the decode step")
+        self.static = use_graphs or static_step or compile_step
         self.compiled = compile_step
         self._step_fn = torch.compile(self._graph_step, dynamic=False) if compile_step else self._graph_step
         if self.static:
@@ -143,9 +95,11 @@ class PairedEngine:
                     self.device
                 )
         self.layout = self._layout(base, self.sources, plan)
-        self.graphs: dict[int, _Graph | _Eager] = {}
-        self._pool: Any = None
-        self.graph_error: str | None = None
+
+    @property
+    def use_graphs(self) -> bool:
+        """Whether decode steps are captured as CUDA graphs (turned off for good by a failed capture)."""
+        return self.graphs.use_graphs
 
     # ------------------------------------------------------------------------------------------------
     # keeping an engine for the next call
@@ -310,25 +264,14 @@ class PairedEngine:
             cache.graph_mode, cache.write_index = True, self._g_slot
         written = False
         try:
-            if rows not in self.graphs and not self.use_graphs:
-                self.graphs[rows] = _Eager(functools.partial(self._step_fn, rows))
-            elif rows not in self.graphs:
-                with torch.cuda.device(self.device):
-                    graph = _Graph(functools.partial(self._step_fn, rows), pool=self._pool)
-                self.graphs[rows] = graph
-                self._pool = graph.graph.pool()
-            base_logits, src_logits = self.graphs[rows].replay()
+            out = self.graphs.replay(rows, functools.partial(self._step_fn, rows))
+            if out is None:  # capture failed: decode eagerly from here on
+                self.static = False
+                self.kv_mask, self.next_pos = self.kv_mask[:rows], self.next_pos[:rows]
+                return None
             written = True
+            base_logits, src_logits = out
             return base_logits.clone(), None if src_logits is None else src_logits.clone()
-        except Exception as e:  # capture is best effort: fall back to the eager step
-            if not self.use_graphs:
-                raise
-            self.graph_error = f"{type(e).__name__}: {e}"
-            warnings.warn(f"CUDA graph capture failed ({self.graph_error}); decoding eagerly", stacklevel=2)
-            self.use_graphs = self.static = False
-            self.graphs.clear()
-            self.kv_mask, self.next_pos = self.kv_mask[:rows], self.next_pos[:rows]
-            return None
         finally:
             for cache in self.caches:
                 cache.graph_mode = False
@@ -342,7 +285,6 @@ class PairedEngine:
         """Drop the captured graphs, the caches and the step buffers now (a finished engine not kept for
         the next call), rather than whenever the garbage collector gets to them."""
         self.graphs.clear()
-        self._pool = None
         for cache in self.caches:
             cache.keys = [None] * cache.n_layers
             cache.values = [None] * cache.n_layers
