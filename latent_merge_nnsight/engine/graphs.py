@@ -28,7 +28,7 @@ def side_stream() -> Any:
 
 
 class CapturedStep:
-    """One captured decode step for a fixed batch size."""
+    """One captured fixed-shape step (a decode step for one batch size), replayed on its static buffers."""
 
     def __init__(self, step: Any, pool: Any = None):
         stream = side_stream()
