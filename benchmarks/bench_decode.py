@@ -10,7 +10,10 @@ Methods (same prompts, greedy, exactly `--new` tokens per row):
   decode step; CUDA only);
 - `hook_loop`: a plain-PyTorch re-implementation of the paper's loop: two full models, forward-pre-hooks,
   one row at a time, its own decode loop with a KV cache per model;
-- `nnsight`: `lmn.generate(engine="nnsight")`, the source loaded only up to the merge layer;
+- `nnsight`: `lmn.generate(engine="nnsight")`, the source loaded only up to the merge layer (on CUDA its
+  decode steps replay a captured CUDA graph);
+- `nnsight_eager` (not in the default list): the same with `cuda_graphs=False`, the source stepped block by
+  block from Python (how the nnsight engine ran before its source steps were captured);
 - `fast`: `lmn.generate(engine="fast")`, the source loaded only up to the merge layer;
 - `fast_compiled` (not in the default list: a compilation per batch size): the same with
   `compile_step=True`, the decode step through `torch.compile` before it is captured.
@@ -41,6 +44,8 @@ import torch
 import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
+ENGINE_METHODS = ("nnsight", "nnsight_eager", "fast", "fast_compiled")
+"""Methods that run `lmn.generate` (the source loaded only up to the merge layer)."""
 sys.path.insert(0, str(ROOT))
 
 import latent_merge_nnsight as lmn  # noqa: E402
@@ -202,6 +207,8 @@ def run_lmn(base: Any, ft: Any, ids: torch.Tensor, new: int, layer: int, engine:
     keep: dict[str, Any] = {"keep_engine": True} if engine.startswith("fast") else {}
     if engine == "fast_compiled":
         engine, keep["compile_step"] = "fast", True
+    if engine == "nnsight_eager":
+        engine, keep["cuda_graphs"] = "nnsight", False
     out = generate(
         base, ft, None, recipe, input_ids=ids, max_new_tokens=new, ignore_eos=True, engine=engine, **keep
     )
@@ -339,7 +346,10 @@ def main() -> None:
         "default: the whole batch, 2 for qwen2.5-7b)",
     )
     parser.add_argument(
-        "--methods", nargs="*", default=["hf_eager", "hf_static_compile", "hook_loop", "nnsight", "fast"]
+        "--methods",
+        nargs="*",
+        choices=["hf_eager", "hf_static_compile", "hook_loop", *ENGINE_METHODS],
+        default=["hf_eager", "hf_static_compile", "hook_loop", "nnsight", "fast"],
     )
     parser.add_argument(
         "--budget-s", type=float, help="skip the method groups that would start after this many seconds"
@@ -376,7 +386,7 @@ def main() -> None:
     # the hook loop runs two full models; the engines run the source only up to the merge layer. On the GPU
     # each set of models is loaded only for its own methods, so the peak counts just the models in use.
     on_gpu = device.type == "cuda"
-    engines = [m for m in methods if m in ("nnsight", "fast", "fast_compiled")]
+    engines = [m for m in methods if m in ENGINE_METHODS]
     alone = [m for m in methods if m.startswith("hf_")]
     ft_full = build(preset, device, seed=1) if "hook_loop" in methods and not on_gpu else None
     ft = None
@@ -506,7 +516,7 @@ def report(
                 checks[name] = r["speedup_over_hook_loop"] >= need
             if r["method"] == "nnsight" and b == 1:
                 checks["nnsight_at_least_1.5x_hook_loop_batch1"] = r["speedup_over_hook_loop"] >= 1.5
-        if device.type == "cuda" and r["method"] in ("fast", "fast_compiled", "nnsight"):
+        if device.type == "cuda" and r["method"] in ENGINE_METHODS:
             checks[f"{r['method']}_peak_at_most_26GiB_batch{b}"] = r["peak_bytes"] <= 26 * gib
     return {
         "benchmark": "bench_decode",

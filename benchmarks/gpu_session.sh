@@ -22,5 +22,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, nnsight; print('torch', torch.__version__, 'transformers', transformers.__version__, 'nnsight', nnsight.__version__)"
 timeout "${CHECK_TIMEOUT:-150}" python3 benchmarks/check_cuda.py --out "$OUT/check_cuda.json" 2>&1 | tee "$OUT/check_cuda.log" | grep -E "PASS|FAIL|passed|Error" 
 timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/bench_decode.py --preset qwen2.5-7b --budget-s "${BUDGET_S:-200}" \
-    --methods ${METHODS:-hf_eager hf_static_compile hook_loop nnsight fast} \
+    --methods ${METHODS:-hf_eager hf_static_compile hook_loop nnsight nnsight_eager fast} \
     --out "$OUT/decode_qwen2.5-7b_cuda${TAG:-}.json" 2>&1 | tee "$OUT/bench_decode${TAG:-}.log"

@@ -24,7 +24,7 @@ def test_check_cuda_runs_every_check_on_cpu(tmp_path):
 
 def test_bench_decode_measures_every_method_it_is_given(tmp_path):
     out = tmp_path / "bench.json"
-    methods = ["hf_eager", "hook_loop", "nnsight", "fast", "fast_compiled"]
+    methods = ["hf_eager", "hook_loop", "nnsight", "nnsight_eager", "fast", "fast_compiled"]
     small = ["--preset", "tiny", "--prompt", "8", "--new", "4", "--batches", "1", "2", "--repeats", "1"]
     proc = _run("benchmarks/bench_decode.py", *small, "--methods", *methods, "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
