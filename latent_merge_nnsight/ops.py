@@ -247,9 +247,7 @@ def regmean(
     elif isinstance(weights, Tensor) and weights.device == b.device and weights.device.type != "cpu":
         # already on the accelerator: checking its values would synchronise (and break a CUDA graph);
         # the engines check the weights on the host before moving them
-        w = weights.to(wd).flatten()
-        if w.shape[0] != m:
-            raise LatentMergeError(f"regmean: weights has {w.shape[0]} entries for {m} sources; expected {m}")
+        w = _check_count(weights.to(wd).flatten(), m)
         w = w / w.sum()
     else:
         w = regmean_weights(weights, m).to(device=b.device, dtype=wd)
@@ -260,12 +258,17 @@ def regmean(
     return result.to(hb.dtype)
 
 
+def _check_count(w: Float[Tensor, " n"], m: int) -> Float[Tensor, " m"]:
+    """`w` itself, once it has one entry per source (a shape check: it needs no device sync)."""
+    if w.shape[0] != m:
+        raise LatentMergeError(f"regmean: weights has {w.shape[0]} entries for {m} sources; expected {m}")
+    return w
+
+
 def regmean_weights(weights: "Tensor | Sequence[float]", m: int) -> Float[Tensor, " m"]:
     """RegMean source weights checked (m finite, non-negative, not all zero) and normalised to sum to 1,
     as a float64 CPU tensor."""
-    w = torch.as_tensor(weights, dtype=torch.float64, device="cpu").flatten()
-    if w.shape[0] != m:
-        raise LatentMergeError(f"regmean: weights has {w.shape[0]} entries for {m} sources; expected {m}")
+    w = _check_count(torch.as_tensor(weights, dtype=torch.float64, device="cpu").flatten(), m)
     if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
         raise LatentMergeError(f"regmean: weights={w.tolist()} must be finite, non-negative and not all zero")
     return w / w.sum()
