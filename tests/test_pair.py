@@ -182,14 +182,16 @@ def test_fixed_shape_source_states_saved_each_step_are_copies(models, monkeypatc
     base, ft, _ = models
 
     def run(static: bool) -> list[torch.Tensor]:
-        p = pair(base, ft)
+        # with up_to_layer every step runs 3 blocks, and each step may ask for another layer
+        p = pair(base, ft, up_to_layer=2)
         for s in p.sources:
             s.static = static
         with p.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True) as tracer:
             states = list().save()
-            for _step in tracer.iter[:]:
-                states.append(p.ft.resid(2, "pre")[:, -1])
-                lmn.merge_into(layer=2, source=p.ft, op="lerp", alpha=0.5)
+            for step in tracer.iter[:]:
+                layer = 1 + step % 2
+                states.append(p.ft.resid(layer, "pre")[:, -1])
+                lmn.merge_into(layer=layer, source=p.ft, op="lerp", alpha=0.5)
         return list(states)
 
     eager, fixed = run(False), run(True)
