@@ -128,16 +128,12 @@ class LiveSource:
             )
         dev = self.stack.device
         ids, mask = ids.to(dev), mask.to(dev)
+        self.cache.begin(new)  # may grow the cache: `_step_fixed` then recaptures on the new buffers
         self._replayed = None
-        if self.static and new == 1 and self.depth > 0 and width <= self.cache.capacity:
-            self.cache.begin(new)
-            if self._step_fixed(ids, mask):
-                self._ids = recorded[0]
-                self._states, self._ran = {}, self.depth
-                return
-        else:
-            self.cache.begin(new)
         self._ids = recorded[0]
+        if self.static and new == 1 and self.depth > 0 and self._step_fixed(ids, mask):
+            self._states, self._ran = {}, self.depth
+            return
         self._pos = mask_positions(mask)[:, -new:]
         self._bias = attention_bias(mask, width - new, new, self.stack.dtype)
         self._h, self._ctx = self.stack.embed(ids, self._pos)
@@ -183,7 +179,7 @@ class LiveSource:
 
     def _step_fixed(self, ids: Int[Tensor, "batch 1"], mask: Int[Tensor, "batch slots"]) -> bool:
         """Run this decode step, every block up to `depth`, as one fixed-shape step writing the cache slot
-        just reserved. Returns False (having changed nothing) when capture failed: run it eagerly."""
+        just reserved. Returns False when capture failed: the step then runs eagerly in that slot."""
         rows, width = mask.shape
         cache = self.cache
         if not hasattr(self, "_g_kv") or self._g_kv.shape != (rows, cache.capacity):

@@ -1,5 +1,7 @@
 """`lmn.pair`: the traceable lockstep form, with the user's own interventions in the same trace."""
 
+import functools
+
 import pytest
 import torch
 from reference import block, hidden_states, ref_slerp
@@ -199,3 +201,21 @@ def test_fixed_shape_source_states_saved_each_step_are_copies(models, monkeypatc
     for a, b in zip(eager, fixed, strict=True):  # float64: equal up to the summation order over slots
         torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
     assert (fixed[1] - fixed[2]).abs().max() > 1e-3  # distinct steps kept distinct values
+
+
+def test_fixed_shape_source_step_survives_a_cache_that_grows(models, monkeypatch):
+    """A source cache sized too small grows mid-generation (new buffers): the fixed step is rebuilt."""
+    import importlib
+
+    pair_module = importlib.import_module("latent_merge_nnsight.pair")
+    base, ft, _ = models
+    recipe = lmn.Recipe(op="slerp", layers={2: 0.5})
+    kw = dict(max_new_tokens=N_NEW, ignore_eos=True, engine="nnsight")
+    eager = generate(base, ft, PROMPTS, recipe, **kw)
+
+    class Cramped(pair_module.LiveSource):
+        budget = property(lambda self: 1, lambda self, value: None)  # room for one new token only
+
+    monkeypatch.setattr(pair_module, "LiveSource", functools.partial(Cramped, static_step=True))
+    grown = generate(base, ft, PROMPTS, recipe, **kw)
+    assert grown.tokens == eager.tokens
