@@ -14,7 +14,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from latent_merge_nnsight.engine.graphs import StepGraphs
-from latent_merge_nnsight.engine.stack import Stack, attention_bias, mask_positions
+from latent_merge_nnsight.engine.stack import Stack, mask_positions
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import last_inputs, model_info
 from latent_merge_nnsight.sites import Site, check_layer, check_site, get_layers, read_resid
@@ -135,7 +135,7 @@ class LiveSource:
             self._states, self._ran = {}, self.depth
             return
         self._pos = mask_positions(mask)[:, -new:]
-        self._bias = attention_bias(mask, width - new, new, self.stack.dtype)
+        self._bias = self.stack.attention_bias(mask, width - new, new)
         self._h, self._ctx = self.stack.embed(ids, self._pos)
         self._ran = 0
         self._states = {0: self._h}
@@ -205,7 +205,7 @@ class LiveSource:
 
     def _fixed_step(self) -> list[Tensor]:
         """Embedding and blocks `0..depth-1` on the step buffers; the residual after each number of blocks."""
-        bias = attention_bias(self._g_kv, self._g_slot, 1, self.stack.dtype)
+        bias = self.stack.attention_bias(self._g_kv, self._g_slot, 1)
         h, context = self.stack.embed(self._g_ids, self._g_pos)
         states = [h]
         for i in range(self.depth):

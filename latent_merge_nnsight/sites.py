@@ -60,12 +60,23 @@ def register_architecture(model_type: str, layers: str, final_norm: str | None =
     return arch
 
 
+LLAMA_LIKE = (
+    "qwen2",
+    "qwen3",
+    "llama",
+    "mistral",
+    "mixtral",
+    "gemma",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "olmo",
+    "olmo2",
+)
+"""Families laid out like Llama: `model.layers` of blocks, `model.norm` before the LM head."""
+
 for _types, _layers, _norm in [
-    (
-        ("qwen2", "qwen3", "llama", "mistral", "mixtral", "gemma", "gemma2", "phi3", "olmo", "olmo2"),
-        "model.layers",
-        "model.norm",
-    ),
+    (LLAMA_LIKE, "model.layers", "model.norm"),
     (("gpt2",), "transformer.h", "transformer.ln_f"),
     (("gpt_neox",), "gpt_neox.layers", "gpt_neox.final_layer_norm"),
 ]:

@@ -8,12 +8,14 @@ import pytest
 import torch
 import transformers
 from reference import position_ids
-from reference_generate import lockstep_generate
-from tiny import batch_sizes_seen, hf_pair, make_tokenizer, pair
+from reference_generate import ensemble_generate, lockstep_generate
+from tiny import ARCHS, batch_sizes_seen, hf_pair, make_tokenizer, pair
 from tiny import config as tiny_config
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight.engine.fast import PairedEngine
+from latent_merge_nnsight.engine.graphs import EagerStep
 from latent_merge_nnsight.engine.stack import KVCache, Stack, attention_bias, fast_support, mask_positions
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generate import generate
@@ -71,9 +73,31 @@ def test_kv_cache_writes_at_the_cursor_and_keeps_rows():
         cache.update(torch.randn(1, 1, 1, 4), torch.randn(1, 1, 1, 4), 0)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "gpt2", "gpt_neox"])
-def test_stack_prefill_and_decode_equal_hf_forward(arch):
-    hf, _ = hf_pair(arch, n_layers=3, seed=4)
+def test_attention_bias_with_a_window_keeps_only_the_latest_slots():
+    kv_mask = torch.tensor([[0, 1, 1, 1, 1, 1]])
+    allowed = attention_bias(kv_mask, start=3, n_new=3, dtype=torch.float64, window=2)[0, 0] == 0
+    # queries at slots 3, 4, 5 see their own slot and the one before (HF's `kv > q - window`)
+    expected = torch.tensor(
+        [
+            [False, False, True, True, False, False],
+            [False, False, False, True, True, False],
+            [False] * 4 + [True] * 2,
+        ]
+    )
+    assert torch.equal(allowed, expected)
+
+
+WINDOWED = ["qwen2", "qwen3", "mistral", "mixtral", "gemma2", "gemma3_text", "phi3"]
+
+
+@pytest.mark.parametrize(
+    ("arch", "window"), [(a, None) for a in ARCHS] + [(a, 3) for a in WINDOWED], ids=lambda v: str(v)
+)
+def test_stack_prefill_and_decode_equal_hf_forward(arch, window):
+    # Gemma 2 attends eagerly with a float32 softmax: in float64 the mask's minimum becomes -inf there,
+    # and a left pad's query turns NaN (in HF as here), so they run in float32
+    dtype, atol = (torch.float32, 1e-5) if arch == "gemma2" else (torch.float64, 1e-10)
+    hf, _ = hf_pair(arch, n_layers=3, seed=4, window=window, dtype=dtype)
     stack = Stack(hf)
     ids = torch.tensor([[0, 0, 40, 41, 42], [50, 51, 52, 53, 54]])
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
@@ -87,16 +111,21 @@ def test_stack_prefill_and_decode_equal_hf_forward(arch):
         cache.begin(5)
         h, ctx = stack.embed(ids, mask_positions(mask))
         for i in range(stack.n_layers):
-            h = stack.block(i, h, attention_bias(mask, 0, 5, h.dtype), mask_positions(mask), ctx, cache)
+            h = stack.block(i, h, stack.attention_bias(mask, 0, 5), mask_positions(mask), ctx, cache)
         prefill = stack.logits(h[:, -1])
         cache.begin(1)
         pos = mask_positions(full_mask)[:, -1:]
         h, ctx = stack.embed(new, pos)
         for i in range(stack.n_layers):
-            h = stack.block(i, h, attention_bias(full_mask, 5, 1, h.dtype), pos, ctx, cache)
+            h = stack.block(i, h, stack.attention_bias(full_mask, 5, 1), pos, ctx, cache)
         decode = stack.logits(h[:, -1])
-    assert torch.allclose(prefill, expected[:, 4], atol=1e-10)
-    assert torch.allclose(decode, expected[:, 5], atol=1e-10)
+        if window is not None:  # the window changes the result (so the comparison tests it)
+            unwindowed = hf_pair(arch, n_layers=3, seed=4, dtype=dtype)[0](
+                input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids(full_mask)
+            ).logits
+            assert not torch.allclose(unwindowed[:, 5], expected[:, 5], atol=1e-3)
+    assert torch.allclose(prefill, expected[:, 4], atol=atol)
+    assert torch.allclose(decode, expected[:, 5], atol=atol)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,6 +180,23 @@ def test_source_loaded_only_up_to_the_merge_layer_gives_the_same_tokens(models, 
     loaded = lmn.load(tmp_path, up_to_layer=2, tokenizer=make_tokenizer(), dtype=torch.float64)
     assert len(hf_module(loaded).model.layers) == 3
     assert generate(base, loaded, PROMPTS, recipe, max_new_tokens=N_NEW, engine=engine).tokens == full.tokens
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma2"])
+def test_a_shallow_source_keeps_the_window_of_each_of_its_layers(arch, tmp_path):
+    """`up_to_layer` cuts `layer_types` with the blocks: each kept block still slides as before."""
+    dtype = torch.float32 if arch == "gemma2" else torch.float64
+    base, ft = pair(arch, n_layers=4, seed=3, window=3, dtype=dtype)
+    recipe = lmn.Recipe(op="lerp", layers={2: 0.7})
+    hf_module(ft).save_pretrained(tmp_path)
+    shallow = lmn.load(tmp_path, up_to_layer=2, tokenizer=make_tokenizer(), dtype=dtype)
+    assert Stack(shallow).windows == Stack(ft).windows[:3] and len(set(Stack(shallow).windows)) == 2
+    for engine in ENGINES:
+        full = generate(base, ft, PROMPTS, recipe, max_new_tokens=N_NEW, engine=engine)
+        assert (
+            generate(base, shallow, PROMPTS, recipe, max_new_tokens=N_NEW, engine=engine).tokens
+            == full.tokens
+        )
 
 
 def test_a_cut_source_drops_its_untied_head_unless_asked_to_keep_it():
@@ -213,9 +259,15 @@ def test_a_kept_engine_is_reused_with_new_alphas_and_gives_fresh_engine_tokens(m
 # other architectures
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
-def test_other_architectures_match_the_hook_loop_on_both_engines(arch):
-    base, ft = pair(arch, n_layers=3, seed=5)
+@pytest.mark.parametrize(
+    ("arch", "window"),
+    [(a, None) for a in ARCHS if a != "qwen2"] + [(a, 3) for a in WINDOWED],
+    ids=lambda v: str(v),
+)
+def test_other_architectures_match_the_hook_loop_on_both_engines(arch, window, monkeypatch):
+    # a window of 3 is shorter than every prompt: the source's and the base's masks must slide
+    dtype = torch.float32 if arch == "gemma2" else torch.float64  # see the Stack test above
+    base, ft = pair(arch, n_layers=3, seed=5, window=window, dtype=dtype)
     tok = base.tokenizer
     recipe = lmn.Recipe(op="slerp", layers={1: 0.5})
     expected = [
@@ -232,15 +284,66 @@ def test_other_architectures_match_the_hook_loop_on_both_engines(arch):
     ]
     for engine in ENGINES:
         assert generate(base, ft, PROMPTS, recipe, max_new_tokens=N_NEW, engine=engine).tokens == expected
+    if window is None:
+        return
+    # the fixed-shape decode steps CUDA graphs capture (run eagerly here) slide the window too
+    replays = [0]
+    replay = EagerStep.replay
+    monkeypatch.setattr(
+        EagerStep, "replay", lambda self: replays.__setitem__(0, replays[0] + 1) or replay(self)
+    )
+    monkeypatch.setattr(
+        importlib.import_module("latent_merge_nnsight.generate"),
+        "PairedEngine",
+        functools.partial(PairedEngine, static_step=True),
+    )
+    pair_module = importlib.import_module("latent_merge_nnsight.pair")
+    monkeypatch.setattr(
+        pair_module, "LiveSource", functools.partial(pair_module.LiveSource, static_step=True)
+    )
+    for engine in ENGINES:
+        before = replays[0]
+        assert generate(base, ft, PROMPTS, recipe, max_new_tokens=N_NEW, engine=engine).tokens == expected
+        assert replays[0] > before
+
+
+def test_logit_ensemble_of_soft_capped_models_matches_the_paper_loop():
+    """Gemma 2 soft-caps its logits after the LM head; the engines' source logits must be capped too."""
+    base, ft = pair("gemma2", n_layers=3, seed=7, dtype=torch.float32)
+    with torch.no_grad():
+        for m in (base, ft):
+            hf_module(m).lm_head.weight.mul_(10)  # peaked logits, so the cap changes which token wins
+    hf_module(base).config.final_logit_softcapping = None
+    hf_module(ft).config.final_logit_softcapping = 0.5
+    prompts = [base.tokenizer(p)["input_ids"] for p in PROMPTS]
+
+    def paper_loop():
+        return [
+            ensemble_generate(hf_module(base), hf_module(ft), p, 0.5, max_new_tokens=N_NEW) for p in prompts
+        ]
+
+    expected = paper_loop()
+    for engine in ENGINES:
+        out = generate(
+            base, ft, PROMPTS, lmn.Ensemble(b=0.5), max_new_tokens=N_NEW, engine=engine, ignore_eos=True
+        )
+        assert out.tokens == expected
+    hf_module(ft).config.final_logit_softcapping = None
+    assert paper_loop() != expected  # the cap matters here
 
 
 def test_unsupported_model_is_refused_by_fast_and_auto_falls_back_to_nnsight():
-    cfg = tiny_config("qwen2", n_layers=3)
-    cfg.use_sliding_window, cfg.sliding_window, cfg.layer_types = True, 4, ["sliding_attention"] * 3
+    # an attention function registered with HF: the block-by-block engine cannot know what mask it takes
+    transformers.AttentionInterface.register("lmn_test_attention", sdpa_attention_forward)
     torch.manual_seed(6)
-    hf = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.float64).eval()
-    base = lmn.wrap(hf, make_tokenizer(), name="windowed")
-    assert "sliding" in fast_support(base)
+    hf = (
+        transformers.AutoModelForCausalLM.from_config(tiny_config("qwen2", n_layers=3))
+        .to(torch.float64)
+        .eval()
+    )
+    hf.set_attn_implementation("lmn_test_attention")
+    base = lmn.wrap(hf, make_tokenizer(), name="custom-attention")
+    assert "'lmn_test_attention' is not supported" in fast_support(base)
     with pytest.raises(LatentMergeError, match="engine='fast' cannot run"):
         generate(base, None, PROMPTS, None, max_new_tokens=3, engine="fast")
     out = generate(base, None, PROMPTS, None, max_new_tokens=3)

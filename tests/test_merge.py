@@ -3,7 +3,7 @@
 import pytest
 import torch
 from reference import hidden_states, merged_logits
-from tiny import pair
+from tiny import ARCHS, pair
 
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight.inputs import encode
@@ -69,15 +69,17 @@ def test_slerp_capture_merge_matches_hook_reference(qwen, padding_side, site, po
 
 
 @pytest.mark.parametrize("op", ["lerp", "slerp"])
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("arch", [a for a in ARCHS if a != "qwen2"])
 def test_other_architectures_match_reference(arch, op):
-    base, ft = pair(arch, n_layers=3)
+    # Gemma 2 in float64 turns a left pad's query NaN (its float32 softmax meets the float64 mask minimum)
+    dtype, atol = (torch.float32, 1e-4) if arch == "gemma2" else (torch.float64, 1e-9)
+    base, ft = pair(arch, n_layers=3, dtype=dtype)
     batch = encode(base.tokenizer, PROMPTS, padding_side="left")
     cap = lmn.capture(ft, input_ids=batch.input_ids, attention_mask=batch.attention_mask, layers=1)
     got = traced_logits(base, batch, {1: (op, [cap], 0.5, {})})
     src = hidden_states(ft._module, batch.input_ids, batch.attention_mask, 1)
     ref = merged_logits(base._module, batch.input_ids, batch.attention_mask, {1: (op, [src], 0.5, {})})
-    assert_real_close(got, ref, batch.attention_mask)
+    assert_real_close(got, ref, batch.attention_mask, atol)
 
 
 def test_regmean_two_sources_and_lambda(qwen):

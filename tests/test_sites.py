@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import hf_pair
+from tiny import ROTARY_ARCHS, hf_pair
 from torch import nn
 
 import latent_merge_nnsight as lmn
@@ -12,12 +12,8 @@ from latent_merge_nnsight.sites import get_layers, n_layers, read_resid, site_na
 
 @pytest.mark.parametrize(
     "arch, path",
-    [
-        ("qwen2", "model.layers"),
-        ("llama", "model.layers"),
-        ("gpt2", "transformer.h"),
-        ("gpt_neox", "gpt_neox.layers"),
-    ],
+    [(a, "model.layers") for a in ROTARY_ARCHS]
+    + [("gpt2", "transformer.h"), ("gpt_neox", "gpt_neox.layers")],
 )
 def test_layers_found_per_architecture(arch, path):
     hb, _ = hf_pair(arch, n_layers=3)

@@ -210,6 +210,30 @@ def test_perplexity_of_the_model_alone_matches_its_plain_forward(models):
     assert Perplexity()(base, [], None, TEXTS)["nll"] == pytest.approx(want, abs=1e-9)
 
 
+def test_perplexity_takes_the_models_own_soft_capped_logits():
+    """Gemma 2 soft-caps its logits in the forward, after the LM head: perplexity must see the cap."""
+    hb, hs = hf_pair("gemma2", n_layers=3, seed=2)
+    hb.config.final_logit_softcapping = 0.05  # small, so the cap changes the loss
+    base, ft = lmn.wrap(hb, make_tokenizer(), name="capped"), lmn.wrap(hs, make_tokenizer(), name="capped-ft")
+    batch = encode(base.tokenizer, TEXTS, padding_side="right")
+    ids, mask = batch.input_ids, batch.attention_mask
+    real = mask[:, 1:].bool()
+
+    def nll():
+        with torch.no_grad():
+            logits = hb(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+        logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return float(-logp[real].mean())
+
+    want = nll()
+    hb.config.final_logit_softcapping = None
+    assert abs(want - nll()) > 1e-3  # what the LM head's output alone would give
+    hb.config.final_logit_softcapping = 0.05
+    assert Perplexity()(base, [], None, TEXTS)["nll"] == pytest.approx(want, abs=1e-9)
+    merged = Perplexity()(base, [ft], lmn.Recipe(op="lerp", layers={1: 0.0}), TEXTS)  # the traced merge path
+    assert merged["nll"] == pytest.approx(want, abs=1e-9)
+
+
 def test_perplexity_sweep_runs_lower_blocks_once_per_layer(models):
     """Prefix reuse: the base's blocks below the merge layer run once per layer, not once per cell."""
     base, ft = models

@@ -107,7 +107,7 @@ class Perplexity:
             for chunk in chunks:
                 c = chunk.to(model_device(model))
                 with torch.no_grad(), model.trace(input_ids=c.input_ids, attention_mask=c.attention_mask):
-                    logits = model.lm_head.output.save()
+                    logits = model.output.logits.save()  # the forward's own: soft-capped where the model caps
                 s, k = _nll_sums(logits, c.input_ids, c.attention_mask)
                 total, count = total + s, count + k
             return self._result(total, count)
@@ -141,7 +141,7 @@ class Perplexity:
                         allow_extrapolation=recipe.allow_extrapolation,
                         **params,
                     )
-                logits = model.lm_head.output.save()
+                logits = model.output.logits.save()  # the forward's own: soft-capped where the model caps
             s, k = _nll_sums(logits, c.input_ids, c.attention_mask)
             total, count = total + s, count + k
         return self._result(total, count)

@@ -14,6 +14,7 @@ when at most half of the rows are left (each new batch size costs one capture).
 """
 
 import functools
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from latent_merge_nnsight.engine.graphs import StepGraphs
 from latent_merge_nnsight.engine.plan import Plan
-from latent_merge_nnsight.engine.stack import KVCache, Stack, attention_bias, mask_positions
+from latent_merge_nnsight.engine.stack import Biases, KVCache, Stack, mask_positions
 from latent_merge_nnsight.ops import regmean_weights
 from latent_merge_nnsight.positions import position_mask
 
@@ -150,6 +151,17 @@ class PairedEngine:
     # ------------------------------------------------------------------------------------------------
     # one forward of the pair
 
+    def _biases(self, kv_mask: Tensor, start: "int | Tensor", n_new: int) -> tuple[Biases, list[Biases]]:
+        """The base's attention biases and each source's (built once per device, dtype and set of windows)."""
+        made: dict[Any, Biases] = {}
+        out = []
+        for stack in (self.base, *self.sources):
+            key = (stack.device, stack.dtype, tuple(dict.fromkeys(stack.windows)))
+            if key not in made:
+                made[key] = stack.attention_bias(kv_mask, start, n_new)
+            out.append(made[key])
+        return out[0], out[1:]
+
     def _mix(
         self, layer: int, alpha: float | None, hb: Tensor, hs: list[Tensor], select: Tensor | None
     ) -> Tensor:
@@ -167,13 +179,15 @@ class PairedEngine:
         self,
         ids: Int[Tensor, "batch new"],
         positions: Int[Tensor, "batch new"],
-        bias: Float[Tensor, "batch 1 new slots"],
+        kv_mask: Int[Tensor, "batch slots"],
+        start: "int | Tensor",
         select: Bool[Tensor, "batch new"] | None,
         merge: bool,
     ) -> tuple[Float[Tensor, "batch vocab"], Float[Tensor, "batch vocab"] | None]:
-        """Both models over `ids`; returns the logits at each row's last position (base, and the source's
-        for the ensemble)."""
+        """Both models over `ids`, written at slots `start...` of the caches; returns the logits at each
+        row's last position (base, and the source's for the ensemble)."""
         base, caches = self.base, self.caches
+        bias, bias_s = self._biases(kv_mask, start, ids.shape[1])
         hb, ctx_b = base.embed(ids, positions)
         hs, ctx_s = [], []
         for s in self.sources:
@@ -187,8 +201,7 @@ class PairedEngine:
                 hb = base.block(i, hb, bias, positions, ctx_b, caches[0])
             for j, s in enumerate(self.sources):
                 if i < self.src_blocks[j]:
-                    sb = bias.to(s.device)
-                    hs[j] = s.block(i, hs[j], sb, positions.to(s.device), ctx_s[j], caches[j + 1])
+                    hs[j] = s.block(i, hs[j], bias_s[j], positions.to(s.device), ctx_s[j], caches[j + 1])
             if merge and i in self.post:
                 hb = self._mix(i, self.post[i], hb, hs, select)
         logits = base.logits(hb[:, -1])
@@ -210,8 +223,7 @@ class PairedEngine:
         for cache in self.caches:
             cache.begin(width)
         select = position_mask(mask, self.plan.positions, decoding=False)
-        bias = attention_bias(mask, 0, width, self.base.dtype)
-        return self._forward(ids, mask_positions(mask), bias, select, merge=bool(select.any()))
+        return self._forward(ids, mask_positions(mask), mask, 0, select, merge=bool(select.any()))
 
     def decode(self, tokens: Int[Tensor, " batch"]) -> tuple[Tensor, Tensor | None]:
         """Feed one new token per row; returns next-token logits."""
@@ -225,8 +237,8 @@ class PairedEngine:
             out = self._decode_graph(tokens, positions, slot)
             if out is not None:
                 return out
-        bias = attention_bias(self.kv_mask[:, : slot + 1], slot, 1, self.base.dtype)
-        return self._forward(tokens[:, None], positions, bias, None, merge=self.decode_merges)
+        kv_mask = self.kv_mask[:, : slot + 1]
+        return self._forward(tokens[:, None], positions, kv_mask, slot, None, merge=self.decode_merges)
 
     def keep(self, index: Int[Tensor, " keep"]) -> bool:
         """Drop the rows not in `index` (positions in the current batch). Returns whether it dropped them."""
@@ -278,8 +290,10 @@ class PairedEngine:
                 cache.filled = [cache.end if written else cache.start] * cache.n_layers
 
     def _graph_step(self, rows: int) -> tuple[Tensor, Tensor | None]:
-        bias = attention_bias(self.kv_mask[:rows], self._g_slot, 1, self.base.dtype)
-        return self._forward(self._g_ids[:rows], self._g_pos[:rows], bias, None, merge=self.decode_merges)
+        ids, positions = self._g_ids[:rows], self._g_pos[:rows]
+        return self._forward(
+            ids, positions, self.kv_mask[:rows], self._g_slot, None, merge=self.decode_merges
+        )
 
     def release(self) -> None:
         """Drop the captured graphs, the caches and the step buffers now (a finished engine not kept for

@@ -8,7 +8,8 @@ can stop after any block and resume from there.
 `KVCache` duck-types the one method HF attention layers call (`update`): it writes each forward's keys
 and values at a cursor into buffers of fixed capacity, so the buffers keep their address from step to
 step (what a CUDA graph needs). Slot i of the cache holds column i of the running attention mask, so
-padding and causality both come from one additive bias built by `attention_bias`.
+padding, causality and sliding windows all come from one additive bias per window, built by
+`attention_bias` (HF builds its masks the same way: a window counts slots, pads included).
 """
 
 import inspect
@@ -20,15 +21,33 @@ from torch import Tensor, nn
 
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import hf_module
+from latent_merge_nnsight.sites import LLAMA_LIKE
 
-__all__ = ["KVCache", "Stack", "attention_bias", "fast_support", "mask_positions"]
+__all__ = ["Biases", "KVCache", "Stack", "attention_bias", "fast_support", "layer_windows", "mask_positions"]
 
-ROTARY_FAMILY = ("qwen2", "qwen3", "llama", "mistral", "mixtral", "gemma", "phi3", "olmo", "olmo2")
+ROTARY_FAMILY = LLAMA_LIKE
 """Architectures whose blocks take `(hidden, attention_mask, position_ids, cache, use_cache,
 position_embeddings)`."""
 SUPPORTED = (*ROTARY_FAMILY, "gpt2", "gpt_neox")
 ATTENTION = ("sdpa", "eager")
 """Attention implementations that accept the additive `[batch, 1, new, slots]` bias built here."""
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+Biases = dict[int | None, Tensor]
+"""One forward's additive attention biases, by attention window (None: full causal attention)."""
+
+
+def layer_windows(config: Any, n_layers: int) -> list[int | None]:
+    """Each block's attention window, as HF masks it: None for full attention.
+
+    With `layer_types` a block slides only when its type says so (Qwen2/3, Gemma 2/3); without, a
+    `sliding_window` in the config slides every block (Mistral, Mixtral, Phi-3).
+    """
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, list):
+        return [window if t == "sliding_attention" else None for t in types[:n_layers]]
+    return [window] * n_layers
 
 
 def fast_support(model: Any) -> str | None:
@@ -47,10 +66,12 @@ def fast_support(model: Any) -> str | None:
             f"attention implementation {impl!r} is not supported (expected one of {ATTENTION}); "
             "load with attn_implementation='sdpa'"
         )
+    if getattr(config, "use_bidirectional_attention", False):
+        return "bidirectional attention is not supported by the block-by-block engine (it decodes causally)"
     layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, list) and any(t != "full_attention" for t in layer_types):
-        kinds = sorted(set(layer_types))
-        return f"sliding-window layers ({kinds}) are not supported by the block-by-block engine"
+    if isinstance(layer_types, list) and any(t not in LAYER_TYPES for t in layer_types):
+        kinds = sorted(set(layer_types) - set(LAYER_TYPES))
+        return f"layers of type {kinds} are not supported by the block-by-block engine (only {LAYER_TYPES})"
     return None
 
 
@@ -60,18 +81,28 @@ def mask_positions(mask: Int[Tensor, "batch slots"]) -> Int[Tensor, "batch slots
 
 
 def attention_bias(
-    kv_mask: Int[Tensor, "batch slots"], start: "int | Tensor", n_new: int, dtype: torch.dtype
+    kv_mask: Int[Tensor, "batch slots"],
+    start: "int | Tensor",
+    n_new: int,
+    dtype: torch.dtype,
+    window: int | None = None,
 ) -> Float[Tensor, "batch 1 new slots"]:
     """Additive attention bias for `n_new` queries written at slots `start..start+n_new-1`.
 
-    A query may attend to a slot that holds a real token (`kv_mask == 1`) at or before its own slot.
-    Masked entries get the dtype's most negative finite value, so a query with nothing to attend to
-    (a pad query) averages instead of producing NaN.
+    A query may attend to a slot that holds a real token (`kv_mask == 1`) at or before its own slot,
+    and, with a sliding `window`, fewer than `window` slots before it. Masked entries get the dtype's
+    most negative finite value, so a query with nothing to attend to (a pad query) averages instead of
+    producing NaN.
     """
     slots = kv_mask.shape[-1]
     device = kv_mask.device
+    if isinstance(start, Tensor):
+        start = start.to(device)
     query_slot = torch.arange(n_new, device=device) + start  # [new]
-    causal = torch.arange(slots, device=device)[None, :] <= query_slot[:, None]  # [new, slots]
+    slot = torch.arange(slots, device=device)[None, :]
+    causal = slot <= query_slot[:, None]  # [new, slots]
+    if window is not None:
+        causal = causal & (slot > query_slot[:, None] - window)
     allowed = causal[None, None, :, :] & kv_mask.bool()[:, None, None, :]
     zero = torch.zeros((), dtype=dtype, device=device)
     return torch.where(allowed, zero, torch.finfo(dtype).min)
@@ -208,6 +239,14 @@ class Stack:
         self._cache_kw = _cache_keyword(self.blocks[0])
         first = next(hf.parameters())
         self.device, self.dtype = first.device, first.dtype
+        self.windows = layer_windows(self.config, self.n_layers)
+        types = getattr(self.config, "layer_types", None)
+        # Gemma 3 rotates sliding and full layers with different frequencies: one rotary per layer type
+        per_type = (
+            self.family != "gpt2" and "layer_type" in inspect.signature(self._rotary.forward).parameters
+        )
+        self.rotary_types = list(types[: self.n_layers]) if per_type else None
+        self.softcap = getattr(self.config, "final_logit_softcapping", None)
 
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.n_layers, capacity)
@@ -219,25 +258,43 @@ class Stack:
             return self._drop(h + self._wpe(positions)), None
         if self.family == "gpt_neox":
             h = self._drop(h)
+        if self.rotary_types is not None:
+            return h, {t: self._rotary(h, positions, t) for t in set(self.rotary_types)}
         return h, self._rotary(h, positions)
+
+    def attention_bias(
+        self, kv_mask: Int[Tensor, "batch slots"], start: "int | Tensor", n_new: int
+    ) -> Biases:
+        """The biases this model's blocks need for one forward (one per distinct attention window)."""
+        kv_mask = kv_mask.to(self.device)
+        return {w: attention_bias(kv_mask, start, n_new, self.dtype, w) for w in dict.fromkeys(self.windows)}
 
     def block(
         self,
         i: int,
         h: Float[Tensor, "batch new d_model"],
-        bias: Float[Tensor, "batch 1 new slots"],
+        bias: Biases,
         positions: Int[Tensor, "batch new"],
         context: Any,
         cache: KVCache,
     ) -> Float[Tensor, "batch new d_model"]:
-        """Run decoder block i (its keys/values go into `cache`)."""
-        kwargs: dict[str, Any] = {self._cache_kw: cache, "attention_mask": bias, "use_cache": True}
+        """Run decoder block i (its keys/values go into `cache`); `bias` from `attention_bias`."""
+        kwargs: dict[str, Any] = {
+            self._cache_kw: cache,
+            "attention_mask": bias[self.windows[i]],
+            "use_cache": True,
+        }
         if self.family != "gpt2":
             kwargs["position_ids"] = positions
-            kwargs["position_embeddings"] = context
+            kwargs["position_embeddings"] = (
+                context if self.rotary_types is None else context[self.rotary_types[i]]
+            )
         out = self.blocks[i](h, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def logits(self, h: Float[Tensor, "batch d_model"]) -> Float[Tensor, "batch vocab"]:
-        """Final norm and LM head on one hidden vector per row."""
-        return self.head(self.norm(h))
+        """Final norm and LM head on one hidden vector per row (soft-capped as the model's forward does)."""
+        logits = self.head(self.norm(h))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
