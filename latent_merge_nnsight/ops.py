@@ -286,16 +286,17 @@ def delta(
     return torch.where(a == 0, hb.to(wd), result).to(hb.dtype)
 
 
-def check_weight(value: Any, *, allow_extrapolation: bool = False, what: str = "alpha") -> float:
-    """A mixing weight outside any op (weight merges, logit ensembles): finite, and in [0, 1] unless
-    extrapolating. Returns it as a float."""
+def check_weight(
+    value: Any, *, allow_extrapolation: bool = False, what: str = "alpha", op: str | None = None
+) -> float:
+    """A mixing weight (an op's alpha, a weight merge's, a logit ensemble's): finite, and in [0, 1] unless
+    extrapolating. `op` names the op in the message. Returns it as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LatentMergeError(
-            f"{what}={value!r} must be a finite number (0 keeps the base, 1 takes the source)"
-        )
+        raise LatentMergeError(f"{what}={value!r} must be a finite number")
     if not allow_extrapolation and not 0.0 <= value <= 1.0:
+        for_op = "" if op is None else f" for op {op!r}"
         raise LatentMergeError(
-            f"{what}={value} is outside [0, 1] (0 keeps the base, 1 takes the source); "
+            f"{what}={value} is outside [0, 1]{for_op} (0 keeps the base, 1 takes the source); "
             "pass allow_extrapolation=True to extrapolate"
         )
     return float(value)
@@ -304,19 +305,10 @@ def check_weight(value: Any, *, allow_extrapolation: bool = False, what: str = "
 def check_alpha(
     alpha: Any, op: "str | OpSpec", *, allow_extrapolation: bool = False, what: str = "alpha"
 ) -> None:
-    """Validate an alpha for `op`: finite, and in [0, 1] for interpolating ops (unless extrapolating).
-
-    Steering ops (`static_source`, e.g. delta) take any finite strength.
-    """
+    """Validate an alpha for `op` (None passes): `check_weight`, except that steering ops
+    (`static_source`, e.g. delta) take any finite strength."""
     spec = get_op(op)
-    if alpha is None:
-        return
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise LatentMergeError(f"{what}={alpha!r} must be a number")
-    if not math.isfinite(alpha):
-        raise LatentMergeError(f"{what}={alpha!r} must be finite")
-    if not spec.static_source and not allow_extrapolation and not 0.0 <= alpha <= 1.0:
-        raise LatentMergeError(
-            f"{what}={alpha} is outside [0, 1] for op {spec.name!r} (0 keeps the base, 1 takes the source); "
-            "pass allow_extrapolation=True to extrapolate"
+    if alpha is not None:
+        check_weight(
+            alpha, allow_extrapolation=allow_extrapolation or spec.static_source, what=what, op=spec.name
         )

@@ -38,7 +38,7 @@ def assert_clean(base):
         (dict(layer=4), r"layer=4 is out of range for tiny-qwen2-base \(4 layers\); expected 0 <= layer < 4"),
         (dict(layer=-1), r"layer=-1 is out of range .* expected 0 <= layer < 4"),
         (dict(layer=1, alpha=1.5), r"alpha=1.5 is outside \[0, 1\] for op 'slerp'.*allow_extrapolation=True"),
-        (dict(layer=1, alpha=float("nan")), r"alpha=nan must be finite"),
+        (dict(layer=1, alpha=float("nan")), r"alpha=nan must be a finite number"),
         (dict(layer=1, op="slrep"), r"unknown op 'slrep'; expected one of: delta, lerp, regmean, slerp"),
         (dict(layer=1, site="middle"), r"site='middle'; expected one of: 'pre'"),
         (dict(layer=1, positions="first"), r"positions='first'; expected 'last', 'all'"),

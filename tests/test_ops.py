@@ -191,9 +191,9 @@ def test_check_alpha_ranges():
     ops.check_alpha(1.5, "lerp", allow_extrapolation=True)
     with pytest.raises(LatentMergeError, match=r"alpha=1.5 is outside \[0, 1\] for op 'slerp'"):
         ops.check_alpha(1.5, "slerp")
-    with pytest.raises(LatentMergeError, match="must be finite"):
+    with pytest.raises(LatentMergeError, match="must be a finite number"):
         ops.check_alpha(float("nan"), "lerp")
-    with pytest.raises(LatentMergeError, match="must be finite"):
+    with pytest.raises(LatentMergeError, match="must be a finite number"):
         ops.check_alpha(float("inf"), "delta")
 
 
