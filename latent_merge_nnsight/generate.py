@@ -278,7 +278,7 @@ def _run_fast(
     n_rows = ids.shape[0]
     engine = _engine_for(base, sources, plan, run, options)
     tracker, sampler = run.tracker, run.sampler
-    with torch.inference_mode():
+    with torch.inference_mode(), engine.plain():
         base_logits, src_logits = engine.prefill(ids, mask)  # 1. both models over the prompts
         rows = torch.arange(n_rows)  # which original rows the engine's batch rows are
         while True:

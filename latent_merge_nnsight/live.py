@@ -4,7 +4,8 @@ Inside a trace of the base (`lmn.pair(...).generate(...)` or `engine="nnsight"`)
 waits until the base reaches that site in the current forward, runs the source on exactly the tokens the
 base is processing now (plain torch, block by block, with its own KV cache) and returns its residual
 there. On CUDA each decode step (the embedding and every block the source runs) replays one captured CUDA
-graph instead.
+graph instead. The source's modules run without nnsight's controllers, so the trace never sees their
+calls (the base itself can be its own source).
 """
 
 from typing import Any
@@ -136,14 +137,16 @@ class LiveSource:
             return
         self._pos = mask_positions(mask)[:, -new:]
         self._bias = self.stack.attention_bias(mask, width - new, new)
-        self._h, self._ctx = self.stack.embed(ids, self._pos)
+        with self.stack.plain():
+            self._h, self._ctx = self.stack.embed(ids, self._pos)
         self._ran = 0
         self._states = {0: self._h}
 
     def _run_to(self, blocks: int) -> None:
-        while self._ran < blocks:
-            self._h = self.stack.block(self._ran, self._h, self._bias, self._pos, self._ctx, self.cache)
-            self._ran += 1
+        with self.stack.plain():
+            while self._ran < blocks:
+                self._h = self.stack.block(self._ran, self._h, self._bias, self._pos, self._ctx, self.cache)
+                self._ran += 1
 
     def _state(self, blocks: int, layer: int) -> Tensor:
         """The residual after `blocks` blocks (asked for as a site of `layer`)."""
@@ -206,9 +209,10 @@ class LiveSource:
     def _fixed_step(self) -> list[Tensor]:
         """Embedding and blocks `0..depth-1` on the step buffers; the residual after each number of blocks."""
         bias = self.stack.attention_bias(self._g_kv, self._g_slot, 1)
-        h, context = self.stack.embed(self._g_ids, self._g_pos)
-        states = [h]
-        for i in range(self.depth):
-            h = self.stack.block(i, h, bias, self._g_pos, context, self.cache)
-            states.append(h)
+        with self.stack.plain():
+            h, context = self.stack.embed(self._g_ids, self._g_pos)
+            states = [h]
+            for i in range(self.depth):
+                h = self.stack.block(i, h, bias, self._g_pos, context, self.cache)
+                states.append(h)
         return states

@@ -7,6 +7,7 @@ import importlib
 import pytest
 import torch
 import transformers
+from nnsight.intervention.source import Controller
 from reference import position_ids
 from reference_generate import ensemble_generate, lockstep_generate
 from tiny import ARCHS, batch_sizes_seen, hf_pair, make_tokenizer, pair
@@ -16,7 +17,14 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight.engine.fast import PairedEngine
 from latent_merge_nnsight.engine.graphs import EagerStep
-from latent_merge_nnsight.engine.stack import KVCache, Stack, attention_bias, fast_support, mask_positions
+from latent_merge_nnsight.engine.stack import (
+    KVCache,
+    Stack,
+    attention_bias,
+    fast_support,
+    mask_positions,
+    plain_forwards,
+)
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generate import generate
 from latent_merge_nnsight.models import hf_module, truncate
@@ -375,6 +383,58 @@ def test_fixed_shape_decode_step_of_cuda_graphs_gives_the_same_tokens(models, mo
     first_run = batch_sizes[: max(len(t) for t in eager.tokens)]
     for size, left in zip(first_run, alive, strict=False):
         assert size >= left and (size == 4 or size <= 2)
+
+
+def _controllers(model) -> dict[int, object]:
+    return {id(m): m.__dict__.get("forward") for m in hf_module(model).modules()}
+
+
+def test_the_engines_call_the_models_modules_without_nnsight_controllers(models, monkeypatch):
+    """Outside a trace nnsight's per-module controllers only cost time: the fast engine, and the nnsight
+    engine's live source, take them off while they run and put the same ones back."""
+    base, ft = models
+    before = _controllers(base), _controllers(ft)
+    assert any(f is not None for f in before[0].values())  # a wrapped model: controllers installed
+    called: list[int] = []
+    original = Controller.__call__
+
+    def counting(self, *args, **kwargs):
+        called.append(id(self.module_ref()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Controller, "__call__", counting)
+    recipe = lmn.Recipe(op="slerp", layers={2: 0.5})
+    fast = generate(base, ft, PROMPTS, recipe, max_new_tokens=N_NEW, engine="fast")
+    assert called == []
+    traced = generate(base, ft, PROMPTS, recipe, max_new_tokens=N_NEW, engine="nnsight")
+    source_modules = {id(m) for m in hf_module(ft).modules()}
+    assert called and not source_modules & set(called)  # the traced base goes through its controllers
+    assert traced.tokens == fast.tokens
+    assert (_controllers(base), _controllers(ft)) == before
+
+
+def test_plain_forwards_puts_the_controllers_back_after_an_error_and_spares_accelerate_hooks(models):
+    base, _ = models
+    modules = list(hf_module(base).modules())
+    before = _controllers(base)
+    hooked = hf_module(base).model.layers[0]
+    hooked.__dict__["_hf_hook"] = object()  # accelerate's device alignment: its controller runs it
+    try:
+        with pytest.raises(RuntimeError, match="boom"), plain_forwards(modules):
+            assert "forward" in hooked.__dict__
+            assert "forward" not in hf_module(base).model.layers[1].__dict__
+            raise RuntimeError("boom")
+    finally:
+        del hooked.__dict__["_hf_hook"]
+    assert _controllers(base) == before
+
+
+def test_the_base_can_be_its_own_live_source(models):
+    """The source's module calls bypass the controllers, so the trace of the same model never sees them."""
+    base, _ = models
+    recipe = lmn.Recipe(op="lerp", layers={2: 0.5}, site="post")
+    traced = generate(base, base, PROMPTS, recipe, max_new_tokens=N_NEW, engine="nnsight")
+    assert traced.tokens == generate(base, None, PROMPTS, None, max_new_tokens=N_NEW).tokens  # lerp(h, h) = h
 
 
 def test_cuda_graphs_are_not_used_on_cpu(models):

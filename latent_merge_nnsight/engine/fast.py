@@ -13,6 +13,7 @@ Finished rows are dropped from the batch (their cache rows too): eagerly at once
 when at most half of the rows are left (each new batch size costs one capture).
 """
 
+import contextlib
 import functools
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from latent_merge_nnsight.engine.graphs import StepGraphs
 from latent_merge_nnsight.engine.plan import Plan
-from latent_merge_nnsight.engine.stack import Biases, KVCache, Stack, mask_positions
+from latent_merge_nnsight.engine.stack import Biases, KVCache, Stack, mask_positions, plain_forwards
 from latent_merge_nnsight.ops import regmean_weights
 from latent_merge_nnsight.positions import position_mask
 
@@ -150,6 +151,10 @@ class PairedEngine:
 
     # ------------------------------------------------------------------------------------------------
     # one forward of the pair
+
+    def plain(self) -> contextlib.AbstractContextManager:
+        """The pair's modules without nnsight's controllers while the block lasts (`plain_forwards`)."""
+        return plain_forwards([m for stack in (self.base, *self.sources) for m in stack.modules])
 
     def _biases(self, kv_mask: Tensor, start: "int | Tensor", n_new: int) -> tuple[Biases, list[Biases]]:
         """The base's attention biases and each source's (built once per device, dtype and set of windows)."""
