@@ -97,7 +97,8 @@ class LiveSource:
         """The source's next-token logits for the base's latest forward (the whole model runs)."""
         self._sync()
         h = self._state(self.info.n_layers, self.info.n_layers - 1)
-        return self.stack.logits(h[:, -1])
+        with self.stack.plain():
+            return self.stack.logits(h[:, -1])
 
     # ------------------------------------------------------------------------------------------------
 
