@@ -161,7 +161,7 @@ class PairedEngine:
         made: dict[Any, Biases] = {}
         out = []
         for stack in (self.base, *self.sources):
-            key = (stack.device, stack.dtype, tuple(dict.fromkeys(stack.windows)))
+            key = (stack.device, stack.dtype, stack.distinct_windows)
             if key not in made:
                 made[key] = stack.attention_bias(kv_mask, start, n_new)
             out.append(made[key])

@@ -281,6 +281,7 @@ class Stack:
         first = next(hf.parameters())
         self.device, self.dtype = first.device, first.dtype
         self.windows = layer_windows(self.config, self.n_layers)
+        self.distinct_windows = tuple(dict.fromkeys(self.windows))  # one attention bias per forward each
         types = getattr(self.config, "layer_types", None)
         # Gemma 3 rotates sliding and full layers with different frequencies: one rotary per layer type
         per_type = (
@@ -313,7 +314,7 @@ class Stack:
     ) -> Biases:
         """The biases this model's blocks need for one forward (one per distinct attention window)."""
         kv_mask = kv_mask.to(self.device)
-        return {w: attention_bias(kv_mask, start, n_new, self.dtype, w) for w in dict.fromkeys(self.windows)}
+        return {w: attention_bias(kv_mask, start, n_new, self.dtype, w) for w in self.distinct_windows}
 
     def block(
         self,
