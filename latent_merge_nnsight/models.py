@@ -53,17 +53,24 @@ class ModelInfo:
         return self.n_layers < self.full_n_layers
 
 
-def _past_length(kwargs: dict) -> int:
-    """Tokens already in the KV cache of this forward (0 for a prompt forward)."""
+def _past_length(kwargs: dict) -> int | torch.Tensor:
+    """Tokens already in the KV cache of this forward (0 for a prompt forward).
+
+    A static cache keeps its length in a device tensor that it updates in place: that length is kept as a
+    copy and read only when asked for, so the recorder never waits for the GPU on a decode step.
+    """
     for key in ("cache", "past_key_values"):
         cache = kwargs.get(key)
         if cache is not None and hasattr(cache, "get_seq_length"):
-            return int(cache.get_seq_length())
+            length = cache.get_seq_length()
+            return length.detach().clone() if isinstance(length, torch.Tensor) else int(length)
     position = kwargs.get("cache_position")
-    return int(position[0]) if isinstance(position, torch.Tensor) and position.numel() else 0
+    return position[0].clone() if isinstance(position, torch.Tensor) and position.numel() else 0
 
 
 def _record_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    if torch.compiler.is_compiling():
+        return  # a compiled forward of the HF model (e.g. HF's static-cache generate) never runs a merge
     ids = kwargs.get("input_ids", args[0] if args else None)
     setattr(module, _INPUTS_ATTR, (ids, kwargs.get("attention_mask")))
     setattr(module, _PAST_ATTR, _past_length(kwargs))
@@ -84,7 +91,7 @@ def last_inputs(model: Any) -> tuple[torch.Tensor | None, torch.Tensor | None] |
 
 def last_past_length(model: Any) -> int:
     """Tokens already cached before the latest forward (0 for a prompt forward or an unwrapped model)."""
-    return getattr(hf_module(model), _PAST_ATTR, 0)
+    return int(getattr(hf_module(model), _PAST_ATTR, 0))
 
 
 def model_info(model: Any) -> ModelInfo:

@@ -112,3 +112,42 @@ def test_recorder_knows_prompt_forwards_from_decode_steps():
             input_ids=torch.tensor([[8]]), past_key_values=cache, use_cache=True
         )  # no mask, as HF generate does
         assert last_past_length(base) == 3
+
+
+def test_recorder_copies_a_static_cache_length_without_reading_it():
+    from transformers import StaticCache
+
+    from latent_merge_nnsight.models import _past_length, last_past_length
+
+    hb, _ = hf_pair("qwen2", n_layers=2, dtype=torch.float32)
+    base = lmn.wrap(hb, make_tokenizer())
+    cache = StaticCache(config=hb.config, max_cache_len=8)
+    with torch.no_grad():
+        hb(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=cache, use_cache=True)
+        assert last_past_length(base) == 0
+        hb(input_ids=torch.tensor([[8]]), past_key_values=cache, use_cache=True)
+    # the cache counts in a tensor it updates in place: a copy, not an alias, still says 3 after the step
+    assert last_past_length(base) == 3 and int(cache.get_seq_length()) == 4
+
+    # recording must not read a device-held length back (a GPU sync per step): a meta tensor cannot be read
+    class DeviceCounted:
+        def get_seq_length(self) -> torch.Tensor:
+            return torch.tensor(3, device="meta")
+
+    assert _past_length({"past_key_values": DeviceCounted()}).device.type == "meta"
+    assert _past_length({"cache_position": torch.arange(3, 5, device="meta")}).device.type == "meta"
+
+
+def test_recorder_stays_out_of_compiled_forwards():
+    from latent_merge_nnsight.models import last_inputs
+
+    hb, _ = hf_pair("qwen2", n_layers=2, dtype=torch.float32)
+    base = lmn.wrap(hb, make_tokenizer())
+    eager_ids, compiled_ids = torch.tensor([[5, 6, 7]]), torch.tensor([[9, 10]])
+    compiled = torch.compile(hb, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        hb(input_ids=eager_ids)
+        out = compiled(input_ids=compiled_ids)  # HF's static-cache generate compiles the forward like this
+    assert torch.equal(last_inputs(base)[0], eager_ids)
+    with torch.no_grad():
+        assert torch.allclose(out.logits, hb(input_ids=compiled_ids).logits, atol=1e-5)
