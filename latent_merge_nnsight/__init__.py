@@ -9,6 +9,7 @@ interventions.
         logits = base.lm_head.output.save()
 """
 
+from latent_merge_nnsight import _nnsight  # noqa: F401  (first: anyio must survive nnsight's .save mount)
 from latent_merge_nnsight.analysis import representations as representations
 from latent_merge_nnsight.analysis import sweep as sweep
 from latent_merge_nnsight.baselines.ensemble import Ensemble as Ensemble
