@@ -25,7 +25,7 @@ from latent_merge_nnsight.analysis.sweep import fingerprint_of
 from latent_merge_nnsight.capture import Capture, capture
 from latent_merge_nnsight.deltas import Deltas, compute_deltas
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.generate import generate
+from latent_merge_nnsight.generation.run import generate
 from latent_merge_nnsight.inputs import Batch, encode
 from latent_merge_nnsight.merge import merge_into
 from latent_merge_nnsight.models import model_info

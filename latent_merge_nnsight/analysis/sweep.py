@@ -32,7 +32,7 @@ from torch import Tensor
 
 from latent_merge_nnsight.analysis.representations import as_model_list
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.generate import release_engine
+from latent_merge_nnsight.generation.run import release_engine
 from latent_merge_nnsight.jsonl import read_resumable
 from latent_merge_nnsight.models import check_compatible, model_info
 from latent_merge_nnsight.ops import check_alpha, get_op

@@ -7,11 +7,11 @@
   layers; the decode step is a CUDA graph on CUDA.
 """
 
-from latent_merge_nnsight.engine.fast import PairedEngine as PairedEngine
-from latent_merge_nnsight.engine.plan import Plan as Plan
-from latent_merge_nnsight.engine.plan import resolve_plan as resolve_plan
-from latent_merge_nnsight.engine.stack import KVCache as KVCache
-from latent_merge_nnsight.engine.stack import Stack as Stack
-from latent_merge_nnsight.engine.stack import fast_support as fast_support
+from latent_merge_nnsight.generation.fast import PairedEngine as PairedEngine
+from latent_merge_nnsight.plan import Plan as Plan
+from latent_merge_nnsight.plan import resolve_plan as resolve_plan
+from latent_merge_nnsight.generation.stack import KVCache as KVCache
+from latent_merge_nnsight.generation.stack import Stack as Stack
+from latent_merge_nnsight.generation.stack import fast_support as fast_support
 
 __all__ = ["KVCache", "PairedEngine", "Plan", "Stack", "fast_support", "resolve_plan"]

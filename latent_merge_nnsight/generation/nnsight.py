@@ -38,11 +38,11 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from latent_merge_nnsight.baselines.ensemble import mix_logits
-from latent_merge_nnsight.engine.plan import Plan
+from latent_merge_nnsight.ensemble import mix_logits
+from latent_merge_nnsight.plan import Plan
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.inputs import Batch
-from latent_merge_nnsight.live import LiveSource
+from latent_merge_nnsight.generation.stepper import LiveSource
 from latent_merge_nnsight.merge import merge_into
 from latent_merge_nnsight.models import check_compatible, hf_module, model_info
 from latent_merge_nnsight.positions import position_mask
@@ -171,7 +171,7 @@ class Pair:
         `ignore_eos`). Loop `for step in tracer.iter[:]` in the block to act at every step; the result is
         `tracer.generation` after the block.
         """
-        from latent_merge_nnsight.generate import prepare_run
+        from latent_merge_nnsight.generation.run import prepare_run
 
         run = prepare_run(self.base, prompts, max_new_tokens=max_new_tokens, **options)
         return open_trace(self.base, self.sources, run, plan=None)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from latent_merge_nnsight.baselines.ensemble import Ensemble
+from latent_merge_nnsight.ensemble import Ensemble
 from latent_merge_nnsight.deltas import Deltas
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import check_compatible, hf_module, model_info

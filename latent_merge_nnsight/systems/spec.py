@@ -42,7 +42,7 @@ from latent_merge_nnsight.ops import check_weight
 from latent_merge_nnsight.recipe import Recipe
 
 if TYPE_CHECKING:
-    from latent_merge_nnsight.evaluation.loaded import LoadedSystem
+    from latent_merge_nnsight.systems.loaded import LoadedSystem
 
 __all__ = ["KINDS", "Ensemble", "Sampling", "System", "WeightMerge"]
 
@@ -130,7 +130,7 @@ class WeightMerge(BaseModel):
 
 
 class Ensemble(BaseModel):
-    """The paper's logit ensemble `(1-b)*base + b*source` (`latent_merge_nnsight.baselines.ensemble`)."""
+    """The paper's logit ensemble `(1-b)*base + b*source` (`latent_merge_nnsight.ensemble`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -146,7 +146,7 @@ class Ensemble(BaseModel):
 
     def build(self) -> Any:
         """The `baselines.ensemble.Ensemble` that `lmn.generate` takes in place of a recipe."""
-        from latent_merge_nnsight.baselines.ensemble import Ensemble as EnsembleSpec
+        from latent_merge_nnsight.ensemble import Ensemble as EnsembleSpec
 
         try:
             return EnsembleSpec(b=self.b, allow_extrapolation=self.allow_extrapolation)
@@ -290,7 +290,7 @@ class System(BaseModel):
 
     def load(self) -> "LoadedSystem":
         """Load the models (and build the weight merge) and return a `LoadedSystem`."""
-        from latent_merge_nnsight.evaluation.loaded import LoadedSystem
+        from latent_merge_nnsight.systems.loaded import LoadedSystem
 
         return LoadedSystem(self)
 

@@ -14,8 +14,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from latent_merge_nnsight.engine.graphs import StepGraphs
-from latent_merge_nnsight.engine.stack import Stack, mask_positions
+from latent_merge_nnsight.generation.graphs import StepGraphs
+from latent_merge_nnsight.generation.stack import Stack, mask_positions
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import last_inputs, model_info
 from latent_merge_nnsight.sites import Site, check_layer, check_site, get_layers, read_resid

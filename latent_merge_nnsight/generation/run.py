@@ -32,10 +32,10 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from latent_merge_nnsight.baselines.ensemble import mix_logits
-from latent_merge_nnsight.engine.fast import PairedEngine
-from latent_merge_nnsight.engine.plan import Plan, device_of, resolve_plan
-from latent_merge_nnsight.engine.stack import Stack, fast_support
+from latent_merge_nnsight.ensemble import mix_logits
+from latent_merge_nnsight.generation.fast import PairedEngine
+from latent_merge_nnsight.plan import Plan, device_of, resolve_plan
+from latent_merge_nnsight.generation.stack import Stack, fast_support
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.inputs import Batch, encode
 from latent_merge_nnsight.models import hf_module, model_info
@@ -389,7 +389,7 @@ def generate(
             and a batch no larger skips the capture (a batch size not seen before costs one). The kept
             engine holds the sources and the caches in memory until a call with `keep_engine=False` (or
             with another layout) replaces it, or until `release_engine(base)` (from
-            `latent_merge_nnsight.generate`).
+            `latent_merge_nnsight.generation.run`).
         compile_step: fast engine: run the decode step through `torch.compile` (then, on CUDA, capture
             it as a graph). Fuses the many small kernels of a step, so a step runs closer to the time of
             reading the weights; costs a compilation (about a minute for a 7B pair) per batch size, so it
@@ -424,6 +424,6 @@ def generate(
     if chosen == "fast":
         options = dict(cuda_graphs=cuda_graphs, keep_engine=keep_engine, compile_step=compile_step)
         return _run_fast(base, models, plan, run, options)
-    from latent_merge_nnsight.pair import run_nnsight
+    from latent_merge_nnsight.generation.nnsight import run_nnsight
 
     return run_nnsight(base, models, plan, run, cuda_graphs=cuda_graphs)

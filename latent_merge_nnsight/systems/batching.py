@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation.loaded import Completion
+from latent_merge_nnsight.systems.loaded import Completion
 
 __all__ = ["BatchStats", "Batcher", "SystemCompleteFn"]
 

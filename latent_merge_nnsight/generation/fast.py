@@ -21,9 +21,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from latent_merge_nnsight.engine.graphs import StepGraphs
-from latent_merge_nnsight.engine.plan import Plan
-from latent_merge_nnsight.engine.stack import Biases, KVCache, Stack, mask_positions, plain_forwards
+from latent_merge_nnsight.generation.graphs import StepGraphs
+from latent_merge_nnsight.plan import Plan
+from latent_merge_nnsight.generation.stack import Biases, KVCache, Stack, mask_positions, plain_forwards
 from latent_merge_nnsight.ops import regmean_weights
 from latent_merge_nnsight.positions import position_mask
 

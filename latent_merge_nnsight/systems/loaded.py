@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation.systems import Sampling, System, WeightMerge, explain_errors
+from latent_merge_nnsight.systems.spec import Sampling, System, WeightMerge, explain_errors
 
 __all__ = ["Completion", "LoadedSystem", "judge_model_id", "judgebench_accuracy_system", "load_system"]
 
@@ -199,7 +199,7 @@ class LoadedSystem:
 
     def _generate(self, prompts: list[Any], sampling: Sampling) -> Any:
         """One `lmn.generate` call in this system's mode."""
-        from latent_merge_nnsight.generate import generate
+        from latent_merge_nnsight.generation.run import generate
 
         kwargs = sampling.generate_kwargs()
         if self.config.engine is not None:
@@ -260,7 +260,7 @@ class LoadedSystem:
         Concurrent calls (e.g. `judgebench_accuracy` with ``concurrency=8``) are collected into one
         `generate` call of up to ``max_batch_size`` prompts. ``overrides`` set sampling for every call.
         """
-        from latent_merge_nnsight.serve.batching import SystemCompleteFn
+        from latent_merge_nnsight.systems.batching import SystemCompleteFn
 
         self.sampling(**overrides)  # validate now, not on the first call
         return SystemCompleteFn(
