@@ -8,10 +8,19 @@ whether judging and streaming work. `make_anyio_tolerate_mounts()` removes that 
 it imports anyio with the mount lifted (if nnsight is already in), and teaches anyio's check that public
 names living on `object` itself are mounts, not attributes of the set. It runs when this module is imported,
 which the package's `__init__` does first.
+
+Below that guard is every other place the package reaches into nnsight beyond its documented `trace`
+/ `generate` / envoy API: the wrapper class, the mediator of the running trace (which model, which rows
+of a batched invoke), whether a model is mid-trace, the tracer class a pair's generation subclasses,
+the per-module controllers the engines take off, and the error an out-of-order read raises. nnsight is
+imported when one of these is first used (importing this module stays cheap and is done first).
 """
 
+import contextlib
 import importlib.util
 import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 
 def _mounted_names() -> set[str]:
@@ -63,3 +72,92 @@ def make_anyio_tolerate_mounts() -> None:
 
 
 make_anyio_tolerate_mounts()
+
+
+# ----------------------------------------------------------------------------------------------------
+# nnsight internals the package relies on (imported lazily: see the module docstring)
+
+
+def transformers_model(hf_model: Any, tokenizer: Any) -> Any:
+    """nnsight's wrapper of an in-memory HF causal LM (`TransformersModel`)."""
+    from nnsight.modeling.transformers import TransformersModel
+
+    return TransformersModel(hf_model, tokenizer=tokenizer)
+
+
+def current_mediator(who: str) -> Any | None:
+    """The mediator of the trace running now (None outside a trace); `who` names the caller in nnsight's
+    own error messages."""
+    from nnsight.intervention.interleaver import Mediator
+
+    try:
+        return Mediator.current(who)
+    except ValueError:
+        return None
+
+
+def invoke_rows(who: str) -> tuple[int, int] | None:
+    """`(start, size)` of the batch rows of the invoke running now, when a trace batches several."""
+    mediator = current_mediator(who)
+    return None if mediator is None else mediator.batch_group
+
+
+def traced_roots(who: str) -> list[Any] | None:
+    """The root envoys of the models the running trace interleaves (None outside a trace)."""
+    mediator = current_mediator(who)
+    if mediator is None:
+        return None
+    return [e for e in mediator.interleaver.envoys.values() if getattr(e, "path", None) == "model"]
+
+
+def is_interleaving(model: Any) -> bool:
+    """Whether `model` (an nnsight model) is inside a running trace now."""
+    return bool(getattr(getattr(model, "interleaver", None), "interleaving", False))
+
+
+def tracer_class() -> type:
+    """nnsight's `InterleavingTracer`, the class `model.trace(tracer_cls=...)` expects to be subclassed."""
+    from nnsight.intervention.tracer import InterleavingTracer
+
+    return InterleavingTracer
+
+
+def out_of_order_error() -> type[Exception]:
+    """The error nnsight raises when a trace reads a module after a later one (`OutOfOrderError`)."""
+    from nnsight.intervention.interleaver import OutOfOrderError
+
+    return OutOfOrderError
+
+
+def _controller_class() -> type | None:
+    try:  # the forward nnsight installs on every module of a wrapped model
+        from nnsight.intervention.source import Controller
+    except ImportError:  # another nnsight: its controllers stay on (slower, same results)
+        return None
+    return Controller
+
+
+@contextlib.contextmanager
+def plain_forwards(modules: Sequence[Any]) -> Iterator[None]:
+    """Run `modules` without nnsight's per-module controllers while the block lasts.
+
+    A wrapped model's every module forwards through a controller that lets a trace reach it. Outside a
+    trace it still costs a couple of microseconds per module call (5-10% of a tiny model's eager decode
+    step on CPU), and `torch.compile` has to trace through it. The engines call the models directly and
+    trace nothing, so they take the controllers off and put the same ones back after (a model is never
+    traced from two threads at once: nnsight refuses that anyway). A module under an accelerate hook
+    keeps its controller, which runs the hook.
+    """
+    controller = _controller_class()
+    taken: list[tuple[Any, Any]] = []
+    try:
+        if controller is not None:
+            for module in modules:
+                forward = module.__dict__.get("forward")
+                if isinstance(forward, controller) and "_hf_hook" not in module.__dict__:
+                    del module.__dict__["forward"]
+                    taken.append((module, forward))
+        yield
+    finally:
+        for module, forward in taken:
+            module.__dict__["forward"] = forward

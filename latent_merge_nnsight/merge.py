@@ -10,14 +10,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from latent_merge_nnsight._nnsight import invoke_rows
 from latent_merge_nnsight.capture import Capture
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import active_model, last_inputs, last_past_length, model_info
 from latent_merge_nnsight.ops import OpSpec, check_alpha, get_op
+from latent_merge_nnsight.plan import Plan, merge_plan
 from latent_merge_nnsight.positions import Positions, check_positions, position_mask
 from latent_merge_nnsight.sites import Site, check_layer, check_site, get_layers, read_resid, write_resid
 
-__all__ = ["ResidSource", "merge_into"]
+__all__ = ["ResidSource", "apply_plan", "merge_into"]
 
 
 @runtime_checkable
@@ -46,9 +48,7 @@ def _current_mask(model: Any, hidden: Tensor, sources: list[Any]) -> tuple[Tenso
     if recorded is not None:
         ids, mask = recorded
         if ids is not None and ids.shape[0] != batch:  # inside one invoke of several: take its rows
-            from nnsight.intervention.interleaver import Mediator
-
-            group = Mediator.current("merge_into").batch_group
+            group = invoke_rows("merge_into")
             if group is not None:
                 start, size = group
                 ids = ids[start : start + size]
@@ -136,32 +136,45 @@ def merge_into(
                 "such as 'regmean' to combine several"
             )
         sources = [source]
-    index = lambda i: f"[{i}]" if spec.multi_source else ""  # noqa: E731
-    tensors = [_source_tensor(s, layer, site, index(i)) for i, s in enumerate(sources)]
+    plan = merge_plan(
+        spec,
+        {layer: alpha},
+        site=site,
+        positions=positions,
+        params=params,
+        allow_extrapolation=allow_extrapolation,
+    )
+    return apply_plan(plan, layer, sources, model)
 
+
+def apply_plan(plan: Plan, layer: int, sources: list[Any], model: Any) -> Float[Tensor, "batch pos d_model"]:
+    """Mix `sources` into the traced `model` at `layer` as `plan` says (everything already checked).
+
+    Reads the residual at the plan's site, finds this forward's real tokens, mixes with `Plan.apply`
+    where the plan's positions select them, and writes the result back. `merge_into` (one call in a
+    trace) and the nnsight engine (every merged layer of every step) both end here. `sources` are
+    `ResidSource`s or tensors, one per source; none when the plan steers with its own deltas.
+    """
+    site, multi = plan.site, plan.op.multi_source
+    index = lambda i: f"[{i}]" if multi else ""  # noqa: E731
+    tensors = [_source_tensor(s, layer, site, index(i)) for i, s in enumerate(sources)]
     block = get_layers(model)[layer]
     hidden = read_resid(block, site)
     mask, decoding, ids = _current_mask(model, hidden, sources)
     for i, s in enumerate(sources):
         if isinstance(s, Capture):
             _check_capture_tokens(s, ids, decoding, index(i))
+    static = plan.op.static_source
     for i, t in enumerate(tensors):
-        ok = t.shape == hidden.shape if not spec.static_source else t.shape[-1] == hidden.shape[-1]
-        if not ok:
+        if not (t.shape == hidden.shape if not static else t.shape[-1] == hidden.shape[-1]):
             raise LatentMergeError(
                 f"source{index(i)} has shape {tuple(t.shape)} at layer {layer}; expected "
                 f"{tuple(hidden.shape)} like the base residual"
-                + (" (or a [d_model] vector)" if spec.static_source else "")
+                + (" (or a [d_model] vector)" if static else "")
             )
-    select = position_mask(mask, positions, decoding=decoding)
-    if alpha == 0 or not bool(select.any()):
+    select = position_mask(mask, plan.positions, decoding=decoding)
+    if plan.alphas[layer] == 0 or not bool(select.any()):
         return hidden
-    hs = (
-        torch.stack([t.to(hidden.device) for t in tensors])
-        if spec.multi_source
-        else tensors[0].to(hidden.device)
-    )
-    merged = spec(hidden, hs, alpha, **params)
-    new = torch.where(select[..., None], merged, hidden)
+    new = plan.apply(layer, site, hidden, tensors, select)
     write_resid(block, site, new)
     return new

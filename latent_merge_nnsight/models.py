@@ -4,8 +4,11 @@ Every model the package works with is an nnsight `TransformersModel` around a Hu
 `load` and `wrap` also install one plain forward-pre-hook on the HF module that remembers the ids and
 attention mask of the latest forward, so `merge_into` can find the real tokens of whatever forward it
 runs in (a trace, a generation step, a batch of invokes) without touching the envoy tree out of order.
+What the package knows of a module (its `ModelInfo`, its latest inputs) is kept in this module's own
+weak tables, keyed by the HF module, not as attributes on it.
 """
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ import torch
 import transformers
 from torch import nn
 
+from latent_merge_nnsight._nnsight import traced_roots, transformers_model
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.sites import architecture, get_layers, n_layers
 
@@ -29,9 +33,10 @@ __all__ = [
     "wrap",
 ]
 
-_INFO_ATTR = "_lmn_info"
-_INPUTS_ATTR = "_lmn_last_inputs"
-_PAST_ATTR = "_lmn_last_past"
+_INFOS: "weakref.WeakKeyDictionary[nn.Module, ModelInfo]" = weakref.WeakKeyDictionary()
+"""The `ModelInfo` of each module wrapped by this package."""
+_LAST_INPUTS: "weakref.WeakKeyDictionary[nn.Module, tuple[Any, Any, Any]]" = weakref.WeakKeyDictionary()
+"""Per hooked module: (input_ids, attention_mask, tokens already cached) of its latest forward."""
 
 
 @dataclass
@@ -72,8 +77,7 @@ def _record_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
     if torch.compiler.is_compiling():
         return  # a compiled forward of the HF model (e.g. HF's static-cache generate) never runs a merge
     ids = kwargs.get("input_ids", args[0] if args else None)
-    setattr(module, _INPUTS_ATTR, (ids, kwargs.get("attention_mask")))
-    setattr(module, _PAST_ATTR, _past_length(kwargs))
+    _LAST_INPUTS[module] = (ids, kwargs.get("attention_mask"), _past_length(kwargs))
 
 
 def hf_module(model: Any) -> nn.Module:
@@ -86,18 +90,20 @@ def hf_module(model: Any) -> nn.Module:
 
 def last_inputs(model: Any) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
     """The (input_ids, attention_mask) of the latest forward, if the model was wrapped by this package."""
-    return getattr(hf_module(model), _INPUTS_ATTR, None)
+    recorded = _LAST_INPUTS.get(hf_module(model))
+    return None if recorded is None else recorded[:2]
 
 
 def last_past_length(model: Any) -> int:
     """Tokens already cached before the latest forward (0 for a prompt forward or an unwrapped model)."""
-    return int(getattr(hf_module(model), _PAST_ATTR, 0))
+    recorded = _LAST_INPUTS.get(hf_module(model))
+    return 0 if recorded is None else int(recorded[2])
 
 
 def model_info(model: Any) -> ModelInfo:
     """The `ModelInfo` of a wrapped model (built on the fly for a foreign one)."""
     module = hf_module(model)
-    info = getattr(module, _INFO_ATTR, None)
+    info = _INFOS.get(module)
     if info is None:
         n = n_layers(module)
         info = ModelInfo(name=type(module).__name__, n_layers=n, full_n_layers=n)
@@ -111,24 +117,20 @@ def wrap(hf_model: nn.Module, tokenizer: Any = None, *, name: str | None = None)
     """
     if not isinstance(hf_model, nn.Module):
         raise LatentMergeError(f"hf_model has type {type(hf_model).__name__}; expected a torch nn.Module")
-    from nnsight.modeling.transformers import TransformersModel
-
     architecture(hf_model)  # fail early, with the registration hint, for an unknown architecture
     if tokenizer is None:
         raise LatentMergeError(
             "tokenizer is required to wrap a model (nnsight needs it); pass the model's tokenizer"
         )
-    if not hasattr(hf_model, _INFO_ATTR):
+    if hf_model not in _INFOS:
         n = n_layers(hf_model)
         full = getattr(hf_model.config, "_lmn_full_n_layers", n)
-        setattr(hf_model, _INFO_ATTR, ModelInfo(name or type(hf_model).__name__, n, full))
-    elif name is not None:
-        getattr(hf_model, _INFO_ATTR).name = name
-    if not getattr(hf_model, "_lmn_hooked", False):
+        _INFOS[hf_model] = ModelInfo(name or type(hf_model).__name__, n, full)
         hf_model.register_forward_pre_hook(_record_inputs, with_kwargs=True)
-        hf_model._lmn_hooked = True
+    elif name is not None:
+        _INFOS[hf_model].name = name
     hf_model.eval()
-    return TransformersModel(hf_model, tokenizer=tokenizer)
+    return transformers_model(hf_model, tokenizer)
 
 
 def _resolve_name(name_or_path: str | Path) -> str:
@@ -284,7 +286,9 @@ def truncate(model: Any, up_to_layer: int, *, keep_head: bool = False) -> Any:
     del layers[up_to_layer + 1 :]
     if not keep_head:
         _drop_head(module)
-    setattr(module, _INFO_ATTR, ModelInfo(info.name, up_to_layer + 1, info.full_n_layers))
+    if module not in _INFOS:  # a module never wrapped: record its inputs from now on too
+        module.register_forward_pre_hook(_record_inputs, with_kwargs=True)
+    _INFOS[module] = ModelInfo(info.name, up_to_layer + 1, info.full_n_layers)
     if module is model:
         return module
     return wrap(module, model.tokenizer)
@@ -343,20 +347,13 @@ def check_compatible(base: Any, source: Any) -> Compatibility:
 
 def active_model() -> Any:
     """The nnsight model whose trace is running now (for helpers called inside a `with model.trace()`)."""
-    from nnsight.intervention.interleaver import Mediator
-
-    try:
-        mediator = Mediator.current("merge_into")
-    except ValueError:
+    envoys = traced_roots("merge_into")
+    if envoys is None:
         raise LatentMergeError(
             "no active trace: call merge_into inside `with model.trace(...)` (or `model.generate(...)`), "
             "or pass model= explicitly"
-        ) from None
-    roots = [
-        e
-        for e in mediator.interleaver.envoys.values()
-        if getattr(e, "path", None) == "model" and isinstance(getattr(e, "_module", None), nn.Module)
-    ]
+        )
+    roots = [e for e in envoys if isinstance(getattr(e, "_module", None), nn.Module)]
     if len(roots) != 1:
         raise LatentMergeError(
             f"could not tell which model is being traced ({len(roots)} candidates); pass model="

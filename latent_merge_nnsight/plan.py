@@ -1,28 +1,35 @@
-"""`Plan`: what one generation run does, resolved and checked before any forward.
+"""`Plan`: a Recipe resolved once, and `Plan.apply`, the one call that mixes a residual.
 
 `resolve_plan(base, sources, recipe)` turns the user's `(sources, recipe)` into a `Plan` and the list
 of source models, checking everything that can be checked without running a model: the op and its
 parameters, layers against the base and against each source (a source loaded `up_to_layer` has fewer
-blocks), model compatibility, and the steering deltas. Both engines then run the same plan.
+blocks), model compatibility, and the steering deltas. It is the only place a recipe's `deltas` file is
+loaded (a relative path is read next to the YAML file the recipe came from).
+
+Every executor then runs the same plan and mixes through `Plan.apply(layer, site, hb, hs, select)`:
+`merge_into` (one layer, in a trace), the fast engine (`generation.fast`, at each merged layer of its
+block loop), the nnsight engine (`generation.nnsight`, through `merge.apply_plan`) and `analysis/`.
+`Plan.next_logits` is the logit ensemble's mix, used by the loop's choose-next step.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
-from latent_merge_nnsight.ensemble import Ensemble
 from latent_merge_nnsight.deltas import Deltas
+from latent_merge_nnsight.ensemble import Ensemble, mix_logits
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import check_compatible, hf_module, model_info
-from latent_merge_nnsight.ops import OpSpec, get_op
-from latent_merge_nnsight.positions import Positions, check_positions
+from latent_merge_nnsight.ops import OpSpec, get_op, regmean_weights
+from latent_merge_nnsight.positions import Positions, check_positions, position_mask
 from latent_merge_nnsight.recipe import Recipe
 
-__all__ = ["Plan", "resolve_plan"]
+__all__ = ["Plan", "device_of", "merge_plan", "recipe_deltas_path", "resolve_plan"]
 
 Mode = Literal["base", "merge", "ensemble"]
 
@@ -67,6 +74,13 @@ class Plan:
             self.mode == "merge" and self.op is not None and not self.op.static_source
         )
 
+    @property
+    def merges_while_decoding(self) -> bool:
+        """Whether decode steps merge too: "last" and "all" select every new token; explicit prompt
+        positions select none (those merges happen at the prompt step only)."""
+        probe = position_mask(torch.ones(1, 1, dtype=torch.long), self.positions, decoding=True)
+        return bool(probe.all())
+
     def source_blocks(self, source_layers: int) -> int:
         """Blocks each source runs per step: up to the highest merged layer, or all for the ensemble."""
         if self.mode == "ensemble":
@@ -74,6 +88,67 @@ class Plan:
         if not self.live_sources or not self.merges:
             return 0
         return max(layer for layer, _ in self.merges) + (1 if self.site == "post" else 0)
+
+    def apply(
+        self,
+        layer: int,
+        site: str,
+        hb: Float[Tensor, "batch pos d_model"],
+        hs: Sequence[Float[Tensor, "batch pos d_model"]],
+        select: Bool[Tensor, "batch pos"] | None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The base residual `hb` at (layer, site) mixed with the sources' `hs` where `select` is True.
+
+        `hs` holds one residual per source (any device; ignored when the plan steers with `deltas`);
+        `select=None` mixes every position. A site or layer the plan does not merge returns `hb` itself.
+        """
+        if self.mode != "merge" or site != self.site or layer not in self.alphas:
+            return hb
+        if self.deltas is not None:
+            src = self.deltas[layer]
+        elif self.op.multi_source:
+            src = torch.stack([h.to(hb.device) for h in hs])
+        else:
+            src = hs[0].to(hb.device)
+        merged = self.op(hb, src, self.alphas[layer], **self.params)
+        return merged if select is None else torch.where(select[..., None], merged, hb)
+
+    def next_logits(
+        self,
+        logits: Float[Tensor, "batch vocab"],
+        source_logits: Float[Tensor, "batch vocab"] | None,
+        step: int,
+    ) -> Float[Tensor, "batch vocab"]:
+        """The logits the next token is chosen from: the logit ensemble's mix at generation `step`, or the
+        base's own logits for every other mode."""
+        if self.mode != "ensemble":
+            return logits
+        return mix_logits(logits, source_logits, self.ensemble.weight(step))
+
+    def on_device(self, device: torch.device, dtype: torch.dtype, n_sources: int) -> "Plan":
+        """A copy for a fixed-shape (CUDA graph) step: alphas as device scalars of the compute dtype,
+        the deltas copied, RegMean weights normalised once on the host. A kept engine writes the next
+        run's alphas and deltas into these tensors (`refill`) without a new capture."""
+        scalar = lambda a: None if a is None else torch.tensor(a, dtype=dtype, device=device)  # noqa: E731
+        params = dict(self.params)
+        if params.get("weights") is not None:  # checked on the host, once: no sync in the step
+            params["weights"] = regmean_weights(params["weights"], n_sources).to(device)
+        return replace(
+            self,
+            alphas={layer: scalar(a) for layer, a in self.merges},
+            deltas=None if self.deltas is None else {k: v.clone() for k, v in self.deltas.items()},
+            params=params,
+        )
+
+    def refill(self, other: "Plan") -> None:
+        """Write `other`'s alphas and deltas (a plan of the same layout) into this `on_device` copy."""
+        new = dict(other.merges)
+        for layer, value in self.alphas.items():
+            if value is not None:
+                value.fill_(new[layer])
+        if other.deltas is not None:
+            for layer, vector in other.deltas.items():
+                self.deltas[layer].copy_(vector)
 
 
 def _is_model(obj: Any) -> bool:
@@ -112,12 +187,44 @@ def _load_deltas(recipe: Recipe, given: list[Any], spec: OpSpec) -> Deltas:
             "or set "
             "recipe.deltas to a safetensors file written by Deltas.save"
         )
-    path = Path(recipe.deltas)
+    path = recipe_deltas_path(recipe)
     if not path.exists():
         raise LatentMergeError(
             f"recipe.deltas={recipe.deltas!r} does not exist; expected a file written by Deltas.save"
         )
     return Deltas.load(path)
+
+
+def recipe_deltas_path(recipe: Recipe) -> Path:
+    """Where a recipe's `deltas` file is: a relative path is read next to the recipe's (or its system's)
+    YAML file when it came from one (`Recipe.source_dir`), else from the working directory."""
+    path = Path(recipe.deltas)
+    if not path.is_absolute() and recipe.source_dir is not None:
+        beside = Path(recipe.source_dir) / path
+        if beside.exists():
+            return beside
+    return path
+
+
+def merge_plan(
+    op: OpSpec,
+    alphas: dict[int, float | None],
+    *,
+    site: str = "pre",
+    positions: Positions = "last",
+    params: dict[str, Any] | None = None,
+    allow_extrapolation: bool = False,
+) -> Plan:
+    """A merge `Plan` from parts already checked (how `merge_into` mixes one layer in a trace)."""
+    return Plan(
+        mode="merge",
+        op=op,
+        alphas=dict(alphas),
+        site=site,  # type: ignore[arg-type]
+        positions=positions,
+        params=dict(params or {}),
+        allow_extrapolation=allow_extrapolation,
+    )
 
 
 def resolve_plan(base: Any, sources: Any, recipe: Any) -> tuple[Plan, list[Any]]:
@@ -133,63 +240,72 @@ def resolve_plan(base: Any, sources: Any, recipe: Any) -> tuple[Plan, list[Any]]
     if recipe is None:
         return Plan(mode="base", recipe=None), []
     if isinstance(recipe, Ensemble):
-        models = [s for s in given if _is_model(s)]
-        if len(given) != 1 or len(models) != 1:
-            raise LatentMergeError(
-                f"the logit ensemble needs exactly one source model, got {len(given)} sources"
-            )
-        src = models[0]
-        check_compatible(base, src)
-        info = model_info(src)
-        if info.truncated:
-            raise LatentMergeError(
-                f"the logit ensemble needs the whole source model, but {info.name} was loaded with only "
-                f"{info.n_layers} of {info.full_n_layers} layers; load it without up_to_layer"
-            )
-        return Plan(mode="ensemble", ensemble=recipe, recipe=recipe), [src]
+        return _ensemble_plan(base, given, recipe)
     if not isinstance(recipe, Recipe):
         raise LatentMergeError(
             f"recipe has type {type(recipe).__name__}; expected an lmn.Recipe, an Ensemble, "
             "or None (base alone)"
         )
-
     spec = get_op(recipe.op)
-    base_info = model_info(base)
-    alphas = recipe.layer_alphas(base_info.n_layers)
-    positions = check_positions(recipe.resolved_positions())
-    params = recipe.op_params()
+    alphas = recipe.layer_alphas(model_info(base).n_layers)
     plan = Plan(
         mode="merge",
         op=spec,
         alphas=alphas,
         site=recipe.site,
-        positions=positions,
-        params=params,
+        positions=check_positions(recipe.resolved_positions()),
+        params=recipe.op_params(),
         allow_extrapolation=recipe.allow_extrapolation,
         recipe=recipe,
     )
     if spec.static_source:
-        deltas = _load_deltas(recipe, given, spec)
-        if deltas.site != recipe.site:
-            raise LatentMergeError(
-                f"the deltas were computed at site={deltas.site!r} but the recipe merges at "
-                f"site={recipe.site!r}"
-            )
-        hidden = hf_module(base).config.hidden_size
-        device = next(hf_module(base).parameters()).device
-        vectors = {}
-        for layer in alphas:
-            v = deltas.resid(layer, recipe.site)
-            if v.shape[-1] != hidden:
-                raise LatentMergeError(
-                    f"delta for layer {layer} has size {v.shape[-1]}; the base's hidden size is {hidden}"
-                )
-            vectors[layer] = v.to(device)
-        plan.deltas = vectors
+        plan.deltas = _delta_vectors(base, recipe, given, spec, alphas)
         return plan, []
-
     if not given:
         return Plan(mode="base", recipe=recipe), []
+    _check_sources(base, given, spec, plan)
+    return plan, given
+
+
+def _ensemble_plan(base: Any, given: list[Any], ensemble: Ensemble) -> tuple[Plan, list[Any]]:
+    models = [s for s in given if _is_model(s)]
+    if len(given) != 1 or len(models) != 1:
+        raise LatentMergeError(f"the logit ensemble needs exactly one source model, got {len(given)} sources")
+    src = models[0]
+    check_compatible(base, src)
+    info = model_info(src)
+    if info.truncated:
+        raise LatentMergeError(
+            f"the logit ensemble needs the whole source model, but {info.name} was loaded with only "
+            f"{info.n_layers} of {info.full_n_layers} layers; load it without up_to_layer"
+        )
+    return Plan(mode="ensemble", ensemble=ensemble, recipe=ensemble), [src]
+
+
+def _delta_vectors(
+    base: Any, recipe: Recipe, given: list[Any], spec: OpSpec, alphas: dict[int, float | None]
+) -> dict[int, Tensor]:
+    """The steering vector of each recipe layer, checked and on the base's device."""
+    deltas = _load_deltas(recipe, given, spec)
+    if deltas.site != recipe.site:
+        raise LatentMergeError(
+            f"the deltas were computed at site={deltas.site!r} but the recipe merges at site={recipe.site!r}"
+        )
+    hidden = hf_module(base).config.hidden_size
+    device = device_of(base)
+    vectors = {}
+    for layer in alphas:
+        v = deltas.resid(layer, recipe.site)
+        if v.shape[-1] != hidden:
+            raise LatentMergeError(
+                f"delta for layer {layer} has size {v.shape[-1]}; the base's hidden size is {hidden}"
+            )
+        vectors[layer] = v.to(device)
+    return vectors
+
+
+def _check_sources(base: Any, given: list[Any], spec: OpSpec, plan: Plan) -> None:
+    """Live sources: models, as many as the op takes, compatible, and deep enough for every layer."""
     bad = [type(s).__name__ for s in given if not _is_model(s)]
     if bad:
         raise LatentMergeError(f"sources must be models for op {spec.name!r}; got {bad}")
@@ -197,11 +313,12 @@ def resolve_plan(base: Any, sources: Any, recipe: Any) -> tuple[Plan, list[Any]]
         raise LatentMergeError(
             f"op {spec.name!r} takes one source, got {len(given)}; use a multi-source op such as 'regmean'"
         )
-    weights = params.get("weights")
+    weights = plan.params.get("weights")
     if weights is not None and len(weights) != len(given):
         raise LatentMergeError(
             f"recipe weights has {len(weights)} entries for {len(given)} sources; expected {len(given)}"
         )
+    alphas = plan.alphas
     for i, src in enumerate(given):
         check_compatible(base, src)
         info = model_info(src)
@@ -216,8 +333,8 @@ def resolve_plan(base: Any, sources: Any, recipe: Any) -> tuple[Plan, list[Any]]
                     f"recipe layer {layer} is past source[{i}] {info.name} ({loaded}); expected layers < "
                     f"{info.n_layers}, or load the source with up_to_layer >= {max(alphas)}"
                 )
-    return plan, given
 
 
 def device_of(model: Any) -> torch.device:
+    """The device of the model's first parameter."""
     return next(hf_module(model).parameters()).device

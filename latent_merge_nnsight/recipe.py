@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.ops import check_alpha, get_op
@@ -50,6 +50,19 @@ class Recipe(BaseModel):
     deltas: str | None = Field(None, description="safetensors file of steering deltas (op delta)")
     allow_extrapolation: bool = Field(False, description="allow alphas outside [0, 1]")
     name: str | None = Field(None, description="a label for results tables")
+
+    _source_dir: Path | None = PrivateAttr(default=None)
+
+    @property
+    def source_dir(self) -> Path | None:
+        """The folder of the YAML/JSON file this recipe was read from (its system's, for a system's
+        recipe): a relative `deltas` path is read there. None for a recipe built in code."""
+        return self._source_dir
+
+    def located(self, folder: str | Path | None) -> "Recipe":
+        """This recipe, marked as read from a file in `folder` (relative `deltas` paths resolve there)."""
+        self._source_dir = None if folder is None else Path(folder)
+        return self
 
     @field_validator("op")
     @classmethod
@@ -175,7 +188,8 @@ class Recipe(BaseModel):
         """Read a `.yaml`/`.yml` or `.json` recipe file."""
         path = Path(path)
         text = path.read_text()
-        return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
+        recipe = cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
+        return recipe.located(path.parent)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)

@@ -6,7 +6,11 @@ row of the original batch at every step, so a row's tokens depend only on (seed,
 the same seed gives the same tokens whichever engine runs and however finished rows are dropped.
 
 `Tracker` records each row's new tokens and decides when a row is done: an EOS token ("eos"), a stop
-string in the new text ("stop"), or `max_new_tokens` reached ("length").
+string in the new text ("stop"), or `max_new_tokens` reached ("length"): `FINISH_REASONS`, the one list
+of them (an OpenAI-style reply folds "eos" into "stop": `openai_finish_reason`).
+
+Temperature 0 means greedy, everywhere the package takes sampling settings (`lmn.generate`, a system's
+`sampling`, the CLI, the server): `SamplingConfig.greedy` is the one place that says so.
 """
 
 import math
@@ -20,14 +24,21 @@ from torch import Tensor
 
 from latent_merge_nnsight.errors import LatentMergeError
 
-__all__ = ["FINISH_REASONS", "Sampler", "SamplingConfig", "Tracker", "filter_logits"]
+__all__ = ["FINISH_REASONS", "Sampler", "SamplingConfig", "Tracker", "filter_logits", "openai_finish_reason"]
 
 FINISH_REASONS = ("eos", "stop", "length")
+"""Why a row ended: an EOS token, a stop string in its new text, or `max_new_tokens` reached."""
+
+
+def openai_finish_reason(reason: str) -> str:
+    """A `FINISH_REASONS` entry as OpenAI's API says it: "length", or "stop" (an EOS or a stop string)."""
+    return "length" if reason == "length" else "stop"
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick the next token. `do_sample=False` is greedy (temperature/top-k/top-p are then unused)."""
+    """How to pick the next token. Greedy when `do_sample=False` or `temperature=0` (temperature, top-k
+    and top-p are then unused); see `greedy`."""
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -39,10 +50,8 @@ class SamplingConfig:
         if not isinstance(self.do_sample, bool):
             raise LatentMergeError(f"do_sample={self.do_sample!r}; expected True or False")
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            raise LatentMergeError(
-                f"temperature={t!r}; expected a finite number > 0 (use do_sample=False for greedy)"
-            )
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise LatentMergeError(f"temperature={t!r}; expected a finite number >= 0 (0 means greedy)")
         p = self.top_p
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
             raise LatentMergeError(f"top_p={p!r}; expected 0 < top_p <= 1 (1 keeps every token)")
@@ -52,6 +61,17 @@ class SamplingConfig:
         s = self.seed
         if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0):
             raise LatentMergeError(f"seed={s!r}; expected None or an int >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        """Whether tokens are chosen by argmax: no sampling, or sampling at temperature 0."""
+        return not self.do_sample or self.temperature == 0
+
+    def canonical(self) -> "SamplingConfig":
+        """The same choice spelled one way: a greedy config as `do_sample=False, temperature=1.0`."""
+        if self.greedy:
+            return SamplingConfig(False, 1.0, self.top_p, self.top_k, self.seed)
+        return self
 
 
 def filter_logits(
@@ -84,7 +104,7 @@ class Sampler:
         self.config = config
         self.n_rows = n_rows
         self.generator: torch.Generator | None = None
-        if config.do_sample:
+        if not config.greedy:
             seed = config.seed if config.seed is not None else int(torch.randint(0, 2**62, (1,)))
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(seed)

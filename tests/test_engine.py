@@ -235,7 +235,7 @@ def test_a_kept_engine_is_reused_with_new_alphas_and_gives_fresh_engine_tokens(m
     """keep_engine=True keeps the fixed-shape engine (what CUDA graphs capture) for the next call of the same
     layout; the reused run, with other alphas and prompts, gives the tokens of a fresh eager engine."""
     base, ft = models
-    generate_module = importlib.import_module("latent_merge_nnsight.generate")
+    generate_module = importlib.import_module("latent_merge_nnsight.generation.fast")
     first = lmn.Recipe(op="slerp", layers={1: 0.3, 2: 0.6})
     second = lmn.Recipe(op="slerp", layers={1: 0.9, 2: 0.1})
     other_prompts = ["a b c", "zz", "what is up with me"]
@@ -301,11 +301,11 @@ def test_other_architectures_match_the_hook_loop_on_both_engines(arch, window, m
         EagerStep, "replay", lambda self: replays.__setitem__(0, replays[0] + 1) or replay(self)
     )
     monkeypatch.setattr(
-        importlib.import_module("latent_merge_nnsight.generate"),
+        importlib.import_module("latent_merge_nnsight.generation.fast"),
         "PairedEngine",
         functools.partial(PairedEngine, static_step=True),
     )
-    pair_module = importlib.import_module("latent_merge_nnsight.pair")
+    pair_module = importlib.import_module("latent_merge_nnsight.generation.nnsight")
     monkeypatch.setattr(
         pair_module, "LiveSource", functools.partial(pair_module.LiveSource, static_step=True)
     )
@@ -371,7 +371,7 @@ def test_fixed_shape_decode_step_of_cuda_graphs_gives_the_same_tokens(models, mo
     eos = free.tokens[0][1]  # row 0 ends early; the others when they produce it
     eager = generate(base, ft, prompts, recipe, max_new_tokens=7, eos_token_id=eos)
     # the module, not `lmn.generate` the function that shadows it as a package attribute
-    generate_module = importlib.import_module("latent_merge_nnsight.generate")
+    generate_module = importlib.import_module("latent_merge_nnsight.generation.fast")
     monkeypatch.setattr(generate_module, "PairedEngine", functools.partial(PairedEngine, static_step=True))
     with batch_sizes_seen(base) as batch_sizes:
         static = generate(base, ft, prompts, recipe, max_new_tokens=7, eos_token_id=eos)
@@ -465,7 +465,7 @@ def test_compiled_decode_step_gives_the_eager_tokens_and_is_reused_without_recom
 
 def test_release_engine_lets_the_kept_engine_and_its_sources_go(models, monkeypatch):
     base, ft = models
-    generate_module = importlib.import_module("latent_merge_nnsight.generate")
+    generate_module = importlib.import_module("latent_merge_nnsight.generation.fast")
     monkeypatch.setattr(generate_module, "PairedEngine", functools.partial(PairedEngine, static_step=True))
     recipe = lmn.Recipe(op="slerp", layers={2: 0.5})
     generate(base, ft, PROMPTS, recipe, max_new_tokens=2, keep_engine=True)
@@ -477,7 +477,7 @@ def test_release_engine_lets_the_kept_engine_and_its_sources_go(models, monkeypa
 
 def test_a_kept_engine_takes_new_deltas_and_leaves_the_callers_untouched(models, monkeypatch):
     base, ft = models
-    generate_module = importlib.import_module("latent_merge_nnsight.generate")
+    generate_module = importlib.import_module("latent_merge_nnsight.generation.fast")
     first = lmn.compute_deltas(base, ft, PROMPTS, [1, 2])
     second = lmn.compute_deltas(base, ft, ["something else entirely", "xyz"], [1, 2])
     recipe = lmn.Recipe(op="delta", layers={1: 2.0, 2: 3.0})
@@ -496,8 +496,8 @@ def test_a_kept_engine_takes_new_deltas_and_leaves_the_callers_untouched(models,
 @pytest.mark.parametrize(
     ("engine", "module", "name", "what"),
     [
-        ("fast", "latent_merge_nnsight.generate", "PairedEngine", "the decode step"),
-        ("nnsight", "latent_merge_nnsight.pair", "LiveSource", "the source step"),
+        ("fast", "latent_merge_nnsight.generation.fast", "PairedEngine", "the decode step"),
+        ("nnsight", "latent_merge_nnsight.generation.nnsight", "LiveSource", "the source step"),
     ],
 )
 def test_a_failed_capture_falls_back_to_the_eager_step_with_a_warning(

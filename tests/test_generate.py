@@ -311,6 +311,27 @@ def test_seeded_sampling_is_reproducible_and_the_same_on_both_engines(models):
     assert top1.tokens == greedy.tokens  # top-k 1 leaves only the argmax
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_temperature_zero_is_greedy_even_when_sampling(models, engine):
+    """Temperature 0 means greedy everywhere (`SamplingConfig.greedy`), here as in a system's sampling."""
+    base, ft, _ = models
+    recipe = lmn.Recipe(op="slerp", layers={2: 0.5})
+    greedy = generate(base, ft, PROMPTS, recipe, max_new_tokens=6, ignore_eos=True, engine=engine)
+    cold = generate(
+        base,
+        ft,
+        PROMPTS,
+        recipe,
+        max_new_tokens=6,
+        ignore_eos=True,
+        engine=engine,
+        do_sample=True,
+        temperature=0.0,
+        seed=3,
+    )
+    assert cold.tokens == greedy.tokens
+
+
 # ----------------------------------------------------------------------------------------------------
 # stopping
 
@@ -416,7 +437,7 @@ def bad_calls(models):
             "engine='turbo'",
         ),
         "temperature": (
-            lambda: generate(base, ft, PROMPTS, recipe, max_new_tokens=2, do_sample=True, temperature=0.0),
+            lambda: generate(base, ft, PROMPTS, recipe, max_new_tokens=2, do_sample=True, temperature=-0.5),
             "temperature",
         ),
         "stop": (lambda: generate(base, ft, PROMPTS, recipe, max_new_tokens=2, stop=[""]), "stop="),

@@ -149,7 +149,7 @@ def _fixed_live_sources(monkeypatch) -> list[int]:
 
     from latent_merge_nnsight.engine.graphs import EagerStep
 
-    pair_module = importlib.import_module("latent_merge_nnsight.pair")
+    pair_module = importlib.import_module("latent_merge_nnsight.generation.nnsight")
     fixed = functools.partial(pair_module.LiveSource, static_step=True)
     monkeypatch.setattr(pair_module, "LiveSource", fixed)
     replays = [0]
@@ -207,7 +207,7 @@ def test_fixed_shape_source_step_survives_a_cache_that_grows(models, monkeypatch
     """A source cache sized too small grows mid-generation (new buffers): the fixed step is rebuilt."""
     import importlib
 
-    pair_module = importlib.import_module("latent_merge_nnsight.pair")
+    pair_module = importlib.import_module("latent_merge_nnsight.generation.nnsight")
     base, ft, _ = models
     recipe = lmn.Recipe(op="slerp", layers={2: 0.5})
     kw = dict(max_new_tokens=N_NEW, ignore_eos=True, engine="nnsight")

@@ -325,7 +325,7 @@ def test_task_accuracy_keeps_one_engine_across_cells_and_the_sweep_lets_it_go(mo
     from latent_merge_nnsight.models import hf_module
 
     evaluators = importlib.import_module("latent_merge_nnsight.analysis.evaluators")
-    generate_module = importlib.import_module("latent_merge_nnsight.generate")
+    generate_module = importlib.import_module("latent_merge_nnsight.generation.fast")
     base, ft = lmn.load("toy-base"), lmn.load("toy-reasoner")
     examples = make_eval_set("math", 3, seed=5) + make_eval_set("reasoning", 3, seed=5)
     grid = dict(ops=["slerp"], layers=[3], alphas=[0.3, 0.8], baselines=(), prompts=examples, progress=False)
@@ -334,7 +334,7 @@ def test_task_accuracy_keeps_one_engine_across_cells_and_the_sweep_lets_it_go(mo
         calls: list[tuple] = []
 
         def recording(*args, **kwargs):
-            out = generate_module.generate(*args, **kwargs)
+            out = lmn.generate(*args, **kwargs)
             calls.append((out.texts, out.info.get("engine_reused")))
             return out
 

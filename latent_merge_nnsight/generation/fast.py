@@ -22,12 +22,13 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from latent_merge_nnsight.generation.graphs import StepGraphs
-from latent_merge_nnsight.plan import Plan
+from latent_merge_nnsight.generation.loop import GenerationResult, Run
 from latent_merge_nnsight.generation.stack import Biases, KVCache, Stack, mask_positions, plain_forwards
-from latent_merge_nnsight.ops import regmean_weights
+from latent_merge_nnsight.models import hf_module
+from latent_merge_nnsight.plan import Plan
 from latent_merge_nnsight.positions import position_mask
 
-__all__ = ["PairedEngine"]
+__all__ = ["PairedEngine", "release_engine", "run_fast"]
 
 
 class PairedEngine:
@@ -71,31 +72,18 @@ class PairedEngine:
         self.max_rows = batch
         self.kv_mask = torch.zeros(batch, capacity, dtype=torch.long, device=self.device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=self.device)
-        merges = dict(plan.merges) if plan.mode == "merge" else {}
-        self.pre = {layer: a for layer, a in merges.items() if plan.site == "pre"}
-        self.post = {layer: a for layer, a in merges.items() if plan.site == "post"}
-        self.params = dict(plan.params)
-        self.deltas = plan.deltas
-        # during decoding "last"/"all" select every new token, explicit prompt indices select none
-        probe = position_mask(torch.ones(1, 1, dtype=torch.long), plan.positions, decoding=True)
-        self.decode_merges = bool(probe.all())
+        merged = [layer for layer, _ in plan.merges] if plan.mode == "merge" else []
+        self.pre = frozenset(merged if plan.site == "pre" else ())  # layers merged entering the block
+        self.post = frozenset(merged if plan.site == "post" else ())  # and leaving it
+        self.decode_merges = plan.merges_while_decoding
         use_graphs = self.device.type == "cuda" and (cuda_graphs is None or bool(cuda_graphs))
         self.graphs = StepGraphs(self.device, use_graphs, "the decode step")
         self.static = use_graphs or static_step or compile_step
         self.compiled = compile_step
         self._step_fn = torch.compile(self._graph_step, dynamic=False) if compile_step else self._graph_step
-        if self.static:
-            # alphas as device scalars, so a kept engine takes new alphas without a new capture
+        if self.static:  # alphas as device scalars, so a kept engine takes new alphas without a new capture
             wd = torch.float64 if base.dtype == torch.float64 else torch.float32
-            as_dev = lambda a: None if a is None else torch.tensor(a, dtype=wd, device=self.device)  # noqa: E731
-            self.pre = {layer: as_dev(a) for layer, a in self.pre.items()}
-            self.post = {layer: as_dev(a) for layer, a in self.post.items()}
-            if self.deltas is not None:  # own copies: `reuse` writes the next run's deltas into them
-                self.deltas = {layer: v.clone() for layer, v in self.deltas.items()}
-            if self.params.get("weights") is not None:  # checked on the host, once: no sync in the step
-                self.params["weights"] = regmean_weights(self.params["weights"], len(self.sources)).to(
-                    self.device
-                )
+            self.plan = plan.on_device(self.device, wd, len(self.sources))
         self.layout = self._layout(base, self.sources, plan)
 
     @property
@@ -133,15 +121,8 @@ class PairedEngine:
             return False
         if batch > self.max_rows or capacity > self.capacity:
             return False
-        merges = dict(plan.merges) if plan.mode == "merge" else {}
         with torch.inference_mode():
-            for table in (self.pre, self.post):
-                for layer, value in table.items():
-                    if value is not None:
-                        value.fill_(merges[layer])
-            if plan.deltas is not None:
-                for layer, vector in plan.deltas.items():
-                    self.deltas[layer].copy_(vector)
+            self.plan.refill(plan)
             self.kv_mask.zero_()
             self.next_pos.zero_()
         # self.plan stays: the new plan has the same layout (a compiled step guards on it)
@@ -167,19 +148,6 @@ class PairedEngine:
             out.append(made[key])
         return out[0], out[1:]
 
-    def _mix(
-        self, layer: int, alpha: float | None, hb: Tensor, hs: list[Tensor], select: Tensor | None
-    ) -> Tensor:
-        plan = self.plan
-        if self.deltas is not None:
-            src = self.deltas[layer]
-        elif plan.op.multi_source:
-            src = torch.stack([h.to(hb.device) for h in hs])
-        else:
-            src = hs[0].to(hb.device)
-        merged = plan.op(hb, src, alpha, **self.params)
-        return merged if select is None else torch.where(select[..., None], merged, hb)
-
     def _forward(
         self,
         ids: Int[Tensor, "batch new"],
@@ -201,14 +169,14 @@ class PairedEngine:
             ctx_s.append(c)
         for i in range(self.depth):
             if merge and i in self.pre:
-                hb = self._mix(i, self.pre[i], hb, hs, select)
+                hb = self.plan.apply(i, "pre", hb, hs, select)
             if i < base.n_layers:
                 hb = base.block(i, hb, bias, positions, ctx_b, caches[0])
             for j, s in enumerate(self.sources):
                 if i < self.src_blocks[j]:
                     hs[j] = s.block(i, hs[j], bias_s[j], positions.to(s.device), ctx_s[j], caches[j + 1])
             if merge and i in self.post:
-                hb = self._mix(i, self.post[i], hb, hs, select)
+                hb = self.plan.apply(i, "post", hb, hs, select)
         logits = base.logits(hb[:, -1])
         if self.plan.mode == "ensemble":
             return logits, self.sources[0].logits(hs[0][:, -1]).to(logits.device)
@@ -312,3 +280,78 @@ class PairedEngine:
 
     def cache_bytes(self) -> int:
         return sum(c.nbytes() for c in self.caches)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the fast engine's decode loop (the loop skeleton of `generation.loop`, its step a paired forward)
+
+
+_KEPT = "_lmn_kept_engine"
+"""Attribute of the base's HF module holding the engine kept by `generate(..., keep_engine=True)`."""
+
+
+def release_engine(base: Any) -> bool:
+    """Free the engine kept on `base` by `generate(..., keep_engine=True)` (its caches, graphs and its
+    hold on the sources). Returns whether there was one."""
+    kept = hf_module(base).__dict__.pop(_KEPT, None)
+    if kept is not None:
+        kept.release()
+    return kept is not None
+
+
+def _engine_for(base: Any, sources: list[Any], plan: Plan, run: Run, options: dict[str, Any]) -> PairedEngine:
+    """A fresh engine, or the one kept by the previous call made ready for this run.
+
+    A kept engine serves any batch up to its own size. When only its size or capacity is too small, the
+    new engine takes the larger of both, so calls that alternate sizes (a sweep's last, partial batch;
+    a benchmark's batch 1 and 16) settle on one engine and capture each batch size once.
+    """
+    rows, width = run.batch.input_ids.shape
+    capacity = width + run.max_new_tokens
+    module = hf_module(base)
+    kept: PairedEngine | None = module.__dict__.pop(_KEPT, None)
+    stacks = Stack(base), [Stack(s) for s in sources]
+    compile_step = options["compile_step"]
+    if options["keep_engine"] and kept is not None:
+        if kept.reuse(*stacks, plan, rows, capacity, compile_step):
+            run.info["engine_reused"] = True
+            return kept
+        if kept.same_layout(*stacks, plan, compile_step):
+            rows, capacity = max(rows, kept.max_rows), max(capacity, kept.capacity)
+    if kept is not None:
+        kept.release()
+    run.info["engine_reused"] = False
+    return PairedEngine(*stacks, plan, rows, capacity, options["cuda_graphs"], compile_step=compile_step)
+
+
+def run_fast(
+    base: Any, sources: list[Any], plan: Plan, run: Run, options: dict[str, Any]
+) -> GenerationResult:
+    ids, mask = run.batch.input_ids, run.batch.attention_mask
+    n_rows = ids.shape[0]
+    engine = _engine_for(base, sources, plan, run, options)
+    tracker = run.tracker
+    with torch.inference_mode(), engine.plain():
+        base_logits, src_logits = engine.prefill(ids, mask)  # 1. both models over the prompts
+        rows = torch.arange(n_rows)  # which original rows the engine's batch rows are
+        while True:
+            tokens, finished = run.choose_next(base_logits, src_logits, rows)  # 2. mix, sample, track
+            if tracker.all_done:  # 3. EOS / stop / length on every row
+                break
+            if finished:  # 4. drop finished rows from the batch (and their caches)
+                keep = torch.tensor([i for i, r in enumerate(rows.tolist()) if tracker.reasons[r] is None])
+                if engine.keep(keep):
+                    rows, tokens = rows[keep], tokens[keep.to(tokens.device)]
+            base_logits, src_logits = engine.decode(tokens)  # 5. one lockstep step on the new tokens
+    run.info.update(
+        cuda_graphs=bool(engine.graphs) and engine.use_graphs,
+        compiled_step=engine.compiled and engine.static,
+        cuda_graph_error=engine.graphs.error,
+        kv_cache_bytes=engine.cache_bytes(),
+        source_blocks_per_step=engine.src_blocks,
+    )
+    if options["keep_engine"] and engine.static:
+        hf_module(base).__dict__[_KEPT] = engine
+    else:
+        engine.release()
+    return run.result("fast")

@@ -14,21 +14,16 @@ padding, causality and sliding windows all come from one additive bias per windo
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from latent_merge_nnsight._nnsight import plain_forwards
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import hf_module
 from latent_merge_nnsight.sites import LLAMA_LIKE
-
-try:  # the forward nnsight installs on every module of a wrapped model
-    from nnsight.intervention.source import Controller as _NnsightController
-except ImportError:  # another nnsight: its controllers stay on (slower, same results)
-    _NnsightController = None
 
 __all__ = [
     "Biases",
@@ -122,31 +117,6 @@ def attention_bias(
     allowed = causal[None, None, :, :] & kv_mask.bool()[:, None, None, :]
     zero = torch.zeros((), dtype=dtype, device=device)
     return torch.where(allowed, zero, torch.finfo(dtype).min)
-
-
-@contextlib.contextmanager
-def plain_forwards(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Run `modules` without nnsight's per-module controllers while the block lasts.
-
-    A wrapped model's every module forwards through a controller that lets a trace reach it. Outside a
-    trace it still costs a couple of microseconds per module call (5-10% of a tiny model's eager decode
-    step on CPU), and `torch.compile` has to trace through it. The engines call the models directly and
-    trace nothing, so they take the controllers off and put the same ones back after (a model is never
-    traced from two threads at once: nnsight refuses that anyway). A module under an accelerate hook
-    keeps its controller, which runs the hook.
-    """
-    taken: list[tuple[nn.Module, Any]] = []
-    try:
-        if _NnsightController is not None:
-            for module in modules:
-                forward = module.__dict__.get("forward")
-                if isinstance(forward, _NnsightController) and "_hf_hook" not in module.__dict__:
-                    del module.__dict__["forward"]
-                    taken.append((module, forward))
-        yield
-    finally:
-        for module, forward in taken:
-            module.__dict__["forward"] = forward
 
 
 class KVCache:

@@ -14,9 +14,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from latent_merge_nnsight._nnsight import is_interleaving
+from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generation.graphs import StepGraphs
 from latent_merge_nnsight.generation.stack import Stack, mask_positions
-from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import last_inputs, model_info
 from latent_merge_nnsight.sites import Site, check_layer, check_site, get_layers, read_resid
 
@@ -82,7 +83,7 @@ class LiveSource:
         """The source's residual at (layer, site) for the tokens the base is processing now."""
         check_site(site)
         check_layer(layer, self.info.n_layers, model_name=self.info.name)
-        if not getattr(self.base.interleaver, "interleaving", False):
+        if not is_interleaving(self.base):
             raise LatentMergeError(
                 "a live source's state exists only inside a trace of its base: use it in "
                 "`with pair.generate(...)` (or a trace of the pair's base model)"

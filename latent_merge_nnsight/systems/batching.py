@@ -4,7 +4,7 @@
 ``max_wait_ms`` (or until ``max_batch_size``), groups them by sampling parameters (one `generate`
 call takes one set) and runs each group in the system's single generation thread, so an nnsight model
 is never traced from two threads. `SystemCompleteFn` wraps a loaded system as the async
-``messages -> text`` callable a judge takes.
+``messages -> text`` callable a judge takes; `Completion` is what one request gets back.
 """
 
 import asyncio
@@ -16,9 +16,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.systems.loaded import Completion
 
-__all__ = ["BatchStats", "Batcher", "SystemCompleteFn"]
+__all__ = ["BatchStats", "Batcher", "Completion", "SystemCompleteFn"]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer: its text, why it ended (``"stop"`` or ``"length"``) and token counts."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
 
 
 @dataclass

@@ -4,26 +4,41 @@
 whose `complete(prompts)` also returns finish reasons and token counts. A merge source is loaded only up
 to the recipe's highest layer (its upper blocks are never needed). All generation of one loaded system
 runs in one worker thread behind one lock: an nnsight model must not be traced from two threads.
-`complete_fn()` wraps it as the async judge callable, batching concurrent calls (`serve.batching`), and
+`complete_fn()` wraps it as the async judge callable, batching concurrent calls (`systems.batching`), and
 `judgebench_accuracy_system` runs JudgeBench's official protocol with a system as the judge.
 """
 
 import asyncio
+import hashlib
 import importlib
 import importlib.metadata
 import json
 import platform
+import tempfile
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from tokenizers import Tokenizer
 
+from latent_merge_nnsight.baselines.weights import merge_weights
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.systems.spec import Sampling, System, WeightMerge, explain_errors
+from latent_merge_nnsight.evaluation.judge import judgebench_accuracy_sync
+from latent_merge_nnsight.generation import generate
+from latent_merge_nnsight.inputs import is_chat
+from latent_merge_nnsight.models import hf_module, load, model_info
+from latent_merge_nnsight.sampling import openai_finish_reason
+from latent_merge_nnsight.systems.batching import Completion, SystemCompleteFn
+from latent_merge_nnsight.systems.spec import (
+    SamplingSpec,
+    System,
+    WeightMergeSpec,
+    explain_errors,
+    register_loader,
+)
 
 __all__ = ["Completion", "LoadedSystem", "judge_model_id", "judgebench_accuracy_system", "load_system"]
 
@@ -41,16 +56,6 @@ def load_system(system: "str | Path | System | LoadedSystem") -> "LoadedSystem":
     raise LatentMergeError(
         f"system has type {type(system).__name__}; expected a YAML path, a System or a LoadedSystem"
     )
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One generated answer: its text, why it ended (``"stop"`` or ``"length"``) and token counts."""
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
 
 
 def _package_versions() -> dict[str, str | None]:
@@ -75,8 +80,6 @@ class LoadedSystem:
     """
 
     def __init__(self, config: System) -> None:
-        from latent_merge_nnsight.models import load
-
         self.config = config
         self.name = config.name
         load_kwargs: dict[str, Any] = {"dtype": config.dtype}
@@ -93,21 +96,15 @@ class LoadedSystem:
         else:
             self.base = load(base_ref, **load_kwargs)
         if config.kind in ("latent", "ensemble"):
-            from latent_merge_nnsight.models import model_info
-
             up_to = config.source_up_to_layer(model_info(self.base).full_n_layers)
             extra = {"up_to_layer": up_to} if up_to is not None else {}
             self.sources = [load(ref, **load_kwargs, **extra) for ref in source_refs]
             recipe = config.recipe
-            if recipe is not None and recipe.op == "delta" and not self.sources:
-                if recipe.deltas is None:
-                    raise LatentMergeError(
-                        f"system {config.name!r}: op 'delta' without sources needs recipe.deltas "
-                        "(a safetensors file from lmn.compute_deltas(...).save(path))"
-                    )
-                from latent_merge_nnsight.deltas import Deltas
-
-                self.sources = [Deltas.load(config.resolve(recipe.deltas))]
+            if recipe is not None and recipe.op == "delta" and not self.sources and recipe.deltas is None:
+                raise LatentMergeError(
+                    f"system {config.name!r}: op 'delta' without sources needs recipe.deltas "
+                    "(a safetensors file from lmn.compute_deltas(...).save(path))"
+                )  # the file itself is read by the plan (`lmn.generate`), next to the YAML file
         self.tokenizer = self.base.tokenizer
         self._counter = _token_counter(self.tokenizer)
         self._lock = threading.Lock()
@@ -123,8 +120,6 @@ class LoadedSystem:
     @property
     def context_length(self) -> int | None:
         """The longest prompt the base model is meant for (config or tokenizer limit), if known."""
-        from latent_merge_nnsight.models import hf_module
-
         limits = [getattr(hf_module(self.base).config, "max_position_embeddings", None)]
         tok_max = getattr(self.tokenizer, "model_max_length", None)
         if isinstance(tok_max, int) and tok_max < 10**7:  # transformers uses ~1e30 for "no limit"
@@ -137,8 +132,6 @@ class LoadedSystem:
 
         Safe to call from any thread while the model generates: it uses a private copy of the tokenizer.
         """
-        from latent_merge_nnsight.inputs import is_chat
-
         if is_chat(prompt):
             text = self.tokenizer.apply_chat_template(
                 list(prompt), add_generation_prompt=True, tokenize=False
@@ -151,15 +144,15 @@ class LoadedSystem:
         with self._counter_lock:
             return self._counter(text, special)
 
-    def sampling(self, **overrides: Any) -> Sampling:
+    def sampling(self, **overrides: Any) -> SamplingSpec:
         """The system's sampling settings with ``overrides`` applied (validated)."""
-        unknown = sorted(set(overrides) - set(Sampling.model_fields))
+        unknown = sorted(set(overrides) - set(SamplingSpec.model_fields))
         if unknown:
             raise LatentMergeError(
-                f"unknown sampling overrides {unknown}; expected some of {sorted(Sampling.model_fields)}"
+                f"unknown sampling overrides {unknown}; expected some of {sorted(SamplingSpec.model_fields)}"
             )
         try:
-            return Sampling.model_validate(self.config.sampling.model_dump() | overrides)
+            return SamplingSpec.model_validate(self.config.sampling.model_dump() | overrides)
         except ValidationError as exc:
             raise LatentMergeError(f"sampling overrides are invalid:\n{explain_errors(exc)}") from None
 
@@ -169,8 +162,6 @@ class LoadedSystem:
         ``overrides`` replace the system's sampling settings for this call (``max_new_tokens``,
         ``temperature``, ``seed``, ``stop``, ...). Thread-safe: calls run one at a time.
         """
-        from latent_merge_nnsight.inputs import is_chat
-
         if isinstance(prompts, str) or is_chat(prompts):
             raise LatentMergeError(
                 "prompts must be a list of prompts (strings or chats), not a single prompt"
@@ -189,7 +180,7 @@ class LoadedSystem:
         prompt_tokens = result.attention_mask[:, : result.prompt_width].sum(dim=-1).tolist()
         new_tokens = [len(t) for t in result.tokens]
         return [
-            Completion(t, _finish_reason(r), int(p), n)
+            Completion(t, openai_finish_reason(r), int(p), n)
             for t, r, p, n in zip(texts, reasons, prompt_tokens, new_tokens, strict=True)
         ]
 
@@ -197,10 +188,8 @@ class LoadedSystem:
         """The answer texts for `prompts` (see `complete` for finish reasons and token counts)."""
         return [c.text for c in self.complete(prompts, **overrides)]
 
-    def _generate(self, prompts: list[Any], sampling: Sampling) -> Any:
+    def _generate(self, prompts: list[Any], sampling: SamplingSpec) -> Any:
         """One `lmn.generate` call in this system's mode."""
-        from latent_merge_nnsight.generation.run import generate
-
         kwargs = sampling.generate_kwargs()
         if self.config.engine is not None:
             kwargs["engine"] = self.config.engine
@@ -217,7 +206,6 @@ class LoadedSystem:
 
     def provenance(self) -> dict[str, Any]:
         """What produced an output: the system file's content, models, recipe, sampling, seed, versions."""
-        from latent_merge_nnsight.models import model_info
 
         def describe(model: Any, ref: str | None) -> dict[str, Any]:
             if not hasattr(model, "_module") and not hasattr(model, "config"):  # e.g. steering Deltas
@@ -228,8 +216,11 @@ class LoadedSystem:
         refs: list[str | None] = (
             list(self.config.sources) if self.config.kind in ("latent", "ensemble") else []
         )
-        if self.config.recipe is not None and self.config.recipe.deltas is not None and not refs:
-            refs = [self.config.recipe.deltas]
+        loaded = [describe(self.base, self.config.base)]
+        loaded += [describe(m, r) for m, r in zip(self.sources, refs, strict=True)]
+        recipe = self.config.recipe
+        if recipe is not None and recipe.deltas is not None and not refs:  # steering vectors from a file
+            loaded.append({"ref": recipe.deltas, "type": "Deltas"})
         return {
             "system": self.config.to_dict(),
             "name": self.name,
@@ -237,8 +228,7 @@ class LoadedSystem:
             "models": {
                 "base": self.config.base,
                 "sources": list(self.config.sources),
-                "loaded": [describe(self.base, self.config.base)]
-                + [describe(m, r) for m, r in zip(self.sources, refs, strict=True)],
+                "loaded": loaded,
             },
             "recipe": self.config.recipe.to_dict() if self.config.recipe is not None else None,
             "weight_merge": self.config.weight_merge.model_dump() if self.config.weight_merge else None,
@@ -260,8 +250,6 @@ class LoadedSystem:
         Concurrent calls (e.g. `judgebench_accuracy` with ``concurrency=8``) are collected into one
         `generate` call of up to ``max_batch_size`` prompts. ``overrides`` set sampling for every call.
         """
-        from latent_merge_nnsight.systems.batching import SystemCompleteFn
-
         self.sampling(**overrides)  # validate now, not on the first call
         return SystemCompleteFn(
             self, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, overrides=overrides
@@ -277,8 +265,6 @@ def _token_counter(tokenizer: Any) -> Callable[[str, bool], int]:
     so counting never touches the padding state that batched encoding sets on the shared tokenizer)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        from tokenizers import Tokenizer
-
         private = Tokenizer.from_str(backend.to_str())
         private.no_padding()
         private.no_truncation()
@@ -292,23 +278,14 @@ def _token_counter(tokenizer: Any) -> Callable[[str, bool], int]:
     return count
 
 
-def _finish_reason(reason: str) -> str:
-    """`lmn.generate`'s "eos" / "stop" (a stop string) / "length" as OpenAI's "stop" / "length"."""
-    return "length" if reason == "length" else "stop"
-
-
 def _weight_merged(
-    base_ref: str, source_refs: list[str], spec: WeightMerge, config: System, load_kwargs: dict[str, Any]
+    base_ref: str, source_refs: list[str], spec: WeightMergeSpec, config: System, load_kwargs: dict[str, Any]
 ) -> Any:
     """Merge in weight space (mergekit or RegMean) and load the merged checkpoint like any model.
 
     With ``spec.out`` the checkpoint is kept there and reused by later loads; without it the merge goes
     to a temporary directory that is removed once the model is in memory.
     """
-    import tempfile
-
-    from latent_merge_nnsight.baselines.weights import merge_weights
-    from latent_merge_nnsight.models import load
 
     def merge(out: Path) -> None:
         merge_weights(
@@ -344,8 +321,6 @@ def _weight_merged(
 def judge_model_id(system: "LoadedSystem", overrides: Mapping[str, Any] | None = None) -> str:
     """``name-<hash>``: the system's name plus a hash of its settings, so a judgment cache never mixes
     judgments of two different setups that share a name."""
-    import hashlib
-
     blob = json.dumps([system.config.to_dict(), dict(overrides or {})], sort_keys=True)
     return f"{system.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
@@ -367,8 +342,6 @@ def judgebench_accuracy_system(
     Judge requests are batched ``batch_size`` at a time (twice that many are kept in flight so the next
     batch gathers while one generates). ``overrides`` set the judge's sampling (e.g. ``max_new_tokens``).
     """
-    from latent_merge_nnsight.evaluation.judge import judgebench_accuracy_sync
-
     loaded = load_system(system)
     fn = loaded.complete_fn(max_batch_size=batch_size, **overrides)
     model_id = judge_model_id(loaded, overrides)
@@ -383,3 +356,6 @@ def judgebench_accuracy_system(
         concurrency=2 * batch_size,
         progress=progress,
     )
+
+
+register_loader(LoadedSystem)  # `System.load()` builds one of these

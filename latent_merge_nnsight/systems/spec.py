@@ -17,15 +17,17 @@ Example (``examples/systems/toy-latent-slerp.yaml``)::
     dtype: float32
     sampling: {max_new_tokens: 64}
 
-`System.load()` gives a `LoadedSystem` (`evaluation.loaded`): the models in memory, ready to generate
-and to judge.
+`System.load()` gives a `LoadedSystem` (`systems.loaded`): the models in memory, ready to generate
+and to judge. The parts of a system are `SamplingSpec`, `WeightMergeSpec` and `EnsembleSpec` (named so
+that they do not shadow the library's `lmn.Ensemble`; `EnsembleSpec.build()` gives one).
 """
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 import yaml
 from pydantic import (
     BaseModel,
@@ -37,17 +39,35 @@ from pydantic import (
     model_validator,
 )
 
+from latent_merge_nnsight.baselines.weights import WEIGHT_METHODS
+from latent_merge_nnsight.ensemble import Ensemble
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.ops import check_weight
 from latent_merge_nnsight.recipe import Recipe
+from latent_merge_nnsight.sampling import SamplingConfig
 
 if TYPE_CHECKING:
     from latent_merge_nnsight.systems.loaded import LoadedSystem
 
-__all__ = ["KINDS", "Ensemble", "Sampling", "System", "WeightMerge"]
+__all__ = [
+    "KINDS",
+    "EnsembleSpec",
+    "SamplingSpec",
+    "System",
+    "WeightMergeSpec",
+    "explain_errors",
+    "register_loader",
+]
 
 KINDS: tuple[str, ...] = ("latent", "weight", "ensemble", "single")
-FINISH_REASONS: tuple[str, ...] = ("stop", "length")
+
+_LOADER: "list[Callable[[System], LoadedSystem]]" = []
+
+
+def register_loader(loader: "Callable[[System], LoadedSystem]") -> None:
+    """Set what `System.load` calls. `systems.loaded` registers `LoadedSystem` when it is imported (the
+    `systems` package imports it), so this module never imports the loading side."""
+    _LOADER[:] = [loader]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -55,8 +75,9 @@ FINISH_REASONS: tuple[str, ...] = ("stop", "length")
 # ---------------------------------------------------------------------------------------------------
 
 
-class Sampling(BaseModel):
-    """How to decode: greedy by default; temperature / top-p / top-k sampling with a seed."""
+class SamplingSpec(BaseModel):
+    """How to decode: greedy by default; temperature / top-p / top-k sampling with a seed (temperature 0
+    is greedy, as everywhere: `SamplingConfig.greedy`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -88,15 +109,16 @@ class Sampling(BaseModel):
         return stop
 
     def generate_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `lmn.generate`; temperature 0 means greedy."""
+        """Keyword arguments for `lmn.generate`, a greedy choice spelled `do_sample=False`
+        (`SamplingConfig.canonical`)."""
         kwargs = self.model_dump()
-        if kwargs["temperature"] == 0.0:
-            kwargs["do_sample"] = False
-            kwargs["temperature"] = 1.0
+        config = SamplingConfig(self.do_sample, self.temperature, self.top_p, self.top_k, self.seed)
+        canonical = config.canonical()
+        kwargs.update(do_sample=canonical.do_sample, temperature=canonical.temperature)
         return kwargs
 
 
-class WeightMerge(BaseModel):
+class WeightMergeSpec(BaseModel):
     """A weight-space merge of the base and its sources (`latent_merge_nnsight.baselines.weights`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -115,8 +137,6 @@ class WeightMerge(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, method: str) -> str:
-        from latent_merge_nnsight.baselines.weights import WEIGHT_METHODS
-
         if method not in WEIGHT_METHODS:
             raise ValueError(
                 f"{method!r} is not a weight-merge method; expected one of: {', '.join(WEIGHT_METHODS)}"
@@ -124,12 +144,12 @@ class WeightMerge(BaseModel):
         return method
 
     @model_validator(mode="after")
-    def _alpha_range(self) -> "WeightMerge":
+    def _alpha_range(self) -> "WeightMergeSpec":
         check_weight(self.alpha, allow_extrapolation=self.allow_extrapolation)  # a ValueError for pydantic
         return self
 
 
-class Ensemble(BaseModel):
+class EnsembleSpec(BaseModel):
     """The paper's logit ensemble `(1-b)*base + b*source` (`latent_merge_nnsight.ensemble`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -140,16 +160,14 @@ class Ensemble(BaseModel):
     allow_extrapolation: bool = Field(False, description="allow b outside [0, 1]")
 
     @model_validator(mode="after")
-    def _check(self) -> "Ensemble":
+    def _check(self) -> "EnsembleSpec":
         self.build()
         return self
 
-    def build(self) -> Any:
-        """The `baselines.ensemble.Ensemble` that `lmn.generate` takes in place of a recipe."""
-        from latent_merge_nnsight.ensemble import Ensemble as EnsembleSpec
-
+    def build(self) -> Ensemble:
+        """The `lmn.Ensemble` that `lmn.generate` takes in place of a recipe."""
         try:
-            return EnsembleSpec(b=self.b, allow_extrapolation=self.allow_extrapolation)
+            return Ensemble(b=self.b, allow_extrapolation=self.allow_extrapolation)
         except LatentMergeError as exc:
             raise ValueError(str(exc)) from None
 
@@ -166,8 +184,8 @@ class System(BaseModel):
     base: str = Field(description="hub id, local directory (relative to the YAML file) or zoo name")
     sources: list[str] = Field(default_factory=list, description="fine-tuned models merged into the base")
     recipe: Recipe | None = Field(None, description="the latent merge (kind latent)")
-    weight_merge: WeightMerge | None = Field(None, description="the weight merge (kind weight)")
-    ensemble: Ensemble | None = Field(None, description="the logit ensemble (kind ensemble)")
+    weight_merge: WeightMergeSpec | None = Field(None, description="the weight merge (kind weight)")
+    ensemble: EnsembleSpec | None = Field(None, description="the logit ensemble (kind ensemble)")
     dtype: str = Field("auto", description="model dtype: auto, bfloat16, float16, float32, ...")
     device_map: str | dict[str, Any] | None = Field(None, description="passed to from_pretrained (e.g. auto)")
     quantization: Literal["4bit", "8bit"] | None = Field(None, description="bitsandbytes quantization")
@@ -177,7 +195,7 @@ class System(BaseModel):
     engine: Literal["auto", "fast", "nnsight"] | None = Field(
         None, description="lmn.generate engine: auto, fast or nnsight (None: lmn.generate's default)"
     )
-    sampling: Sampling = Field(default_factory=Sampling, description="decoding settings")
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="decoding settings")
 
     _base_dir: Path | None = PrivateAttr(default=None)
 
@@ -191,8 +209,6 @@ class System(BaseModel):
     @field_validator("dtype")
     @classmethod
     def _known_dtype(cls, dtype: str) -> str:
-        import torch
-
         if dtype != "auto" and not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(
                 f"{dtype!r} is not a torch dtype; expected auto, bfloat16, float16, float32, ..."
@@ -250,6 +266,8 @@ class System(BaseModel):
             raise LatentMergeError(f"{where} is not valid YAML: {exc}") from None
         system = cls.from_dict(data, where=where)
         system._base_dir = Path(base_dir) if base_dir is not None else None
+        if system.recipe is not None:  # a relative `deltas` path is read next to the YAML file
+            system.recipe.located(system._base_dir)
         return system
 
     @classmethod
@@ -290,9 +308,9 @@ class System(BaseModel):
 
     def load(self) -> "LoadedSystem":
         """Load the models (and build the weight merge) and return a `LoadedSystem`."""
-        from latent_merge_nnsight.systems.loaded import LoadedSystem
-
-        return LoadedSystem(self)
+        if not _LOADER:
+            raise LatentMergeError("System.load needs latent_merge_nnsight.systems.loaded imported")
+        return _LOADER[0](self)
 
 
 def explain_errors(exc: ValidationError) -> str:
@@ -307,15 +325,3 @@ def explain_errors(exc: ValidationError) -> str:
         got = f" (got {err['input']!r:.80})" if "input" in err and err["type"] != "missing" else ""
         lines.append(f"  field {loc!r}: {msg}{got}")
     return "\n".join(lines)
-
-
-_MOVED = ("Completion", "LoadedSystem", "judge_model_id", "judgebench_accuracy_system", "load_system")
-
-
-def __getattr__(name: str) -> Any:
-    """The loaded side lives in `evaluation.loaded`; its names stay importable from here."""
-    if name in _MOVED:
-        from latent_merge_nnsight.evaluation import loaded
-
-        return getattr(loaded, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

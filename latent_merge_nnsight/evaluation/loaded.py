@@ -1,0 +1,9 @@
+"""Moved: loaded systems live in `latent_merge_nnsight.systems.loaded` (this path stays importable)."""
+
+from latent_merge_nnsight.systems.loaded import Completion as Completion
+from latent_merge_nnsight.systems.loaded import LoadedSystem as LoadedSystem
+from latent_merge_nnsight.systems.loaded import judge_model_id as judge_model_id
+from latent_merge_nnsight.systems.loaded import judgebench_accuracy_system as judgebench_accuracy_system
+from latent_merge_nnsight.systems.loaded import load_system as load_system
+
+__all__ = ["Completion", "LoadedSystem", "judge_model_id", "judgebench_accuracy_system", "load_system"]

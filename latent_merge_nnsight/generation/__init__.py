@@ -1,0 +1,21 @@
+"""Lockstep merged generation: `generate()` and its engines.
+
+- `run.py`: `generate()`, the entry point: checks, resolves the `Plan` (`latent_merge_nnsight.plan`)
+  and picks an engine;
+- `loop.py`: the loop skeleton every engine shares: `prepare_run` (checks, encoding), `Run.choose_next`
+  (ensemble mix + sample + track), `GenerationResult`;
+- `fast.py`: the fast engine: `PairedEngine` (base and sources stepped block by block with static KV
+  caches, merging with `Plan.apply` at each merged layer) and its decode loop `run_fast`;
+- `nnsight.py`: the nnsight engine: one `base.generate` trace, merging with `merge.apply_plan`;
+- `stepper.py`: `LiveSource`, a source stepped in lockstep with a traced base;
+- `stack.py`: a causal LM as embed / block i / head with a package-owned `KVCache`, built from the
+  architecture registry of `latent_merge_nnsight.sites`;
+- `graphs.py`: fixed-shape steps captured as CUDA graphs (eager stand-ins off CUDA).
+"""
+
+from latent_merge_nnsight.generation.fast import release_engine as release_engine
+from latent_merge_nnsight.generation.loop import GenerationResult as GenerationResult
+from latent_merge_nnsight.generation.run import ENGINES as ENGINES
+from latent_merge_nnsight.generation.run import generate as generate
+
+__all__ = ["ENGINES", "GenerationResult", "generate", "release_engine"]
