@@ -17,12 +17,15 @@ from torch import Tensor
 from latent_merge_nnsight.errors import LatentMergeError
 
 __all__ = [
+    "Architecture",
     "Site",
     "architecture",
     "get_layers",
     "n_layers",
     "read_resid",
     "register_architecture",
+    "registered",
+    "resolve_path",
     "site_name",
     "write_resid",
 ]
@@ -33,29 +36,64 @@ SITES: tuple[str, ...] = ("pre", "post")
 
 @dataclass(frozen=True)
 class Architecture:
-    """Where one architecture keeps its decoder blocks.
+    """Where one architecture keeps its parts: the one registry every part of the package reads (captures
+    and `merge_into` need `layers`; the engines' block-by-block `Stack` needs `embed` too).
 
     Attributes:
         model_type: the HF `config.model_type`.
         layers: dotted path from the causal-LM module to the `ModuleList` of decoder blocks.
-        final_norm: dotted path to the norm applied after the last block (used to truncate models).
+        final_norm: dotted path to the norm applied after the last block (before the LM head).
+        embed: dotted path to the token embedding (None: the engines cannot step this family block by
+            block; captures and `merge_into` still work).
+        rotary: dotted path to the rotary embedding whose `(cos, sin)` the blocks take as
+            `position_embeddings` (with `position_ids`); None for a family without one (GPT-2).
+        position_embedding: dotted path to a learned position embedding added to the token embedding.
+        embed_dropout: dotted path to a dropout applied to the embedding sum.
     """
 
     model_type: str
     layers: str
     final_norm: str | None = None
+    embed: str | None = None
+    rotary: str | None = None
+    position_embedding: str | None = None
+    embed_dropout: str | None = None
 
 
 _ARCHITECTURES: dict[str, Architecture] = {}
 
 
-def register_architecture(model_type: str, layers: str, final_norm: str | None = None) -> Architecture:
-    """Teach the package where an architecture's decoder blocks live.
+def register_architecture(
+    model_type: str,
+    layers: str,
+    final_norm: str | None = None,
+    *,
+    embed: str | None = None,
+    rotary: str | None = None,
+    position_embedding: str | None = None,
+    embed_dropout: str | None = None,
+) -> Architecture:
+    """Teach the package where an architecture's parts live (see `Architecture` for each path).
+
+    With `layers` (and `final_norm`), captures and `merge_into` work; with `embed` too (and `rotary`,
+    `position_embedding`, `embed_dropout` as the family has them), both generation engines run it block
+    by block, so lockstep merges run on it as on the families the package ships with.
 
     Example:
-        >>> register_architecture("my_model", layers="backbone.blocks", final_norm="backbone.norm")
+        >>> register_architecture(
+        ...     "my_llama", layers="model.layers", final_norm="model.norm",
+        ...     embed="model.embed_tokens", rotary="model.rotary_emb",
+        ... )
     """
-    arch = Architecture(model_type=model_type, layers=layers, final_norm=final_norm)
+    arch = Architecture(
+        model_type=model_type,
+        layers=layers,
+        final_norm=final_norm,
+        embed=embed,
+        rotary=rotary,
+        position_embedding=position_embedding,
+        embed_dropout=embed_dropout,
+    )
     _ARCHITECTURES[model_type] = arch
     return arch
 
@@ -75,13 +113,36 @@ LLAMA_LIKE = (
 )
 """Families laid out like Llama: `model.layers` of blocks, `model.norm` before the LM head."""
 
-for _types, _layers, _norm in [
-    (LLAMA_LIKE, "model.layers", "model.norm"),
-    (("gpt2",), "transformer.h", "transformer.ln_f"),
-    (("gpt_neox",), "gpt_neox.layers", "gpt_neox.final_layer_norm"),
-]:
-    for _t in _types:
-        register_architecture(_t, _layers, _norm)
+for _t in LLAMA_LIKE:
+    register_architecture(
+        _t, "model.layers", "model.norm", embed="model.embed_tokens", rotary="model.rotary_emb"
+    )
+register_architecture(
+    "gpt2",
+    "transformer.h",
+    "transformer.ln_f",
+    embed="transformer.wte",
+    position_embedding="transformer.wpe",
+    embed_dropout="transformer.drop",
+)
+register_architecture(
+    "gpt_neox",
+    "gpt_neox.layers",
+    "gpt_neox.final_layer_norm",
+    embed="gpt_neox.embed_in",
+    rotary="gpt_neox.rotary_emb",
+    embed_dropout="gpt_neox.emb_dropout",
+)
+
+
+def resolve_path(root: Any, path: str) -> Any:
+    """The attribute at a dotted `path` below `root` (`"model.layers"` -> `root.model.layers`)."""
+    return _resolve(root, path)
+
+
+def registered(model_type: Any) -> Architecture | None:
+    """The registered `Architecture` of a `config.model_type`, or None."""
+    return _ARCHITECTURES.get(model_type)
 
 
 def _resolve(root: Any, path: str) -> Any:

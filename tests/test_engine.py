@@ -315,6 +315,58 @@ def test_other_architectures_match_the_hook_loop_on_both_engines(arch, window, m
         assert replays[0] > before
 
 
+class _RenamedLlamaConfig(transformers.LlamaConfig):
+    """A Llama under a model type the package does not know."""
+
+    model_type = "lmn_test_renamed_llama"
+
+
+class _RenamedLlamaForCausalLM(transformers.LlamaForCausalLM):
+    config_class = _RenamedLlamaConfig
+
+
+def test_a_registered_architecture_captures_merges_and_generates_on_both_engines(monkeypatch):
+    """One registry: a family taught with `register_architecture` runs captures, `merge_into` and lockstep
+    generation on both engines, matching the hook loop."""
+    from latent_merge_nnsight import sites
+
+    monkeypatch.setattr(sites, "_ARCHITECTURES", dict(sites._ARCHITECTURES))  # forgotten after the test
+    llama = tiny_config("llama", n_layers=3).to_dict()
+    config = _RenamedLlamaConfig(**{k: v for k, v in llama.items() if k != "model_type"})
+    torch.manual_seed(8)
+    hb, hs = (_RenamedLlamaForCausalLM(config).to(torch.float64).eval() for _ in range(2))
+    with torch.no_grad():
+        for p in hs.parameters():
+            p.add_(0.5 * p.std() * torch.randn_like(p) if p.numel() > 1 else 0 * p)
+    with pytest.raises(LatentMergeError, match="register_architecture"):
+        lmn.wrap(hb, make_tokenizer())
+    lmn.register_architecture(
+        "lmn_test_renamed_llama",
+        layers="model.layers",
+        final_norm="model.norm",
+        embed="model.embed_tokens",
+        rotary="model.rotary_emb",
+    )
+    base, ft = (
+        lmn.wrap(hb, make_tokenizer(), name="renamed-base"),
+        lmn.wrap(hs, make_tokenizer(), name="renamed-ft"),
+    )
+    assert fast_support(base) is None
+    captured = lmn.capture(ft, PROMPTS[0], layers=[1])
+    with base.trace(PROMPTS[0]):
+        merged = lmn.merge_into(layer=1, source=captured, op="lerp", alpha=1.0).save()
+    torch.testing.assert_close(merged[:, -1], captured.resid(1, "pre")[:, -1])
+    tok = base.tokenizer
+    expected = [
+        lockstep_generate(hb, [hs], tok(p)["input_ids"], {1: 0.5}, "slerp", max_new_tokens=N_NEW, eos_id=1)
+        for p in PROMPTS
+    ]
+    recipe = lmn.Recipe(op="slerp", layers={1: 0.5})
+    for engine in ENGINES:
+        out = generate(base, ft, PROMPTS, recipe, max_new_tokens=N_NEW, engine=engine)
+        assert out.engine == engine and out.tokens == expected
+
+
 def test_logit_ensemble_of_soft_capped_models_matches_the_paper_loop():
     """Gemma 2 soft-caps its logits after the LM head; the engines' source logits must be capped too."""
     base, ft = pair("gemma2", n_layers=3, seed=7, dtype=torch.float32)

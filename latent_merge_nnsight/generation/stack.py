@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from latent_merge_nnsight._nnsight import plain_forwards
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import hf_module
-from latent_merge_nnsight.sites import LLAMA_LIKE
+from latent_merge_nnsight.sites import Architecture, registered, resolve_path
 
 __all__ = [
     "Biases",
@@ -36,10 +36,6 @@ __all__ = [
     "plain_forwards",
 ]
 
-ROTARY_FAMILY = LLAMA_LIKE
-"""Architectures whose blocks take `(hidden, attention_mask, position_ids, cache, use_cache,
-position_embeddings)`."""
-SUPPORTED = (*ROTARY_FAMILY, "gpt2", "gpt_neox")
 ATTENTION = ("sdpa", "eager")
 """Attention implementations that accept the additive `[batch, 1, new, slots]` bias built here."""
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -66,10 +62,11 @@ def fast_support(model: Any) -> str | None:
     hf = hf_module(model)
     config = hf.config
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED:
+    arch = registered(model_type)
+    if arch is None or arch.embed is None:
         return (
-            f"model_type={model_type!r} is not supported by the block-by-block engine "
-            f"(supported: {', '.join(SUPPORTED)})"
+            f"model_type={model_type!r} is not supported by the block-by-block engine: register it with "
+            f"lmn.register_architecture({model_type!r}, layers=..., final_norm=..., embed=..., rotary=...)"
         )
     impl = getattr(config, "_attn_implementation", None) or "eager"
     if impl not in ATTENTION:
@@ -219,8 +216,10 @@ def _cache_keyword(block: nn.Module) -> str:
 class Stack:
     """A causal LM as `embed -> block 0..n-1 -> norm -> head`, each part called directly.
 
-    Works for the architectures in `SUPPORTED`; `fast_support(model)` says why another one is refused.
-    Blocks above those loaded (a source from `lmn.load(..., up_to_layer=L)`) simply do not exist here.
+    Built from the model family's entry in the architecture registry (`lmn.register_architecture`: the
+    paths of its embedding, rotary embedding, blocks and final norm); `fast_support(model)` says why a
+    model is refused. Blocks above those loaded (a source from `lmn.load(..., up_to_layer=L)`) simply do
+    not exist here.
     """
 
     def __init__(self, model: Any):
@@ -228,24 +227,13 @@ class Stack:
         if reason is not None:
             raise LatentMergeError(reason)
         hf = hf_module(model)
-        self.hf = hf
-        self.config = hf.config
-        self.family = hf.config.model_type
-        if self.family in ROTARY_FAMILY:
-            inner = hf.model
-            self._embed, self._rotary = inner.embed_tokens, inner.rotary_emb
-            self.blocks, self.norm = inner.layers, inner.norm
-            self.head = hf.lm_head
-        elif self.family == "gpt2":
-            inner = hf.transformer
-            self._embed, self._wpe, self._drop = inner.wte, inner.wpe, inner.drop
-            self.blocks, self.norm = inner.h, inner.ln_f
-            self.head = hf.lm_head
-        else:  # gpt_neox
-            inner = hf.gpt_neox
-            self._embed, self._rotary, self._drop = inner.embed_in, inner.rotary_emb, inner.emb_dropout
-            self.blocks, self.norm = inner.layers, inner.final_layer_norm
-            self.head = hf.get_output_embeddings()  # `lm_head` (transformers 5) or `embed_out` (4)
+        arch: Architecture = registered(hf.config.model_type)
+        self.hf, self.config, self.family = hf, hf.config, arch.model_type
+        part = lambda path: None if path is None else resolve_path(hf, path)  # noqa: E731
+        self._embed, self._rotary = part(arch.embed), part(arch.rotary)
+        self._wpe, self._drop = part(arch.position_embedding), part(arch.embed_dropout)
+        self.blocks, self.norm = part(arch.layers), part(arch.final_norm)
+        self.head = hf.get_output_embeddings()  # `lm_head` (or GPT-NeoX's `embed_out` in transformers 4)
         self.n_layers = len(self.blocks)
         self._cache_kw = _cache_keyword(self.blocks[0])
         first = next(hf.parameters())
@@ -255,7 +243,7 @@ class Stack:
         types = getattr(self.config, "layer_types", None)
         # Gemma 3 rotates sliding and full layers with different frequencies: one rotary per layer type
         per_type = (
-            self.family != "gpt2" and "layer_type" in inspect.signature(self._rotary.forward).parameters
+            self._rotary is not None and "layer_type" in inspect.signature(self._rotary.forward).parameters
         )
         self.rotary_types = list(types[: self.n_layers]) if per_type else None
         self.softcap = getattr(self.config, "final_logit_softcapping", None)
@@ -271,10 +259,12 @@ class Stack:
     def embed(self, ids: Int[Tensor, "batch new"], positions: Int[Tensor, "batch new"]) -> tuple[Tensor, Any]:
         """Token embeddings, and what the blocks need per forward (rotary cos/sin), from the position ids."""
         h = self._embed(ids)
-        if self.family == "gpt2":
-            return self._drop(h + self._wpe(positions)), None
-        if self.family == "gpt_neox":
+        if self._wpe is not None:  # learned positions (GPT-2)
+            h = h + self._wpe(positions)
+        if self._drop is not None:
             h = self._drop(h)
+        if self._rotary is None:
+            return h, None
         if self.rotary_types is not None:
             return h, {t: self._rotary(h, positions, t) for t in set(self.rotary_types)}
         return h, self._rotary(h, positions)
@@ -301,7 +291,7 @@ class Stack:
             "attention_mask": bias[self.windows[i]],
             "use_cache": True,
         }
-        if self.family != "gpt2":
+        if self._rotary is not None:
             kwargs["position_ids"] = positions
             kwargs["position_embeddings"] = (
                 context if self.rotary_types is None else context[self.rotary_types[i]]
