@@ -29,7 +29,15 @@ from latent_merge_nnsight.ops import OpSpec, get_op, regmean_weights
 from latent_merge_nnsight.positions import Positions, check_positions, position_mask
 from latent_merge_nnsight.recipe import Recipe
 
-__all__ = ["Plan", "device_of", "merge_plan", "recipe_deltas_path", "resolve_plan"]
+__all__ = [
+    "Plan",
+    "device_of",
+    "load_recipe_deltas",
+    "merge_plan",
+    "recipe_deltas_path",
+    "recipe_plan",
+    "resolve_plan",
+]
 
 Mode = Literal["base", "merge", "ensemble"]
 
@@ -187,12 +195,17 @@ def _load_deltas(recipe: Recipe, given: list[Any], spec: OpSpec) -> Deltas:
             "or set "
             "recipe.deltas to a safetensors file written by Deltas.save"
         )
+    return load_recipe_deltas(recipe)
+
+
+def load_recipe_deltas(recipe: Recipe, device: Any = "cpu") -> Deltas:
+    """The steering vectors of the recipe's `deltas` file (the one place such a file is read)."""
     path = recipe_deltas_path(recipe)
     if not path.exists():
         raise LatentMergeError(
             f"recipe.deltas={recipe.deltas!r} does not exist; expected a file written by Deltas.save"
         )
-    return Deltas.load(path)
+    return Deltas.load(path, device=device)
 
 
 def recipe_deltas_path(recipe: Recipe) -> Path:
@@ -204,6 +217,23 @@ def recipe_deltas_path(recipe: Recipe) -> Path:
         if beside.exists():
             return beside
     return path
+
+
+def recipe_plan(recipe: Recipe, n_layers: int, *, positions: Positions | None = None) -> Plan:
+    """A recipe's merge resolved for a model of `n_layers` blocks: op, alphas per layer, site, positions
+    (the recipe's, or `positions` when it gives none: the analysis evaluators mix every token), params.
+    No sources are checked and no deltas loaded (`resolve_plan` does both for generation)."""
+    chosen = recipe.positions if recipe.positions is not None else positions
+    return Plan(
+        mode="merge",
+        op=get_op(recipe.op),
+        alphas=recipe.layer_alphas(n_layers),
+        site=recipe.site,
+        positions=check_positions(chosen if chosen is not None else recipe.resolved_positions()),
+        params=recipe.op_params(),
+        allow_extrapolation=recipe.allow_extrapolation,
+        recipe=recipe,
+    )
 
 
 def merge_plan(
@@ -246,18 +276,8 @@ def resolve_plan(base: Any, sources: Any, recipe: Any) -> tuple[Plan, list[Any]]
             f"recipe has type {type(recipe).__name__}; expected an lmn.Recipe, an Ensemble, "
             "or None (base alone)"
         )
-    spec = get_op(recipe.op)
-    alphas = recipe.layer_alphas(model_info(base).n_layers)
-    plan = Plan(
-        mode="merge",
-        op=spec,
-        alphas=alphas,
-        site=recipe.site,
-        positions=check_positions(recipe.resolved_positions()),
-        params=recipe.op_params(),
-        allow_extrapolation=recipe.allow_extrapolation,
-        recipe=recipe,
-    )
+    plan = recipe_plan(recipe, model_info(base).n_layers)
+    spec, alphas = plan.op, plan.alphas
     if spec.static_source:
         plan.deltas = _delta_vectors(base, recipe, given, spec, alphas)
         return plan, []

@@ -27,9 +27,10 @@ from latent_merge_nnsight.deltas import Deltas, compute_deltas
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generation.run import generate
 from latent_merge_nnsight.inputs import Batch, encode
-from latent_merge_nnsight.merge import merge_into
+from latent_merge_nnsight.merge import apply_plan
 from latent_merge_nnsight.models import model_info
 from latent_merge_nnsight.ops import get_op
+from latent_merge_nnsight.plan import load_recipe_deltas, recipe_plan
 from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.sites import get_layers
 
@@ -62,7 +63,8 @@ class Perplexity:
     """Evaluator: token-level negative log-likelihood and perplexity of given texts under a (merged) model.
 
     Use as `sweep(..., evaluate=Perplexity(), prompts=texts)`; the texts are scored whole (every real
-    token after the first), teacher-forced. The merge is applied with `merge_into` in an nnsight trace.
+    token after the first), teacher-forced. The merge is applied with the recipe's `Plan`
+    (`merge.apply_plan`) in an nnsight trace.
     Positions: the recipe's, or "all" when the recipe leaves them unset: teacher forcing stands in for
     generation, where lockstep merging mixes every new token (with the paper's "last", only the final
     position would change, and its prediction is not scored).
@@ -113,14 +115,11 @@ class Perplexity:
             return self._result(total, count)
 
         recipe = as_recipe(recipe)
-        spec = get_op(recipe.op)
         srcs = list(sources)
-        if not srcs and not (spec.static_source and recipe.deltas):
+        plan = recipe_plan(recipe, model_info(model).n_layers, positions="all")  # teacher-forced: every token
+        if not srcs and not (plan.op.static_source and recipe.deltas):
             raise LatentMergeError(f"sources is empty; recipe op {recipe.op!r} needs a source model")
-        alphas = recipe.layer_alphas(model_info(model).n_layers)
-        positions = recipe.positions if recipe.positions is not None else "all"
-        params = recipe.op_params()
-        layers = sorted(alphas)
+        layers = sorted(plan.alphas)
         prefix = self._get_prefix(model, srcs, recipe, prompts, chunks, layers)
         reuse = self.reuse_prefix and len(layers) == 1 and layers[0] > 0
         blocks = get_layers(model)
@@ -130,17 +129,9 @@ class Perplexity:
                 if reuse:
                     for b in range(layers[0]):
                         blocks[b].skip(prefix.base_states[i])
+                given = prefix.sources[i]
                 for layer in layers:
-                    merge_into(
-                        layer=layer,
-                        source=prefix.sources[i],
-                        op=spec,
-                        alpha=alphas[layer],
-                        positions=positions,
-                        site=recipe.site,
-                        allow_extrapolation=recipe.allow_extrapolation,
-                        **params,
-                    )
+                    apply_plan(plan, layer, given if isinstance(given, list) else [given], model)
                 logits = model.output.logits.save()  # the forward's own: soft-capped where the model caps
             s, k = _nll_sums(logits, c.input_ids, c.attention_mask)
             total, count = total + s, count + k
@@ -177,7 +168,7 @@ class Perplexity:
         deltas: Deltas | None = None
         if spec.static_source:
             if recipe.deltas is not None:
-                deltas = Deltas.load(recipe.deltas, device=model_device(model))
+                deltas = load_recipe_deltas(recipe, device=model_device(model))
             else:
                 deltas = compute_deltas(
                     model, srcs[0], texts, layers, site=recipe.site, batch_size=self.batch_size
@@ -286,7 +277,7 @@ class TaskAccuracy:
 
     def _steering(self, model: Any, sources: list[Any], recipe: Recipe, chats: list[Any]) -> Deltas:
         if recipe.deltas is not None:
-            return Deltas.load(recipe.deltas, device=model_device(model))
+            return load_recipe_deltas(recipe, device=model_device(model))
         if not sources:
             raise LatentMergeError(
                 "op 'delta' needs a source model to compute deltas from (or a recipe with a deltas file)"

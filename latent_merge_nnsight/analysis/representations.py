@@ -1,7 +1,7 @@
 """How a merged residual stream relates to the base and fine-tuned streams, layer by layer (Experiment B).
 
-`representations` runs the base, each source, the latent-merged base (the recipe applied with `merge_into`
-in one trace) and, optionally, weight-merged models on the same prompts, keeps the residual states of the
+`representations` runs the base, each source, the latent-merged base (the recipe's `Plan`, applied with
+`merge.apply_plan` in one trace) and, optionally, weight-merged models on the same prompts, keeps the residual states of the
 same tokens at every analysed layer, and reports per layer:
 
 - linear CKA between base and FT, base and merged, FT and merged (`lmn.metrics.linear_cka`, one row per
@@ -28,10 +28,10 @@ from torch import Tensor
 from latent_merge_nnsight.deltas import Deltas, compute_deltas
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.inputs import Batch, encode
-from latent_merge_nnsight.merge import merge_into
+from latent_merge_nnsight.merge import apply_plan
 from latent_merge_nnsight.metrics import linear_cka, midness
 from latent_merge_nnsight.models import check_compatible, hf_module, model_info
-from latent_merge_nnsight.ops import get_op
+from latent_merge_nnsight.plan import Plan, load_recipe_deltas, recipe_plan
 from latent_merge_nnsight.positions import last_real_index, position_mask
 from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.sites import get_layers, site_name
@@ -137,27 +137,23 @@ def _merged_hidden_states(
     base: Any,
     batch: Batch,
     indices: Sequence[int],
-    recipe: Recipe,
-    alphas: Mapping[int, float | None],
+    plan: Plan,
     source_states: list[dict[int, Tensor]],
     deltas: Deltas | None,
 ) -> dict[int, Float[Tensor, "b p d"]]:
-    """The base's residual at `indices` with `recipe` applied by `merge_into`, in one traced forward."""
+    """The base's residual at `indices` with the recipe's `plan` applied (`merge.apply_plan`), in one
+    traced forward."""
     n = model_info(base).n_layers
-    spec = get_op(recipe.op)
     blocks = get_layers(base)
     batch = batch.to(model_device(base))
-    site = recipe.site
-    params = recipe.op_params()
-    positions = recipe.resolved_positions()
+    site, alphas = plan.site, plan.alphas
     wanted = set(indices)
     top = max(max(wanted), max(_source_index(layer, site) for layer in alphas))
 
-    def source_for(layer: int) -> Any:
-        if spec.static_source:
-            return deltas
-        tensors = [s[_source_index(layer, site)] for s in source_states]
-        return tensors if spec.multi_source else tensors[0]
+    def sources_for(layer: int) -> list[Any]:
+        if plan.op.static_source:
+            return [deltas]
+        return [s[_source_index(layer, site)] for s in source_states]
 
     saved: dict[int, Tensor] = {}
     with (
@@ -166,16 +162,7 @@ def _merged_hidden_states(
     ):
 
         def merge(block_index: int) -> Any:
-            return merge_into(
-                layer=block_index,
-                source=source_for(block_index),
-                op=spec,
-                alpha=alphas[block_index],
-                positions=positions,
-                site=site,
-                allow_extrapolation=recipe.allow_extrapolation,
-                **params,
-            )
+            return apply_plan(plan, block_index, sources_for(block_index), base)
 
         # in execution order: block i's input (merged at "pre"), then its output (merged at "post")
         for block_index in range(min(top + 1, n)):
@@ -264,7 +251,7 @@ def representations(
     Arguments:
         base: the base model (`lmn.load` / `lmn.wrap`).
         sources: the fine-tuned model, or a list (RegMean). The first source plays "FT" in the metrics.
-        recipe: an `lmn.Recipe` (or its dict), applied with `merge_into` in one forward over the prompts.
+        recipe: an `lmn.Recipe` (or its dict), applied (its `Plan`) in one forward over the prompts.
             Op `delta` uses the recipe's `deltas` file, or else `compute_deltas` on these prompts.
         prompts: strings, chats or ids, as for `lmn.capture`; every model sees the same token ids.
         layers: `"all"` (indices 0..n_layers, see the module docstring), `"affected"` (from the first
@@ -305,8 +292,8 @@ def representations(
 
     info = model_info(base)
     n = info.n_layers
-    alphas = recipe.layer_alphas(n)
-    spec = get_op(recipe.op)
+    plan = recipe_plan(recipe, n)
+    alphas, spec = plan.alphas, plan.op
     first_affected = min(_source_index(layer, recipe.site) for layer in alphas)
     indices = _resolve_layers(layers, n, first_affected)
     merge_indices = sorted({_source_index(layer, recipe.site) for layer in alphas})
@@ -330,13 +317,13 @@ def representations(
     deltas: Deltas | None = None
     if spec.static_source:
         if recipe.deltas is not None:
-            deltas = Deltas.load(recipe.deltas, device=model_device(base))
+            deltas = load_recipe_deltas(recipe, device=model_device(base))
         else:
             deltas = compute_deltas(
                 base, srcs[0], batch.input_ids, list(alphas), site=recipe.site, batch_size=batch_size
             )
 
-    positions = recipe.resolved_positions()
+    positions = plan.positions
     rows: dict[str, list[Tensor]] = {"base": [], "ft": [], "latent": [], **{w: [] for w in weights}}
     n_rows = 0
     for start in range(0, batch.input_ids.shape[0], batch_size):
@@ -360,8 +347,7 @@ def representations(
             base,
             chunk,
             indices,
-            recipe,
-            alphas,
+            plan,
             [] if spec.static_source else src_states,
             deltas,
         )
