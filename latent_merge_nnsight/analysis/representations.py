@@ -1,8 +1,8 @@
 """How a merged residual stream relates to the base and fine-tuned streams, layer by layer (Experiment B).
 
 `representations` runs the base, each source, the latent-merged base (the recipe's `Plan`, applied with
-`merge.apply_plan` in one trace) and, optionally, weight-merged models on the same prompts, keeps the residual states of the
-same tokens at every analysed layer, and reports per layer:
+`merge.apply_plan` in one trace) and, optionally, weight-merged models on the same prompts, keeps the
+residual states of the same tokens at every analysed layer, and reports per layer:
 
 - linear CKA between base and FT, base and merged, FT and merged (`lmn.metrics.linear_cka`, one row per
   token);
