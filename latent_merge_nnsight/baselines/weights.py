@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from latent_merge_nnsight._nnsight import out_of_order_error
 from latent_merge_nnsight.baselines.regmean_weights import check_coefficients, regmean_state_dict
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.inputs import encode
@@ -287,8 +288,6 @@ def collect_grams(
         names: module names (default: every `nn.Linear` except a tied output head).
         batch_size: prompts per forward.
     """
-    from nnsight.intervention.interleaver import OutOfOrderError
-
     if batch_size < 1:
         raise LatentMergeError(f"batch_size={batch_size}; expected >= 1")
     names = list(linear_names(model) if names is None else names)
@@ -316,7 +315,7 @@ def collect_grams(
                     g = (x.T @ x).to("cpu", torch.float64)
                     sums[name] = sums[name] + g if name in sums else g
                 tracer.stop()
-        except OutOfOrderError as e:
+        except out_of_order_error() as e:
             raise LatentMergeError(
                 f"names must follow the order in which the modules run; nnsight said: {e}"
             ) from None

@@ -21,7 +21,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from latent_merge_nnsight.generation.graphs import StepGraphs
+from latent_merge_nnsight.generation.graphs import StepGraphs, StepInputs
 from latent_merge_nnsight.generation.loop import GenerationResult, Run
 from latent_merge_nnsight.generation.stack import Biases, KVCache, Stack, mask_positions, plain_forwards
 from latent_merge_nnsight.models import hf_module
@@ -78,6 +78,7 @@ class PairedEngine:
         self.decode_merges = plan.merges_while_decoding
         use_graphs = self.device.type == "cuda" and (cuda_graphs is None or bool(cuda_graphs))
         self.graphs = StepGraphs(self.device, use_graphs, "the decode step")
+        self._inputs: StepInputs | None = None  # the fixed-shape step's static inputs, made on first use
         self.static = use_graphs or static_step or compile_step
         self.compiled = compile_step
         self._step_fn = torch.compile(self._graph_step, dynamic=False) if compile_step else self._graph_step
@@ -237,35 +238,26 @@ class PairedEngine:
         self, tokens: Tensor, positions: Tensor, slot: int
     ) -> tuple[Tensor, Tensor | None] | None:
         rows = self.rows
-        if not hasattr(self, "_g_ids"):
-            size = self.kv_mask.shape[0]
-            self._g_ids = torch.zeros(size, 1, dtype=torch.long, device=self.device)
-            self._g_pos = torch.zeros(size, 1, dtype=torch.long, device=self.device)
-            self._g_slot = torch.zeros(1, dtype=torch.long, device=self.device)
-        self._g_ids[:rows, 0].copy_(tokens)
-        self._g_pos[:rows].copy_(positions)
-        self._g_slot.fill_(slot)
-        for cache in self.caches:
-            cache.graph_mode, cache.write_index = True, self._g_slot
-        written = False
-        try:
-            out = self.graphs.replay(rows, functools.partial(self._step_fn, rows))
-            if out is None:  # capture failed: decode eagerly from here on
-                self.static = False
-                self.kv_mask, self.next_pos = self.kv_mask[:rows], self.next_pos[:rows]
-                return None
-            written = True
-            base_logits, src_logits = out
-            return base_logits.clone(), None if src_logits is None else src_logits.clone()
-        finally:
-            for cache in self.caches:
-                cache.graph_mode = False
-                cache.filled = [cache.end if written else cache.start] * cache.n_layers
+        if self._inputs is None:
+            self._inputs = StepInputs(self.kv_mask.shape[0], self.device)
+        self._inputs.load(tokens[:, None], positions, slot)
+        out = self._inputs.replay(self.graphs, rows, functools.partial(self._step_fn, rows), self.caches)
+        if out is None:  # capture failed: decode eagerly from here on
+            self.static = False
+            self.kv_mask, self.next_pos = self.kv_mask[:rows], self.next_pos[:rows]
+            return None
+        base_logits, src_logits = out
+        return base_logits.clone(), None if src_logits is None else src_logits.clone()
 
     def _graph_step(self, rows: int) -> tuple[Tensor, Tensor | None]:
-        ids, positions = self._g_ids[:rows], self._g_pos[:rows]
+        inputs = self._inputs
         return self._forward(
-            ids, positions, self.kv_mask[:rows], self._g_slot, None, merge=self.decode_merges
+            inputs.ids[:rows],
+            inputs.pos[:rows],
+            self.kv_mask[:rows],
+            inputs.slot,
+            None,
+            merge=self.decode_merges,
         )
 
     def release(self) -> None:
@@ -275,8 +267,7 @@ class PairedEngine:
         for cache in self.caches:
             cache.keys = [None] * cache.n_layers
             cache.values = [None] * cache.n_layers
-        for name in ("_g_ids", "_g_pos", "_g_slot"):
-            self.__dict__.pop(name, None)
+        self._inputs = None
 
     def cache_bytes(self) -> int:
         return sum(c.nbytes() for c in self.caches)

@@ -3,15 +3,19 @@
 A step function reads its inputs from static buffers and returns its outputs; `CapturedStep` warms it up
 on one side stream per device (refusing a step that synchronises), captures it, and replays it.
 `EagerStep` stands in for it off CUDA, so the fixed-shape path runs (and is tested) on CPU too.
+`StepInputs` holds a decode step's static inputs and replays the step with the KV caches writing at
+its device-side slot: the one fixed-shape decode step of both engines (the fast engine's paired step,
+a live source's step under the nnsight engine).
 """
 
+import functools
 import warnings
 from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
 
-__all__ = ["CapturedStep", "EagerStep", "StepGraphs", "side_stream"]
+__all__ = ["CapturedStep", "EagerStep", "StepGraphs", "StepInputs", "side_stream"]
 
 
 _SIDE_STREAMS: dict[int, Any] = {}
@@ -125,3 +129,40 @@ class StepGraphs:
         """Drop every step (and the graphs' memory pool)."""
         self.steps.clear()
         self.pool = None
+
+
+class StepInputs:
+    """The static inputs of a fixed-shape decode step, and its replay with the caches writing at `slot`.
+
+    Attributes:
+        ids, pos: the new token and its position per row, `[rows, 1]` (a run may use the first rows only).
+        slot: the cache slot the step writes, `[1]` (a device tensor: one graph serves every step).
+        kv_mask: `[rows, kv_slots]`, the attention mask over cache slots (for a step that keeps its own).
+    """
+
+    def __init__(self, rows: int, device: Any, kv_slots: int | None = None):
+        zeros = functools.partial(torch.zeros, dtype=torch.long, device=device)
+        self.ids, self.pos, self.slot = zeros(rows, 1), zeros(rows, 1), zeros(1)
+        self.kv_mask = None if kv_slots is None else zeros(rows, kv_slots)
+
+    def load(self, ids: torch.Tensor, positions: torch.Tensor, slot: int) -> None:
+        """This step's tokens `[n, 1]` and positions `[n, 1]` into the first n rows, and its slot."""
+        n = ids.shape[0]
+        self.ids[:n].copy_(ids)
+        self.pos[:n].copy_(positions)
+        self.slot.fill_(slot)
+
+    def replay(self, graphs: StepGraphs, key: Hashable, step: Callable[[], Any], caches: list[Any]) -> Any:
+        """Run `step` (captured under `key` the first time) with every `KVCache` in `caches` writing at
+        `slot`; returns its outputs, or None when capture failed. Each cache then counts the slot as
+        written (or, when the step did not run, as not)."""
+        for cache in caches:
+            cache.graph_mode, cache.write_index = True, self.slot
+        out = None
+        try:
+            out = graphs.replay(key, step)
+            return out
+        finally:
+            for cache in caches:
+                cache.graph_mode = False
+                cache.filled = [cache.end if out is not None else cache.start] * cache.n_layers

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from latent_merge_nnsight._nnsight import is_interleaving
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.generation.graphs import StepGraphs
+from latent_merge_nnsight.generation.graphs import StepGraphs, StepInputs
 from latent_merge_nnsight.generation.stack import Stack, mask_positions
 from latent_merge_nnsight.models import last_inputs, model_info
 from latent_merge_nnsight.sites import Site, check_layer, check_site, get_layers, read_resid
@@ -61,6 +61,7 @@ class LiveSource:
         use_graphs = on_cuda and (cuda_graphs is None or bool(cuda_graphs))
         self.graphs = StepGraphs(self.stack.device, use_graphs, "the source step")
         self.static = use_graphs or static_step
+        self._inputs: StepInputs | None = None  # the fixed-shape step's static inputs, made on first use
         self.reset()
 
     def reset(self) -> None:
@@ -187,34 +188,26 @@ class LiveSource:
         just reserved. Returns False when capture failed: the step then runs eagerly in that slot."""
         rows, width = mask.shape
         cache = self.cache
-        if not hasattr(self, "_g_kv") or self._g_kv.shape != (rows, cache.capacity):
+        if self._inputs is None or self._inputs.kv_mask.shape != (rows, cache.capacity):
             self.graphs.clear()  # a step captured on other buffers (or a grown cache) is stale
-            self._g_ids = torch.zeros(rows, 1, dtype=torch.long, device=ids.device)
-            self._g_pos = torch.zeros(rows, 1, dtype=torch.long, device=ids.device)
-            self._g_slot = torch.zeros(1, dtype=torch.long, device=ids.device)
-            self._g_kv = torch.zeros(rows, cache.capacity, dtype=torch.long, device=ids.device)
-        self._g_ids.copy_(ids)
-        self._g_pos.copy_(mask.sum(dim=-1, keepdim=True) - 1)  # the new token is real: its position
-        self._g_kv[:, :width].copy_(mask)
-        self._g_slot.fill_(width - 1)
-        cache.graph_mode, cache.write_index = True, self._g_slot
-        try:
-            self._replayed = self.graphs.replay((rows, self.depth), self._fixed_step)
-        finally:
-            cache.graph_mode = False
-            written = self._replayed is not None
-            cache.filled = [cache.end if written else cache.start] * cache.n_layers
+            self._inputs = StepInputs(rows, ids.device, kv_slots=cache.capacity)
+        inputs = self._inputs
+        inputs.kv_mask[:, :width].copy_(mask)
+        inputs.load(ids, mask.sum(dim=-1, keepdim=True) - 1, width - 1)  # the new token is real: its position
+        self._replayed = inputs.replay(self.graphs, (rows, self.depth), self._fixed_step, [cache])
+        written = self._replayed is not None
         if not written:  # capture failed: this step and the next run eagerly
             self.static = False
         return written
 
     def _fixed_step(self) -> list[Tensor]:
         """Embedding and blocks `0..depth-1` on the step buffers; the residual after each number of blocks."""
-        bias = self.stack.attention_bias(self._g_kv, self._g_slot, 1)
+        inputs = self._inputs
+        bias = self.stack.attention_bias(inputs.kv_mask, inputs.slot, 1)
         with self.stack.plain():
-            h, context = self.stack.embed(self._g_ids, self._g_pos)
+            h, context = self.stack.embed(inputs.ids, inputs.pos)
             states = [h]
             for i in range(self.depth):
-                h = self.stack.block(i, h, bias, self._g_pos, context, self.cache)
+                h = self.stack.block(i, h, bias, inputs.pos, context, self.cache)
                 states.append(h)
         return states
