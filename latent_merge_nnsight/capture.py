@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from jaxtyping import Float, Int
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -85,8 +86,6 @@ class Capture:
 
     @classmethod
     def load(cls, path: str | Path, device: Any = "cpu") -> "Capture":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if meta.get("format") != "lmn.capture.v1":

@@ -8,6 +8,7 @@ What the package knows of a module (its `ModelInfo`, its latest inputs) is kept 
 weak tables, keyed by the HF module, not as attributes on it.
 """
 
+import json
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import nn
 from latent_merge_nnsight._nnsight import traced_roots, transformers_model
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.sites import architecture, get_layers, n_layers
+from latent_merge_nnsight.zoo import ZOO, zoo_path
 
 __all__ = [
     "DroppedHead",
@@ -137,10 +139,6 @@ def _resolve_name(name_or_path: str | Path) -> str:
     name = str(name_or_path)
     if Path(name).exists():
         return name
-    try:
-        from latent_merge_nnsight.zoo import ZOO, zoo_path
-    except ImportError:  # the zoo is optional at this layer
-        return name
     return str(zoo_path(name)) if name in ZOO else name
 
 
@@ -163,11 +161,9 @@ def _quantization(quantization: Any) -> Any:
         raise LatentMergeError(
             f"quantization={quantization!r}; expected '4bit', '8bit' or a transformers quantization config"
         )
-    from transformers import BitsAndBytesConfig
-
     if quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    return BitsAndBytesConfig(load_in_8bit=True)
+        return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    return transformers.BitsAndBytesConfig(load_in_8bit=True)
 
 
 def _truncated_config(config: Any, up_to_layer: int) -> Any:
@@ -241,8 +237,6 @@ def load_tokenizer(path: str | Path) -> Any:
     """
     config_file = Path(path) / "tokenizer_config.json"
     if config_file.is_file():
-        import json
-
         if json.loads(config_file.read_text()).get("tokenizer_class") in _GENERIC_TOKENIZERS:
             return transformers.PreTrainedTokenizerFast.from_pretrained(str(path))
     return transformers.AutoTokenizer.from_pretrained(str(path))

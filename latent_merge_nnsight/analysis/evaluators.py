@@ -25,6 +25,7 @@ from latent_merge_nnsight.analysis.sweep import fingerprint_of
 from latent_merge_nnsight.capture import Capture, capture
 from latent_merge_nnsight.deltas import Deltas, compute_deltas
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.evaluation.tasks import MAX_NEW_TOKENS, Example, accuracy, chat_messages
 from latent_merge_nnsight.generation.run import generate
 from latent_merge_nnsight.inputs import Batch, encode
 from latent_merge_nnsight.merge import apply_plan
@@ -236,8 +237,6 @@ class TaskAccuracy:
     def __call__(
         self, model: Any, sources: Sequence[Any], recipe: Recipe | None, prompts: Any
     ) -> dict[str, Any]:
-        from latent_merge_nnsight.evaluation.tasks import MAX_NEW_TOKENS, Example, accuracy, chat_messages
-
         examples = list(prompts)
         if not examples:
             raise LatentMergeError("prompts=[] is empty; expected a list of evaluation.tasks.Example")

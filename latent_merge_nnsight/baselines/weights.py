@@ -37,6 +37,7 @@ from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.inputs import encode
 from latent_merge_nnsight.models import check_compatible, hf_module, load, model_info, wrap
 from latent_merge_nnsight.ops import check_weight
+from latent_merge_nnsight.zoo import ZOO, zoo_path
 
 __all__ = [
     "WEIGHT_METHODS",
@@ -112,8 +113,6 @@ def _checkpoint(model: Any, scratch: Path, index: int) -> str:
         name = str(model)
         if Path(name).exists():
             return str(Path(name).resolve())
-        from latent_merge_nnsight.zoo import ZOO, zoo_path
-
         return str(zoo_path(name)) if name in ZOO else name
     module = hf_module(model)
     if model_info(model).truncated:
