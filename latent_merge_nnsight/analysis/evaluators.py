@@ -216,7 +216,7 @@ class TaskAccuracy:
 
     With the fast engine on CUDA the engine (its caches and captured decode steps) is kept on the model
     from call to call (`generate(..., keep_engine=True)`), so a sweep over alphas captures once per layer
-    and op; `sweep` lets it go when it ends (`generate.release_engine`).
+    and op; `sweep` lets it go when it ends (`generation.release_engine`).
     """
 
     def __init__(self, *, max_new_tokens: int | None = None, batch_size: int = 64, engine: str = "auto"):

@@ -16,6 +16,7 @@ index below L bit-identical to the base, so those rows carry `affected=False` an
 merge; with site "post" the first affected index is L+1. A weight merge changes every layer.
 """
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -275,6 +276,38 @@ def representations(
         raise LatentMergeError(f"tokens={tokens!r}; expected one of: {', '.join(_TOKENS)}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise LatentMergeError(f"batch_size={batch_size!r}; expected an int >= 1")
+    weights = _weight_models(base, srcs, weight_merged)
+    n = model_info(base).n_layers
+    plan = recipe_plan(recipe, n)
+    first_affected = min(_source_index(layer, recipe.site) for layer in plan.alphas)
+    indices = _resolve_layers(layers, n, first_affected)
+    _check_depths(base, srcs, weights, plan, indices)
+    batch = encode(getattr(base, "tokenizer", None), prompts, padding_side=padding_side)
+    deltas: Deltas | None = None
+    if plan.op.static_source:
+        if recipe.deltas is not None:
+            deltas = load_recipe_deltas(recipe, device=model_device(base))
+        else:
+            deltas = compute_deltas(
+                base, srcs[0], batch.input_ids, list(plan.alphas), site=recipe.site, batch_size=batch_size
+            )
+    models = _Models(base, srcs, weights, plan, deltas)
+    rows, n_rows = _collect_rows(models, batch, indices, tokens, batch_size)
+    if n_rows < (4 if debiased else 2):
+        raise LatentMergeError(
+            f"tokens={tokens!r} selects {n_rows} token(s) over {batch.input_ids.shape[0]} prompt(s); "
+            f"CKA needs at least {4 if debiased else 2}: give more prompts or use tokens='real'"
+        )
+    records = _records(rows, indices, n, first_affected, n_rows, debiased)
+    df = pd.DataFrame.from_records(records)
+    df.attrs["recipe"] = recipe.to_dict()
+    df.attrs["first_affected"] = first_affected
+    df.attrs["tokens"] = tokens
+    return df
+
+
+def _weight_models(base: Any, srcs: list[Any], weight_merged: Any) -> dict[str, Any]:
+    """The weight-merged models by label, every model checked compatible with the base."""
     weights: dict[str, Any]
     if weight_merged is None:
         weights = {}
@@ -289,17 +322,18 @@ def representations(
     for wm in weights.values():
         hf_module(wm)
         check_compatible(base, wm)
+    return weights
 
-    info = model_info(base)
-    n = info.n_layers
-    plan = recipe_plan(recipe, n)
-    alphas, spec = plan.alphas, plan.op
-    first_affected = min(_source_index(layer, recipe.site) for layer in alphas)
-    indices = _resolve_layers(layers, n, first_affected)
-    merge_indices = sorted({_source_index(layer, recipe.site) for layer in alphas})
+
+def _check_depths(
+    base: Any, srcs: list[Any], weights: dict[str, Any], plan: Plan, indices: list[int]
+) -> None:
+    """Every model holds the layers the analysis reads from it."""
+    n = model_info(base).n_layers
+    merge_indices = sorted({_source_index(layer, plan.site) for layer in plan.alphas})
     for i, s in enumerate(srcs):
         need = max(indices) if i == 0 else max(merge_indices)
-        if spec.static_source and i > 0:
+        if plan.op.static_source and i > 0:
             continue
         depth = model_info(s).n_layers
         if need > depth or (i == 0 and depth != n):
@@ -313,43 +347,44 @@ def representations(
                 f"weight_merged[{label!r}] has {model_info(wm).n_layers} layers; expected {n} like the base"
             )
 
-    batch = encode(getattr(base, "tokenizer", None), prompts, padding_side=padding_side)
-    deltas: Deltas | None = None
-    if spec.static_source:
-        if recipe.deltas is not None:
-            deltas = load_recipe_deltas(recipe, device=model_device(base))
-        else:
-            deltas = compute_deltas(
-                base, srcs[0], batch.input_ids, list(alphas), site=recipe.site, batch_size=batch_size
-            )
 
-    positions = plan.positions
-    rows: dict[str, list[Tensor]] = {"base": [], "ft": [], "latent": [], **{w: [] for w in weights}}
+@dataclasses.dataclass
+class _Models:
+    """What `representations` runs on each chunk: the base, its sources, the weight merges, the plan."""
+
+    base: Any
+    srcs: list[Any]
+    weights: dict[str, Any]
+    plan: Plan
+    deltas: Deltas | None
+
+
+def _collect_rows(
+    models: _Models, batch: Batch, indices: list[int], tokens: str, batch_size: int
+) -> tuple[dict[str, list[Tensor]], int]:
+    """Per model (base, ft, latent, each weight merge), the selected tokens' states `[layers, rows, d]`
+    chunk by chunk, and the number of rows."""
+    plan, static = models.plan, models.plan.op.static_source
+    merge_indices = sorted({_source_index(layer, plan.site) for layer in plan.alphas})
+    rows: dict[str, list[Tensor]] = {"base": [], "ft": [], "latent": [], **{w: [] for w in models.weights}}
     n_rows = 0
     for start in range(0, batch.input_ids.shape[0], batch_size):
         chunk = Batch(
             batch.input_ids[start : start + batch_size], batch.attention_mask[start : start + batch_size]
         )
-        select = _row_mask(chunk.attention_mask, tokens, positions)
+        select = _row_mask(chunk.attention_mask, tokens, plan.positions)
         if not bool(select.any()):
             continue
         n_rows += int(select.sum())
-        hb = hidden_states(base, chunk, indices)
+        hb = hidden_states(models.base, chunk, indices)
         src_states = []
-        for i, s in enumerate(srcs):
-            if spec.static_source and i > 0:
+        for i, s in enumerate(models.srcs):
+            if static and i > 0:
                 continue
-            wanted = set(indices) if i == 0 else set()
-            if not spec.static_source:
-                wanted |= set(merge_indices)
+            wanted = (set(indices) if i == 0 else set()) | (set() if static else set(merge_indices))
             src_states.append(hidden_states(s, chunk, sorted(wanted)))
         merged = _merged_hidden_states(
-            base,
-            chunk,
-            indices,
-            plan,
-            [] if spec.static_source else src_states,
-            deltas,
+            models.base, chunk, indices, plan, [] if static else src_states, models.deltas
         )
 
         def gather(states: Mapping[int, Tensor], sel: Tensor = select) -> Tensor:
@@ -359,18 +394,23 @@ def representations(
         rows["base"].append(gather(hb))
         rows["ft"].append(gather(src_states[0]))
         rows["latent"].append(gather(merged))
-        for label, wm in weights.items():
+        for label, wm in models.weights.items():
             rows[label].append(gather(hidden_states(wm, chunk, indices)))
+    return rows, n_rows
 
-    if n_rows < (4 if debiased else 2):
-        raise LatentMergeError(
-            f"tokens={tokens!r} selects {n_rows} token(s) over {batch.input_ids.shape[0]} prompt(s); "
-            f"CKA needs at least {4 if debiased else 2}: give more prompts or use tokens='real'"
-        )
+
+def _records(
+    rows: dict[str, list[Tensor]],
+    indices: list[int],
+    n: int,
+    first_affected: int,
+    n_rows: int,
+    debiased: bool,
+) -> list[dict[str, Any]]:
+    """One record per (merge, layer): CKA between each pair of base, FT and merged, and midness."""
     hb_all = torch.cat(rows.pop("base"), dim=1)
     hf_all = torch.cat(rows.pop("ft"), dim=1)
     cka_bf = _layerwise_cka(hb_all, hf_all, debiased)
-
     records = []
     for label, chunks in rows.items():
         hm_all = torch.cat(chunks, dim=1)
@@ -395,11 +435,7 @@ def representations(
                     **{name: means[name][k] for name in means},
                 }
             )
-    df = pd.DataFrame.from_records(records)
-    df.attrs["recipe"] = recipe.to_dict()
-    df.attrs["first_affected"] = first_affected
-    df.attrs["tokens"] = tokens
-    return df
+    return records
 
 
 def summarize(df: pd.DataFrame, layers: Sequence[int] | None = None) -> pd.DataFrame:

@@ -196,6 +196,52 @@ def _progress(total: int, initial: int, enabled: bool, desc: str) -> Any:
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, unit="cell")
 
 
+def _cell_recipes(
+    ops: list[str],
+    layers: list[int],
+    alphas: list[float],
+    op_params: dict[str, Any],
+    site: str,
+    positions: Any,
+    allow_extrapolation: bool,
+) -> dict[tuple, Recipe]:
+    """One Recipe per latent cell (by cell key, in grid order), validated up front so a bad combination
+    fails before any work."""
+    recipes: dict[tuple, Recipe] = {}
+    for layer in layers:
+        for op in ops:
+            for a in alphas:
+                params = {k: v for k, v in op_params.items() if k in get_op(op).params}
+                if "lam" in params:
+                    params["lambda"] = params.pop("lam")
+                try:
+                    recipe = Recipe(
+                        op=op,
+                        layers={layer: a},
+                        site=site,
+                        positions=positions,
+                        allow_extrapolation=allow_extrapolation,
+                        **params,
+                    )
+                except ValueError as e:
+                    raise LatentMergeError(f"cell op={op!r} layer={layer} alpha={a}: {e}") from None
+                recipes[_Cell("latent", op, layer, a).key] = recipe
+    return recipes
+
+
+def _cell_run(
+    cell: _Cell, base: Any, srcs: list[Any], models: dict[str, Any], recipes: dict[tuple, Recipe]
+) -> tuple[Any, list[Any], Recipe | None]:
+    """What a cell evaluates: (model, its sources, its recipe or None)."""
+    if cell.system == "base":
+        return base, srcs, None
+    if cell.system == "source":
+        return srcs[0], [], None
+    if cell.system in models:
+        return models[cell.system], [], None
+    return base, srcs, recipes[cell.key]
+
+
 def sweep(
     base: Any,
     sources: Any,
@@ -266,29 +312,9 @@ def sweep(
         raise LatentMergeError("prompts=[] is empty; expected at least one prompt")
 
     # One Recipe per cell, validated up front so a bad combination fails before any work.
-    recipes: dict[tuple, Recipe] = {}
+    recipes = _cell_recipes(ops_, layers_, alphas_, op_params, site, positions, allow_extrapolation)
     cells = [_Cell(b) for b in dict.fromkeys(baselines)] + [_Cell(label) for label in models]
-    for layer in layers_:
-        for op in ops_:
-            for a in alphas_:
-                spec = get_op(op)
-                params = {k: v for k, v in op_params.items() if k in spec.params}
-                if "lam" in params:
-                    params["lambda"] = params.pop("lam")
-                try:
-                    recipe = Recipe(
-                        op=op,
-                        layers={layer: a},
-                        site=site,
-                        positions=positions,
-                        allow_extrapolation=allow_extrapolation,
-                        **params,
-                    )
-                except ValueError as e:
-                    raise LatentMergeError(f"cell op={op!r} layer={layer} alpha={a}: {e}") from None
-                cell = _Cell("latent", op, layer, a)
-                recipes[cell.key] = recipe
-                cells.append(cell)
+    cells += [_Cell("latent", *key[1:]) for key in recipes]
 
     fingerprint = fingerprint_of(
         {
@@ -315,14 +341,7 @@ def sweep(
     try:
         for cell in todo:
             bar.set_postfix_str(cell.label(), refresh=False)
-            if cell.system == "base":
-                model, cell_sources, recipe = base, srcs, None
-            elif cell.system == "source":
-                model, cell_sources, recipe = srcs[0], [], None
-            elif cell.system in models:
-                model, cell_sources, recipe = models[cell.system], [], None
-            else:
-                model, cell_sources, recipe = base, srcs, recipes[cell.key]
+            model, cell_sources, recipe = _cell_run(cell, base, srcs, models, recipes)
             start = time.perf_counter()
             results = evaluate(model, cell_sources, recipe, prompts)
             flat = _flatten(results, cell)

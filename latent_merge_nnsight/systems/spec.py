@@ -4,7 +4,7 @@ A system is one of four kinds, all generating through `lmn.generate`:
 
 - ``latent``: the base model with sources mixed into its residual stream by a `Recipe`;
 - ``weight``: base and sources merged in weight space (`baselines.weights`), then generated alone;
-- ``ensemble``: the paper's logit ensemble of the base and one source (`baselines.ensemble`);
+- ``ensemble``: the paper's logit ensemble of the base and one source (`lmn.Ensemble`);
 - ``single``: one model alone (the base, or a fine-tune named as ``base``).
 
 Example (``examples/systems/toy-latent-slerp.yaml``)::
