@@ -209,14 +209,9 @@ def load_recipe_deltas(recipe: Recipe, device: Any = "cpu") -> Deltas:
 
 
 def recipe_deltas_path(recipe: Recipe) -> Path:
-    """Where a recipe's `deltas` file is: a relative path is read next to the recipe's (or its system's)
-    YAML file when it came from one (`Recipe.source_dir`), else from the working directory."""
-    path = Path(recipe.deltas)
-    if not path.is_absolute() and recipe.source_dir is not None:
-        beside = Path(recipe.source_dir) / path
-        if beside.exists():
-            return beside
-    return path
+    """Where a recipe's `deltas` file is. A recipe read from a file (`Recipe.from_file`, a system YAML)
+    already names a relative file by its place next to that file (`Recipe.located`)."""
+    return Path(recipe.deltas)
 
 
 def recipe_plan(recipe: Recipe, n_layers: int, *, positions: Positions | None = None) -> Plan:

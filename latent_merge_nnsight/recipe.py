@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.ops import check_alpha, get_op
@@ -51,18 +51,13 @@ class Recipe(BaseModel):
     allow_extrapolation: bool = Field(False, description="allow alphas outside [0, 1]")
     name: str | None = Field(None, description="a label for results tables")
 
-    _source_dir: Path | None = PrivateAttr(default=None)
-
-    @property
-    def source_dir(self) -> Path | None:
-        """The folder of the YAML/JSON file this recipe was read from (its system's, for a system's
-        recipe): a relative `deltas` path is read there. None for a recipe built in code."""
-        return self._source_dir
-
     def located(self, folder: str | Path | None) -> "Recipe":
-        """This recipe, marked as read from a file in `folder` (relative `deltas` paths resolve there)."""
-        self._source_dir = None if folder is None else Path(folder)
-        return self
+        """This recipe as read from a file in `folder`: a relative `deltas` path that names a file there
+        becomes that file's path (so it is read next to the YAML file, not the working directory)."""
+        if folder is None or self.deltas is None or Path(self.deltas).is_absolute():
+            return self
+        beside = Path(folder) / self.deltas
+        return self.model_copy(update={"deltas": str(beside)}) if beside.exists() else self
 
     @field_validator("op")
     @classmethod

@@ -8,14 +8,3 @@ from latent_merge_nnsight.generation.stack import attention_bias as attention_bi
 from latent_merge_nnsight.generation.stack import fast_support as fast_support
 from latent_merge_nnsight.generation.stack import layer_windows as layer_windows
 from latent_merge_nnsight.generation.stack import mask_positions as mask_positions
-
-__all__ = [
-    "Biases",
-    "KVCache",
-    "Stack",
-    "attention_bias",
-    "fast_support",
-    "layer_windows",
-    "mask_positions",
-    "plain_forwards",
-]

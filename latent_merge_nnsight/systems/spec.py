@@ -265,9 +265,9 @@ class System(BaseModel):
         except yaml.YAMLError as exc:
             raise LatentMergeError(f"{where} is not valid YAML: {exc}") from None
         system = cls.from_dict(data, where=where)
+        if system.recipe is not None and base_dir is not None:  # a relative `deltas` file beside the YAML
+            system = system.model_copy(update={"recipe": system.recipe.located(base_dir)})
         system._base_dir = Path(base_dir) if base_dir is not None else None
-        if system.recipe is not None:  # a relative `deltas` path is read next to the YAML file
-            system.recipe.located(system._base_dir)
         return system
 
     @classmethod
