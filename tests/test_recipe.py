@@ -95,7 +95,7 @@ def test_a_relative_deltas_file_is_read_next_to_the_recipe_file(tmp_path, monkey
     folder = tmp_path / "recipes"
     folder.mkdir()
     (folder / "d.safetensors").write_bytes(b"")
-    (folder / "r.yaml").write_text("op: delta\nlayers: [1]\ndeltas: d.safetensors\n")
+    (folder / "r.yaml").write_text("op: delta\nlayers: {1: 1.0}\ndeltas: d.safetensors\n")
     monkeypatch.chdir(tmp_path)  # not the recipe's folder
     assert Recipe.from_file(folder / "r.yaml").deltas == str(folder / "d.safetensors")
     assert Recipe.from_yaml((folder / "r.yaml").read_text()).deltas == "d.safetensors"  # no file: as written
