@@ -58,8 +58,9 @@ def test_positions_out_of_range_raise_naming_positions(positions):
 
 
 def test_merge_into_with_positions_past_the_prompt_raises():
-    import latent_merge_nnsight as lmn
     from tiny import pair
+
+    import latent_merge_nnsight as lmn
 
     base, ft = pair("qwen2", n_layers=2)
     cap = lmn.capture(ft, "hello there", layers=[1])

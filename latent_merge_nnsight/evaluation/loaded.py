@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.systems import Sampling, System, WeightMerge, explain_errors
 
-__all__ = ["Completion", "LoadedSystem", "judge_model_id", "judgebench_accuracy_system", "load_system"]
+__all__ = ["Completion", "LoadedSystem", "TokenLogprob", "judge_model_id", "judgebench_accuracy_system", "load_system"]
 
 _VERSIONED_PACKAGES = ("torch", "transformers", "nnsight", "latent_merge_nnsight", "pydantic")
 
@@ -44,13 +44,24 @@ def load_system(system: "str | Path | System | LoadedSystem") -> "LoadedSystem":
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token, its log-probability and (when asked for) the most likely alternatives."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Completion:
-    """One generated answer: its text, why it ended (``"stop"`` or ``"length"``) and token counts."""
+    """One generated answer: its text, why it ended (``"stop"`` or ``"length"``) and token counts;
+    ``logprobs`` (one per generated token) when they were asked for."""
 
     text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 def _package_versions() -> dict[str, str | None]:
