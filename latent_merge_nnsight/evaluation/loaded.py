@@ -25,7 +25,14 @@ from pydantic import ValidationError
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.systems import Sampling, System, WeightMerge, explain_errors
 
-__all__ = ["Completion", "LoadedSystem", "TokenLogprob", "judge_model_id", "judgebench_accuracy_system", "load_system"]
+__all__ = [
+    "Completion",
+    "LoadedSystem",
+    "TokenLogprob",
+    "judge_model_id",
+    "judgebench_accuracy_system",
+    "load_system",
+]
 
 _VERSIONED_PACKAGES = ("torch", "transformers", "nnsight", "latent_merge_nnsight", "pydantic")
 
@@ -370,6 +377,7 @@ def judgebench_accuracy_system(
     batch_size: int = 8,
     both_orders: bool = True,
     progress: bool = True,
+    retry_invalid: bool = False,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
     """JudgeBench's official protocol with a local system as the judge (`lmn judgebench-accuracy
@@ -393,4 +401,5 @@ def judgebench_accuracy_system(
         both_orders=both_orders,
         concurrency=2 * batch_size,
         progress=progress,
+        retry_invalid=retry_invalid,
     )
