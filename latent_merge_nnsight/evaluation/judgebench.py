@@ -548,7 +548,8 @@ def vanilla_prompt(local_copy: str | Path | None = None, *, cache_dir: str | Pat
     tmp.write_bytes(data)
     os.replace(tmp, cached)
     logger.warning(
-        "fetched JudgeBench's vanilla prompt from %s (sha256 %s...), cached at %s",
+        "fetched JudgeBench's vanilla prompt (commit %s) from %s (sha256 %s...), cached at %s",
+        VANILLA_COMMIT[:12],
         VANILLA_URL,
         VANILLA_SHA256[:16],
         cached,

@@ -167,7 +167,10 @@ class OpenAIChat:
         for attempt in range(self.max_retries + 1):
             self.requests_sent += 1
             try:
-                response = await self._client.chat.completions.create(**kwargs)
+                try:
+                    response = await self._client.chat.completions.create(**kwargs)
+                except ValueError as exc:  # a JSON content type over a body that is not JSON
+                    raise _GarbledReply(f"the reply is not JSON ({exc})") from None
                 return self._scrub(_reply_text(response))
             except (self._openai.OpenAIError, _GarbledReply) as exc:
                 status = getattr(exc, "status_code", None)
