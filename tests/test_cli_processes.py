@@ -1,0 +1,345 @@
+"""`lmn serve`, `lmn judge` and `lmn respond` as real processes on the toy pair (loopback only, bounded):
+streaming through the `openai` SDK, load with malformed requests and disconnects, SIGKILL and resume."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from loopback_server import LoopbackServer, completion
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMS = ROOT / "examples" / "systems"
+DATA = ROOT.parent / "shared" / "data" / "judgebench"
+CLAUDE_FILE = DATA / "dataset=judgebench,response_model=claude-3-5-sonnet-20240620.jsonl"
+MODEL = "toy-latent-slerp"
+
+
+def lmn(*args: str) -> list[str]:
+    return [sys.executable, "-m", "latent_merge_nnsight.cli", *args]
+
+
+def env(**extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("LMN_API_KEY",)}
+    return base | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"} | extra
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def one_line_error(out: subprocess.CompletedProcess, command: str) -> str:
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert lines and lines[-1].startswith(f"lmn {command}: error: "), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    return lines[-1]
+
+
+# --------------------------------------------------------------------------------------- lmn serve
+
+
+@pytest.fixture(scope="module")
+def served():
+    port = free_port()
+    proc = subprocess.Popen(
+        lmn("serve", str(SYSTEMS / f"{MODEL}.yaml"), "--port", str(port), "--max-tokens-limit", "48"),
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"lmn serve did not start: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.2)
+    yield proc, f"{url}/v1"
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+
+
+QUESTION = [{"role": "user", "content": "What is 2+3?"}]
+
+
+def greedy(url: str) -> str:
+    reply = client(url).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16, temperature=0)
+    return reply.choices[0].message.content
+
+
+def test_served_process_streams_and_completes_through_the_openai_sdk(served):
+    proc, url = served
+    c = client(url)
+    plain = greedy(url)
+    stream = c.chat.completions.create(
+        model=MODEL, messages=QUESTION, max_tokens=16, temperature=0, stream=True
+    )
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == plain != ""
+    text = c.completions.create(model=MODEL, prompt="<|user|>What is 2+3?", max_tokens=8, temperature=0)
+    assert text.object == "text_completion" and text.usage.completion_tokens >= 1
+    streamed = c.completions.create(
+        model=MODEL, prompt="<|user|>What is 2+3?", max_tokens=8, temperature=0, stream=True
+    )
+    assert "".join(ch.choices[0].text for ch in streamed if ch.choices) == text.choices[0].text
+
+
+def test_served_process_max_tokens_limit_refuses_more(served):
+    proc, url = served
+    with pytest.raises(openai.BadRequestError) as exc:
+        client(url).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=49)
+    assert exc.value.body["param"] == "max_tokens" and "48" in exc.value.body["message"]
+    reply = client(url).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=48)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+MALFORMED = [
+    b'{"model": "toy-latent-slerp", "messages": [',
+    json.dumps({"model": MODEL, "messages": QUESTION, "max_tokens": 2**70}).encode(),
+    json.dumps({"model": "nope", "messages": QUESTION}).encode(),
+    json.dumps({"model": MODEL}).encode(),
+    json.dumps({"model": MODEL, "messages": QUESTION, "seed": -1}).encode(),
+]
+
+
+def test_served_process_under_load_with_malformed_requests_and_a_disconnect(served):
+    proc, url = served
+    before = greedy(url)
+    http = httpx.Client(timeout=60)
+    for i in range(50):  # warm-up: 50 requests, then the reference RSS
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Compute {i}+1."}], "max_tokens": 4}
+        assert http.post(f"{url}/chat/completions", json=body).status_code == 200
+    rss_warm = rss_kib(proc.pid)
+    failures: list[str] = []
+
+    def worker(k: int) -> None:
+        with httpx.Client(timeout=60) as session:
+            for j in range(30):
+                n = 30 * k + j
+                if n % 10 == 3:  # 10% malformed, interleaved
+                    r = session.post(
+                        f"{url}/chat/completions",
+                        content=MALFORMED[n % len(MALFORMED)],
+                        headers={"Content-Type": "application/json"},
+                    )
+                    if not 400 <= r.status_code < 500 or "error" not in r.json():
+                        failures.append(f"malformed {n}: {r.status_code}")
+                    continue
+                body = {"model": MODEL, "messages": [{"role": "user", "content": f"Compute {n % 7}+2."}],
+                        "max_tokens": 4, "stream": n % 10 == 5}  # fmt: skip
+                if k == 0 and j == 7:  # one client hangs up mid-stream
+                    with session.stream("POST", f"{url}/chat/completions", json=body | {"stream": True}) as r:
+                        next(r.iter_raw())
+                    continue
+                r = session.post(f"{url}/chat/completions", json=body)
+                if r.status_code != 200:
+                    failures.append(f"good {n}: {r.status_code} {r.text[:200]}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not any(t.is_alive() for t in threads), "the load did not finish in 240 s"
+    assert failures == [], failures[:5]
+    rss_after = rss_kib(proc.pid)
+    assert greedy(url) == before  # the same greedy answer after 530 requests
+    assert abs(rss_after - rss_warm) <= 0.05 * rss_warm, (rss_warm, rss_after, time.monotonic() - t0)
+    assert httpx.get(url.removesuffix("/v1") + "/health").status_code == 200
+
+
+def test_serve_with_a_bad_port_is_a_one_line_error():
+    out = subprocess.run(
+        lmn("serve", str(SYSTEMS / f"{MODEL}.yaml"), "--port", "99999"),
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "--port 99999" in one_line_error(out, "serve")
+
+
+# --------------------------------------------------------------------------------------- lmn judge
+
+
+def write_responses(tmp: Path, n: int) -> tuple[Path, Path]:
+    paths = []
+    for system in ("latent", "base"):
+        path = tmp / f"{system}.jsonl"
+        rows = [
+            {"pair_id": f"p{i}", "question": f"Question {i}?", "response": f"{system}-{i}", "system": system,
+             "category": ["knowledge", "reasoning", "math", "coding"][i % 4]}
+            for i in range(n)
+        ]  # fmt: skip
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def judge_reply(request: dict, index: int, delay: float = 0.0) -> tuple[int, dict]:
+    time.sleep(delay)
+    text = request["messages"][-1]["content"]
+    first = text.split("[Answer A]\n", 1)[1].split("-", 1)[0]
+    i = int(text.split("Question ", 1)[1].split("?", 1)[0])
+    if i % 5 == 4:
+        return 200, completion("I cannot decide")  # invalid
+    return 200, completion("A" if first == "latent" or i % 3 == 0 else "B")
+
+
+def judge_cmd(a: Path, b: Path, url: str, out: Path, *extra: str) -> list[str]:
+    return lmn("judge", str(a), str(b), "--judge-model", "m", "--base-url", url, "--out", str(out), *extra)
+
+
+def test_judge_single_order_judges_one_order(tmp_path):
+    a, b = write_responses(tmp_path, 4)
+    with LoopbackServer(judge_reply) as server:
+        out = subprocess.run(
+            judge_cmd(a, b, server.base_url, tmp_path / "out", "--single-order"),
+            env=env(OPENAI_API_KEY="dummy"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(server.requests) == 4
+    cached = [json.loads(line) for line in (tmp_path / "out" / "judgments.jsonl").read_text().splitlines()]
+    assert sorted((r["pair_id"], r["order"]) for r in cached) == [(f"p{i}", "AB") for i in range(4)]
+    assert "| latent vs base |" in out.stdout and "Invalid" in out.stdout
+
+
+def test_judge_http_failure_is_a_one_line_error(tmp_path):
+    a, b = write_responses(tmp_path, 2)
+    closed = f"http://127.0.0.1:{free_port()}/v1"
+    out = subprocess.run(
+        judge_cmd(a, b, closed, tmp_path / "out", "--max-retries", "0"),
+        env=env(OPENAI_API_KEY="dummy"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "--base-url" in one_line_error(out, "judge")
+
+
+def test_judge_killed_mid_run_resumes_to_the_uninterrupted_summary(tmp_path):
+    from latent_merge_nnsight.evaluation.judge import judge_pairs_sync, load_comparisons
+    from latent_merge_nnsight.evaluation.judge_summary import summarize
+    from latent_merge_nnsight.evaluation.judgebench import load_template
+
+    a, b = write_responses(tmp_path, 12)
+    with LoopbackServer(judge_reply) as server:  # the uninterrupted run, in this process
+        judged = judge_pairs_sync(
+            load_comparisons(a, b), "m", server.base_url, load_template("pairwise_abc"), None, progress=False
+        )
+    reference = {"latent vs base": [summarize(judged)]}
+    with LoopbackServer(lambda r, i: judge_reply(r, i, delay=0.1)) as server:
+        cache = tmp_path / "run" / "judgments.jsonl"
+        proc = subprocess.Popen(
+            judge_cmd(a, b, server.base_url, tmp_path / "run", "--concurrency", "2"),
+            env=env(OPENAI_API_KEY="dummy"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 120
+        while not (cache.exists() and len(cache.read_text().splitlines()) >= 6):
+            assert proc.poll() is None and time.monotonic() < deadline, "judge ended before it was killed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        done = len(cache.read_text().splitlines())
+        assert 6 <= done < 24
+        with cache.open("a") as fh:  # the write the kill interrupted
+            fh.write('{"pair_id": "p11", "order": "BA", "judge_mo')
+        rerun = subprocess.run(
+            judge_cmd(a, b, server.base_url, tmp_path / "run"),
+            env=env(OPENAI_API_KEY="dummy"),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    records = [json.loads(line) for line in cache.read_text().splitlines()]
+    keys = [(r["pair_id"], r["order"]) for r in records]
+    assert len(keys) == len(set(keys)) == 24  # exactly one record per (pair, order)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(reference))
+
+
+# --------------------------------------------------------------------------------------- lmn respond
+
+
+@pytest.mark.skipif(not CLAUDE_FILE.is_file(), reason=f"JudgeBench copies not found in {DATA}")
+def test_respond_killed_mid_run_resumes_to_the_uninterrupted_file(tmp_path):
+    from latent_merge_nnsight.evaluation.respond import respond
+
+    system = tmp_path / "toy.yaml"
+    system.write_text(
+        "name: toy\nkind: single\nbase: toy-base\ndtype: float32\nsampling: {max_new_tokens: 4}\n"
+    )
+    data = tmp_path / "short.jsonl"  # real JudgeBench rows, questions cut short so the toy answers fast
+    rows = [json.loads(line) for line in CLAUDE_FILE.read_text().splitlines()[:8]]
+    data.write_text("".join(json.dumps(r | {"question": r["question"][:60]}) + "\n" for r in rows))
+
+    def cmd(out: Path) -> list[str]:
+        return lmn("respond", str(system), "--data", str(data), "--out", str(out), "--batch-size", "1",
+                   "--no-progress")  # fmt: skip
+
+    respond(system, out=tmp_path / "ref.jsonl", data=data, batch_size=1, progress=False)  # uninterrupted
+    out = tmp_path / "run.jsonl"
+    proc = subprocess.Popen(cmd(out), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not (out.exists() and len(out.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "respond ended before it was killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert len(out.read_text().splitlines()) < 8
+    with out.open("a") as fh:
+        fh.write('{"pair_id": "torn", "resp')
+    rerun = subprocess.run(cmd(out), env=env(), capture_output=True, text=True, timeout=180)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    want = [json.loads(line) for line in (tmp_path / "ref.jsonl").read_text().splitlines()]
+    assert len({r["pair_id"] for r in got}) == len(got) == 8  # exactly one record per question
+    assert sorted(got, key=lambda r: r["pair_id"]) == sorted(want, key=lambda r: r["pair_id"])
+
+
+def test_respond_without_network_is_a_one_line_error(tmp_path):
+    out = subprocess.run(
+        lmn("respond", str(SYSTEMS / "toy-base.yaml"), "--out", str(tmp_path / "r.jsonl")),
+        env=env(HF_DATASETS_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "--data" in one_line_error(out, "respond")
