@@ -668,3 +668,52 @@ def test_stop_sequence_ends_the_reply_and_is_left_out_like_openai(tiny_latent):
         stop()
     assert reply.choices[0].message.content == full[:stop_at]
     assert reply.choices[0].finish_reason == "stop"
+
+
+# --------------------------------------------------------------------------------------- logprobs
+
+
+def test_logprobs_of_the_chosen_tokens_in_openai_shapes(tiny_latent):
+    url, stop = start_server(tiny_latent)
+    try:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "hi there"}]
+        reply = client.chat.completions.create(
+            model="tiny-latent", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+        )
+        text = client.completions.create(
+            model="tiny-latent", prompt="<|user|>hi there", max_tokens=5, temperature=0, logprobs=2
+        )
+    finally:
+        stop()
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert "".join(t.token for t in content).startswith(reply.choices[0].message.content)
+    for t in content:  # greedy: the chosen token is the scored distribution's most likely one
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-4)
+        assert t.bytes == list(t.token.encode())
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == text.usage.completion_tokens
+    assert lp.text_offset[0] == 0 and all(len(alts) == 2 for alts in lp.top_logprobs)
+    for token, value, alts in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert value == pytest.approx(max(alts.values()), abs=1e-4) and token in alts
+
+
+def test_logprobs_are_those_of_the_merged_model(tiny_latent):
+    from latent_merge_nnsight.evaluation.logprobs import token_logprobs
+    from latent_merge_nnsight.generate import generate
+
+    chat = [[{"role": "user", "content": "merge me"}]]
+    merged = tiny_latent.complete(chat, max_new_tokens=5, logprobs=0)[0].logprobs
+    result = generate(
+        tiny_latent.base, tiny_latent.sources[0], chat, tiny_latent.config.recipe, max_new_tokens=5
+    )
+    assert [t.token for t in merged] == [tiny_latent.tokenizer.decode([i]) for i in result.tokens[0]]
+
+    class BaseAlone:  # the same tokens scored without the merge
+        config = tiny_latent.config.model_copy(update={"kind": "single", "recipe": None, "sources": []})
+        base, tokenizer, name = tiny_latent.base, tiny_latent.tokenizer, "base"
+
+    plain = token_logprobs(BaseAlone, result, 0)[0]
+    assert [t.logprob for t in plain] != pytest.approx([t.logprob for t in merged], abs=1e-6)

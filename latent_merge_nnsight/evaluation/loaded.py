@@ -139,6 +139,13 @@ class LoadedSystem:
     # ------------------------------------------------------------------------------------------------
 
     @property
+    def supports_logprobs(self) -> bool:
+        """Whether ``complete(..., logprobs=k)`` can score this system's tokens (`evaluation.logprobs`)."""
+        from latent_merge_nnsight.evaluation.logprobs import supports_logprobs
+
+        return supports_logprobs(self.config)
+
+    @property
     def context_length(self) -> int | None:
         """The longest prompt the base model is meant for (config or tokenizer limit), if known."""
         from latent_merge_nnsight.models import hf_module
@@ -196,6 +203,7 @@ class LoadedSystem:
         prompts = list(prompts)
         if not prompts:
             return []
+        top = overrides.pop("logprobs", None)  # alternatives per token (0: the chosen one), or None
         sampling = self.sampling(**overrides)
         with self._lock:
             self.generate_calls += 1
@@ -206,9 +214,15 @@ class LoadedSystem:
         # prompt tokens: the real ones in the prompt columns; new tokens: each row's ids (with a final EOS)
         prompt_tokens = result.attention_mask[:, : result.prompt_width].sum(dim=-1).tolist()
         new_tokens = [len(t) for t in result.tokens]
+        logprobs: list[Any] = [None] * len(prompts)
+        if top is not None:
+            from latent_merge_nnsight.evaluation.logprobs import token_logprobs
+
+            with self._lock:
+                logprobs = token_logprobs(self, result, top)
         return [
-            Completion(t, _finish_reason(r), int(p), n)
-            for t, r, p, n in zip(texts, reasons, prompt_tokens, new_tokens, strict=True)
+            Completion(t, _finish_reason(r), int(p), n, lp)
+            for t, r, p, n, lp in zip(texts, reasons, prompt_tokens, new_tokens, logprobs, strict=True)
         ]
 
     def generate(self, prompts: Sequence[Any], **overrides: Any) -> list[str]:
