@@ -2,12 +2,8 @@
 streaming through the `openai` SDK, load with malformed requests and disconnects, SIGKILL and resume."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -15,34 +11,13 @@ import httpx
 import openai
 import pytest
 from loopback_server import LoopbackServer, completion
+from serve_load import QUESTION, env, free_port, greedy, lmn, rss_kib, run_load, start_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ROOT / "examples" / "systems"
 DATA = ROOT.parent / "shared" / "data" / "judgebench"
 CLAUDE_FILE = DATA / "dataset=judgebench,response_model=claude-3-5-sonnet-20240620.jsonl"
 MODEL = "toy-latent-slerp"
-
-
-def lmn(*args: str) -> list[str]:
-    return [sys.executable, "-m", "latent_merge_nnsight.cli", *args]
-
-
-def env(**extra: str) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if k not in ("LMN_API_KEY",)}
-    return base | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"} | extra
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def one_line_error(out: subprocess.CompletedProcess, command: str) -> str:
@@ -58,50 +33,18 @@ def one_line_error(out: subprocess.CompletedProcess, command: str) -> str:
 
 @pytest.fixture(scope="module")
 def served():
-    port = free_port()
-    proc = subprocess.Popen(
-        lmn("serve", str(SYSTEMS / f"{MODEL}.yaml"), "--port", str(port), "--max-tokens-limit", "48"),
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"lmn serve did not start: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.2)
-    yield proc, f"{url}/v1"
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with start_serve(SYSTEMS / f"{MODEL}.yaml", "--max-tokens-limit", "48") as (proc, url):
+        yield proc, url
 
 
 def client(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
 
 
-QUESTION = [{"role": "user", "content": "What is 2+3?"}]
-
-
-def greedy(url: str) -> str:
-    reply = client(url).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=16, temperature=0)
-    return reply.choices[0].message.content
-
-
 def test_served_process_streams_and_completes_through_the_openai_sdk(served):
     proc, url = served
     c = client(url)
-    plain = greedy(url)
+    plain = greedy(url, MODEL)
     stream = c.chat.completions.create(
         model=MODEL, messages=QUESTION, max_tokens=16, temperature=0, stream=True
     )
@@ -123,59 +66,20 @@ def test_served_process_max_tokens_limit_refuses_more(served):
     assert reply.choices[0].finish_reason in ("stop", "length")
 
 
-MALFORMED = [
-    b'{"model": "toy-latent-slerp", "messages": [',
-    json.dumps({"model": MODEL, "messages": QUESTION, "max_tokens": 2**70}).encode(),
-    json.dumps({"model": "nope", "messages": QUESTION}).encode(),
-    json.dumps({"model": MODEL}).encode(),
-    json.dumps({"model": MODEL, "messages": QUESTION, "seed": -1}).encode(),
-]
-
-
 def test_served_process_under_load_with_malformed_requests_and_a_disconnect(served):
     proc, url = served
-    before = greedy(url)
-    http = httpx.Client(timeout=60)
-    for i in range(50):  # warm-up: 50 requests, then the reference RSS
-        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Compute {i}+1."}], "max_tokens": 4}
-        assert http.post(f"{url}/chat/completions", json=body).status_code == 200
+    before = greedy(url, MODEL)
+    with httpx.Client(timeout=60) as http:
+        for i in range(50):  # warm-up: 50 requests, then the reference RSS
+            content = f"Compute {i}+1."
+            body = {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 4}
+            assert http.post(f"{url}/chat/completions", json=body).status_code == 200
     rss_warm = rss_kib(proc.pid)
-    failures: list[str] = []
-
-    def worker(k: int) -> None:
-        with httpx.Client(timeout=60) as session:
-            for j in range(30):
-                n = 30 * k + j
-                if n % 10 == 3:  # 10% malformed, interleaved
-                    r = session.post(
-                        f"{url}/chat/completions",
-                        content=MALFORMED[n % len(MALFORMED)],
-                        headers={"Content-Type": "application/json"},
-                    )
-                    if not 400 <= r.status_code < 500 or "error" not in r.json():
-                        failures.append(f"malformed {n}: {r.status_code}")
-                    continue
-                body = {"model": MODEL, "messages": [{"role": "user", "content": f"Compute {n % 7}+2."}],
-                        "max_tokens": 4, "stream": n % 10 == 5}  # fmt: skip
-                if k == 0 and j == 7:  # one client hangs up mid-stream
-                    with session.stream("POST", f"{url}/chat/completions", json=body | {"stream": True}) as r:
-                        next(r.iter_raw())
-                    continue
-                r = session.post(f"{url}/chat/completions", json=body)
-                if r.status_code != 200:
-                    failures.append(f"good {n}: {r.status_code} {r.text[:200]}")
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
-    t0 = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=240)
-    assert not any(t.is_alive() for t in threads), "the load did not finish in 240 s"
+    failures = run_load(url, MODEL, clients=16, per_client=30)  # 10% malformed, 10% streams, 1 hang-up
     assert failures == [], failures[:5]
     rss_after = rss_kib(proc.pid)
-    assert greedy(url) == before  # the same greedy answer after 530 requests
-    assert abs(rss_after - rss_warm) <= 0.05 * rss_warm, (rss_warm, rss_after, time.monotonic() - t0)
+    assert greedy(url, MODEL) == before  # the same greedy answer after 530 requests
+    assert abs(rss_after - rss_warm) <= 0.05 * rss_warm, (rss_warm, rss_after)
     assert httpx.get(url.removesuffix("/v1") + "/health").status_code == 200
 
 
