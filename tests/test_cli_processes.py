@@ -97,6 +97,18 @@ def test_serve_with_a_bad_port_is_a_one_line_error():
 # --------------------------------------------------------------------------------------- lmn judge
 
 
+def kill_after(command: list[str], environ: dict, path: Path, lines: int, timeout: float = 180) -> int:
+    """Run ``command``, SIGKILL it once ``path`` holds ``lines`` lines; returns the lines written by then."""
+    proc = subprocess.Popen(command, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and len(path.read_text().splitlines()) >= lines):
+        assert proc.poll() is None and time.monotonic() < deadline, f"{command[3]} ended before it was killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    return len(path.read_text().splitlines())
+
+
 def write_responses(tmp: Path, n: int) -> tuple[Path, Path]:
     paths = []
     for system in ("latent", "base"):
@@ -168,20 +180,8 @@ def test_judge_killed_mid_run_resumes_to_the_uninterrupted_summary(tmp_path):
     reference = {"latent vs base": [summarize(judged)]}
     with LoopbackServer(lambda r, i: judge_reply(r, i, delay=0.1)) as server:
         cache = tmp_path / "run" / "judgments.jsonl"
-        proc = subprocess.Popen(
-            judge_cmd(a, b, server.base_url, tmp_path / "run", "--concurrency", "2"),
-            env=env(OPENAI_API_KEY="dummy"),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 120
-        while not (cache.exists() and len(cache.read_text().splitlines()) >= 6):
-            assert proc.poll() is None and time.monotonic() < deadline, "judge ended before it was killed"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-        done = len(cache.read_text().splitlines())
-        assert 6 <= done < 24
+        command = judge_cmd(a, b, server.base_url, tmp_path / "run", "--concurrency", "2")
+        assert 6 <= kill_after(command, env(OPENAI_API_KEY="dummy"), cache, 6) < 24
         with cache.open("a") as fh:  # the write the kill interrupted
             fh.write('{"pair_id": "p11", "order": "BA", "judge_mo')
         rerun = subprocess.run(
@@ -220,14 +220,7 @@ def test_respond_killed_mid_run_resumes_to_the_uninterrupted_file(tmp_path):
 
     respond(system, out=tmp_path / "ref.jsonl", data=data, batch_size=1, progress=False)  # uninterrupted
     out = tmp_path / "run.jsonl"
-    proc = subprocess.Popen(cmd(out), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    while not (out.exists() and len(out.read_text().splitlines()) >= 2):
-        assert proc.poll() is None and time.monotonic() < deadline, "respond ended before it was killed"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert len(out.read_text().splitlines()) < 8
+    assert kill_after(cmd(out), env(), out, 2) < 8
     with out.open("a") as fh:
         fh.write('{"pair_id": "torn", "resp')
     rerun = subprocess.run(cmd(out), env=env(), capture_output=True, text=True, timeout=180)

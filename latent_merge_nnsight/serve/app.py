@@ -589,30 +589,24 @@ def create_app(
                 400, f"the {prompt_param} cannot be rendered for this model: {exc}", param=prompt_param
             ) from None
         if max_prompt_tokens is not None and n_prompt > max_prompt_tokens:
-            raise ApiError(
-                400,
+            raise _too_long(
                 f"the prompt has {n_prompt} tokens, more than this server's limit of {max_prompt_tokens}; "
                 f"shorten the {prompt_param}",
-                param=prompt_param,
-                code="context_length_exceeded",
+                prompt_param,
             )
         room = context - n_prompt if context is not None else None
         if room is not None and room < 1:
-            raise ApiError(
-                400,
+            raise _too_long(
                 f"the prompt has {n_prompt} tokens and fills the model's context of {context}; "
                 f"shorten the {prompt_param}",
-                param=prompt_param,
-                code="context_length_exceeded",
+                prompt_param,
             )
         if budget is not None:
             if room is not None and budget > room:
-                raise ApiError(
-                    400,
+                raise _too_long(
                     f"{budget_param}={budget} is more than the {room} tokens the context of {context} "
                     f"leaves after the prompt's {n_prompt}; ask for at most {room}",
-                    param=budget_param,
-                    code="context_length_exceeded",
+                    budget_param,
                 )
             overrides["max_new_tokens"] = budget
         else:
@@ -670,6 +664,10 @@ def create_app(
 
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     return app
+
+
+def _too_long(message: str, param: str) -> ApiError:
+    return ApiError(400, message, param=param, code="context_length_exceeded")
 
 
 def _generation_error(exc: Exception) -> ApiError:
