@@ -240,3 +240,24 @@ def test_respond_without_network_is_a_one_line_error(tmp_path):
         timeout=120,
     )
     assert "--data" in one_line_error(out, "respond")
+
+
+@pytest.mark.skipif(not CLAUDE_FILE.is_file(), reason=f"JudgeBench copies not found in {DATA}")
+def test_judgebench_accuracy_with_the_vanilla_prompt_from_a_local_copy(tmp_path):
+    def vanilla_judge(request, index):
+        assert request["messages"][0]["content"].startswith("You are a helpful assistant in evaluating")
+        return 200, completion("Output (a)")
+
+    with LoopbackServer(vanilla_judge) as server:
+        out = subprocess.run(
+            lmn("judgebench-accuracy", "--split", "claude", "--data", str(CLAUDE_FILE),
+                "--template", "vanilla", "--judge-model", "m", "--base-url", server.base_url,
+                "--limit", "3", "--out", str(tmp_path / "o.jsonl")),
+            env=env(OPENAI_API_KEY="dummy", LMN_JUDGEBENCH_PROMPT=str(DATA / "PROMPTS.md")),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert len(server.requests) == 6  # 3 pairs, both games
+    assert json.loads(out.stdout)["overall"]["n"] == 3
