@@ -60,10 +60,17 @@ def expected(text: str, limit: int = 16) -> str:
     return "".join(reversed(text))[:limit]
 
 
+@pytest.fixture(autouse=True)
+def _no_server_key_from_the_environment(monkeypatch):
+    monkeypatch.delenv("LMN_API_KEY", raising=False)
+
+
 @pytest.fixture(scope="module")
 def served():
     system = ReverseSystem()
-    url, stop = start_server(system, max_batch_size=4, max_wait_ms=20)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("LMN_API_KEY", raising=False)
+        url, stop = start_server(system, max_batch_size=4, max_wait_ms=20)
     yield system, url
     stop()
 
