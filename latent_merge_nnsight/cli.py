@@ -108,6 +108,7 @@ def cmd_respond(args: argparse.Namespace) -> int:
         limit=args.limit,
         batch_size=args.batch_size,
         progress=not args.no_progress,
+        truncate=args.truncate,
     )
     print(f"wrote {args.out}")
     return 0
@@ -129,11 +130,17 @@ def cmd_judge(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         max_retries=args.max_retries,
         api_key_env=args.api_key_env,
+        retry_invalid=args.retry_invalid,
     )
     summary = summarize(judgments)
     label = f"{Path(args.a).stem} vs {Path(args.b).stem}"
     paths = write_report({label: summary}, args.out)
     print(paths["markdown"].read_text())
+    overall = summary["results"]["overall"]
+    if overall["failed"]:
+        print(f"{overall['failed']} judgment(s) failed (refused by the endpoint; see 'error' in the cache)")
+    if overall["invalid"] or overall["failed"]:
+        print("rerun with --retry-invalid to ask again for the judgments without a verdict")
     return 0
 
 
@@ -153,7 +160,12 @@ def cmd_judgebench_accuracy(args: argparse.Namespace) -> int:
         from latent_merge_nnsight.evaluation.loaded import judgebench_accuracy_system
 
         records = judgebench_accuracy_system(
-            pairs, args.judge_system, template, cache_path=args.cache, batch_size=args.concurrency
+            pairs,
+            args.judge_system,
+            template,
+            cache_path=args.cache,
+            batch_size=args.concurrency,
+            retry_invalid=args.retry_invalid,
         )
     else:
         if not args.judge_model:
@@ -168,6 +180,8 @@ def cmd_judgebench_accuracy(args: argparse.Namespace) -> int:
             args.cache,
             api_key_env=args.api_key_env,
             concurrency=args.concurrency,
+            retry_invalid=args.retry_invalid,
+            max_retries=args.max_retries,
         )
     write_official_outputs(records, args.out)
     _print_json(official_accuracy(records))
@@ -222,6 +236,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from latent_merge_nnsight.serve import run_serve
 
+    if not 0 <= args.port <= 65535:
+        raise LatentMergeError(f"--port {args.port} is not a TCP port; expected 0 <= port <= 65535")
+
     run_serve(
         args.system,
         host=args.host,
@@ -230,6 +247,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_limit=args.max_tokens_limit,
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
     )
     return 0
 
@@ -310,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="responses JSONL (appended; reruns skip answered questions)")
     p.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--truncate",
+        default="error",
+        choices=["error", "left", "none"],
+        help="a question longer than the model's context (minus max_new_tokens): refuse it (error), cut "
+        "its start (left; each row records the tokens cut), or feed it whole (none); the sidecar records it",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=cmd_respond)
 
@@ -319,19 +345,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-model", required=True)
     p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (default: OpenAI)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
-    p.add_argument("--template", default="pairwise_abc", help="built-in template name or a file")
+    p.add_argument(
+        "--template",
+        default="pairwise_abc",
+        help="pairwise_abc (shipped), vanilla (JudgeBench's prompt: fetched once at a pinned commit, "
+        "sha256-checked, cached; LMN_JUDGEBENCH_PROMPT=FILE uses a local copy) or a template file",
+    )
     p.add_argument("--out", default="runs/judge", help="folder for summary.json/.md/.png")
     p.add_argument("--cache", default=None, help="judgment cache JSONL (default: OUT/judgments.jsonl)")
     p.add_argument("--single-order", action="store_true", help="judge only the A/B order")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--max-retries", type=int, default=6)
     p.add_argument("--on-missing", default="error", choices=["error", "drop"])
+    p.add_argument(
+        "--retry-invalid", action="store_true", help="ask again for cached judgments without a verdict"
+    )
     p.set_defaults(handler=cmd_judge)
 
     p = sub.add_parser("judgebench-accuracy", help="JudgeBench's official judge-accuracy protocol")
     p.add_argument("--split", default="gpt", choices=["gpt", "claude"])
     p.add_argument("--data", default=None, help="local JSONL/Parquet instead of the hub")
-    p.add_argument("--template", required=True, help="the vanilla JudgeBench prompt file (Jinja), or a name")
+    p.add_argument(
+        "--template",
+        required=True,
+        help="vanilla (JudgeBench's prompt: fetched once at a pinned commit, sha256-checked, cached; "
+        "LMN_JUDGEBENCH_PROMPT=FILE uses a local copy), pairwise_abc, or a template file",
+    )
     p.add_argument("--judge-model", default=None, help="judge model on an OpenAI-compatible endpoint")
     p.add_argument("--base-url", default=None)
     p.add_argument("--api-key-env", default="OPENAI_API_KEY")
@@ -341,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=int, default=8, help="parallel requests (batch size for a local judge)"
     )
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--max-retries", type=int, default=6, help="retries of a failed judge request")
+    p.add_argument(
+        "--retry-invalid", action="store_true", help="ask again for cached judgments without a verdict"
+    )
     p.add_argument("--out", required=True, help="records in JudgeBench's output format (JSONL)")
     p.set_defaults(handler=cmd_judgebench_accuracy)
 
@@ -355,7 +398,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=8, help="requests batched into one generate call")
     p.add_argument("--max-wait-ms", type=float, default=5, help="how long a batch waits for more requests")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="refuse longer prompts (400)")
-    p.add_argument("--max-tokens-limit", type=int, default=None, help="cap on a request's max_tokens")
+    p.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=None,
+        help="refuse a larger max_tokens (400; default: the model's context, which also bounds "
+        "max_tokens by what the prompt leaves)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 (401 otherwise); default: $LMN_API_KEY, else none",
+    )
+    p.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="refuse larger request bodies (413)")
     p.set_defaults(handler=cmd_serve)
     return parser
 

@@ -99,7 +99,19 @@ def position_mask(
         for row in range(real.shape[0]):  # the slice is taken over each row's own real tokens
             for i in range(int(n_real[row]))[positions]:
                 sel[row] |= (rank[row] == i) & real[row]
+        if not bool(sel.any()):
+            raise LatentMergeError(
+                f"positions={positions!r} selects no token in any row (the rows have "
+                f"{sorted({int(n) for n in n_real.flatten()})} real tokens); the merge would do nothing"
+            )
         return sel
+    longest = int(n_real.max()) if n_real.numel() else 0
+    bad = [p for p in positions if not -longest <= p < longest]
+    if bad:  # an index no row has would merge nothing, silently (a shorter row may lack one: allowed)
+        raise LatentMergeError(
+            f"positions={positions!r}: {bad} out of range for prompts of at most {longest} real tokens; "
+            f"expected -{longest} <= position < {longest} (positions count each row's real tokens)"
+        )
     sel = torch.zeros_like(real)
     for p in positions:
         idx = n_real + p if p < 0 else torch.full_like(n_real, p)

@@ -192,8 +192,8 @@ def test_retries_exhausted_raise_and_non_retryable_fails_at_once():
                 **FAST,
             )
     assert len(server.requests) == 3
-    with LoopbackServer(lambda r, i: error(400, "bad request")) as server:
-        with pytest.raises(JudgeRequestError, match=r"after 1 attempt: .*status 400"):
+    with LoopbackServer(lambda r, i: error(401, "no such key")) as server:
+        with pytest.raises(JudgeRequestError, match=r"after 1 attempt: .*status 401"):
             judge_pairs_sync(
                 make_comparisons(1),
                 "m",

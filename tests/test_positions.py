@@ -48,3 +48,21 @@ def test_boolean_mask_is_anded_with_real_tokens():
         position_mask(LEFT, torch.ones(3, dtype=torch.bool))
     with pytest.raises(LatentMergeError, match="expected a boolean mask"):
         position_mask(LEFT, torch.ones(5))
+
+
+@pytest.mark.parametrize("positions", [[100], [-100], [0, 10], slice(50, None)])
+def test_positions_out_of_range_raise_naming_positions(positions):
+    mask = torch.ones(2, 10, dtype=torch.long)
+    with pytest.raises(LatentMergeError, match="positions="):
+        position_mask(mask, positions)
+
+
+def test_merge_into_with_positions_past_the_prompt_raises():
+    from tiny import pair
+
+    import latent_merge_nnsight as lmn
+
+    base, ft = pair("qwen2", n_layers=2)
+    cap = lmn.capture(ft, "hello there", layers=[1])
+    with pytest.raises(LatentMergeError, match="positions"), torch.no_grad(), base.trace("hello there"):
+        lmn.merge_into(layer=1, source=cap, op="lerp", alpha=0.5, positions=[100])

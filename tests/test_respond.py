@@ -11,8 +11,13 @@ from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.judge import load_comparisons, load_responses
 from latent_merge_nnsight.evaluation.judgebench import category_of
 from latent_merge_nnsight.evaluation.loaded import LoadedSystem, load_system
-from latent_merge_nnsight.evaluation.respond import meta_path, read_responses, respond
+from latent_merge_nnsight.evaluation.respond import meta_path, read_responses
+from latent_merge_nnsight.evaluation.respond import respond as _respond
 from latent_merge_nnsight.evaluation.systems import System
+
+# JudgeBench questions run to thousands of characters; the tiny models' context is 256 (one token a
+# character). These tests are about resuming and records, so they feed the questions whole, explicitly.
+respond = functools.partial(_respond, truncate="none")
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "judgebench"
 CLAUDE_FILE = DATA / "dataset=judgebench,response_model=claude-3-5-sonnet-20240620.jsonl"
@@ -248,3 +253,20 @@ def test_two_systems_responses_join_for_the_judge(models, loaded, tmp_path):
     assert all(
         c.category == category_of(c_row["source"]) for c, c_row in zip(comparisons, rows(a), strict=True)
     )
+
+
+def test_questions_over_the_context_are_refused_or_cut_by_an_explicit_recorded_choice(models, tmp_path):
+    out = tmp_path / "r.jsonl"
+    with pytest.raises(LatentMergeError, match="--truncate left"):
+        _respond(models / "tiny-base.yaml", out=out, data=CLAUDE_FILE, limit=2, progress=False)
+    assert not out.exists() or not out.read_text()  # refused before anything was generated
+    _respond(models / "tiny-base.yaml", out=out, data=CLAUDE_FILE, limit=2, progress=False, truncate="left")
+    lines = rows(out)
+    assert [r["question"] for r in lines] == [d["question"] for d in DATASET[:2]]  # the original text
+    assert all(r["truncated_tokens"] > 0 for r in lines)
+    assert all(r["prompt_tokens"] <= 256 - 3 for r in lines)  # context minus max_new_tokens
+    assert json.loads(meta_path(out).read_text())["truncate"] == "left"
+    with pytest.raises(LatentMergeError, match="truncate"):  # a rerun cutting another way must not mix
+        _respond(
+            models / "tiny-base.yaml", out=out, data=CLAUDE_FILE, limit=3, progress=False, truncate="none"
+        )

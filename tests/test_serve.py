@@ -2,12 +2,14 @@
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.loaded import Completion
 from latent_merge_nnsight.serve import start_server
 
@@ -32,19 +34,22 @@ class ReverseSystem:
         self.threads: set[str] = set()
 
     def count_prompt_tokens(self, chat):
+        if isinstance(chat, str):
+            return len(chat)
         return sum(len(m["content"]) + 2 for m in chat)
 
     def complete(self, prompts, **params):
         self.calls.append((list(prompts), dict(params)))
         self.threads.add(threading.current_thread().name)
-        if any("FAIL" in m["content"] for p in prompts for m in p):
+        texts = [p if isinstance(p, str) else "".join(m["content"] for m in p) for p in prompts]
+        if any("FAIL" in t for t in texts):
             raise RuntimeError("the model fell over")
-        if any("LOSE" in m["content"] for p in prompts for m in p):
+        if any("LOSE" in t for t in texts):
             return []  # a broken system: no completion for the batch
         limit = params.get("max_new_tokens", 16)
         out = []
         for chat in prompts:
-            full = chat[-1]["content"][::-1]
+            full = (chat if isinstance(chat, str) else chat[-1]["content"])[::-1]
             text = full[:limit]
             reason = "length" if len(full) > limit else "stop"
             out.append(Completion(text, reason, self.count_prompt_tokens(chat), len(text)))
@@ -55,10 +60,17 @@ def expected(text: str, limit: int = 16) -> str:
     return "".join(reversed(text))[:limit]
 
 
+@pytest.fixture(autouse=True)
+def _no_server_key_from_the_environment(monkeypatch):
+    monkeypatch.delenv("LMN_API_KEY", raising=False)
+
+
 @pytest.fixture(scope="module")
 def served():
     system = ReverseSystem()
-    url, stop = start_server(system, max_batch_size=4, max_wait_ms=20)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("LMN_API_KEY", raising=False)
+        url, stop = start_server(system, max_batch_size=4, max_wait_ms=20)
     yield system, url
     stop()
 
@@ -70,15 +82,10 @@ def fake(served):
     return served
 
 
-def post(url: str, body, **kwargs) -> httpx.Response:
+def post(url: str, body, *, timeout: float = 30, headers: dict | None = None) -> httpx.Response:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(
-        f"{url}/chat/completions",
-        content=data,
-        headers={"Content-Type": "application/json"},
-        timeout=30,
-        **kwargs,
-    )
+    headers = {"Content-Type": "application/json"} | (headers or {})
+    return httpx.post(f"{url}/chat/completions", content=data, headers=headers, timeout=timeout)
 
 
 def good(content: str = "hello") -> dict:
@@ -241,10 +248,13 @@ def test_bad_request_gets_openai_error_body_and_server_keeps_serving(fake, case,
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == expected("still here")
 
 
-def test_prompt_at_the_token_limit_is_accepted(fake):
+def test_prompt_one_token_under_the_context_is_accepted_and_a_full_context_refused(fake):
     system, url = fake
-    # 198 characters + 2 = 200 tokens: exactly the limit of the fixture's system
-    assert post(url, good("x" * 198)).status_code == 200
+    # 197 characters + 2 = 199 tokens: one token of the fixture's context of 200 is left
+    r = post(url, good("x" * 197))
+    assert r.status_code == 200
+    r = post(url, good("x" * 198))  # 200 tokens: nothing left to generate into
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_openai_sdk_raises_its_own_error_types_for_4xx(fake):
@@ -374,10 +384,186 @@ def test_streaming_through_openai_sdk_matches_non_streaming(fake):
     assert reasons[-1] == "length"
 
 
-def test_streaming_request_that_fails_gets_500_not_a_broken_stream(fake):
+def test_stream_that_fails_ends_with_an_error_event_and_the_client_goes_on(fake):
     system, url = fake
-    r = post(url, with_(stream=True, messages=[{"role": "user", "content": "FAIL"}]))
-    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    body = with_(stream=True, messages=[{"role": "user", "content": "FAIL"}])
+    with httpx.stream("POST", f"{url}/chat/completions", json=body, timeout=30) as r:
+        events = _events(r)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["type"] == "server_error" and "the model fell over" in error["message"]
+    # the same SDK client (one keep-alive connection) after a failed stream
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    for _ in range(2):
+        with pytest.raises(openai.APIError, match="the model fell over"):
+            for _chunk in client.chat.completions.create(
+                model="reverser", messages=[{"role": "user", "content": "FAIL"}], stream=True
+            ):
+                pass
+        reply = client.chat.completions.create(model="reverser", messages=[{"role": "user", "content": "ok"}])
+        assert reply.choices[0].message.content == "ko"
+
+
+# --------------------------------------------------------------------------------------- hostile clients
+
+OVERFLOWS = [
+    ("max_tokens", 2**70),
+    ("max_tokens", 10**9),
+    ("max_completion_tokens", 2**64),
+    ("seed", 2**70),
+    ("seed", -1),
+    ("top_k", 2**63),
+    ("max_tokens", 1_000_000),
+]
+
+
+@pytest.mark.parametrize(("param", "value"), OVERFLOWS, ids=[f"{p}={v}" for p, v in OVERFLOWS])
+def test_huge_or_negative_integers_are_a_400_naming_the_parameter_at_once(fake, param, value):
+    system, url = fake
+    r = post(url, with_(**{param: value}), timeout=5)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    assert system.calls == []
+
+
+def test_max_tokens_beyond_what_the_context_leaves_is_refused(fake):
+    system, url = fake
+    prompt = "x" * 98  # 100 tokens of the fixture's 200
+    r = post(url, with_(messages=[{"role": "user", "content": prompt}], max_tokens=101))
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "max_tokens" and "100" in r.json()["error"]["message"]
+    assert post(url, with_(messages=[{"role": "user", "content": prompt}], max_tokens=100)).status_code == 200
+
+
+def test_max_tokens_limit_refuses_more_than_the_servers_cap():
+    system = ReverseSystem()
+    url, stop = start_server(system, max_tokens_limit=8)
+    try:
+        r = post(url, with_(max_tokens=9))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        assert post(url, with_(max_tokens=8)).status_code == 200
+    finally:
+        stop()
+
+
+def test_system_side_sampling_errors_name_the_request_parameter():
+    class Strict(ReverseSystem):
+        def sampling(self, **overrides):
+            if overrides.get("top_k", 0) > 50:
+                raise LatentMergeError("top_k=... is more than this system's vocabulary")
+
+    url, stop = start_server(Strict())
+    try:
+        r = post(url, with_(top_k=51, temperature=0.5))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "top_k"
+    finally:
+        stop()
+
+
+class SlowCounter(ReverseSystem):
+    """Counting tokens takes as long as a real tokenizer takes over megabytes of text."""
+
+    def count_prompt_tokens(self, chat):
+        if sum(len(m["content"]) for m in chat) > 100_000:
+            time.sleep(2.0)
+        return super().count_prompt_tokens(chat)
+
+
+def test_health_answers_while_a_huge_prompt_is_tokenised():
+    url, stop = start_server(SlowCounter(), max_body_bytes=16 * 2**20)
+    try:
+        big = threading.Thread(target=post, args=(url, good("y" * 4_000_000)))
+        big.start()
+        time.sleep(0.3)  # the big request is being tokenised now
+        t0 = time.monotonic()
+        assert httpx.get(url.removesuffix("/v1") + "/health", timeout=5).status_code == 200
+        waited = time.monotonic() - t0
+        big.join()
+    finally:
+        stop()
+    assert waited < 1.0, f"/health waited {waited:.2f} s behind the tokeniser"
+
+
+def test_oversized_body_is_a_413(fake):
+    system, url = fake
+    r = post(url, good("z" * (9 * 2**20)))
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the limit still holds while reading
+        for _ in range(10):
+            yield b"z" * 2**20
+
+    r = httpx.post(f"{url}/chat/completions", content=chunks(), timeout=30)
+    assert r.status_code == 413
+    assert post(url, good("fine")).status_code == 200
+
+
+def test_api_key_is_required_when_set_and_compared_exactly():
+    system = ReverseSystem()
+    url, stop = start_server(system, api_key="s3cret-key")
+    try:
+        assert post(url, good()).status_code == 401
+        r = post(url, good(), headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert "s3cret" not in r.text
+        assert httpx.get(f"{url}/models").status_code == 401
+        assert httpx.get(url.removesuffix("/v1") + "/health").status_code == 200
+        client = openai.OpenAI(base_url=url, api_key="s3cret-key", max_retries=0)
+        assert client.chat.completions.create(model="reverser", messages=[{"role": "user", "content": "ab"}])
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="nope", max_retries=0).models.list()
+    finally:
+        stop()
+
+
+def test_api_key_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LMN_API_KEY", "env-key-123")
+    url, stop = start_server(ReverseSystem())
+    try:
+        assert post(url, good()).status_code == 401
+        assert post(url, good(), headers={"Authorization": "Bearer env-key-123"}).status_code == 200
+    finally:
+        stop()
+
+
+@pytest.mark.parametrize(
+    ("host", "key", "warns"),
+    [("0.0.0.0", None, True), ("::", None, True), ("10.1.2.3", None, True), ("::1", None, False),
+     ("127.0.0.1", None, False), ("localhost", None, False), ("::", "k", False), ("0.0.0.0", "k", False)],
+)  # fmt: skip
+def test_public_address_without_a_key_warns(caplog, host, key, warns):
+    from latent_merge_nnsight.serve.app import _warn_if_public
+
+    with caplog.at_level("WARNING", logger="latent_merge_nnsight.serve.app"):
+        _warn_if_public(host, key)
+    assert ("without authentication" in caplog.text) == warns
+
+
+@pytest.mark.parametrize("port", [99999, -1])
+def test_bad_port_is_an_error_naming_it(port):
+    with pytest.raises(LatentMergeError, match=f"port={port}"):
+        start_server(ReverseSystem(), port=port)
+
+
+# --------------------------------------------------------------------------------------- /v1/completions
+
+
+def test_text_completion_through_openai_sdk(fake):
+    system, url = fake
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+    reply = client.completions.create(model="reverser", prompt="plain text", max_tokens=5)
+    assert reply.object == "text_completion" and reply.id.startswith("cmpl-")
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 5
+    assert system.calls[-1] == (["plain text"], {"max_new_tokens": 5})  # a string prompt, used as is
+    streamed = client.completions.create(model="reverser", prompt=["plain text"], max_tokens=5, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == reply.choices[0].text
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model="reverser", prompt=["a", "b"])
+    assert exc.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.completions.create(model="reverser", prompt="a", echo=True)
+    assert exc.value.body["param"] == "echo"
 
 
 # --------------------------------------------------------------------------------------- real models
@@ -489,3 +675,52 @@ def test_stop_sequence_ends_the_reply_and_is_left_out_like_openai(tiny_latent):
         stop()
     assert reply.choices[0].message.content == full[:stop_at]
     assert reply.choices[0].finish_reason == "stop"
+
+
+# --------------------------------------------------------------------------------------- logprobs
+
+
+def test_logprobs_of_the_chosen_tokens_in_openai_shapes(tiny_latent):
+    url, stop = start_server(tiny_latent)
+    try:
+        client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "hi there"}]
+        reply = client.chat.completions.create(
+            model="tiny-latent", messages=messages, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3
+        )
+        text = client.completions.create(
+            model="tiny-latent", prompt="<|user|>hi there", max_tokens=5, temperature=0, logprobs=2
+        )
+    finally:
+        stop()
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    assert "".join(t.token for t in content).startswith(reply.choices[0].message.content)
+    for t in content:  # greedy: the chosen token is the scored distribution's most likely one
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob, abs=1e-4)
+        assert t.bytes == list(t.token.encode())
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == text.usage.completion_tokens
+    assert lp.text_offset[0] == 0 and all(len(alts) == 2 for alts in lp.top_logprobs)
+    for token, value, alts in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert value == pytest.approx(max(alts.values()), abs=1e-4) and token in alts
+
+
+def test_logprobs_are_those_of_the_merged_model(tiny_latent):
+    from latent_merge_nnsight.generate import generate
+    from latent_merge_nnsight.systems.logprobs import token_logprobs
+
+    chat = [[{"role": "user", "content": "merge me"}]]
+    merged = tiny_latent.complete(chat, max_new_tokens=5, logprobs=0)[0].logprobs
+    result = generate(
+        tiny_latent.base, tiny_latent.sources[0], chat, tiny_latent.config.recipe, max_new_tokens=5
+    )
+    assert [t.token for t in merged] == [tiny_latent.tokenizer.decode([i]) for i in result.tokens[0]]
+
+    class BaseAlone:  # the same tokens scored without the merge
+        config = tiny_latent.config.model_copy(update={"kind": "single", "recipe": None, "sources": []})
+        base, tokenizer, name = tiny_latent.base, tiny_latent.tokenizer, "base"
+
+    plain = token_logprobs(BaseAlone, result, 0)[0]
+    assert [t.logprob for t in plain] != pytest.approx([t.logprob for t in merged], abs=1e-6)

@@ -192,15 +192,22 @@ class Judgment:
     reply: str
     verdict_shown: str | None
     verdict: str | None
+    error: str | None = None
+    """Why the request failed for good (e.g. an HTTP 400 for a prompt over the judge's context); the
+    judgment then has no verdict and counts as failed, not as invalid."""
 
     @property
     def key(self) -> tuple[str, str, str, str]:
         return (self.pair_id, self.order, self.judge_model, self.template_id)
 
+    @property
+    def valid(self) -> bool:
+        return self.verdict is not None
+
     @classmethod
     def from_dict(cls, row: Mapping[str, Any], where: str = "judgment") -> "Judgment":
         fields = cls.__dataclass_fields__
-        missing = [f for f in fields if f not in row]
+        missing = [f for f in fields if f not in row and f != "error"]  # caches from before `error`
         if missing:
             raise LatentMergeError(f"{where}: fields {missing} are missing from a cached judgment")
         if row["order"] not in ORDERS or row["verdict"] not in _SWAP or row["verdict_shown"] not in _SWAP:
@@ -208,11 +215,14 @@ class Judgment:
                 f"{where}: order={row['order']!r}, verdict={row['verdict']!r}: expected order in {ORDERS} "
                 "and verdict in 'A', 'B', 'tie', null"
             )
-        return cls(**{f: row[f] for f in fields})
+        return cls(**{f: row[f] for f in fields if f in row})
 
 
 class JudgmentCache:
-    """Append-only JSONL of `Judgment`s; the first record of a key wins. ``path=None`` keeps it in memory.
+    """Append-only JSONL of `Judgment`s; ``path=None`` keeps it in memory.
+
+    The first record of a key wins, except that a later one replaces an invalid or failed record (what
+    a rerun with ``retry_invalid=True`` appends).
 
     A half-written last line (the process died mid-write) is dropped with a warning; with
     ``repair=True`` (the default) it is also cut from the file so later appends stay valid JSONL.
@@ -226,8 +236,12 @@ class JudgmentCache:
 
     def _load(self, path: Path, repair: bool) -> None:
         for lineno, row in read_resumable(path, repair=repair):
-            judgment = Judgment.from_dict(row, f"{path}: line {lineno}")
-            self._records.setdefault(judgment.key, judgment)
+            self._keep(Judgment.from_dict(row, f"{path}: line {lineno}"))
+
+    def _keep(self, judgment: Judgment) -> None:
+        old = self._records.get(judgment.key)
+        if old is None or not old.valid:
+            self._records[judgment.key] = judgment
 
     def get(self, key: tuple[str, str, str, str]) -> Judgment | None:
         """The cached judgment for (pair_id, order, judge_model, template_id), if any."""
@@ -235,7 +249,7 @@ class JudgmentCache:
 
     def add(self, judgment: Judgment) -> None:
         """Record a judgment and append it to the file at once (one line, flushed)."""
-        self._records.setdefault(judgment.key, judgment)
+        self._keep(judgment)
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a", encoding="utf-8") as fh:
@@ -265,7 +279,16 @@ def load_judgments(
 
 
 def _postfix(counts: Counter) -> dict[str, int]:
-    return {"A": counts["A"], "B": counts["B"], "tie": counts["tie"], "invalid": counts[None]}
+    out = {"A": counts["A"], "B": counts["B"], "tie": counts["tie"], "invalid": counts[None]}
+    return out | ({"failed": counts["failed"]} if counts["failed"] else {})
+
+
+def _tally(j: Judgment) -> str | None:
+    return "failed" if j.error is not None else j.verdict
+
+
+_FAILED_STATUS = frozenset({400, 413, 422})
+"""Statuses that fail one judgment (this prompt is too long or refused), not the whole run."""
 
 
 async def _run_judgments(
@@ -278,8 +301,11 @@ async def _run_judgments(
     concurrency: int,
     progress: bool,
     desc: str,
+    retry_invalid: bool = False,
 ) -> list[Judgment]:
-    """Judge every (comparison, order) not in the cache; return all of them in input order."""
+    """Judge every (comparison, order) not in the cache (nor, with ``retry_invalid``, cached without a
+    verdict); return all of them in input order. A request the endpoint refuses with a 400/413/422 is
+    recorded as a failed judgment and the run goes on; other request failures end the run."""
     from tqdm.auto import tqdm
 
     if concurrency < 1:
@@ -292,8 +318,8 @@ async def _run_judgments(
     tid = template.template_id
     keys = [(c, o) for c in comparisons for o in orders]
     cached = [cache.get((c.pair_id, o, judge_model, tid)) for c, o in keys]
-    todo = [key for key, j in zip(keys, cached, strict=True) if j is None]
-    counts: Counter = Counter(j.verdict for j in cached if j is not None)
+    todo = [key for key, j in zip(keys, cached, strict=True) if j is None or (retry_invalid and not j.valid)]
+    counts: Counter = Counter(_tally(j) for j in cached if j is not None and (j.valid or not retry_invalid))
     bar = tqdm(
         total=len(keys), initial=len(keys) - len(todo), desc=desc, disable=not progress, dynamic_ncols=True
     )
@@ -302,17 +328,33 @@ async def _run_judgments(
 
     async def judge_one(c: Comparison, order: str) -> None:
         first, second = (c.response_a, c.response_b) if order == "AB" else (c.response_b, c.response_a)
+        error = None
         async with semaphore:
-            reply = await complete_fn(template.messages(c.question, first, second))
+            try:
+                reply = await complete_fn(template.messages(c.question, first, second))
+            except JudgeRequestError as exc:
+                if exc.status not in _FAILED_STATUS:
+                    raise
+                logger.warning("judgment of pair %r order %s failed: %s", c.pair_id, order, exc)
+                reply, error = "", str(exc)
         reply = reply if isinstance(reply, str) else ""
-        shown = template.parse(reply)
+        shown = template.parse(reply) if error is None else None
         verdict = shown if order == "AB" else _SWAP[shown]
-        cache.add(
-            Judgment(
-                c.pair_id, order, judge_model, tid, c.category, c.system_a, c.system_b, reply, shown, verdict
-            )
+        judgment = Judgment(
+            c.pair_id,
+            order,
+            judge_model,
+            tid,
+            c.category,
+            c.system_a,
+            c.system_b,
+            reply,
+            shown,
+            verdict,
+            error,
         )
-        counts[verdict] += 1
+        cache.add(judgment)
+        counts[_tally(judgment)] += 1
         bar.update(1)
         bar.set_postfix(_postfix(counts), refresh=False)
 
@@ -348,12 +390,15 @@ async def judge_pairs(
     max_tokens: int | None = None,
     sleep: SleepFn = asyncio.sleep,
     progress: bool = True,
+    retry_invalid: bool = False,
 ) -> list[Judgment]:
     """Judge system A against system B on every comparison through an OpenAI-compatible endpoint.
 
     Both orders by default (``"AB"`` then ``"BA"``, verdicts mapped back to A/B). Judgments already in
     ``cache_path`` for this judge model and template are reused without a request; new ones are
-    appended as they arrive. Returns one `Judgment` per (pair, order), in input order. A request that
+    appended as they arrive; ``retry_invalid=True`` asks again for cached ones without a verdict.
+    Returns one `Judgment` per (pair, order), in input order. A request the endpoint refuses with a
+    400/413/422 becomes a failed judgment (``error`` set) and the run goes on; any other request that
     fails for good raises `JudgeRequestError`; everything judged so far stays in the cache.
     """
     chat = OpenAIChat(
@@ -371,7 +416,16 @@ async def judge_pairs(
     try:
         orders = ORDERS if both_orders else ORDERS[:1]
         return await _run_judgments(
-            pairs, orders, chat, template, judge_model, cache_path, concurrency, progress, "judging"
+            pairs,
+            orders,
+            chat,
+            template,
+            judge_model,
+            cache_path,
+            concurrency,
+            progress,
+            "judging",
+            retry_invalid,
         )
     finally:
         await chat.aclose()
@@ -398,6 +452,7 @@ async def judgebench_accuracy(
     both_orders: bool = True,
     concurrency: int = 8,
     progress: bool = True,
+    retry_invalid: bool = False,
 ) -> list[dict[str, Any]]:
     """Judge labelled JudgeBench pairs and return records in JudgeBench's output format.
 
@@ -421,6 +476,7 @@ async def judgebench_accuracy(
         concurrency,
         progress,
         "JudgeBench",
+        retry_invalid,
     )
     by_key = {(j.pair_id, j.order): j for j in judgments}
     records = []
@@ -437,7 +493,8 @@ async def judgebench_accuracy(
                         "judge_model": judge_model,
                         "prompt": template.render(pair.question, first, second),
                         "response": j.reply,
-                    },
+                    }
+                    | ({"error": j.error} if j.error is not None else {}),
                     "decision": verdict_to_decision(j.verdict_shown),
                 }
             )
@@ -461,6 +518,7 @@ def judgebench_accuracy_openai(
     both_orders: bool = True,
     concurrency: int = 8,
     progress: bool = True,
+    retry_invalid: bool = False,
     **client_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Synchronous `judgebench_accuracy` with an `OpenAIChat` judge (``client_kwargs`` go to it).
@@ -480,6 +538,7 @@ def judgebench_accuracy_openai(
                 both_orders=both_orders,
                 concurrency=concurrency,
                 progress=progress,
+                retry_invalid=retry_invalid,
             )
 
     return asyncio.run(run())

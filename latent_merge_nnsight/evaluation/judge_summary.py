@@ -42,7 +42,9 @@ def summarize(
 ) -> dict[str, Any]:
     """Win rates of system A over system B per category and overall, in percent.
 
-    Counts are per judgment (each order is one vote): ``a_wins``, ``b_wins``, ``ties``, ``invalid``.
+    Counts are per judgment (each order is one vote): ``a_wins``, ``b_wins``, ``ties``, ``invalid`` (a
+    reply with no verdict) and ``failed`` (the endpoint refused the request, e.g. a prompt over its
+    context).
     ``win_rate_no_ties`` = A/(A+B); ``win_rate_ties_half`` = (A + tie/2)/(A+B+tie); invalid judgments
     count in neither. ``order_consistency`` is the fraction of pairs judged in both orders whose two
     (mapped-back, valid) verdicts agree. CIs resample pairs (``n_boot`` times, numpy seeded by ``seed``).
@@ -65,26 +67,30 @@ def summarize(
         entry = pairs.setdefault(j.pair_id, {"category": j.category, "verdicts": {}})
         if j.order in entry["verdicts"]:
             raise LatentMergeError(f"pair_id {j.pair_id!r} has two judgments for order {j.order!r}")
-        entry["verdicts"][j.order] = j.verdict
+        entry["verdicts"][j.order] = "failed" if j.error is not None else j.verdict
     present = {e["category"] for e in pairs.values()}
     groups = [c for c in CATEGORIES if c in present] + sorted(present - set(CATEGORIES)) + ["overall"]
     results: dict[str, dict[str, Any]] = {}
     for group in groups:
         members = [e for e in pairs.values() if group == "overall" or e["category"] == group]
         per_pair = np.array(
-            [[sum(v == k for v in e["verdicts"].values()) for k in ("A", "B", "tie", None)] for e in members]
+            [
+                [sum(v == k for v in e["verdicts"].values()) for k in ("A", "B", "tie", None, "failed")]
+                for e in members
+            ]
         )
-        a, b, t, inv = (int(x) for x in per_pair.sum(0))
+        a, b, t, inv, failed = (int(x) for x in per_pair.sum(0))
         both = [e["verdicts"] for e in members if set(ORDERS) <= e["verdicts"].keys()]
-        agree = sum(1 for v in both if v["AB"] is not None and v["AB"] == v["BA"])
+        agree = sum(1 for v in both if v["AB"] in ("A", "B", "tie") and v["AB"] == v["BA"])
         ci = _bootstrap(per_pair[:, 0], per_pair[:, 1], per_pair[:, 2], n_boot, seed, confidence)
         results[group] = {
             "n_pairs": len(members),
-            "n_judgments": a + b + t + inv,
+            "n_judgments": a + b + t + inv + failed,
             "a_wins": a,
             "b_wins": b,
             "ties": t,
             "invalid": inv,
+            "failed": failed,
             "order_consistency": agree / len(both) if both else None,
             "win_rate_no_ties": 100.0 * a / (a + b) if a + b else None,
             "win_rate_no_ties_ci": ci["no_ties"],
@@ -138,6 +144,22 @@ def markdown_table(rows: SummaryRows, metric: str = "win_rate_no_ties", *, decim
         for column in columns:
             values = [s["results"].get(column, {}).get(metric) for s in summaries]
             cells.append(" / ".join("-" if v is None else f"{v:.{decimals}f}" for v in values))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+COUNT_FIELDS: tuple[str, ...] = ("a_wins", "b_wins", "ties", "invalid", "failed")
+
+
+def counts_table(rows: SummaryRows) -> str:
+    """The overall vote counts behind each row (so a run with no valid verdict still shows what it got)."""
+    table = _rows(rows)
+    lines = ["| System | A wins | B wins | Ties | Invalid | Failed |", "|---|---|---|---|---|---|"]
+    for label, summaries in table.items():
+        cells = [
+            " / ".join(str(s["results"].get("overall", {}).get(f, 0)) for s in summaries)
+            for f in COUNT_FIELDS
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -198,6 +220,12 @@ def write_report(
     paths = {"json": out / "summary.json", "markdown": out / "summary.md", "png": out / "win_rates.png"}
     paths["json"].write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
     note = f"Metric: {metric} (%)" + (f"; cells: {' / '.join(series_names)}" if series_names else "") + "\n\n"
-    paths["markdown"].write_text(note + markdown_table(table, metric), encoding="utf-8")
+    counts = (
+        "\nJudgments (one per order; invalid: the reply names no verdict; "
+        "failed: the endpoint refused the request):\n\n"
+    )
+    paths["markdown"].write_text(
+        note + markdown_table(table, metric) + counts + counts_table(table), encoding="utf-8"
+    )
     plot_win_rates(table, paths["png"], metric, series_names=series_names)
     return paths

@@ -14,6 +14,8 @@ parses the judge's reply into ``"A"``, ``"B"``, ``"tie"`` or ``None`` (invalid, 
 
 import hashlib
 import json
+import logging
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -22,6 +24,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from latent_merge_nnsight.errors import LatentMergeError
+
+logger = logging.getLogger(__name__)
 
 HF_DATASET = "ScalerLab/JudgeBench"
 SPLITS: tuple[str, ...] = ("gpt", "claude")
@@ -176,7 +180,13 @@ def load_judgebench(
                 "loading JudgeBench from the hub needs `datasets`; install latent_merge_nnsight[eval] "
                 "or pass path= to a local JSONL/Parquet copy"
             ) from exc
-        dataset = load_dataset(HF_DATASET, split=split, revision=revision)
+        try:
+            dataset = load_dataset(HF_DATASET, split=split, revision=revision)
+        except Exception as exc:  # offline, hub down, no such revision: one clear message
+            raise LatentMergeError(
+                f"cannot load {HF_DATASET} split={split!r} from the hub ({type(exc).__name__}: "
+                f"{str(exc)[:200]}); without network pass path= (--data FILE) with a local JSONL/Parquet copy"
+            ) from None
         rows = ((f"{HF_DATASET} split={split} row {i}", row) for i, row in enumerate(dataset))
     pairs: list[JudgePair] = []
     seen: dict[str, str] = {}
@@ -376,8 +386,11 @@ def _compile_jinja(text: str) -> Any:
         import jinja2
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise LatentMergeError("Jinja templates need jinja2; install latent_merge_nnsight[eval]") from exc
-    # Same whitespace handling as JudgeBench's renderer; StrictUndefined turns a typo into an error.
-    env = jinja2.Environment(
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    # Same whitespace handling as JudgeBench's renderer; StrictUndefined turns a typo into an error. The
+    # sandbox keeps a template file from reaching Python internals (`cycler.__init__.__globals__.os`).
+    env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined, autoescape=False
     )
     try:
@@ -419,6 +432,7 @@ class Template:
                     f"template {self.name!r} uses unknown variables {extra}; "
                     f"the variables are {TEMPLATE_VARIABLES}"
                 )
+            self.render("q", "a", "b")  # refuses unsafe attribute access now, not mid-run
         else:
             used = set(_FORMAT_FIELD.findall(self.text))
         missing = [v for v in TEMPLATE_VARIABLES if v not in used]
@@ -439,7 +453,15 @@ class Template:
         """The user message for one (question, shown-first answer, shown-second answer)."""
         values = {"question": question, "answer_a": answer_a, "answer_b": answer_b}
         if self.syntax == "jinja":
-            return _compile_jinja(self.text)[1].render(**values)
+            from jinja2.exceptions import SecurityError, UndefinedError
+
+            try:
+                return _compile_jinja(self.text)[1].render(**values)
+            except (SecurityError, UndefinedError) as exc:
+                raise LatentMergeError(
+                    f"template {self.name!r} is refused: {exc}; a judge template may only use "
+                    f"{TEMPLATE_VARIABLES} and plain Jinja (it renders in a sandbox)"
+                ) from None
         # One pass, so an answer that happens to contain "{answer_b}" is never substituted again.
         return _FORMAT_FIELD.sub(lambda m: values[m.group(1)], self.text)
 
@@ -453,6 +475,88 @@ class Template:
         return _PARSE_FNS[self.parser](reply)
 
 
+# JudgeBench's own "vanilla" judge prompt is JudgeBench's text, not ours: it is not shipped. It is fetched
+# once from JudgeBench's repository at a pinned commit, checked against its hash and cached.
+VANILLA = "vanilla"
+VANILLA_COMMIT = "e2c52c284e735e139b3daa61c206ee208f36c461"
+VANILLA_PATH = "utils/templates/vanilla_prompt.jinja2"
+VANILLA_URL = f"https://raw.githubusercontent.com/ScalerLab/JudgeBench/{VANILLA_COMMIT}/{VANILLA_PATH}"
+VANILLA_SHA256 = "45d0b0bd8304b032c9b34a2fece15ac9ad5c241ef296aff9896e5d5666d77026"
+VANILLA_ENV = "LMN_JUDGEBENCH_PROMPT"
+"""Environment variable naming a local copy of the vanilla prompt (the file itself, or a markdown file
+quoting it in a ```` ```jinja ```` fence, like ``shared/data/judgebench/PROMPTS.md``)."""
+_FENCE = re.compile(r"^(`{3,})jinja2?[ \t]*\n(.*?)\n\1[ \t]*$", re.S | re.M)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "latent_merge_nnsight"
+
+
+def _checked(data: bytes, where: str) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != VANILLA_SHA256:
+        raise LatentMergeError(
+            f"{where} is not JudgeBench's vanilla prompt at commit {VANILLA_COMMIT[:12]}: its sha256 is "
+            f"{digest[:16]}..., expected {VANILLA_SHA256[:16]}...; remove it or point {VANILLA_ENV} at a "
+            "faithful copy"
+        )
+    return data.decode("utf-8")
+
+
+def _from_local(path: Path) -> str:
+    if not path.is_file():
+        raise LatentMergeError(f"{VANILLA_ENV} / local_copy={str(path)!r} does not exist or is not a file")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != VANILLA_SHA256:  # a markdown file quoting it?
+        for match in _FENCE.finditer(data.decode("utf-8", errors="replace")):
+            if hashlib.sha256(match.group(2).encode()).hexdigest() == VANILLA_SHA256:
+                return match.group(2)
+    return _checked(data, str(path))
+
+
+def vanilla_prompt(local_copy: str | Path | None = None, *, cache_dir: str | Path | None = None) -> str:
+    """JudgeBench's vanilla judge prompt (Jinja2 text), checked against its pinned sha256.
+
+    From ``local_copy`` (or the file named by ``$LMN_JUDGEBENCH_PROMPT``) when given; else from the user
+    cache (``$XDG_CACHE_HOME/latent_merge_nnsight``, or ``cache_dir``); else fetched once from
+    JudgeBench's public repository at commit `VANILLA_COMMIT` (logged, with the URL and where it is
+    cached). A copy whose hash differs is refused.
+    """
+    local = local_copy if local_copy is not None else os.environ.get(VANILLA_ENV)
+    if local:
+        return _from_local(Path(local))
+    cached = Path(cache_dir) if cache_dir is not None else _cache_dir()
+    cached = cached / f"judgebench-vanilla-{VANILLA_SHA256[:12]}.jinja2"
+    if cached.is_file():
+        return _checked(cached.read_bytes(), str(cached))
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(VANILLA_URL, timeout=30) as response:  # noqa: S310 - a pinned https URL
+            data = response.read(1 << 20)
+    except (urllib.error.URLError, OSError) as exc:
+        raise LatentMergeError(
+            f"template='vanilla': cannot fetch JudgeBench's prompt from {VANILLA_URL} "
+            f"({getattr(exc, 'reason', exc)}); without network, point {VANILLA_ENV} at a local copy "
+            "(or pass --template FILE)"
+        ) from None
+    text = _checked(data, VANILLA_URL)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, cached)
+    logger.warning(
+        "fetched JudgeBench's vanilla prompt (commit %s) from %s (sha256 %s...), cached at %s",
+        VANILLA_COMMIT[:12],
+        VANILLA_URL,
+        VANILLA_SHA256[:16],
+        cached,
+    )
+    return text
+
+
 def builtin_templates() -> list[str]:
     """Names of the templates shipped in ``evaluation/templates/``."""
     return sorted(p.stem for p in TEMPLATE_DIR.glob("*") if p.is_file() and not p.name.startswith("."))
@@ -464,8 +568,10 @@ def load_template(
     parser: str | None = None,
     syntax: str | None = None,
     system: str | None = None,
+    local_copy: str | Path | None = None,
 ) -> Template:
-    """A shipped template by name (see `builtin_templates`) or a user file by path.
+    """A shipped template by name (see `builtin_templates`), ``"vanilla"`` (JudgeBench's own prompt, see
+    `vanilla_prompt`; ``local_copy`` points at a copy), or a user file by path.
 
     Syntax is Jinja for ``.jinja``/``.jinja2``/``.j2`` files or text with ``{{ question }}``-style
     variables or ``{% %}`` blocks, else ``{question}`` substitution. The parser is ``"output_ab"`` when
@@ -473,12 +579,21 @@ def load_template(
     """
     path = Path(name_or_path)
     builtin = {p.stem: p for p in TEMPLATE_DIR.glob("*") if p.is_file()}
+    if str(name_or_path) == VANILLA and not path.is_file():
+        text = vanilla_prompt(local_copy)
+        return Template(
+            name=VANILLA,
+            text=text,
+            syntax=syntax or "jinja",  # type: ignore[arg-type]
+            parser=parser or "output_ab",  # type: ignore[arg-type]
+            system=system,
+        )
     if str(name_or_path) in builtin:
         path = builtin[str(name_or_path)]
     elif not path.is_file():
         raise LatentMergeError(
             f"template={str(name_or_path)!r} is neither a shipped template "
-            f"({', '.join(builtin_templates())}) nor an existing file"
+            f"({', '.join(builtin_templates())}), 'vanilla' (JudgeBench's prompt) nor an existing file"
         )
     text = path.read_text(encoding="utf-8")
     if syntax is None:

@@ -26,8 +26,19 @@ SleepFn = Callable[[float], Awaitable[Any]]
 _RETRY_STATUS = frozenset({408, 409, 429})
 
 
-class JudgeRequestError(RuntimeError):
-    """A judge request failed for good: a non-retryable status, or retries exhausted."""
+class JudgeRequestError(LatentMergeError, RuntimeError):
+    """A judge request failed for good: a non-retryable status, or retries exhausted.
+
+    ``status`` is the HTTP status of the last attempt (None for a connection error or a garbled reply).
+    """
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _GarbledReply(Exception):
+    """An HTTP 200 whose body is not a chat completion (not JSON, or no choices): retried like a 5xx."""
 
 
 def _is_loopback(base_url: str | None) -> bool:
@@ -59,6 +70,23 @@ def _retry_after(exc: Exception) -> float | None:
         return max(0.0, float(value)) if value is not None else None
     except ValueError:
         return None
+
+
+def _reply_text(response: Any) -> str:
+    """The first choice's text of a chat completion; `_GarbledReply` when the body is not one.
+
+    A well-formed completion whose message has no content is an empty reply (an invalid verdict, not a
+    transport error).
+    """
+    choices = getattr(response, "choices", None)
+    if not isinstance(choices, list) or not choices:
+        got = type(response).__name__ if choices is None else f"choices={choices!r:.60}"
+        raise _GarbledReply(f"the reply is not a chat completion with a choice (got {got})")
+    message = getattr(choices[0], "message", None)
+    content = getattr(message, "content", None) if message is not None else None
+    if message is None or not (content is None or isinstance(content, str)):
+        raise _GarbledReply(f"choices[0] has no message text (got {choices[0]!r:.80})")
+    return content or ""
 
 
 class OpenAIChat:
@@ -106,7 +134,18 @@ class OpenAIChat:
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIChat(judge_model={self.judge_model!r}, base_url={self.base_url!r})"
 
+    def _scrub(self, text: str) -> str:
+        """``text`` with the API key's value replaced by ``***`` (replies and errors are written to disk).
+
+        Keys under 8 characters (placeholders such as ``dummy`` for a local server) are no secret, and
+        replacing them would mangle replies (a key ``a`` inside ``Output (a)``).
+        """
+        key = self._client.api_key
+        return text.replace(key, "***") if key and len(key) >= 8 else text
+
     def _retryable(self, exc: Exception) -> bool:
+        if isinstance(exc, _GarbledReply):
+            return True
         if isinstance(exc, self._openai.APIConnectionError):  # includes APITimeoutError
             return True
         return isinstance(exc, self._openai.APIStatusError) and (
@@ -128,15 +167,21 @@ class OpenAIChat:
         for attempt in range(self.max_retries + 1):
             self.requests_sent += 1
             try:
-                response = await self._client.chat.completions.create(**kwargs)
-            except self._openai.OpenAIError as exc:
+                try:
+                    response = await self._client.chat.completions.create(**kwargs)
+                except ValueError as exc:  # a JSON content type over a body that is not JSON
+                    raise _GarbledReply(f"the reply is not JSON ({exc})") from None
+                return self._scrub(_reply_text(response))
+            except (self._openai.OpenAIError, _GarbledReply) as exc:
                 status = getattr(exc, "status_code", None)
                 if not self._retryable(exc) or attempt == self.max_retries:
                     tried = f"after {attempt + 1} attempt{'s' if attempt else ''}"
-                    detail = str(exc).replace(self._client.api_key, "***")[:300]  # a server may echo the key
+                    detail = self._scrub(str(exc))[:300]  # a server may echo the key
                     raise JudgeRequestError(
                         f"judge request to {self.base_url or 'api.openai.com'} (model {self.judge_model!r}) "
-                        f"failed {tried}: {type(exc).__name__} (status {status}): {detail}"
+                        f"failed {tried}: {type(exc).__name__} (status {status}): {detail}; check "
+                        "--base-url, --judge-model and the key in --api-key-env",
+                        status,
                     ) from None  # the SDK exception may hold an echoed key; its text is scrubbed above
                 delay = self.backoff(attempt, exc)
                 logger.info(
@@ -147,10 +192,6 @@ class OpenAIChat:
                     delay,
                 )
                 await self._sleep(delay)
-                continue
-            if not response.choices:
-                return ""
-            return response.choices[0].message.content or ""
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:

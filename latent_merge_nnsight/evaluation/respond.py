@@ -118,6 +118,43 @@ def _row(pair: JudgePair, system: str, response: str, completion: Any) -> dict[s
     }
 
 
+TRUNCATE: tuple[str, ...] = ("error", "left", "none")
+
+
+def _fit_to_context(
+    loaded: Any, questions: list[str], config: System, truncate: str
+) -> dict[str, tuple[str, int]]:
+    """``{question: (the text to ask, tokens cut from its start)}``; refuses (``truncate="error"``) or
+    cuts (``"left"``) questions whose prompt leaves less than ``max_new_tokens`` of the context."""
+    context = getattr(loaded, "context_length", None)
+    out = {q: (q, 0) for q in questions}
+    if truncate == "none" or context is None or not questions:
+        return out
+    budget = config.sampling.max_new_tokens
+    room = context - budget
+    lengths = {q: loaded.count_prompt_tokens([{"role": "user", "content": q}]) for q in questions}
+    long = [q for q in questions if lengths[q] > room]
+    if not long:
+        return out
+    if truncate == "error" or room < 1:
+        raise LatentMergeError(
+            f"{len(long)} of {len(questions)} questions do not fit the model's context of {context} tokens "
+            f"with max_new_tokens={budget} after them (the longest prompt has {max(lengths.values())} "
+            "tokens); pass truncate='left' (--truncate left) to cut their start, or truncate='none' "
+            "(--truncate none) to feed them whole past the context"
+        )
+    tokenizer = loaded.tokenizer
+    for q in long:
+        ids = tokenizer(q, add_special_tokens=False)["input_ids"]
+        cut = lengths[q] - room
+        text = tokenizer.decode(ids[cut:])
+        while loaded.count_prompt_tokens([{"role": "user", "content": text}]) > room and cut < len(ids):
+            cut += 1  # a re-encoded cut can merge into more tokens than it had
+            text = tokenizer.decode(ids[cut:])
+        out[q] = (text, cut)
+    return out
+
+
 def respond(
     system: str | Path | System | LoadedSystem,
     split: str = "claude",
@@ -126,6 +163,7 @@ def respond(
     limit: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    truncate: str = "error",
 ) -> RespondResult:
     """Generate one answer per JudgeBench question with ``system`` and append them to ``out``.
 
@@ -138,12 +176,19 @@ def respond(
         limit: answer only the first ``limit`` pairs of the split.
         batch_size: questions per `generate` call (the longest questions go first, so a batch too
             big for memory fails early).
+        truncate: what to do with a question whose prompt does not fit the model's context with
+            ``max_new_tokens`` after it: ``"error"`` (default) refuses the run before anything is
+            generated; ``"left"`` cuts the question's start to fit (each row records
+            ``truncated_tokens``; the row's ``question`` stays the original); ``"none"`` feeds it whole,
+            past the context. The sidecar records the choice.
     Returns a `RespondResult` with the paths and counts.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise LatentMergeError(f"limit={limit!r}; expected a positive int or None (all pairs)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise LatentMergeError(f"batch_size={batch_size!r}; expected an int >= 1")
+    if truncate not in TRUNCATE:
+        raise LatentMergeError(f"truncate={truncate!r}; expected one of {TRUNCATE}")
     if isinstance(system, LoadedSystem):
         config = system.config
     elif isinstance(system, System):
@@ -160,6 +205,11 @@ def respond(
     out, meta = Path(out), meta_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     old_meta = _check_meta(meta, config, split)
+    if old_meta is not None and old_meta.get("truncate", truncate) != truncate:
+        raise LatentMergeError(
+            f"truncate={truncate!r} but {meta} records truncate={old_meta['truncate']!r}; answers cut "
+            "two ways must not mix: use the same --truncate or another --out"
+        )
     done = read_responses(out, repair=True) if out.exists() else {}
     others = sorted({row["system"] for row in done.values()} - {config.name})
     if others:
@@ -174,21 +224,25 @@ def respond(
         return result
 
     loaded = load_system(system if isinstance(system, LoadedSystem) else config)
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    sidecar = {
-        "provenance": loaded.provenance(),
-        "split": split,
-        "data": str(data) if data is not None else f"hub:{HF_DATASET}",
-        "created": old_meta.get("created", now) if old_meta else now,
-        "updated": now,
-    }
-    _write_json(meta, sidecar)
-
     # Questions still to answer, each with its pairs; a question already answered for a sibling pair
     # reuses that answer instead of generating a second one.
     by_question: dict[str, list[JudgePair]] = {}
     for pair in todo:
         by_question.setdefault(pair.question, []).append(pair)
+    fitted = _fit_to_context(
+        loaded, [q for q in by_question if q not in answered_by_question], config, truncate
+    )
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    sidecar = {
+        "provenance": loaded.provenance(),
+        "split": split,
+        "data": str(data) if data is not None else f"hub:{HF_DATASET}",
+        "truncate": truncate,
+        "context_length": getattr(loaded, "context_length", None),
+        "created": old_meta.get("created", now) if old_meta else now,
+        "updated": now,
+    }
+    _write_json(meta, sidecar)
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -211,10 +265,12 @@ def respond(
             questions = sorted(by_question, key=len, reverse=True)
             for start in range(0, len(questions), batch_size):
                 chunk = questions[start : start + batch_size]
-                completions = loaded.complete([[{"role": "user", "content": q}] for q in chunk])
+                completions = loaded.complete([[{"role": "user", "content": fitted[q][0]}] for q in chunk])
                 for question, completion in zip(chunk, completions, strict=True):
                     for pair in by_question[question]:
                         row = _row(pair, config.name, completion.text, completion)
+                        if truncate == "left":
+                            row["truncated_tokens"] = fitted[question][1]
                         fh.write(json.dumps(row, ensure_ascii=False) + "\n")
                         answered += 1
                         bar.update(1)

@@ -1,21 +1,26 @@
 """`lmn serve`: an OpenAI-compatible HTTP server for any system, latent-merged ones included.
 
-Routes: ``POST /v1/chat/completions`` (``stream`` true or false), ``GET /v1/models``,
-``GET /v1/models/{id}`` and ``GET /health``. Any OpenAI client or evaluation harness can query it::
+Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (``stream`` true or false,
+``logprobs`` for the chosen tokens), ``GET /v1/models``, ``GET /v1/models/{id}`` and ``GET /health``.
+Any OpenAI client or evaluation harness can query it::
 
     url, stop = start_server("examples/systems/toy-latent-slerp.yaml")   # or run_serve(...) to block
     client = openai.OpenAI(base_url=url, api_key="unused")
     client.chat.completions.create(model="toy-latent-slerp", messages=[{"role": "user", "content": "hi"}])
 
 Requests that arrive together are batched: a `Batcher` collects them for a few milliseconds (up to
-``max_batch_size``) and runs one `generate` call in the system's single generation thread. Bad
-requests (malformed JSON, an unknown model, a prompt over ``max_prompt_tokens``, ``n > 1``, a negative
-``max_tokens``, a negative temperature, wrong types) get OpenAI-style error bodies
-``{"error": {"message", "type", "param", "code"}}`` with a 4xx status, and a failed generation a 500;
-the server keeps serving either way. As in OpenAI's API, a stop sequence that ended the reply is left
-out of it. Streaming sends the finished answer as OpenAI ``chat.completion.chunk`` events (the role,
-the text, the finish reason, optional usage) and then ``data: [DONE]``: generation is batched, not
-token by token. There is no authentication, so the server binds 127.0.0.1 unless told otherwise.
+``max_batch_size``) and runs one `generate` call in the system's single generation thread; prompts are
+tokenised off the event loop. Every bad request gets an OpenAI-style error body
+``{"error": {"message", "type", "param", "code"}}`` with a 4xx status and ``param`` naming the field:
+malformed JSON, an unknown model, integers out of range (``max_tokens``, ``seed``, ``top_k``), a
+prompt over ``max_prompt_tokens``, ``max_tokens`` above ``max_tokens_limit`` or above what the model's
+context leaves after the prompt, a body over ``max_body_bytes`` (413). A failed generation is a 500 (in
+a stream: an error event, then ``data: [DONE]`` and a clean close); the server keeps serving either way.
+As in OpenAI's API, a stop sequence that ended the reply is left out of it. Streaming sends the finished
+answer as OpenAI chunk events: generation is batched, not token by token. With ``api_key`` (``--api-key``
+or ``LMN_API_KEY``) every ``/v1`` request needs ``Authorization: Bearer <key>`` (401 otherwise, compared
+in constant time); without one the server binds 127.0.0.1 unless told otherwise, and warns on any
+other address (IPv4 or IPv6).
 """
 
 from latent_merge_nnsight.serve.app import create_app as create_app

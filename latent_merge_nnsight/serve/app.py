@@ -1,8 +1,12 @@
 """The OpenAI-compatible app (FastAPI) and the functions that run it with uvicorn."""
 
+import asyncio
+import dataclasses
+import hmac
 import ipaddress
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -24,6 +28,16 @@ __all__ = ["create_app", "run_serve", "start_server"]
 logger = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 4
+MAX_INT = 2**31 - 1
+"""The largest ``max_tokens`` / ``top_k`` a request may carry (larger ones are a 400, never an overflow)."""
+MAX_SEED = 2**63 - 1
+MAX_TOP_LOGPROBS = 20
+DEFAULT_MAX_BODY_BYTES = 8 * 2**20
+API_KEY_ENV = "LMN_API_KEY"
+DEFAULT_MAX_TOKENS_LIMIT = 4096
+"""`max_tokens` cap when neither ``max_tokens_limit`` nor the system's context length is known."""
+OPENAI_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+"""This package's finish reasons as OpenAI's (an EOS token and a stop string both end as "stop")."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -51,24 +65,39 @@ class _StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
-    """The part of OpenAI's chat-completions request this server understands (other fields are ignored)."""
+class _Request(BaseModel):
+    """What chat and text completions share (other OpenAI fields are ignored)."""
 
     model_config = ConfigDict(strict=True, extra="allow")
 
     model: str
-    messages: list[_Message] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1)
+    top_k: int | None = Field(None, ge=1, le=MAX_INT)
     n: int | None = Field(None, ge=1, le=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool | None = False
     stream_options: _StreamOptions | None = None
+
+
+class ChatRequest(_Request):
+    """The part of OpenAI's chat-completions request this server understands (other fields are ignored)."""
+
+    messages: list[_Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_INT)
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+class CompletionRequest(_Request):
+    """OpenAI's legacy text-completions request: one prompt string in, its continuation out."""
+
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool | None = False
+    suffix: str | None = None
 
 
 class ApiError(Exception):
@@ -139,12 +168,30 @@ def _chat(request: ChatRequest) -> list[dict[str, str]]:
     return chat
 
 
-def _overrides(request: ChatRequest, max_tokens_limit: int | None) -> dict[str, Any]:
+def _max_new_tokens(request: _Request) -> tuple[str, int | None]:
+    """(the parameter's name, its value) of the request's token budget."""
+    extra = getattr(request, "max_completion_tokens", None)
+    if extra is not None:
+        return "max_completion_tokens", extra
+    return "max_tokens", request.max_tokens
+
+
+def _logprobs(request: _Request) -> int | None:
+    """How many alternatives per token to report (0: the chosen token only), or None for no logprobs."""
+    if isinstance(request, ChatRequest):
+        if not request.logprobs:
+            if request.top_logprobs:
+                raise ApiError(
+                    400, "top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value"
+                )
+            return None
+        return request.top_logprobs or 0
+    assert isinstance(request, CompletionRequest)
+    return request.logprobs
+
+
+def _overrides(request: _Request) -> dict[str, Any]:
     """Sampling overrides from the request (absent fields keep the system's own settings)."""
-    if request.logprobs:
-        raise ApiError(
-            400, "logprobs are not supported by this server", param="logprobs", code="unsupported_parameter"
-        )
     for name in ("tools", "functions"):
         if getattr(request, "model_extra", {}).get(name):
             raise ApiError(
@@ -154,17 +201,6 @@ def _overrides(request: ChatRequest, max_tokens_limit: int | None) -> dict[str, 
                 code="unsupported_parameter",
             )
     out: dict[str, Any] = {}
-    max_new = request.max_completion_tokens or request.max_tokens
-    if max_new is not None:
-        if max_tokens_limit is not None and max_new > max_tokens_limit:
-            param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-            raise ApiError(
-                400,
-                f"{param}={max_new} exceeds this server's limit of {max_tokens_limit}",
-                param=param,
-                code="invalid_value",
-            )
-        out["max_new_tokens"] = max_new
     if request.temperature is not None:
         out["do_sample"] = request.temperature > 0
         if request.temperature > 0:
@@ -190,8 +226,42 @@ def _overrides(request: ChatRequest, max_tokens_limit: int | None) -> dict[str, 
     return out
 
 
+_OVERRIDE_PARAM = {"max_new_tokens": "max_tokens", "do_sample": "temperature"}
+
+
+def _check_sampling(system: Any, overrides: dict[str, Any], budget_param: str) -> None:
+    """The system's own validation of the overrides, as a 400 naming the request parameter at fault."""
+    check = getattr(system, "sampling", None)
+    if check is None:
+        return
+    try:
+        check(**overrides)
+    except LatentMergeError as exc:
+        param = None
+        for key, value in overrides.items():  # find the one override the system refuses
+            try:
+                check(**{key: value})
+            except LatentMergeError:
+                param = budget_param if key == "max_new_tokens" else _OVERRIDE_PARAM.get(key, key)
+                break
+        raise ApiError(400, str(exc), param=param, code="invalid_value") from None
+
+
+def _prompt_text(request: CompletionRequest) -> str:
+    if isinstance(request.prompt, str):
+        return request.prompt
+    if len(request.prompt) != 1:
+        raise ApiError(
+            400,
+            f"prompt is a list of {len(request.prompt)} strings; this server takes exactly one prompt",
+            param="prompt",
+            code="invalid_value",
+        )
+    return request.prompt[0]
+
+
 # ---------------------------------------------------------------------------------------------------
-# The app
+# Response bodies
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -201,26 +271,8 @@ def _without_stop(c: Completion, stops: Any) -> Completion:
         return c
     for stop in stops:
         if stop and c.text.endswith(stop):
-            return Completion(c.text[: -len(stop)], c.finish_reason, c.prompt_tokens, c.completion_tokens)
+            return dataclasses.replace(c, text=c.text[: -len(stop)])
     return c
-
-
-def _completion_body(cid: str, created: int, model: str, c: Completion) -> dict[str, Any]:
-    return {
-        "id": cid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": None,
-                "finish_reason": c.finish_reason,
-            }
-        ],
-        "usage": _usage(c),
-    }
 
 
 def _usage(c: Completion) -> dict[str, int]:
@@ -231,24 +283,159 @@ def _usage(c: Completion) -> dict[str, int]:
     }
 
 
-def _sse_chunks(cid: str, created: int, model: str, c: Completion, include_usage: bool) -> list[str]:
-    def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", errors="replace"))
+
+
+def _chat_logprobs(c: Completion) -> dict[str, Any] | None:
+    """OpenAI's chat ``logprobs`` object: one entry per generated token, with its alternatives."""
+    if c.logprobs is None:
+        return None
+    content = [
+        {
+            "token": t.token,
+            "logprob": t.logprob,
+            "bytes": _token_bytes(t.token),
+            "top_logprobs": [{"token": tok, "logprob": lp, "bytes": _token_bytes(tok)} for tok, lp in t.top],
+        }
+        for t in c.logprobs
+    ]
+    return {"content": content, "refusal": None}
+
+
+def _text_logprobs(c: Completion) -> dict[str, Any] | None:
+    """The legacy completions ``logprobs`` object: parallel lists over the generated tokens."""
+    if c.logprobs is None:
+        return None
+    offsets, at = [], 0
+    for t in c.logprobs:
+        offsets.append(at)
+        at += len(t.token)
+    return {
+        "tokens": [t.token for t in c.logprobs],
+        "token_logprobs": [t.logprob for t in c.logprobs],
+        "top_logprobs": [dict(t.top) for t in c.logprobs],
+        "text_offset": offsets,
+    }
+
+
+def _choice(kind: str, c: Completion) -> dict[str, Any]:
+    finish = OPENAI_FINISH.get(c.finish_reason, c.finish_reason)
+    if kind == "chat":
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": _chat_logprobs(c),
+            "finish_reason": finish,
+        }
+    return {"index": 0, "text": c.text, "logprobs": _text_logprobs(c), "finish_reason": finish}
+
+
+_OBJECT = {"chat": "chat.completion", "text": "text_completion"}
+_CHUNK = {"chat": "chat.completion.chunk", "text": "text_completion"}
+
+
+def _body(kind: str, cid: str, created: int, model: str, c: Completion) -> dict[str, Any]:
+    return {
+        "id": cid,
+        "object": _OBJECT[kind],
+        "created": created,
+        "model": model,
+        "choices": [_choice(kind, c)],
+        "usage": _usage(c),
+    }
+
+
+def _sse(data: Any) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _sse_events(
+    kind: str, cid: str, created: int, model: str, c: Completion, include_usage: bool
+) -> list[str]:
+    """The finished answer as OpenAI stream chunks (role, text, finish reason, usage), then [DONE]."""
+
+    def chunk(choice: dict[str, Any] | None) -> dict[str, Any]:
         return {
             "id": cid,
-            "object": "chat.completion.chunk",
+            "object": _CHUNK[kind],
             "created": created,
             "model": model,
-            "choices": [choice],
+            "choices": [choice] if choice is not None else [],
         }
 
-    events = [chunk({"role": "assistant", "content": ""}, None)]
-    if c.text:
-        events.append(chunk({"content": c.text}, None))
-    events.append(chunk({}, c.finish_reason))
+    finish = OPENAI_FINISH.get(c.finish_reason, c.finish_reason)
+    if kind == "chat":
+        events = [chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None})]  # fmt: skip
+        if c.text:
+            events.append(chunk({"index": 0, "delta": {"content": c.text}, "logprobs": _chat_logprobs(c),
+                                 "finish_reason": None}))  # fmt: skip
+        events.append(chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}))
+    else:
+        events = [chunk({"index": 0, "text": c.text, "logprobs": _text_logprobs(c), "finish_reason": None})]
+        events.append(chunk({"index": 0, "text": "", "logprobs": None, "finish_reason": finish}))
     if include_usage:
-        events.append({**chunk({}, None), "choices": [], "usage": _usage(c)})
-    return [f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events] + ["data: [DONE]\n\n"]
+        events.append({**chunk(None), "usage": _usage(c)})
+    return [_sse(e) for e in events] + [_sse("[DONE]")]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Authentication and the request size limit (plain ASGI, so streamed responses pass through untouched)
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Guard:
+    """Refuses oversized bodies (413, from Content-Length) and, with a key, unauthenticated /v1 calls
+    (401; the key is compared in constant time). ``/health`` stays open."""
+
+    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.max_body_bytes = app, max_body_bytes
+        self._expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            await _send_error(send, ApiError(413, _too_large(self.max_body_bytes), code="request_too_large"))
+            return
+        if self._expected is not None and scope["path"].startswith("/v1"):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self._expected):
+                error = ApiError(
+                    401,
+                    "missing or wrong API key: send the header 'Authorization: Bearer <key>' with the key "
+                    "the server was started with (--api-key / LMN_API_KEY)",
+                    code="invalid_api_key",
+                )
+                await _send_error(send, error, {"www-authenticate": "Bearer"})
+                return
+        await self.app(scope, receive, send)
+
+
+def _too_large(limit: int) -> str:
+    return f"the request body is larger than this server's limit of {limit} bytes (max_body_bytes)"
+
+
+async def _send_error(send: Any, error: ApiError, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(error.body()).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": error.status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---------------------------------------------------------------------------------------------------
+# The app
+# ---------------------------------------------------------------------------------------------------
+
+
+def _check_limit(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise LatentMergeError(f"{name}={value!r}; expected an int >= 1 or None")
 
 
 def create_app(
@@ -258,29 +445,53 @@ def create_app(
     max_wait_ms: float = 5.0,
     max_prompt_tokens: int | None = None,
     max_tokens_limit: int | None = None,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> Any:
     """A FastAPI app serving ``system`` (a `LoadedSystem`, or any object with ``name``,
-    ``complete(prompts, **sampling) -> list[Completion]`` and ``count_prompt_tokens(chat)``).
+    ``complete(prompts, **sampling) -> list[Completion]`` and ``count_prompt_tokens(prompt)``).
 
     Arguments:
         max_batch_size: requests per batched `generate` call at most.
         max_wait_ms: how long the first waiting request waits for others to join its batch.
         max_prompt_tokens: longer prompts get a 400 (default: the system's ``context_length``).
-        max_tokens_limit: larger ``max_tokens`` values get a 400 (default: no limit).
+        max_tokens_limit: larger ``max_tokens`` values get a 400 (default: the system's
+            ``context_length``, else 4096). A request never gets more new tokens than the context
+            leaves after its prompt: asking for more is a 400 naming ``max_tokens``, and a request that
+            names no budget gets the system's default cut to what fits.
+        api_key: when set, every ``/v1`` request needs ``Authorization: Bearer <api_key>`` (else 401).
+        max_body_bytes: larger request bodies get a 413.
     """
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException
 
+    for limit_name, limit in (
+        ("max_prompt_tokens", max_prompt_tokens),
+        ("max_tokens_limit", max_tokens_limit),
+        ("max_body_bytes", max_body_bytes),
+    ):
+        _check_limit(limit_name, limit)
+    context = getattr(system, "context_length", None)
     if max_prompt_tokens is None:
-        max_prompt_tokens = getattr(system, "context_length", None)
-    if max_prompt_tokens is not None and (not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1):
-        raise LatentMergeError(f"max_prompt_tokens={max_prompt_tokens!r}; expected an int >= 1 or None")
-    if max_tokens_limit is not None and (not isinstance(max_tokens_limit, int) or max_tokens_limit < 1):
-        raise LatentMergeError(f"max_tokens_limit={max_tokens_limit!r}; expected an int >= 1 or None")
+        max_prompt_tokens = context
+    elif context is not None and max_prompt_tokens > context:
+        logger.warning(
+            "max_prompt_tokens=%d is beyond the model's context of %d: prompts and answers may run past it",
+            max_prompt_tokens,
+            context,
+        )
+        context = None  # the caller chose to go past the model's nominal context
+    if max_tokens_limit is None:
+        max_tokens_limit = context if context is not None else DEFAULT_MAX_TOKENS_LIMIT
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise LatentMergeError("api_key is empty; give a non-empty key or None for no authentication")
     batcher = Batcher(system, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
     name = system.name
     started = int(time.time())
+    default_budget = getattr(
+        getattr(getattr(system, "config", None), "sampling", None), "max_new_tokens", None
+    )
 
     @asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
@@ -312,6 +523,14 @@ def create_app(
     def model_card() -> dict[str, Any]:
         return {"id": name, "object": "model", "created": started, "owned_by": "latent_merge_nnsight"}
 
+    def unknown_model(model_id: str) -> ApiError:
+        return ApiError(
+            404,
+            f"the model '{model_id}' does not exist; this server serves '{name}'",
+            param="model",
+            code="model_not_found",
+        )
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok", "model": name}
@@ -323,73 +542,136 @@ def create_app(
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
         if model_id != name:
-            raise ApiError(
-                404,
-                f"the model '{model_id}' does not exist; this server serves '{name}'",
-                param="model",
-                code="model_not_found",
-            )
+            raise unknown_model(model_id)
         return model_card()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        raw = await request.body()
+    async def read_body(request: Request) -> bytes:
+        """The body, refused with a 413 as soon as it passes ``max_body_bytes`` (chunked uploads too)."""
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > max_body_bytes:
+                raise ApiError(413, _too_large(max_body_bytes), code="request_too_large")
+            parts.append(part)
+        return b"".join(parts)
+
+    async def prepare(request: Request, schema: type[_Request]) -> tuple[Any, Any, dict[str, Any]]:
+        """Validate a request: (the parsed body, the prompt for the system, the generation params)."""
         try:
-            body = ChatRequest.model_validate_json(raw)
+            body = schema.model_validate_json(await read_body(request))
         except ValidationError as exc:
             raise _validation_error(exc) from None
         if body.model != name:
-            raise ApiError(
-                404,
-                f"the model '{body.model}' does not exist; this server serves '{name}'",
-                param="model",
-                code="model_not_found",
-            )
-        overrides = _overrides(body, max_tokens_limit)
-        check = getattr(system, "sampling", None)
-        if check is not None:
-            try:
-                check(**overrides)
-            except LatentMergeError as exc:
-                raise ApiError(400, str(exc), code="invalid_value") from None
-        chat = _chat(body)
-        try:
-            n_prompt = system.count_prompt_tokens(chat)
-        except Exception as exc:  # e.g. the chat template rejects the conversation
-            raise ApiError(
-                400, f"the messages cannot be rendered for this model: {exc}", param="messages"
-            ) from None
-        if max_prompt_tokens is not None and n_prompt > max_prompt_tokens:
+            raise unknown_model(body.model)
+        if isinstance(body, CompletionRequest):
+            if body.echo:
+                raise ApiError(400, "echo=true is not supported", param="echo", code="unsupported_parameter")
+            if body.suffix:
+                raise ApiError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
+            prompt: Any = _prompt_text(body)
+            prompt_param = "prompt"
+        else:
+            prompt, prompt_param = _chat(body), "messages"
+        overrides = _overrides(body)
+        budget_param, budget = _max_new_tokens(body)
+        if budget is not None and budget > max_tokens_limit:
             raise ApiError(
                 400,
-                f"the prompt has {n_prompt} tokens, more than this server's limit of {max_prompt_tokens}; "
-                "shorten the messages",
-                param="messages",
-                code="context_length_exceeded",
+                f"{budget_param}={budget} exceeds this server's limit of {max_tokens_limit}",
+                param=budget_param,
+                code="invalid_value",
             )
-        try:
-            completion = await batcher.submit(chat, overrides)
-        except Exception as exc:
-            logger.exception("generation failed")
+        _check_sampling(system, overrides | ({"max_new_tokens": budget} if budget else {}), budget_param)
+        try:  # off the event loop: a huge prompt must not stall other clients
+            n_prompt = await asyncio.to_thread(system.count_prompt_tokens, prompt)
+        except Exception as exc:  # e.g. the chat template rejects the conversation
             raise ApiError(
-                500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error"
+                400, f"the {prompt_param} cannot be rendered for this model: {exc}", param=prompt_param
             ) from None
-        completion = _without_stop(completion, overrides.get("stop", ()))
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _sse_chunks(cid, created, name, completion, include_usage)
-
-            async def stream() -> AsyncIterator[str]:
-                for event in events:
-                    yield event
-
-            return StreamingResponse(
-                stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        if max_prompt_tokens is not None and n_prompt > max_prompt_tokens:
+            raise _too_long(
+                f"the prompt has {n_prompt} tokens, more than this server's limit of {max_prompt_tokens}; "
+                f"shorten the {prompt_param}",
+                prompt_param,
             )
-        return _completion_body(cid, created, name, completion)
+        room = context - n_prompt if context is not None else None
+        if room is not None and room < 1:
+            raise _too_long(
+                f"the prompt has {n_prompt} tokens and fills the model's context of {context}; "
+                f"shorten the {prompt_param}",
+                prompt_param,
+            )
+        if budget is not None:
+            if room is not None and budget > room:
+                raise _too_long(
+                    f"{budget_param}={budget} is more than the {room} tokens the context of {context} "
+                    f"leaves after the prompt's {n_prompt}; ask for at most {room}",
+                    budget_param,
+                )
+            overrides["max_new_tokens"] = budget
+        else:
+            cap = min(x for x in (room, max_tokens_limit) if x is not None)
+            if default_budget is not None and default_budget > cap:
+                overrides["max_new_tokens"] = cap
+        top = _logprobs(body)
+        if top is not None:
+            if not getattr(system, "supports_logprobs", False):
+                raise ApiError(
+                    400, "this system cannot report logprobs", param="logprobs", code="unsupported_parameter"
+                )
+            overrides["logprobs"] = top
+        return body, prompt, overrides
 
+    async def answer(kind: str, request: Request, schema: type[_Request]) -> Any:
+        body, prompt, params = await prepare(request, schema)
+        stops = params.get("stop", ())
+        cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if not body.stream:
+            try:
+                completion = await batcher.submit(prompt, params)
+            except Exception as exc:
+                logger.exception("generation failed")
+                raise _generation_error(exc) from None
+            return _body(kind, cid, created, name, _without_stop(completion, stops))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            # Headers are out before generation runs: a failure is an error event, then a clean end.
+            try:
+                completion = await batcher.submit(prompt, params)
+            except Exception as exc:
+                logger.exception("generation failed (stream)")
+                yield _sse(_generation_error(exc).body())
+                yield _sse("[DONE]")
+                return
+            for event in _sse_events(
+                kind, cid, created, name, _without_stop(completion, stops), include_usage
+            ):
+                yield event
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await answer("chat", request, ChatRequest)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await answer("text", request, CompletionRequest)
+
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     return app
+
+
+def _too_long(message: str, param: str) -> ApiError:
+    return ApiError(400, message, param=param, code="context_length_exceeded")
+
+
+def _generation_error(exc: Exception) -> ApiError:
+    return ApiError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -403,19 +685,47 @@ def _as_system(system: Any) -> Any:
     return system
 
 
-def _warn_if_public(host: str) -> None:
+def _is_loopback(host: str) -> bool:
     try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
-        loopback = False
-    if not loopback:
+        return False
+
+
+def _warn_if_public(host: str, api_key: str | None) -> None:
+    """A warning when a non-loopback address (IPv4 or IPv6, ``::`` included) is served without a key."""
+    if api_key is None and not _is_loopback(host):
         logger.warning(
-            "serving on %s without authentication: anyone who can reach it can use the model", host
+            "serving on %s without authentication: anyone who can reach it can use the model; "
+            "set --api-key (or LMN_API_KEY) to require 'Authorization: Bearer <key>'",
+            host,
         )
 
 
 def _url(host: str, port: int) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+
+def _resolve_key(app_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``api_key`` from the arguments, else from ``LMN_API_KEY`` (never logged)."""
+    if app_kwargs.get("api_key") is None and os.environ.get(API_KEY_ENV):
+        app_kwargs = {**app_kwargs, "api_key": os.environ[API_KEY_ENV]}
+    return app_kwargs
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on (host, port), or a `LatentMergeError` naming them."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise LatentMergeError(f"port={port!r} is not a TCP port; expected 0 <= port <= 65535 (0: any free)")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise LatentMergeError(f"cannot listen on host={host!r} port={port}: {exc.strerror or exc}") from None
+    return sock
 
 
 def start_server(
@@ -427,16 +737,14 @@ def start_server(
     """
     import uvicorn
 
-    _warn_if_public(host)
-    app = create_app(_as_system(system), **app_kwargs)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    app_kwargs = _resolve_key(app_kwargs)
+    sock = _bind(host, port)
+    _warn_if_public(host, app_kwargs.get("api_key"))
     try:
-        sock.bind((host, port))
-    except OSError as exc:
+        app = create_app(_as_system(system), **app_kwargs)
+    except BaseException:
         sock.close()
-        raise LatentMergeError(f"cannot bind host={host!r} port={port}: {exc}") from None
+        raise
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="lmn-serve")
     thread.start()
@@ -457,11 +765,19 @@ def start_server(
 
 
 def run_serve(system: Any, host: str = "127.0.0.1", port: int = 8000, **app_kwargs: Any) -> None:
-    """Serve ``system`` (a YAML path, `System` or `LoadedSystem`) until interrupted (`lmn serve`)."""
+    """Serve ``system`` (a YAML path, `System` or `LoadedSystem`) until interrupted (`lmn serve`).
+
+    The address is bound before the models load, so a bad or busy port fails at once.
+    """
     import uvicorn
 
-    _warn_if_public(host)
-    loaded = _as_system(system)
-    app = create_app(loaded, **app_kwargs)
-    logger.warning("serving %r at %s", loaded.name, _url(host, port))
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    app_kwargs = _resolve_key(app_kwargs)
+    sock = _bind(host, port)
+    try:
+        _warn_if_public(host, app_kwargs.get("api_key"))
+        loaded = _as_system(system)
+        app = create_app(loaded, **app_kwargs)
+        logger.warning("serving %r at %s", loaded.name, _url(host, sock.getsockname()[1]))
+        uvicorn.Server(uvicorn.Config(app, log_level="info", lifespan="on")).run(sockets=[sock])
+    finally:
+        sock.close()

@@ -17,17 +17,28 @@ from typing import Any
 
 from latent_merge_nnsight.errors import LatentMergeError
 
-__all__ = ["BatchStats", "Batcher", "Completion", "SystemCompleteFn"]
+__all__ = ["BatchStats", "Batcher", "Completion", "SystemCompleteFn", "TokenLogprob"]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token, its log-probability and (when asked for) the most likely alternatives."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
 class Completion:
-    """One generated answer: its text, why it ended (``"stop"`` or ``"length"``) and token counts."""
+    """One generated answer: its text, why it ended (``"stop"`` or ``"length"``) and token counts;
+    ``logprobs`` (one per generated token) when they were asked for."""
 
     text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass

@@ -31,7 +31,8 @@ from latent_merge_nnsight.generation import generate
 from latent_merge_nnsight.inputs import is_chat
 from latent_merge_nnsight.models import hf_module, load, model_info
 from latent_merge_nnsight.sampling import openai_finish_reason
-from latent_merge_nnsight.systems.batching import Completion, SystemCompleteFn
+from latent_merge_nnsight.systems.batching import Completion, SystemCompleteFn, TokenLogprob
+from latent_merge_nnsight.systems.logprobs import supports_logprobs, token_logprobs
 from latent_merge_nnsight.systems.spec import (
     SamplingSpec,
     System,
@@ -40,7 +41,14 @@ from latent_merge_nnsight.systems.spec import (
     register_loader,
 )
 
-__all__ = ["Completion", "LoadedSystem", "judge_model_id", "judgebench_accuracy_system", "load_system"]
+__all__ = [
+    "Completion",
+    "LoadedSystem",
+    "TokenLogprob",
+    "judge_model_id",
+    "judgebench_accuracy_system",
+    "load_system",
+]
 
 _VERSIONED_PACKAGES = ("torch", "transformers", "nnsight", "latent_merge_nnsight", "pydantic")
 
@@ -118,6 +126,11 @@ class LoadedSystem:
     # ------------------------------------------------------------------------------------------------
 
     @property
+    def supports_logprobs(self) -> bool:
+        """Whether ``complete(..., logprobs=k)`` can score this system's tokens (`systems.logprobs`)."""
+        return supports_logprobs(self.config)
+
+    @property
     def context_length(self) -> int | None:
         """The longest prompt the base model is meant for (config or tokenizer limit), if known."""
         limits = [getattr(hf_module(self.base).config, "max_position_embeddings", None)]
@@ -169,6 +182,7 @@ class LoadedSystem:
         prompts = list(prompts)
         if not prompts:
             return []
+        top = overrides.pop("logprobs", None)  # alternatives per token (0: the chosen one), or None
         sampling = self.sampling(**overrides)
         with self._lock:
             self.generate_calls += 1
@@ -179,9 +193,13 @@ class LoadedSystem:
         # prompt tokens: the real ones in the prompt columns; new tokens: each row's ids (with a final EOS)
         prompt_tokens = result.attention_mask[:, : result.prompt_width].sum(dim=-1).tolist()
         new_tokens = [len(t) for t in result.tokens]
+        logprobs: list[Any] = [None] * len(prompts)
+        if top is not None:
+            with self._lock:
+                logprobs = token_logprobs(self, result, top)
         return [
-            Completion(t, openai_finish_reason(r), int(p), n)
-            for t, r, p, n in zip(texts, reasons, prompt_tokens, new_tokens, strict=True)
+            Completion(t, openai_finish_reason(r), int(p), n, lp)
+            for t, r, p, n, lp in zip(texts, reasons, prompt_tokens, new_tokens, logprobs, strict=True)
         ]
 
     def generate(self, prompts: Sequence[Any], **overrides: Any) -> list[str]:
@@ -334,6 +352,7 @@ def judgebench_accuracy_system(
     batch_size: int = 8,
     both_orders: bool = True,
     progress: bool = True,
+    retry_invalid: bool = False,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
     """JudgeBench's official protocol with a local system as the judge (`lmn judgebench-accuracy
@@ -355,6 +374,7 @@ def judgebench_accuracy_system(
         both_orders=both_orders,
         concurrency=2 * batch_size,
         progress=progress,
+        retry_invalid=retry_invalid,
     )
 
 
