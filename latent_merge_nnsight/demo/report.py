@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from latent_merge_nnsight.analysis.pareto import dominates, pareto_figure, pareto_front
+from latent_merge_nnsight.analysis.search import GAINED, SKILLS
 
 __all__ = [
     "GAINED",
@@ -26,10 +27,6 @@ __all__ = [
     "write_report",
 ]
 
-SKILLS: tuple[str, ...] = ("knowledge", "math", "coding")
-"""The categories whose mean accuracy is the "skill kept" axis of the trade-off."""
-GAINED = "reasoning"
-"""The category the fine-tune was trained for (the "reasoning" axis)."""
 LATENT_OPS: tuple[str, ...] = ("lerp", "slerp", "regmean", "delta")
 WEIGHT_OPS: tuple[str, ...] = ("lerp", "slerp", "regmean")
 KEYS = ["system", "op", "site", "layer", "alpha", "lam", "schedule"]
