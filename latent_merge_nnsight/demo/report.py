@@ -409,6 +409,10 @@ def write_report(
         "RegMean). Weight LERP/SLERP are mergekit's `linear` and `slerp`.\n"
     )
     w.add("- Delta steering adds alpha x mean(h_ft - h_base) (same calibration texts) to every token.\n")
+    w.add(
+        "- At alpha = 1 (beta = 1) LERP, SLERP and RegMean all return the source state itself, so the grid "
+        "runs only LERP there.\n"
+    )
     w.add(f"- Versions: {meta['versions']}.\n")
     if figures:
         items = list(figures.items())

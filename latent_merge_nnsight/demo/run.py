@@ -123,11 +123,15 @@ class DemoGrid:
 
     Attributes:
         n_per_category: held-out examples per category.
-        layers: site-`pre` merge layers; None = every layer (quick: the middle and last).
+        layers: site-`pre` merge layers; None = every layer from 1 to the last (quick: the middle and last).
         post_layers: site-`post` merge layers; None = the last layer and the one before it (whose `post`
             equals `pre` of the last layer: the report checks the identity).
-        alphas: latent LERP/SLERP alphas (coarse grid; 1.0 gives the limiting rows).
-        regmean_lambdas: latent RegMean lambdas (beta = 1/(1+lambda)).
+        alphas: latent LERP/SLERP alphas (coarse grid; 1.0 gives the limiting rows). At alpha = 1 SLERP and
+            RegMean return the source state itself, as LERP does, so only LERP runs there.
+        regmean_lambdas: latent RegMean lambdas (beta = 1/(1+lambda); lambda 0 is beta 1, left to LERP).
+        limits: also run LERP alpha = 1 at site `pre` of layer 0 (the base's blocks on the source's
+            embeddings), the other end from `post` of the last layer (the source's blocks under the base's
+            final norm and head).
         delta_strengths: delta-steering strengths.
         schedules: multi-layer latent merges.
         refine: alphas inserted between two neighbouring alphas of a single-layer LERP/SLERP curve whose
@@ -144,8 +148,9 @@ class DemoGrid:
     layers: tuple[int, ...] | None = None
     post_layers: tuple[int, ...] | None = None
     alphas: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
-    regmean_lambdas: tuple[float, ...] = (3.0, 1.0, 1.0 / 3.0, 0.0)
+    regmean_lambdas: tuple[float, ...] = (3.0, 1.0 / 3.0)
     delta_strengths: tuple[float, ...] = (0.5, 1.0)
+    limits: bool = True
     schedules: tuple[Schedule, ...] = DEFAULT_SCHEDULES
     refine: int = 4
     refine_jump: float = 0.25
@@ -320,6 +325,8 @@ def _systems(
     from latent_merge_nnsight.recipe import Recipe
 
     post_mid = set(grid.post_layers or ()) - {n_layers - 1}
+    if grid.limits and 0 not in (grid.layers or ()):
+        yield _latent("lerp", "pre", 0, 1.0, ft, base)
     cells = [("pre", layer) for layer in grid.layers or ()]
     cells += [("post", layer) for layer in grid.post_layers or ()]
     for site, layer in cells:
@@ -327,10 +334,13 @@ def _systems(
             if site == "post" and layer in post_mid and op != "lerp":
                 continue  # one op suffices for the post L = pre L+1 check
             for a in grid.alphas:
-                yield _latent(op, site, layer, a, ft, base)
+                if op == "lerp" or a < 1:  # at alpha = 1 every live op is the source state: LERP's row
+                    yield _latent(op, site, layer, a, ft, base)
         if site == "post" and layer in post_mid:
             continue
         for lam in grid.regmean_lambdas:
+            if lam <= 0:
+                continue  # beta = 1: LERP's alpha = 1 row
             yield _latent("regmean", site, layer, 1.0 / (1.0 + lam), [ft], base, lam=lam)
         for s in grid.delta_strengths:
             recipe = Recipe(op="delta", site=site, layers={layer: s})
@@ -603,7 +613,7 @@ def _default_layers(n_layers: int, quick: bool) -> list[int]:
         return [0]
     if quick:
         return sorted({n_layers // 2, n_layers - 1})
-    return list(range(n_layers))
+    return list(range(1, n_layers))
 
 
 def _twin_check(texts: dict[str, dict[str, list[str]]], wide: pd.DataFrame, kind: str) -> list[int] | None:
