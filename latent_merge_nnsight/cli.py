@@ -31,6 +31,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/")
     for name, path in dict(paths).items():
         print(f"  {name}: {path}")
+    if args.docs:
+        from latent_merge_nnsight.demo import export_docs
+
+        copied = export_docs(args.out, args.docs)
+        print(f"copied to {args.docs}/: {', '.join(p.name for p in copied)}")
     return 0
 
 
@@ -287,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the paper's Experiment A in miniature on the shipped toy pair")
     p.add_argument("--out", default="runs/demo", help="output folder (results.csv, report.md, figures)")
     p.add_argument("--quick", action="store_true", help="a ~30 s version on a smaller grid")
+    p.add_argument("--docs", default=None, help="also copy the report and the Pareto figure here")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(handler=cmd_demo)
 

@@ -157,3 +157,10 @@ def test_resuming_with_other_settings_is_refused(pair, tmp_path):
     analysis.search(base, ft, trials=1, space=SPACE, out=tmp_path, **SMALL)
     with pytest.raises(LatentMergeError, match="target='mean' differs from the study stored in"):
         analysis.search(base, ft, trials=2, target="mean", space=SPACE, out=tmp_path, **SMALL)
+
+
+def test_cli_search_refuses_a_malformed_constraint(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["search", "--base", "toy-base", "--source", "toy-reasoner", "--min", "skill_kept"])
+    assert exit_info.value.code == 2
+    assert "--min 'skill_kept'; expected METRIC=VALUE, e.g. skill_kept=0.9" in capsys.readouterr().err
