@@ -183,8 +183,15 @@ def _findings(wide: pd.DataFrame, meta: dict[str, Any], fam: dict[str, pd.Series
             f"head) scores reasoning {_fmt(row['gained'])} and skill {_fmt(row['skill'])}, against the "
             f"reasoner's {_fmt(ft['gained'])} and {_fmt(ft['skill'])}{same}."
         )
+    jump = float(meta.get("grid", {}).get("refine_jump", 0.25))
     jumps = _transitions(wide, latent, last)
     for op, j in jumps.items():
+        if abs(j["r1"] - j["r0"]) < jump - 1e-12:
+            out.append(
+                f"No single-layer {op} curve changes reasoning by {jump:g} or more between neighbouring "
+                f"alphas (the largest change is {abs(j['r1'] - j['r0']):.2f})."
+            )
+            continue
         w = ""
         if _present(j["w0"]) and _present(j["w1"]):
             w = f" (effective source weight {_fmt(j['w0'])} -> {_fmt(j['w1'])})"
@@ -198,7 +205,8 @@ def _findings(wide: pd.DataFrame, meta: dict[str, Any], fam: dict[str, pd.Series
         r = float(ratios["norm_ratio"].mean())
         size, side = ("smaller", "below") if r < 1 else ("larger", "above")
         out.append(
-            f"There the source's state is {size} than the base's: mean |h_source|/|h_base| "
+            f"At site `post` of layer {last} the source's state is {size} than the base's: mean "
+            "|h_source|/|h_base| "
             f"{_fmt(ratios['norm_ratio'].mean())} (from {_fmt(ratios['norm_ratio'].min())} to "
             f"{_fmt(ratios['norm_ratio'].max())} over its setups), so lerp at alpha a gives the source the "
             f"logit-ensemble weight a r / ((1-a) + a r) at norm ratio r, {side} a."
@@ -228,9 +236,13 @@ def _transitions(wide: pd.DataFrame, latent: pd.Series, last: int) -> dict[str, 
     for op in ("lerp", "slerp"):
         best: dict[str, Any] | None = None
         sub = wide[latent & (wide["op"] == op) & wide["schedule"].isna()]
+        sub_lerp = wide[latent & (wide["op"] == "lerp") & wide["schedule"].isna()]
         for (site, layer), curve in sub.groupby(["site", "layer"]):
             if site == "post" and int(layer) != last:
                 continue
+            if op == "slerp" and not (curve["alpha"] >= 1).any():  # alpha = 1: LERP's row (the source state)
+                ends = sub_lerp[(sub_lerp["site"] == site) & (sub_lerp["layer"] == layer)]
+                curve = pd.concat([curve, ends[ends["alpha"] >= 1]])
             curve = curve.sort_values("alpha")
             pts = [(0.0, float(base["gained"]), np.nan)]
             pts += list(
@@ -273,7 +285,8 @@ def write_report(
         f"Base `{meta['base']}` and fine-tune `{meta['source']}` ({n_layers} layers). Held-out toy tasks, "
         f"{meta['n_per_category']} examples per category, greedy, exact match. {meta['n_systems']} setups "
         f"({meta.get('n_refined', 0)} of them on the finer alpha grid) evaluated in {meta['seconds']:.0f} s "
-        f"on {meta['threads']} CPU thread(s){' (quick run)' if meta.get('quick') else ''}, engine "
+        + (f"({meta['cpu_seconds']:.0f} s of CPU time) " if "cpu_seconds" in meta else "")
+        + f"on {meta['threads']} CPU thread(s){' (quick run)' if meta.get('quick') else ''}, engine "
         f"`{meta['engine']}`. Latent merges: positions `last` (delta: all tokens). *Skill* = mean accuracy "
         f'over {", ".join(SKILLS)}; *balanced* = (skill + {GAINED}) / 2, the score "best" refers to.\n\n'
     )

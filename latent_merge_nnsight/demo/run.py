@@ -392,6 +392,10 @@ def _refined(
             if r["category"] == GAINED and not mid_post:
                 curves.setdefault((r["op"], r["site"], r["layer"]), [(0.0, base_reasoning)])
                 curves[(r["op"], r["site"], r["layer"])].append((float(r["alpha"]), float(r["accuracy"])))
+    for (op, site, layer), curve in curves.items():
+        if op == "slerp" and not any(a >= 1 for a, _ in curve):
+            # slerp at alpha = 1 is the source state, LERP's alpha = 1 row: the curve ends there too
+            curve += [p for p in curves.get(("lerp", site, layer), []) if p[0] >= 1]
     out = []
     for (op, site, layer), curve in curves.items():
         for a in refine_alphas(curve, grid.refine, grid.refine_jump):
@@ -483,7 +487,7 @@ def run_demo(
         _check_checkpoint(name)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     rows: list[dict[str, Any]] = []
     texts: dict[str, dict[str, list[str]]] = {}
     probe = NormProbe()
@@ -550,6 +554,7 @@ def run_demo(
         "n_systems": len(wide),
         "n_refined": len(finer),
         "seconds": elapsed,
+        "cpu_seconds": time.process_time() - cpu_start,
         "threads": torch.get_num_threads() if threads is None else threads,
         "engine": engine,
         "quick": bool(quick and preset),
