@@ -31,6 +31,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}/")
     for name, path in dict(paths).items():
         print(f"  {name}: {path}")
+    if args.docs:
+        from latent_merge_nnsight.demo import export_docs
+
+        copied = export_docs(args.out, args.docs)
+        print(f"copied to {args.docs}/: {', '.join(p.name for p in copied)}")
     return 0
 
 
@@ -233,6 +238,40 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _constraint(text: str) -> tuple[str, float]:
+    """`METRIC=VALUE` or `METRIC>=VALUE` (for --min)."""
+    name, sep, value = text.replace(">=", "=").partition("=")
+    try:
+        return name.strip(), float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--min {text!r}; expected METRIC=VALUE, e.g. skill_kept=0.9"
+        ) from None
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from latent_merge_nnsight import analysis
+
+    base, sources = _load_models(args)
+    if sources is None:
+        raise LatentMergeError("lmn search needs --source")
+    space = analysis.SearchSpace(
+        ops=tuple(args.ops), sites=tuple(args.sites), layers=tuple(args.layers) if args.layers else None,
+        max_layers=args.max_layers, positions=tuple(args.positions),
+    )  # fmt: skip
+    result = analysis.search(
+        base, sources, trials=args.trials, target=args.target, constraints=dict(args.min), space=space,
+        n_search=args.n_search, n_test=args.n_test, seed=args.seed, data_seed=args.data_seed,
+        out=args.out, storage=args.storage, study_name=args.study_name, progress=not args.no_progress,
+    )  # fmt: skip
+    print(Path(result.paths["pareto_md"]).read_text())
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in result.test.items())
+    print(f"winner: trial {result.winner_trial}, {result.winner}")
+    print(f"test split ({args.n_test} per category): {shown}")
+    print(f"wrote {args.out}/ (winner.yaml, system.yaml, trials.csv, pareto.csv/.md/.png, result.json)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from latent_merge_nnsight.serve import run_serve
 
@@ -272,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the paper's Experiment A in miniature on the shipped toy pair")
     p.add_argument("--out", default="runs/demo", help="output folder (results.csv, report.md, figures)")
     p.add_argument("--quick", action="store_true", help="a ~30 s version on a smaller grid")
+    p.add_argument("--docs", default=None, help="also copy the report and the Pareto figure here")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(handler=cmd_demo)
 
@@ -321,6 +361,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-map", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=cmd_sweep)
+
+    p = sub.add_parser("search", help="Optuna search of merge schedules (resumable), Pareto front, winner")
+    p.add_argument("--base", required=True, help="hub id, local dir or zoo name of the base model")
+    p.add_argument("--source", action="append", required=True, help="source model (repeat for RegMean)")
+    p.add_argument("--trials", type=int, default=20, help="total trials of the study (resuming counts done)")
+    p.add_argument("--target", default="reasoning", help="metric to maximise (a category, skill, ...)")
+    p.add_argument(
+        "--min", type=_constraint, action="append", default=[], metavar="METRIC=VALUE",
+        help="constraint metric >= value (repeatable), e.g. skill_kept=0.9",
+    )  # fmt: skip
+    p.add_argument("--ops", nargs="+", default=["lerp", "slerp"], help="ops a trial may use")
+    p.add_argument("--sites", nargs="+", default=["pre", "post"], choices=["pre", "post"])
+    p.add_argument("--layers", nargs="+", type=int, default=None, help="candidate top layers (default all)")
+    p.add_argument("--max-layers", type=int, default=2, help="at most this many consecutive merged layers")
+    p.add_argument("--positions", nargs="+", default=["last"], choices=["last", "all"])
+    p.add_argument("--n-search", type=int, default=16, help="toy task questions per category to search on")
+    p.add_argument("--n-test", type=int, default=32, help="disjoint questions per category for the winner")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the questions")
+    p.add_argument("--out", default="runs/search", help="folder for study.db, tables, figure and winner")
+    p.add_argument("--storage", default=None, help="Optuna storage URL or SQLite file (default OUT/study.db)")
+    p.add_argument("--study-name", default="lmn-search")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device-map", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=cmd_search)
 
     p = sub.add_parser("respond", help="answer JudgeBench questions with a system (resumable JSONL)")
     p.add_argument("system", help="system YAML")

@@ -12,7 +12,7 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-NAMES = ["01_quickstart", "02_layer_sweep", "03_representation_geometry"]
+NAMES = ["01_quickstart", "02_layer_sweep", "03_representation_geometry", "04_search"]
 BUDGET_S = 120  # each notebook must run on a CPU in under two minutes
 
 
@@ -73,3 +73,7 @@ def test_notebook_runs_top_to_bottom_on_the_toy_pair(name, tmp_path):
     if name == "03_representation_geometry":
         assert len(_outputs(nb, "image/png")) == 1
         assert (tmp_path / "runs" / "notebook_03" / "geometry.png").stat().st_size > 10_000
+    if name == "04_search":
+        assert len(_outputs(nb, "image/png")) == 1  # the grid's and the search's Pareto fronts
+        run = tmp_path / "runs" / "notebook_04"
+        assert {p.name for p in run.iterdir()} >= {"study.db", "winner.yaml", "system.yaml", "fronts.png"}

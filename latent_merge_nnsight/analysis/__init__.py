@@ -13,6 +13,8 @@
 - `representations`, `summarize`: Experiment B (how merged states relate to base and FT per layer).
 - `sweep`, `best_cells`, evaluators `Perplexity` and `TaskAccuracy`: Experiment C (quality over the grid),
   resumable from a JSONL file.
+- `search`, `SearchSpace`: an Optuna search of merge schedules under constraints, resumable from SQLite;
+  `pareto_front`, `pareto_figure`: the trade-off of two metrics as a table and one figure.
 - `heatmaps`, `geometry_curves`, `category_bars`: matplotlib figures of both, optionally saved as PNG.
 """
 
@@ -20,8 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 from latent_merge_nnsight.analysis.evaluators import Perplexity as Perplexity
 from latent_merge_nnsight.analysis.evaluators import TaskAccuracy as TaskAccuracy
+from latent_merge_nnsight.analysis.pareto import pareto_figure as pareto_figure
+from latent_merge_nnsight.analysis.pareto import pareto_front as pareto_front
 from latent_merge_nnsight.analysis.representations import representations as representations
 from latent_merge_nnsight.analysis.representations import summarize as summarize
+from latent_merge_nnsight.analysis.search import SearchResult as SearchResult
+from latent_merge_nnsight.analysis.search import SearchSpace as SearchSpace
+from latent_merge_nnsight.analysis.search import search as search
 from latent_merge_nnsight.analysis.sweep import best_cells as best_cells
 from latent_merge_nnsight.analysis.sweep import sweep as sweep
 
@@ -45,12 +52,17 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Perplexity",
+    "SearchResult",
+    "SearchSpace",
     "TaskAccuracy",
     "best_cells",
     "category_bars",
     "geometry_curves",
     "heatmaps",
+    "pareto_figure",
+    "pareto_front",
     "representations",
+    "search",
     "summarize",
     "sweep",
     "system_labels",
