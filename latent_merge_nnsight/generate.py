@@ -37,7 +37,7 @@ from latent_merge_nnsight.engine.fast import PairedEngine
 from latent_merge_nnsight.engine.plan import Plan, device_of, resolve_plan
 from latent_merge_nnsight.engine.stack import Stack, fast_support
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.inputs import Batch, encode
+from latent_merge_nnsight.inputs import Batch, check_context, encode
 from latent_merge_nnsight.models import hf_module, model_info
 from latent_merge_nnsight.sampling import Sampler, SamplingConfig, Tracker
 
@@ -198,17 +198,30 @@ def prepare_run(
     ignore_eos: bool = False,
     num_beams: int = 1,
     tokenizer: Any = None,
+    chat: bool | None = None,
+    sampler: str = "default",
 ) -> Run:
     """Check the generation arguments and encode the prompts (left-aligned, on the base's device)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise LatentMergeError(f"max_new_tokens={max_new_tokens!r}; expected an int >= 1")
     if num_beams != 1:
         raise LatentMergeError(BEAM_SEARCH_UNSUPPORTED.format(n=num_beams))
-    config = SamplingConfig(do_sample, temperature, top_p, top_k, seed)
+    config = SamplingConfig(do_sample, temperature, top_p, top_k, seed, sampler)
     tokenizer = tokenizer if tokenizer is not None else getattr(base, "tokenizer", None)
     stops = _check_stop(stop, tokenizer)
+    if chat not in (None, True, False):
+        raise LatentMergeError(
+            f"chat={chat!r}; expected None (when the tokenizer has a template), True, False"
+        )
+    if chat is None:
+        chat = getattr(tokenizer, "chat_template", None) is not None
     batch = encode(
-        tokenizer, prompts, input_ids=input_ids, attention_mask=attention_mask, padding_side=padding_side
+        tokenizer,
+        prompts,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        padding_side=padding_side,
+        chat=chat,
     )
     vocab = hf_module(base).config.vocab_size
     if int(batch.input_ids.max()) >= vocab or int(batch.input_ids.min()) < 0:
@@ -216,6 +229,8 @@ def prepare_run(
             f"input_ids hold ids in [{int(batch.input_ids.min())}, {int(batch.input_ids.max())}]; "
             f"expected 0 <= id < vocab_size={vocab}"
         )
+    context = getattr(hf_module(base).config, "max_position_embeddings", None)
+    check_context(batch, max_new_tokens, context, model_info(base).name)
     device = device_of(base)
     batch = left_align(batch).to(device)
     eos = _eos_ids(base, tokenizer, eos_token_id, ignore_eos)
@@ -339,6 +354,20 @@ def _pick_engine(engine: str, base: Any, sources: list[Any], plan: Plan) -> str:
     return engine
 
 
+def _check_merge_happens(sources: Any, recipe: Any) -> None:
+    """A latent-merge recipe with no source would silently generate the base's own text: refuse it."""
+    from latent_merge_nnsight.ops import get_op
+    from latent_merge_nnsight.recipe import Recipe
+
+    if not isinstance(recipe, Recipe) or get_op(recipe.op).static_source:
+        return
+    if sources is None or (isinstance(sources, (list, tuple)) and not sources):
+        raise LatentMergeError(
+            f"recipe merges with op {recipe.op!r} at layers {recipe.layers}, but sources={sources!r}: "
+            "nothing would be merged; pass the source model(s), or recipe=None for the base alone"
+        )
+
+
 def generate(
     base: Any,
     sources: Any = None,
@@ -363,6 +392,8 @@ def generate(
     keep_engine: bool = False,
     compile_step: bool = False,
     tokenizer: Any = None,
+    chat: bool | None = None,
+    sampler: str = "default",
 ) -> GenerationResult:
     """Generate from `base` with `sources` merged in lockstep according to `recipe`.
 
@@ -370,7 +401,9 @@ def generate(
         base: the model that generates (from `lmn.load` / `lmn.wrap`).
         sources: a source model, a list of them (RegMean), `Deltas` (op "delta"), or None (base alone).
             Sources loaded with `lmn.load(..., up_to_layer=L)` hold only the blocks a merge at L needs.
-        prompts: a string, list of strings, chat(s) (the chat template is applied), or token ids.
+        prompts: a string, list of strings, chat(s) (the chat template is applied), or token ids. A plain
+            string is sent as one user message through the tokenizer's chat template when the tokenizer
+            has one (see `chat`).
         recipe: an `lmn.Recipe` (latent merge or delta steering), an `Ensemble` (logit ensemble), or None.
         max_new_tokens: new tokens per row at most (>= 1).
         input_ids, attention_mask: token ids (and mask; left or right padding) instead of prompts.
@@ -395,9 +428,15 @@ def generate(
             reading the weights; costs a compilation (about a minute for a 7B pair) per batch size, so it
             pays off with `keep_engine=True` over many calls.
         tokenizer: overrides the base's tokenizer.
+        chat: for string prompts: None (default) applies the chat template when the tokenizer has one,
+            True always (an error without a template), False sends the raw text (e.g. a prompt already
+            templated, or plain continuation).
+        sampler: the top-p rule, "default" (keeps the token that crosses top_p) or "paper" (the paper's
+            code: drops it); see `latent_merge_nnsight.sampling`.
 
     Everything is checked before any forward runs; a bad argument raises `LatentMergeError`.
     """
+    _check_merge_happens(sources, recipe)
     run = prepare_run(
         base,
         prompts,
@@ -415,6 +454,8 @@ def generate(
         ignore_eos=ignore_eos,
         num_beams=num_beams,
         tokenizer=tokenizer,
+        chat=chat,
+        sampler=sampler,
     )
     plan, models = resolve_plan(base, sources, recipe)
     chosen = _pick_engine(engine, base, models, plan)
