@@ -13,6 +13,7 @@ from latent_merge_nnsight.evaluation.judgebench import category_of
 from latent_merge_nnsight.evaluation.loaded import LoadedSystem, load_system
 from latent_merge_nnsight.evaluation.respond import meta_path, read_responses, respond
 from latent_merge_nnsight.evaluation.systems import System
+from latent_merge_nnsight.sampling import FINISH_REASONS
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "judgebench"
 CLAUDE_FILE = DATA / "dataset=judgebench,response_model=claude-3-5-sonnet-20240620.jsonl"
@@ -101,7 +102,7 @@ def test_respond_writes_one_line_per_pair_and_a_provenance_sidecar(loaded, spy, 
             raw["original_id"],
         )
         assert line["category"] == category_of(raw["source"]) and line["system"] == "tiny-base"
-        assert line["finish_reason"] in ("stop", "length") and 1 <= line["completion_tokens"] <= 3
+        assert line["finish_reason"] in FINISH_REASONS and 1 <= line["completion_tokens"] <= 3
         assert line["prompt_tokens"] == loaded.count_prompt_tokens(
             [{"role": "user", "content": raw["question"]}]
         )

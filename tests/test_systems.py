@@ -359,7 +359,7 @@ def test_single_system_greedy_matches_transformers_generate(single):
         text, new = hf_greedy(hf_module(single.base), single.tokenizer, chat, MAX_NEW)
         assert c.text == text
         assert c.completion_tokens == len(new)
-        assert c.finish_reason == ("stop" if new[-1] == 1 else "length")
+        assert c.finish_reason == ("eos" if new[-1] == 1 else "length")
         assert c.prompt_tokens == single.count_prompt_tokens(chat)
     assert single.generate(CHATS) == [c.text for c in completions]
     shorter = single.complete(CHATS, max_new_tokens=2)  # an override for this call only

@@ -45,7 +45,8 @@ def load_system(system: "str | Path | System | LoadedSystem") -> "LoadedSystem":
 
 @dataclass(frozen=True)
 class Completion:
-    """One generated answer: its text, why it ended (``"stop"`` or ``"length"``) and token counts."""
+    """One generated answer: its text, why it ended (``"eos"``, ``"stop"`` or ``"length"``, the one
+    vocabulary `sampling.FINISH_REASONS`) and token counts."""
 
     text: str
     finish_reason: str
@@ -293,7 +294,16 @@ def _token_counter(tokenizer: Any) -> Callable[[str, bool], int]:
 
 
 def _finish_reason(reason: str) -> str:
-    """`lmn.generate`'s "eos" / "stop" (a stop string) / "length" as OpenAI's "stop" / "length"."""
+    """`lmn.generate`'s finish reason, checked against the one vocabulary ("eos", "stop", "length")."""
+    from latent_merge_nnsight.sampling import FINISH_REASONS
+
+    if reason not in FINISH_REASONS:
+        raise RuntimeError(f"generate gave finish reason {reason!r}; expected one of {FINISH_REASONS}")
+    return reason
+
+
+def openai_finish_reason(reason: str) -> str:
+    """The OpenAI wire value of a finish reason: an EOS token or a stop string is "stop"."""
     return "length" if reason == "length" else "stop"
 
 

@@ -120,7 +120,7 @@ def _row(pair: JudgePair, system: str, response: str, completion: Any) -> dict[s
 
 def respond(
     system: str | Path | System | LoadedSystem,
-    split: str = "claude",
+    split: str = "gpt",
     out: str | Path = "responses.jsonl",
     data: str | Path | None = None,
     limit: int | None = None,

@@ -40,6 +40,7 @@ from pydantic import (
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.ops import check_weight
 from latent_merge_nnsight.recipe import Recipe
+from latent_merge_nnsight.sampling import FINISH_REASONS as FINISH_REASONS
 
 if TYPE_CHECKING:
     from latent_merge_nnsight.evaluation.loaded import LoadedSystem
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 __all__ = ["KINDS", "Ensemble", "Sampling", "System", "WeightMerge"]
 
 KINDS: tuple[str, ...] = ("latent", "weight", "ensemble", "single")
-FINISH_REASONS: tuple[str, ...] = ("stop", "length")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -71,6 +71,10 @@ class Sampling(BaseModel):
     stop: list[str] = Field(
         default_factory=list,
         description="stop strings: a row ends after the first one (kept at the end of the text)",
+    )
+    sampler: Literal["default", "paper"] = Field(
+        "default",
+        description="top-p rule: 'default' keeps the token crossing top_p, 'paper' drops it (the seed's)",
     )
 
     @field_validator("temperature", "top_p")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation.loaded import Completion, load_system
+from latent_merge_nnsight.evaluation.loaded import Completion, load_system, openai_finish_reason
 from latent_merge_nnsight.evaluation.systems import System
 from latent_merge_nnsight.serve.batching import Batcher
 
@@ -216,7 +216,7 @@ def _completion_body(cid: str, created: int, model: str, c: Completion) -> dict[
                 "index": 0,
                 "message": {"role": "assistant", "content": c.text},
                 "logprobs": None,
-                "finish_reason": c.finish_reason,
+                "finish_reason": openai_finish_reason(c.finish_reason),
             }
         ],
         "usage": _usage(c),
@@ -245,7 +245,7 @@ def _sse_chunks(cid: str, created: int, model: str, c: Completion, include_usage
     events = [chunk({"role": "assistant", "content": ""}, None)]
     if c.text:
         events.append(chunk({"content": c.text}, None))
-    events.append(chunk({}, c.finish_reason))
+    events.append(chunk({}, openai_finish_reason(c.finish_reason)))
     if include_usage:
         events.append({**chunk({}, None), "choices": [], "usage": _usage(c)})
     return [f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events] + ["data: [DONE]\n\n"]
