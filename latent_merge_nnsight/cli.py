@@ -129,8 +129,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_recipe(args: argparse.Namespace) -> int:
-
-    recipe = _read_recipe(args.recipe, flag="recipe")
+    recipe = _read_recipe(args.recipe, flag="")
     print(recipe)
     if args.n_layers is not None:
         _print_json({str(k): v for k, v in recipe.layer_alphas(args.n_layers).items()})
@@ -631,7 +630,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from latent_merge_nnsight.zoo.train import main as train_main
 
             return train_main([a for a in argv[2:] if a != "--debug"])
-        args = build_parser().parse_args(argv)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help (0) or an argument error, already printed as one line (2)
+            return e.code if isinstance(e.code, int) else 2
         command, debug, words = args.command, args.debug, args.flag_words
         return args.handler(args)
     except KeyboardInterrupt:
