@@ -161,8 +161,5 @@ def toy_prompts() -> list[list[dict[str, str]]]:
 
 @pytest.fixture(scope="session")
 def toy_models() -> tuple[Any, Any]:
-    if not toy_available():
-        pytest.skip(
-            "the toy zoo checkpoints (zoo/toy-base, zoo/toy-reasoner) are missing; run `lmn zoo train`"
-        )
+    assert toy_available(), "the shipped toy checkpoints (zoo/toy-base, zoo/toy-reasoner) are missing"
     return lmn.load("toy-base", dtype="float32"), lmn.load("toy-reasoner", dtype="float32")

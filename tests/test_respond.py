@@ -17,10 +17,13 @@ from latent_merge_nnsight.sampling import FINISH_REASONS
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "judgebench"
 CLAUDE_FILE = DATA / "dataset=judgebench,response_model=claude-3-5-sonnet-20240620.jsonl"
-pytestmark = pytest.mark.skipif(
-    not CLAUDE_FILE.is_file(),
-    reason=f"JudgeBench copies not found in {DATA} (shared/ must sit beside the repo)",
-)
+
+
+def test_the_shared_judgebench_copies_are_present():
+    """Every test here reads them; a missing copy fails the run instead of skipping it."""
+    assert CLAUDE_FILE.is_file(), f"JudgeBench copies not found in {DATA} (shared/ must sit beside the repo)"
+
+
 FIELDS = {
     "pair_id",
     "original_id",

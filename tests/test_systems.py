@@ -389,7 +389,8 @@ def test_merge_at_zero_strength_gives_the_base_alone(tiny_dir, single):
 
 
 def test_weight_system_at_alpha_zero_gives_the_base_alone(tiny_dir, single):
-    pytest.importorskip("mergekit")
+    import mergekit  # noqa: F401  (declared in the `merge` extra: missing, it must fail, not skip)
+
     path = write_system(
         tiny_dir, "weight-zero", kind="weight", sources=["ft"], weight_merge={"method": "lerp", "alpha": 0.0}
     )
