@@ -29,3 +29,4 @@ def test_readme_python_examples_run(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Capture(model='toy-reasoner'" in out.stdout
+    assert "['Answer: 123', 'Answer: cxjpk', 'Answer: 139']" in out.stdout  # the printed output it shows
