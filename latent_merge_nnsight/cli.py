@@ -266,6 +266,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_respond(args: argparse.Namespace) -> int:
     from latent_merge_nnsight.evaluation.respond import respond
 
+    if args.data is None:
+        from latent_merge_nnsight.evaluation.judgebench import HF_DATASET
+        from latent_merge_nnsight.models import hub_unreachable
+
+        reason = hub_unreachable(HF_DATASET, f"data/{args.split}-00000-of-00001.jsonl", repo_type="dataset")
+        if reason:
+            raise CliError(
+                f"--split {args.split} is read from the hub dataset {HF_DATASET}, but {reason}; "
+                "give --data FILE (a local JSONL/Parquet copy)"
+            )
+
     respond(
         args.system,
         split=args.split,

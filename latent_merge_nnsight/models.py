@@ -205,21 +205,22 @@ def _resolve_name(name_or_path: str | Path) -> str:
         raise LatentMergeError(f"{where}; did you mean {close[0]!r}?")
     if name.startswith((".", "/", "~")) or name.endswith("/") or not _HUB_ID.match(name) or ".." in name:
         raise LatentMergeError(f"{where}: no such folder, and hub ids look like 'org/name'")
-    reason = _hub_unreachable(name)
+    reason = hub_unreachable(name)
     if reason:
         raise LatentMergeError(f"{name!r} is not a local folder or a zoo model, and {reason}")
     return name
 
 
-def _hub_unreachable(repo_id: str) -> str | None:
-    """Why `repo_id` cannot be loaded from the hub right now (None: it is cached, or the hub answers)."""
+def hub_unreachable(repo_id: str, filename: str = "config.json", repo_type: str = "model") -> str | None:
+    """Why `repo_id` cannot be loaded from the hub right now (None: `filename` of it is cached, or the
+    hub answers). Checked in well under a second, so a command without network fails at once."""
     import os
     import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import constants, try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+    if isinstance(try_to_load_from_cache(repo_id, filename, repo_type=repo_type), str):
         return None
     if constants.HF_HUB_OFFLINE:
         return "it is not in the Hugging Face cache while HF_HUB_OFFLINE is set"

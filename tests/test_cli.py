@@ -215,3 +215,14 @@ def test_zoo_train_takes_the_trainers_flags(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["zoo", "train", "--out", "x", "--help"])
     assert exc.value.code == 0 and "--base-steps" in capsys.readouterr().out
+
+
+def test_respond_without_network_fails_at_once(capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    line = one_error_line(capsys, ["respond", "examples/systems/toy-base.yaml", "--out", "x.jsonl"])
+    assert line.startswith(
+        "lmn respond: error: --split gpt is read from the hub dataset ScalerLab/JudgeBench"
+    )
+    assert line.endswith("give --data FILE (a local JSONL/Parquet copy)")

@@ -19,6 +19,7 @@ from latent_merge_nnsight.sampling import FINISH_REASONS
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "judgebench"
 GPT_FILE = DATA / "dataset=judgebench,response_model=gpt-4o-2024-05-13.jsonl"
 PROMPT = "What is 75+48?"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "systems"
 
 
 def lmn_cli(*args: str, cwd: Path | None = None) -> str:
@@ -52,15 +53,9 @@ def short_judgebench(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def system_file(tmp_path_factory) -> Path:
-    data = {
-        "name": "toy-latent",
-        "kind": "latent",
-        "base": "toy-base",
-        "sources": ["toy-reasoner"],
-        "recipe": {"op": "slerp", "layers": {3: 0.5}},
-        "dtype": "float32",
-        "sampling": {"max_new_tokens": 4},
-    }
+    """The shipped example system (toy pair, slerp at layer 3), with 4 new tokens per answer."""
+    data = yaml.safe_load((EXAMPLES / "toy-latent-slerp.yaml").read_text(encoding="utf-8"))
+    data["sampling"]["max_new_tokens"] = 4
     path = tmp_path_factory.mktemp("sys") / "toy-latent.yaml"
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path
