@@ -35,6 +35,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ import torch
 import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
+TMP_RESULTS = Path(tempfile.gettempdir()) / "lmn-benchmarks"
 ENGINE_METHODS = ("nnsight", "nnsight_eager", "fast", "fast_compiled")
 """Methods that run `lmn.generate` (the source loaded only up to the merge layer)."""
 sys.path.insert(0, str(ROOT))
@@ -355,7 +357,12 @@ def main() -> None:
         "--budget-s", type=float, help="skip the method groups that would start after this many seconds"
     )
     parser.add_argument(
-        "--out", type=Path, help="JSON path (default benchmarks/results/decode_<preset>_<device>.json)"
+        "--out", type=Path, help="JSON path (default: decode_<preset>_<device>.json in the temp folder)"
+    )
+    parser.add_argument(
+        "--update-results",
+        action="store_true",
+        help="write the committed record benchmarks/results/decode_<preset>_<device>.json instead",
     )
     args = parser.parse_args()
 
@@ -447,7 +454,11 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
         return result
 
-    out = args.out or ROOT / "benchmarks" / "results" / f"decode_{args.preset}_{device.type}.json"
+    name = f"decode_{args.preset}_{device.type}.json"
+    if args.out is None:  # the committed record changes only when asked to
+        args.out = ROOT / "benchmarks" / "results" / name if args.update_results else TMP_RESULTS / name
+    out = args.out
+    print(f"results go to {out}")
     with torch.inference_mode():
         if on_gpu:
             # the methods that need the most memory first; the compiled baseline (slow to compile) last

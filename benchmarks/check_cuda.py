@@ -27,10 +27,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import beartype  # noqa: E402, F401  (before nnsight, as in the tests)
 from reference_generate import lockstep_generate  # noqa: E402
+from tiny import generate_raw as generate  # noqa: E402  (raw-text prompts, as the hook loop reads them)
 from tiny import pair  # noqa: E402
 
 import latent_merge_nnsight as lmn  # noqa: E402
-from latent_merge_nnsight.generate import generate  # noqa: E402
 from latent_merge_nnsight.models import hf_module  # noqa: E402
 
 PROMPTS = ["hello there", "hi", "what is up with you", "one more prompt here"]

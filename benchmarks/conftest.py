@@ -1,14 +1,16 @@
 """Shared fixtures of `pytest benchmarks/`: model pairs, prompts, and a report of every measured number.
 
 The numbers each benchmark measures go to `report`; at the end of the session they are printed in the
-terminal summary (no `-s` needed) and written to `benchmarks/results/geometry.json` with the machine,
-library versions and date.
+terminal summary (no `-s` needed) and written as JSON with the machine, library versions and date: to
+`geometry.json` in the temp folder, to `--results PATH`, or, with `--update-results`, to the committed
+record `benchmarks/results/geometry.json`.
 """
 
 import datetime
 import json
 import os
 import platform
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,27 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "geometry.json"
+"""The committed record: rewritten only by `pytest benchmarks --update-results`."""
+TMP_RESULTS = Path(tempfile.gettempdir()) / "lmn-benchmarks" / "geometry.json"
+
+
+def pytest_addoption(parser: Any) -> None:
+    group = parser.getgroup("benchmarks")
+    group.addoption(
+        "--results", default=None, help="JSON file for the benchmark numbers (default: temp folder)"
+    )
+    group.addoption(
+        "--update-results", action="store_true", help=f"write the numbers to the committed {RESULTS.name}"
+    )
+
+
+def results_path(config: Any) -> Path:
+    """Where this session's numbers go: --results, the committed record (--update-results), or temp."""
+    if config.getoption("--results"):
+        return Path(config.getoption("--results"))
+    return RESULTS if config.getoption("--update-results") else TMP_RESULTS
+
+
 THREADS = min(2, os.cpu_count() or 1)
 
 _REPORT: dict[str, Any] = {}
@@ -56,7 +79,7 @@ def report() -> dict[str, Any]:
     return _REPORT
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
+def pytest_terminal_summary(terminalreporter: Any, config: Any) -> None:
     if not _REPORT:
         return
     terminalreporter.section("benchmark numbers")
@@ -80,9 +103,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         },
         "results": _REPORT,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
-    terminalreporter.write_line(f"written to {RESULTS}")
+    path = results_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    terminalreporter.write_line(f"written to {path}")
 
 
 # ------------------------------------------------------------------------------------------ model pairs
@@ -137,8 +161,5 @@ def toy_prompts() -> list[list[dict[str, str]]]:
 
 @pytest.fixture(scope="session")
 def toy_models() -> tuple[Any, Any]:
-    if not toy_available():
-        pytest.skip(
-            "the toy zoo checkpoints (zoo/toy-base, zoo/toy-reasoner) are missing; run `lmn zoo train`"
-        )
+    assert toy_available(), "the shipped toy checkpoints (zoo/toy-base, zoo/toy-reasoner) are missing"
     return lmn.load("toy-base", dtype="float32"), lmn.load("toy-reasoner", dtype="float32")

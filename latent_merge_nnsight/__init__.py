@@ -7,30 +7,90 @@ interventions.
     with base.trace(prompt):
         lmn.merge_into(layer=4, source=ft_trace, op="slerp", alpha=0.5)
         logits = base.lm_head.output.save()
+
+The public names are imported on first use (a module `__getattr__`), so `import latent_merge_nnsight`
+and `lmn --help` do not import torch; `from latent_merge_nnsight import generate` works as usual.
 """
 
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from latent_merge_nnsight import _nnsight  # noqa: F401  (first: anyio must survive nnsight's .save mount)
-from latent_merge_nnsight.analysis import representations as representations
-from latent_merge_nnsight.analysis import sweep as sweep
-from latent_merge_nnsight.baselines.ensemble import Ensemble as Ensemble
-from latent_merge_nnsight.capture import Capture as Capture
-from latent_merge_nnsight.capture import capture as capture
-from latent_merge_nnsight.deltas import Deltas as Deltas
-from latent_merge_nnsight.deltas import compute_deltas as compute_deltas
 from latent_merge_nnsight.errors import LatentMergeError as LatentMergeError
-from latent_merge_nnsight.generate import GenerationResult as GenerationResult
-from latent_merge_nnsight.generate import generate as generate
-from latent_merge_nnsight.merge import merge_into as merge_into
-from latent_merge_nnsight.models import check_compatible as check_compatible
-from latent_merge_nnsight.models import load as load
-from latent_merge_nnsight.models import wrap as wrap
-from latent_merge_nnsight.ops import list_ops as list_ops
-from latent_merge_nnsight.ops import register_op as register_op
-from latent_merge_nnsight.pair import pair as pair
-from latent_merge_nnsight.recipe import Recipe as Recipe
-from latent_merge_nnsight.sites import register_architecture as register_architecture
+
+if TYPE_CHECKING:
+    from latent_merge_nnsight.analysis import representations as representations
+    from latent_merge_nnsight.analysis import sweep as sweep
+    from latent_merge_nnsight.baselines.ensemble import Ensemble as Ensemble
+    from latent_merge_nnsight.capture import Capture as Capture
+    from latent_merge_nnsight.capture import capture as capture
+    from latent_merge_nnsight.deltas import Deltas as Deltas
+    from latent_merge_nnsight.deltas import compute_deltas as compute_deltas
+    from latent_merge_nnsight.generate import GenerationResult as GenerationResult
+    from latent_merge_nnsight.generate import generate as generate
+    from latent_merge_nnsight.merge import merge_into as merge_into
+    from latent_merge_nnsight.models import check_compatible as check_compatible
+    from latent_merge_nnsight.models import load as load
+    from latent_merge_nnsight.models import wrap as wrap
+    from latent_merge_nnsight.ops import list_ops as list_ops
+    from latent_merge_nnsight.ops import register_op as register_op
+    from latent_merge_nnsight.pair import pair as pair
+    from latent_merge_nnsight.recipe import Recipe as Recipe
+    from latent_merge_nnsight.sites import register_architecture as register_architecture
 
 __version__ = "0.1.0"
+
+_LAZY: dict[str, tuple[str, str]] = {
+    # public name: (module, attribute of it)
+    "representations": ("latent_merge_nnsight.analysis", "representations"),
+    "sweep": ("latent_merge_nnsight.analysis", "sweep"),
+    "Ensemble": ("latent_merge_nnsight.baselines.ensemble", "Ensemble"),
+    "Capture": ("latent_merge_nnsight.capture", "Capture"),
+    "capture": ("latent_merge_nnsight.capture", "capture"),
+    "Deltas": ("latent_merge_nnsight.deltas", "Deltas"),
+    "compute_deltas": ("latent_merge_nnsight.deltas", "compute_deltas"),
+    "GenerationResult": ("latent_merge_nnsight.generate", "GenerationResult"),
+    "generate": ("latent_merge_nnsight.generate", "generate"),
+    "merge_into": ("latent_merge_nnsight.merge", "merge_into"),
+    "check_compatible": ("latent_merge_nnsight.models", "check_compatible"),
+    "load": ("latent_merge_nnsight.models", "load"),
+    "wrap": ("latent_merge_nnsight.models", "wrap"),
+    "list_ops": ("latent_merge_nnsight.ops", "list_ops"),
+    "register_op": ("latent_merge_nnsight.ops", "register_op"),
+    "pair": ("latent_merge_nnsight.pair", "pair"),
+    "Recipe": ("latent_merge_nnsight.recipe", "Recipe"),
+    "register_architecture": ("latent_merge_nnsight.sites", "register_architecture"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use and keep it in the package's namespace."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+class _Package(types.ModuleType):
+    """Keeps a public function bound when its own submodule is imported: `import latent_merge_nnsight.
+    generate` makes Python set the package's `generate` to the module; the function stays."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name, ("", ""))[0] == value.__name__:
+            value = getattr(value, _LAZY[name][1])
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __all__ = [
     "Capture",

@@ -1,10 +1,17 @@
 """`lmn` on the command line: parse, validate, call the library, write results.
 
-Every subcommand imports what it needs when it runs, so `lmn --help` stays fast.
+Every subcommand imports what it needs when it runs, so `lmn --help` and argument errors import no torch.
+
+Errors: every failure ends as one line `lmn CMD: error: ...` on stderr with exit code 2 (`--debug` shows
+the traceback instead). `describe_error` turns exceptions into that line (pydantic, YAML, missing files,
+the package's own errors), and `FLAG_WORDS` respells the library's Python argument names as the flags the
+user typed. A new subcommand gets all of this by being added with `add_command`.
 """
 
 import argparse
 import json
+import math
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,8 +22,83 @@ from latent_merge_nnsight.errors import LatentMergeError
 Handler = Callable[[argparse.Namespace], int]
 
 
+class CliError(LatentMergeError):
+    """A user error already phrased in the command line's terms (the flags and files the user typed)."""
+
+
+FLAG_WORDS: dict[str, str] = {
+    # how library messages name an argument -> the flag a command-line user typed
+    "allow_extrapolation=True": "--allow-extrapolation",
+    "resume=False": "--fresh",
+    "on_missing=": "--on-missing ",
+    "max_new_tokens=": "--max-new-tokens ",
+    "temperature=": "--temperature ",
+    "top_p=": "--top-p ",
+    "top_k=": "--top-k ",
+    "seed=": "--seed ",
+    "stop=": "--stop ",
+    "engine=": "--engine ",
+    "dtype=": "--dtype ",
+    "limit=": "--limit ",
+    "batch_size=": "--batch-size ",
+    "split=": "--split ",
+    "lmn.compute_deltas(...)": "--deltas FILE",
+}
+
+
+def in_flag_terms(message: str, words: dict[str, str] = FLAG_WORDS) -> str:
+    """`message` with the library's argument spellings (`top_p=0`) replaced by the flags (`--top-p 0`)."""
+    for python, flag in words.items():
+        message = re.sub(rf"(?<![\w.-]){re.escape(python)}", flag, message)
+    return message
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line saying what went wrong, for any exception a command raises."""
+    try:
+        import pydantic
+    except ImportError:  # pragma: no cover - a dependency
+        pydantic = None
+    if pydantic is not None and isinstance(exc, pydantic.ValidationError):
+        parts = []
+        for err in exc.errors(include_url=False):
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            loc = ".".join(str(x) for x in err["loc"])
+            parts.append(f"field {loc!r}: {msg}" if loc else msg)
+        return f"invalid {exc.title}: " + "; ".join(parts)
+    yaml = sys.modules.get("yaml")
+    if yaml is not None and isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "somewhere"
+        return f"not valid YAML ({where}): {exc.problem or exc.context}"
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"{exc.filename}: no such file or directory"
+    if isinstance(exc, LatentMergeError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+def _read_recipe(path: str, flag: str = "--recipe") -> Any:
+    """The recipe file `path`, with its problems named by flag and file (and line, for YAML syntax)."""
+    from latent_merge_nnsight.recipe import Recipe
+
+    where = f"{flag} {path}" if flag else path
+    if not Path(path).is_file():
+        raise CliError(f"{where}: no such file")
+    try:
+        return Recipe.from_file(path)
+    except Exception as e:
+        raise CliError(f"{where}: {describe_error(e)}") from e
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -43,18 +125,16 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     if args.zoo_command == "list":
         from latent_merge_nnsight.zoo import ZOO, zoo_path
 
-        for name in ZOO:
-            print(f"{name}\t{zoo_path(name)}")
+        for name, model in ZOO.items():
+            print(f"{name}\t{zoo_path(name)}\t{model.description}")
         return 0
     from latent_merge_nnsight.zoo.train import main as train_main
 
-    return train_main(args.train_args)
+    return train_main(args.train_args)  # reached only through `main`'s hand-over (see _ZOO_TRAIN)
 
 
 def cmd_recipe(args: argparse.Namespace) -> int:
-    from latent_merge_nnsight.recipe import Recipe
-
-    recipe = Recipe.from_file(args.recipe)
+    recipe = _read_recipe(args.recipe, flag="")
     print(recipe)
     if args.n_layers is not None:
         _print_json({str(k): v for k, v in recipe.layer_alphas(args.n_layers).items()})
@@ -62,40 +142,126 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 
 def _recipe_from_args(args: argparse.Namespace) -> Any:
+    """The recipe the flags describe (None: the base alone), refusing flag sets that would merge nothing.
+
+    Each problem is named by the flag that caused it (`--op`, `--alpha`, `--layer`), not by the field of
+    the `Recipe` the flags become.
+    """
+    from latent_merge_nnsight.ops import check_alpha, get_op
     from latent_merge_nnsight.recipe import Recipe
 
+    deltas = getattr(args, "deltas", None)
     if args.recipe:
-        return Recipe.from_file(args.recipe)
+        if args.layer:
+            raise CliError("give either --recipe FILE or --layer/--alpha/--op, not both")
+        recipe = _read_recipe(args.recipe)
+        if not args.source and not deltas and recipe.deltas is None:
+            raise CliError(f"--recipe {args.recipe} merges, but no --source is given to merge from")
+        return recipe
     if args.layer is None:
+        if args.source:
+            raise CliError(
+                f"--source {args.source[0]} is given but no --layer (or --recipe): nothing would be merged; "
+                "add --layer L (and --alpha), or drop --source to run the base alone"
+            )
         return None
-    return Recipe(op=args.op, layers={layer: args.alpha for layer in args.layer})
+    try:
+        spec = get_op(args.op)
+    except LatentMergeError as e:
+        raise CliError(f"--op {args.op}: {e}") from None
+    if not args.source and not (spec.static_source and deltas):
+        what = "--deltas FILE" if spec.static_source else "--source MODEL"
+        raise CliError(
+            f"--layer {args.layer[0]} is given but there is nothing to merge from; add {what}, "
+            "or drop --layer to run the base alone"
+        )
+    if spec.static_source and not deltas:
+        raise CliError(
+            f"--op {args.op} steers with saved vectors: give --deltas FILE (written by lmn.Deltas.save from "
+            "lmn.compute_deltas in Python)"
+        )
+    try:
+        check_alpha(args.alpha, spec, allow_extrapolation=args.allow_extrapolation, what="--alpha")
+    except LatentMergeError as e:
+        raise CliError(in_flag_terms(str(e)).replace("--alpha=", "--alpha ")) from None
+    return Recipe(
+        op=args.op,
+        layers={layer: args.alpha for layer in args.layer},
+        allow_extrapolation=args.allow_extrapolation,
+        deltas=deltas,
+    )
 
 
-def _load_models(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The --base model and the --source models (one source as a model, several as a list, none as None)."""
-    import latent_merge_nnsight as lmn
+def _load(flag: str, name: str, args: argparse.Namespace, **kwargs: Any) -> Any:
+    from latent_merge_nnsight.models import load
 
-    base = lmn.load(args.base, dtype=args.dtype, device_map=args.device_map)
-    sources = [lmn.load(s, dtype=args.dtype, device_map=args.device_map) for s in args.source]
+    try:
+        return load(name, dtype=args.dtype, device_map=args.device_map, **kwargs)
+    except Exception as e:
+        raise CliError(f"{flag} {name}: {describe_error(e)}") from e
+
+
+def _load_models(args: argparse.Namespace, recipe: Any = None) -> tuple[Any, Any]:
+    """The --base model and the --source models (one source as a model, several as a list, none as None).
+
+    With a recipe, each source is loaded only up to the highest merged layer (its upper blocks would
+    never run), and a --layer past the base's depth is refused before any source is loaded.
+    """
+    from latent_merge_nnsight.models import model_info
+
+    base = _load("--base", args.base, args)
+    up_to = None
+    if recipe is not None:
+        n = model_info(base).n_layers
+        try:
+            layers = recipe.layer_alphas(n)
+        except LatentMergeError:
+            bad = [layer for layer in (args.layer or []) if layer >= n]
+            flag = f"--layer {bad[0]}" if bad else f"--recipe {args.recipe}"
+            raise CliError(
+                f"{flag} is out of range for {args.base} ({n} layers); expected 0 <= layer < {n}"
+            ) from None
+        up_to = max(layers) + (1 if recipe.site == "post" else 0)
+        up_to = up_to if up_to < n else None
+    if getattr(args, "deltas", None):
+        return base, args.deltas
+    sources = [_load("--source", s, args, up_to_layer=up_to) for s in args.source]
     return base, (sources[0] if len(sources) == 1 else sources or None)
 
 
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """`lmn.generate` keywords from --temperature (0 = greedy), --top-p, --top-k, --seed, --sampler."""
+    sample = args.temperature > 0
+    if not sample and (args.top_p < 1 or args.top_k > 0):
+        raise CliError("--top-p and --top-k act when sampling: give --temperature T > 0 as well")
+    return dict(
+        do_sample=sample,
+        temperature=args.temperature if sample else 1.0,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        sampler=args.sampler,
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    import latent_merge_nnsight as lmn
+    from latent_merge_nnsight.generate import generate
 
     recipe = _recipe_from_args(args)
-    base, sources = _load_models(args)
-    prompts = [[{"role": "user", "content": p}] for p in args.prompt] if args.chat else list(args.prompt)
-    out = lmn.generate(
+    sampling = _sampling_kwargs(args)
+    base, sources = _load_models(args, recipe)
+    if recipe is None:
+        print(f"(no --source and no --layer: {args.base} alone, no merge)", file=sys.stderr)
+    out = generate(
         base,
         sources,
-        prompts,
+        list(args.prompt),
         recipe,
         max_new_tokens=args.max_new_tokens,
-        do_sample=args.temperature > 0,
-        temperature=args.temperature if args.temperature > 0 else 1.0,
-        seed=args.seed,
+        stop=args.stop or None,
         engine=args.engine,
+        chat=args.chat,
+        **sampling,
     )
     for prompt, text, reason in zip(args.prompt, out.texts, out.finish_reasons, strict=True):
         print(f"### {prompt}\n{text}\n[{reason}]\n")
@@ -104,6 +270,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_respond(args: argparse.Namespace) -> int:
     from latent_merge_nnsight.evaluation.respond import respond
+
+    if args.data is None:
+        from latent_merge_nnsight.evaluation.judgebench import HF_DATASET
+        from latent_merge_nnsight.models import hub_unreachable
+
+        reason = hub_unreachable(HF_DATASET, f"data/{args.split}-00000-of-00001.jsonl", repo_type="dataset")
+        if reason:
+            raise CliError(
+                f"--split {args.split} is read from the hub dataset {HF_DATASET}, but {reason}; "
+                "give --data FILE (a local JSONL/Parquet copy)"
+            )
 
     respond(
         args.system,
@@ -206,6 +383,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.eval == "perplexity":
         if not args.texts:
             raise LatentMergeError("--eval perplexity needs --texts FILE (one text per line)")
+        if not Path(args.texts).is_file():
+            raise CliError(f"--texts {args.texts}: no such file")
         prompts = [line for line in Path(args.texts).read_text().splitlines() if line.strip()]
         evaluate: Any = analysis.Perplexity()
         metric = "nll"
@@ -296,76 +475,157 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`lmn CMD: error: ...`, exit 2) and defaults shown in --help."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _checked(kind: Callable[[str], Any], ok: Callable[[Any], bool], expected: str) -> Callable[[str], Any]:
+    """An argparse `type` that parses with `kind` and refuses values outside `expected`."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range; expected {expected}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+FINITE = _checked(float, math.isfinite, "a finite number")
+NON_NEGATIVE = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+PROBABILITY = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+COUNT = _checked(int, lambda v: v >= 0, "an int >= 0")
+POSITIVE = _checked(int, lambda v: v >= 1, "an int >= 1")
+LAYER = _checked(int, lambda v: v >= 0, "a layer index >= 0")
+PORT = _checked(int, lambda v: 1 <= v <= 65535, "a TCP port in 1..65535")
+SPLITS = ("gpt", "claude")
+DEFAULT_SPLIT = "gpt"
+
+
+def add_command(
+    sub: Any, name: str, handler: Handler, help: str, *, flag_words: dict[str, str] | None = None
+) -> argparse.ArgumentParser:
+    """A subcommand parser with the shared flags (`--debug`); `flag_words` respells the library's argument
+    names in its error messages (see `in_flag_terms`)."""
+    p = sub.add_parser(name, help=help, description=help)
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    p.set_defaults(handler=handler, flag_words=flag_words or {})
+    return p
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="tokens to generate per prompt")
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--top-p", type=PROBABILITY, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--top-k", type=COUNT, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--seed", type=COUNT, default=None, help="seed for sampling (same seed, same tokens)")
+    p.add_argument(
+        "--sampler",
+        default="default",
+        choices=["default", "paper"],
+        help="top-p rule: 'default' keeps the token that crosses top_p, 'paper' drops it (the paper's code)",
+    )
+    p.add_argument("--stop", action="append", default=None, help="a stop string (repeatable)")
+
+
+def _add_models(p: argparse.ArgumentParser, *, source_required: bool) -> None:
+    p.add_argument("--base", required=True, help="hub id, local dir or zoo name of the base model")
+    p.add_argument(
+        "--source",
+        action="append",
+        required=source_required,
+        default=None if source_required else [],
+        help="source model (repeat for RegMean)",
+    )
+    p.add_argument("--dtype", default="auto", help="torch dtype of the weights ('auto', 'bfloat16', ...)")
+    p.add_argument("--device-map", default=None, help="transformers device_map ('auto', 'cuda:0', ...)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lmn", description="Latent merging of LLMs in representation space, as nnsight interventions."
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("demo", help="the paper's Experiment A in miniature on the shipped toy pair")
+    p = add_command(sub, "demo", cmd_demo, "the paper's Experiment A in miniature on the shipped toy pair")
     p.add_argument("--out", default="runs/demo", help="output folder (results.csv, report.md, figures)")
     p.add_argument("--quick", action="store_true", help="a ~30 s version on a smaller grid")
     p.add_argument("--docs", default=None, help="also copy the report and the Pareto figure here")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(handler=cmd_demo)
 
-    p = sub.add_parser("zoo", help="the shipped toy models")
-    zsub = p.add_subparsers(dest="zoo_command", required=True)
+    p = add_command(sub, "zoo", cmd_zoo, "the shipped toy models")
+    zsub = p.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
     zsub.add_parser("list", help="list the shipped models")
-    zt = zsub.add_parser("train", help="retrain the toy pair from a seed (see `lmn zoo train -- --help`)")
-    zt.add_argument("train_args", nargs=argparse.REMAINDER, help="arguments for the trainer (--out DIR ...)")
-    p.set_defaults(handler=cmd_zoo)
+    zt = zsub.add_parser(
+        "train", help="retrain the toy pair from a seed (`lmn zoo train --help`)", add_help=False
+    )
+    zt.add_argument("train_args", nargs=argparse.REMAINDER, help="the trainer's flags (--out DIR ...)")
 
-    p = sub.add_parser("recipe", help="validate a recipe file and show its per-layer alphas")
+    p = add_command(sub, "recipe", cmd_recipe, "validate a recipe file and show its per-layer alphas")
     p.add_argument("recipe", help="recipe YAML or JSON")
-    p.add_argument("--n-layers", type=int, default=None, help="resolve layers for a model of this depth")
-    p.set_defaults(handler=cmd_recipe)
+    p.add_argument("--n-layers", type=POSITIVE, default=None, help="resolve layers for a model of this depth")
 
-    p = sub.add_parser("generate", help="merged generation from the command line")
-    p.add_argument("--base", required=True, help="hub id, local dir or zoo name of the base model")
-    p.add_argument("--source", action="append", default=[], help="source model (repeat for RegMean)")
+    p = add_command(
+        sub, "generate", cmd_generate, "merged generation from the command line", flag_words=FLAG_WORDS
+    )
+    _add_models(p, source_required=False)
     p.add_argument("--recipe", default=None, help="recipe YAML/JSON (or use --op/--layer/--alpha)")
     p.add_argument("--op", default="slerp", help="merge op when no recipe file is given")
-    p.add_argument("--layer", type=int, action="append", default=None, help="merge layer (repeatable)")
-    p.add_argument("--alpha", type=float, default=0.5, help="source weight (0 = base)")
+    p.add_argument("--layer", type=LAYER, action="append", default=None, help="merge layer (repeatable)")
+    p.add_argument("--alpha", type=FINITE, default=0.5, help="source weight (0 = base, 1 = source)")
+    p.add_argument("--allow-extrapolation", action="store_true", help="allow --alpha outside [0, 1]")
+    p.add_argument(
+        "--deltas", default=None, help="steering vectors (safetensors from Deltas.save), --op delta"
+    )
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user chat message")
-    p.add_argument("--engine", default="auto", choices=["auto", "fast", "nnsight"])
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device-map", default=None)
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap each prompt as a user message in the tokenizer's chat template (default: when it has one)",
+    )
+    p.add_argument("--engine", default="auto", choices=["auto", "fast", "nnsight"], help="generation engine")
     _add_sampling(p)
-    p.set_defaults(handler=cmd_generate)
 
-    p = sub.add_parser("sweep", help="layer x alpha sweep of latent merges (resumable), with heatmaps")
-    p.add_argument("--base", required=True, help="hub id, local dir or zoo name of the base model")
-    p.add_argument("--source", action="append", required=True, help="source model (repeat for RegMean)")
+    p = add_command(
+        sub, "sweep", cmd_sweep, "layer x alpha sweep of latent merges (resumable), with heatmaps",
+        flag_words=FLAG_WORDS,
+    )  # fmt: skip
+    _add_models(p, source_required=True)
     p.add_argument("--ops", nargs="+", default=["lerp", "slerp"], help="merge ops to sweep")
-    p.add_argument("--layers", nargs="+", type=int, required=True, help="merge layers to sweep")
-    p.add_argument("--alphas", nargs="+", type=float, default=[0.25, 0.5, 0.75], help="alphas to sweep")
+    p.add_argument("--layers", nargs="+", type=LAYER, required=True, help="merge layers to sweep")
+    p.add_argument("--alphas", nargs="+", type=FINITE, default=[0.25, 0.5, 0.75], help="alphas to sweep")
     p.add_argument(
         "--eval", choices=["tasks", "perplexity"], default="tasks", help="what to measure per cell"
     )
     p.add_argument("--texts", default=None, help="text file (one per line) for --eval perplexity")
-    p.add_argument("--n-per-category", type=int, default=20, help="toy task questions per category")
-    p.add_argument("--seed", type=int, default=0, help="seed of the toy task questions")
-    p.add_argument("--site", default="pre", choices=["pre", "post"])
+    p.add_argument("--n-per-category", type=POSITIVE, default=20, help="toy task questions per category")
+    p.add_argument("--seed", type=COUNT, default=0, help="seed of the toy task questions")
+    p.add_argument("--site", default="pre", choices=["pre", "post"], help="merge site of each layer")
     p.add_argument("--out", default="runs/sweep", help="folder for sweep.jsonl, results.csv and heatmaps")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming OUT/sweep.jsonl")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device-map", default=None)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(handler=cmd_sweep)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    p = sub.add_parser("search", help="Optuna search of merge schedules (resumable), Pareto front, winner")
+    p = add_command(
+        sub, "search", cmd_search, "Optuna search of merge schedules (resumable), Pareto front, winner"
+    )
     p.add_argument("--base", required=True, help="hub id, local dir or zoo name of the base model")
     p.add_argument("--source", action="append", required=True, help="source model (repeat for RegMean)")
-    p.add_argument("--trials", type=int, default=20, help="total trials of the study (resuming counts done)")
+    p.add_argument(
+        "--trials", type=POSITIVE, default=20, help="total trials of the study (resuming counts done)"
+    )
     p.add_argument("--target", default="reasoning", help="metric to maximise (a category, skill, ...)")
     p.add_argument(
         "--min", type=_constraint, action="append", default=[], metavar="METRIC=VALUE",
@@ -374,27 +634,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ops", nargs="+", default=["lerp", "slerp"], help="ops a trial may use")
     p.add_argument("--sites", nargs="+", default=["pre", "post"], choices=["pre", "post"])
     p.add_argument("--layers", nargs="+", type=int, default=None, help="candidate top layers (default all)")
-    p.add_argument("--max-layers", type=int, default=2, help="at most this many consecutive merged layers")
+    p.add_argument(
+        "--max-layers", type=POSITIVE, default=2, help="at most this many consecutive merged layers"
+    )
     p.add_argument("--positions", nargs="+", default=["last"], choices=["last", "all"])
-    p.add_argument("--n-search", type=int, default=16, help="toy task questions per category to search on")
-    p.add_argument("--n-test", type=int, default=32, help="disjoint questions per category for the winner")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed")
-    p.add_argument("--data-seed", type=int, default=0, help="seed of the questions")
+    p.add_argument(
+        "--n-search", type=POSITIVE, default=16, help="toy task questions per category to search on"
+    )
+    p.add_argument(
+        "--n-test", type=POSITIVE, default=32, help="disjoint questions per category for the winner"
+    )
+    p.add_argument("--seed", type=COUNT, default=0, help="sampler seed")
+    p.add_argument("--data-seed", type=COUNT, default=0, help="seed of the questions")
     p.add_argument("--out", default="runs/search", help="folder for study.db, tables, figure and winner")
     p.add_argument("--storage", default=None, help="Optuna storage URL or SQLite file (default OUT/study.db)")
-    p.add_argument("--study-name", default="lmn-search")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device-map", default=None)
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(handler=cmd_search)
+    p.add_argument("--study-name", default="lmn-search", help="study name inside the storage")
+    p.add_argument("--dtype", default="auto", help="model dtype")
+    p.add_argument("--device-map", default=None, help="transformers device_map")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    p = sub.add_parser("respond", help="answer JudgeBench questions with a system (resumable JSONL)")
+    p = add_command(
+        sub, "respond", cmd_respond, "answer JudgeBench questions with a system (resumable JSONL)",
+        flag_words={k: FLAG_WORDS[k] for k in ("limit=", "batch_size=", "split=")},
+    )  # fmt: skip
     p.add_argument("system", help="system YAML")
-    p.add_argument("--split", default="claude", choices=["gpt", "claude"])
+    p.add_argument("--split", default=DEFAULT_SPLIT, choices=SPLITS, help="JudgeBench split")
     p.add_argument("--data", default=None, help="local JSONL/Parquet instead of the hub")
     p.add_argument("--out", required=True, help="responses JSONL (appended; reruns skip answered questions)")
-    p.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=POSITIVE, default=None, help="answer only the first N questions")
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="questions per generate call")
     p.add_argument(
         "--truncate",
         default="error",
@@ -402,13 +670,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a question longer than the model's context (minus max_new_tokens): refuse it (error), cut "
         "its start (left; each row records the tokens cut), or feed it whole (none); the sidecar records it",
     )
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(handler=cmd_respond)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
-    p = sub.add_parser("judge", help="pairwise LLM judging of two response files")
+    p = add_command(
+        sub, "judge", cmd_judge, "pairwise LLM judging of two response files",
+        flag_words={"on_missing=": FLAG_WORDS["on_missing="]},
+    )  # fmt: skip
     p.add_argument("a", help="responses JSONL of system A")
     p.add_argument("b", help="responses JSONL of system B")
-    p.add_argument("--judge-model", required=True)
+    p.add_argument("--judge-model", required=True, help="judge model name on the endpoint")
     p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (default: OpenAI)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
     p.add_argument(
@@ -420,16 +690,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/judge", help="folder for summary.json/.md/.png")
     p.add_argument("--cache", default=None, help="judgment cache JSONL (default: OUT/judgments.jsonl)")
     p.add_argument("--single-order", action="store_true", help="judge only the A/B order")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--max-retries", type=int, default=6)
-    p.add_argument("--on-missing", default="error", choices=["error", "drop"])
+    p.add_argument("--concurrency", type=POSITIVE, default=8, help="parallel requests")
+    p.add_argument("--max-retries", type=COUNT, default=6, help="retries of a failed request")
+    p.add_argument("--on-missing", default="error", choices=["error", "drop"], help="pairs in one file only")
     p.add_argument(
         "--retry-invalid", action="store_true", help="ask again for cached judgments without a verdict"
     )
-    p.set_defaults(handler=cmd_judge)
 
-    p = sub.add_parser("judgebench-accuracy", help="JudgeBench's official judge-accuracy protocol")
-    p.add_argument("--split", default="gpt", choices=["gpt", "claude"])
+    p = add_command(
+        sub, "judgebench-accuracy", cmd_judgebench_accuracy, "JudgeBench's official judge-accuracy protocol"
+    )
+    p.add_argument("--split", default=DEFAULT_SPLIT, choices=SPLITS, help="JudgeBench split")
     p.add_argument("--data", default=None, help="local JSONL/Parquet instead of the hub")
     p.add_argument(
         "--template",
@@ -438,35 +709,41 @@ def build_parser() -> argparse.ArgumentParser:
         "LMN_JUDGEBENCH_PROMPT=FILE uses a local copy), pairwise_abc, or a template file",
     )
     p.add_argument("--judge-model", default=None, help="judge model on an OpenAI-compatible endpoint")
-    p.add_argument("--base-url", default=None)
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY")
+    p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (default: OpenAI)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
     p.add_argument("--judge-system", default=None, help="a local system YAML acting as the judge")
     p.add_argument("--cache", default=None, help="judgment cache JSONL for resuming")
     p.add_argument(
-        "--concurrency", type=int, default=8, help="parallel requests (batch size for a local judge)"
+        "--concurrency", type=POSITIVE, default=8, help="parallel requests (batch size for a local judge)"
     )
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--max-retries", type=int, default=6, help="retries of a failed judge request")
+    p.add_argument("--limit", type=POSITIVE, default=None, help="judge only the first N pairs")
+    p.add_argument("--max-retries", type=COUNT, default=6, help="retries of a failed judge request")
     p.add_argument(
         "--retry-invalid", action="store_true", help="ask again for cached judgments without a verdict"
     )
     p.add_argument("--out", required=True, help="records in JudgeBench's output format (JSONL)")
-    p.set_defaults(handler=cmd_judgebench_accuracy)
 
-    p = sub.add_parser("judgebench-score", help="score a JudgeBench output file (official protocol)")
+    p = add_command(
+        sub, "judgebench-score", cmd_judgebench_score, "score a JudgeBench output file (official protocol)"
+    )
     p.add_argument("outputs", help="JSONL in JudgeBench's output format")
-    p.set_defaults(handler=cmd_judgebench_score)
 
-    p = sub.add_parser("serve", help="an OpenAI-compatible server for a system (merged ones included)")
+    p = add_command(
+        sub, "serve", cmd_serve, "an OpenAI-compatible server for a system (merged ones included)"
+    )
     p.add_argument("system", help="system YAML")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch-size", type=int, default=8, help="requests batched into one generate call")
-    p.add_argument("--max-wait-ms", type=float, default=5, help="how long a batch waits for more requests")
-    p.add_argument("--max-prompt-tokens", type=int, default=None, help="refuse longer prompts (400)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    p.add_argument("--port", type=PORT, default=8000, help="TCP port")
+    p.add_argument(
+        "--max-batch-size", type=POSITIVE, default=8, help="requests batched into one generate call"
+    )
+    p.add_argument(
+        "--max-wait-ms", type=NON_NEGATIVE, default=5, help="how long a batch waits for more requests"
+    )
+    p.add_argument("--max-prompt-tokens", type=POSITIVE, default=None, help="refuse longer prompts (400)")
     p.add_argument(
         "--max-tokens-limit",
-        type=int,
+        type=POSITIVE,
         default=None,
         help="refuse a larger max_tokens (400; default: the model's context, which also bounds "
         "max_tokens by what the prompt leaves)",
@@ -476,17 +753,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="require 'Authorization: Bearer KEY' on /v1 (401 otherwise); default: $LMN_API_KEY, else none",
     )
-    p.add_argument("--max-body-bytes", type=int, default=8 * 2**20, help="refuse larger request bodies (413)")
-    p.set_defaults(handler=cmd_serve)
+    p.add_argument(
+        "--max-body-bytes", type=POSITIVE, default=8 * 2**20, help="refuse larger request bodies (413)"
+    )
     return parser
 
 
+_ZOO_TRAIN = ("zoo", "train")
+"""`lmn zoo train ...` hands its flags to the trainer's own parser (`lmn zoo train --help`)."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    command = "zoo train" if tuple(argv[:2]) == _ZOO_TRAIN else None
+    words: dict[str, str] = {}
     try:
+        if command is not None:
+            from latent_merge_nnsight.zoo.train import main as train_main
+
+            return train_main([a for a in argv[2:] if a != "--debug"])
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as e:  # --help (0) or an argument error, already printed as one line (2)
+            return e.code if isinstance(e.code, int) else 2
+        command, debug, words = args.command, args.debug, args.flag_words
         return args.handler(args)
-    except LatentMergeError as e:
-        print(f"lmn {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"lmn {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"lmn {command}: error: {in_flag_terms(_one_line(describe_error(e)), words)}", file=sys.stderr)
         return 2
 
 

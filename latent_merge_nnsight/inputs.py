@@ -15,7 +15,7 @@ from torch import Tensor
 
 from latent_merge_nnsight.errors import LatentMergeError
 
-__all__ = ["Batch", "encode", "is_chat"]
+__all__ = ["Batch", "check_context", "encode", "is_chat"]
 
 
 @dataclass(frozen=True)
@@ -117,6 +117,8 @@ def encode(
     texts: list[str] = []
     templated = False
     for i, p in enumerate(prompts):
+        if p == "":
+            raise LatentMergeError(f"prompts[{i}] is empty; every prompt needs at least one token")
         if is_chat(p) or (chat and isinstance(p, str)):
             messages = p if is_chat(p) else [{"role": "user", "content": p}]
             if getattr(tokenizer, "chat_template", None) is None:
@@ -139,8 +141,27 @@ def encode(
         )
     old_side = tokenizer.padding_side
     tokenizer.padding_side = side
+    flags = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(flags, dict):  # the length check that names the model's context is `check_context`
+        flags["sequence-length-is-longer-than-the-specified-maximum"] = True
     try:
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not templated)
     finally:
         tokenizer.padding_side = old_side
     return _from_tensors(enc["input_ids"], enc["attention_mask"])
+
+
+def check_context(batch: Batch, max_new_tokens: int, context: int | None, name: str) -> None:
+    """Warn when a prompt (plus the new tokens) does not fit the model's context of `context` tokens."""
+    if not context:
+        return
+    longest = int(batch.attention_mask.sum(dim=-1).max())
+    if longest + max_new_tokens > context:
+        import warnings
+
+        warnings.warn(
+            f"the longest prompt has {longest} tokens; with max_new_tokens={max_new_tokens} that is "
+            f"{longest + max_new_tokens} > {name}'s context of {context} tokens "
+            "(config.max_position_embeddings): tokens past it are unreliable; shorten the prompt",
+            stacklevel=3,
+        )

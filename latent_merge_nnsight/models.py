@@ -8,14 +8,22 @@ What the package knows of a module (its `ModelInfo`, its latest inputs) is kept 
 weak tables, keyed by the HF module, not as attributes on it.
 """
 
+import contextlib
+import difflib
 import json
+import logging
+import os
+import re
+import socket
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import transformers
+from huggingface_hub import constants, try_to_load_from_cache
 from torch import nn
 
 from latent_merge_nnsight._nnsight import traced_roots, transformers_model
@@ -135,11 +143,95 @@ def wrap(hf_model: nn.Module, tokenizer: Any = None, *, name: str | None = None)
     return transformers_model(hf_model, tokenizer)
 
 
+_REPORT_ROW = re.compile(r"^\s*model\.layers\.(\{[\d, ]+\}|\d+)\.\S+\s*\|\s*UNEXPECTED\b")
+
+
+class _TruncationReportFilter(logging.Filter):
+    """Drops transformers' LOAD REPORT when all it reports is the checkpoint's blocks >= `kept` that a
+    truncated load (`up_to_layer`) leaves out on purpose; any other finding is kept."""
+
+    def __init__(self, kept: int):
+        super().__init__()
+        self.kept = kept
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [line for line in message.splitlines() if "|" in line and not line.startswith(("Key", "-"))]
+        for row in rows:
+            m = _REPORT_ROW.match(row)
+            if m is None or min(int(i) for i in re.findall(r"\d+", m.group(1))) < self.kept:
+                return True
+        return not rows
+
+
+@contextlib.contextmanager
+def _quiet_loading(progress: bool, kept_layers: int | None) -> Any:
+    """Hide the loading bar (unless `progress`) and, for a truncated load, the report of its left-out
+    blocks; both restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    loggers = [
+        logging.getLogger(n) for n in ("transformers.modeling_utils", "transformers.utils.loading_report")
+    ]
+    filt = _TruncationReportFilter(kept_layers) if kept_layers is not None else None
+    for lg in loggers if filt else []:
+        lg.addFilter(filt)
+    try:
+        yield
+    finally:
+        for lg in loggers if filt else []:
+            lg.removeFilter(filt)
+        if bars and not progress:
+            hf_logging.enable_progress_bar()
+
+
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+
+
 def _resolve_name(name_or_path: str | Path) -> str:
+    """A local folder, a zoo model's folder, or a hub id worth asking the hub for.
+
+    Fails at once, without waiting on the network, for a path that does not exist, a name close to a zoo
+    model ("did you mean"), a string that cannot be a hub id, and a hub id that is not in the local cache
+    while the hub is unreachable (or `HF_HUB_OFFLINE` is set).
+    """
     name = str(name_or_path)
     if Path(name).exists():
         return name
-    return str(zoo_path(name)) if name in ZOO else name
+    if name in ZOO:
+        return str(zoo_path(name))
+    where = f"{name!r} is not a local folder, a zoo model ({', '.join(sorted(ZOO))}) or a hub id"
+    close = difflib.get_close_matches(name, list(ZOO), n=1, cutoff=0.75)
+    if close:
+        raise LatentMergeError(f"{where}; did you mean {close[0]!r}?")
+    if name.startswith((".", "/", "~")) or name.endswith("/") or not _HUB_ID.match(name) or ".." in name:
+        raise LatentMergeError(f"{where}: no such folder, and hub ids look like 'org/name'")
+    reason = hub_unreachable(name)
+    if reason:
+        raise LatentMergeError(f"{name!r} is not a local folder or a zoo model, and {reason}")
+    return name
+
+
+def hub_unreachable(repo_id: str, filename: str = "config.json", repo_type: str = "model") -> str | None:
+    """Why `repo_id` cannot be loaded from the hub right now (None: `filename` of it is cached, or the
+    hub answers). Checked in well under a second, so a command without network fails at once."""
+    if isinstance(try_to_load_from_cache(repo_id, filename, repo_type=repo_type), str):
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return "it is not in the Hugging Face cache while HF_HUB_OFFLINE is set"
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # the hub is reached through a proxy: let the hub client try
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as e:
+        return f"it is not in the Hugging Face cache and {host} cannot be reached ({e.strerror or e})"
+    return None
 
 
 def _dtype(dtype: Any) -> Any:
@@ -189,6 +281,7 @@ def load(
     up_to_layer: int | None = None,
     keep_head: bool = False,
     tokenizer: Any = None,
+    progress: bool = False,
     **hf_kwargs: Any,
 ) -> Any:
     """Load a causal LM from the hub, a local directory or the shipped zoo, wrapped for nnsight.
@@ -204,6 +297,10 @@ def load(
             is dropped too (its logits would mean nothing; it returns zero-width logits) unless
             `keep_head=True`.
         tokenizer: a tokenizer to use instead of the one saved with the model.
+        progress: show transformers' "Loading weights" progress bar (off: it fills notebook outputs).
+
+    A name that is not a local folder or a zoo model and cannot come from the hub (a typo of a zoo name,
+    a missing path, no network and not cached) fails at once with a `LatentMergeError`.
     """
     path = _resolve_name(name_or_path)
     config = transformers.AutoConfig.from_pretrained(path)
@@ -216,7 +313,8 @@ def load(
         kwargs["device_map"] = device_map
     if quantization is not None:
         kwargs["quantization_config"] = _quantization(quantization)
-    hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    with _quiet_loading(progress, None if up_to_layer is None else up_to_layer + 1):
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if up_to_layer is not None and not keep_head:
         _drop_head(hf_model)
     if tokenizer is None:

@@ -5,6 +5,18 @@ by the Gumbel-max trick with noise drawn from its own seeded generator. The nois
 row of the original batch at every step, so a row's tokens depend only on (seed, row, step, logits):
 the same seed gives the same tokens whichever engine runs and however finished rows are dropped.
 
+The noise rule, exactly (what an independent reference needs): a CPU or device `torch.Generator`
+seeded once with `seed`; at step t (0 = the token after the prompt) one draw
+`u = torch.rand(n_rows, vocab, generator=g)` over the *original* batch (rows that finished still take
+their share), clamped to `[float32 tiny, 1 - 1e-7]`; row r's token is
+`argmax(filter_logits(logits_r / temperature) - log(-log(u[r])))`.
+
+Two top-p rules (`SamplingConfig.sampler`):
+- `"default"`: keep a token while the mass ranked above it is below `top_p`, so the token whose mass
+  crosses `top_p` is kept (the smallest set whose mass reaches `top_p`, as HF does);
+- `"paper"`: the paper's code: keep a token only while the cumulative mass up to and including it is at
+  most `top_p`, so the token that crosses `top_p` is dropped (the most likely token is always kept).
+
 `Tracker` records each row's new tokens and decides when a row is done: an EOS token ("eos"), a stop
 string in the new text ("stop"), or `max_new_tokens` reached ("length"): `FINISH_REASONS`, the one list
 of them (an OpenAI-style reply folds "eos" into "stop": `openai_finish_reason`).
@@ -24,10 +36,22 @@ from torch import Tensor
 
 from latent_merge_nnsight.errors import LatentMergeError
 
-__all__ = ["FINISH_REASONS", "Sampler", "SamplingConfig", "Tracker", "filter_logits", "openai_finish_reason"]
+__all__ = [
+    "FINISH_REASONS",
+    "SAMPLERS",
+    "Sampler",
+    "SamplingConfig",
+    "Tracker",
+    "filter_logits",
+    "openai_finish_reason",
+]
 
 FINISH_REASONS = ("eos", "stop", "length")
-"""Why a row ended: an EOS token, a stop string in its new text, or `max_new_tokens` reached."""
+"""Why a row ended: an EOS token, a stop string, or `max_new_tokens`. The one vocabulary of
+`GenerationResult.finish_reasons`, `Completion.finish_reason` and the respond files."""
+
+SAMPLERS = ("default", "paper")
+"""Top-p rules: "default" keeps the token that crosses top_p, "paper" drops it (see the module doc)."""
 
 
 def openai_finish_reason(reason: str) -> str:
@@ -45,6 +69,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
+    sampler: str = "default"
 
     def __post_init__(self) -> None:
         if not isinstance(self.do_sample, bool):
@@ -61,6 +86,8 @@ class SamplingConfig:
         s = self.seed
         if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0):
             raise LatentMergeError(f"seed={s!r}; expected None or an int >= 0")
+        if self.sampler not in SAMPLERS:
+            raise LatentMergeError(f"sampler={self.sampler!r}; expected one of: {', '.join(SAMPLERS)}")
 
     @property
     def greedy(self) -> bool:
@@ -70,17 +97,19 @@ class SamplingConfig:
     def canonical(self) -> "SamplingConfig":
         """The same choice spelled one way: a greedy config as `do_sample=False, temperature=1.0`."""
         if self.greedy:
-            return SamplingConfig(False, 1.0, self.top_p, self.top_k, self.seed)
+            return SamplingConfig(False, 1.0, self.top_p, self.top_k, self.seed, self.sampler)
         return self
 
 
 def filter_logits(
-    logits: Float[Tensor, "batch vocab"], top_k: int = 0, top_p: float = 1.0
+    logits: Float[Tensor, "batch vocab"], top_k: int = 0, top_p: float = 1.0, sampler: str = "default"
 ) -> Float[Tensor, "batch vocab"]:
-    """Set to -inf every token outside the top-k, then outside the smallest set whose mass reaches top_p.
+    """Set to -inf every token outside the top-k, then outside the top-p set.
 
-    Top-p keeps a token while the probability mass of the tokens ranked above it is below `top_p`, so
-    the most likely token is always kept.
+    `sampler="default"`: top-p keeps a token while the probability mass of the tokens ranked above it is
+    below `top_p` (the smallest set whose mass reaches top_p). `sampler="paper"`: it keeps a token while
+    the mass up to and including it is at most `top_p` (the paper's code; the crossing token is dropped).
+    Either way the most likely token is always kept.
     """
     vocab = logits.shape[-1]
     if 0 < top_k < vocab:
@@ -89,8 +118,8 @@ def filter_logits(
     if top_p < 1.0:
         ranked, order = logits.sort(dim=-1, descending=True)
         probs = ranked.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        drop_ranked = mass_before >= top_p
+        mass = probs.cumsum(dim=-1)
+        drop_ranked = mass > top_p if sampler == "paper" else (mass - probs) >= top_p
         drop_ranked[..., 0] = False
         drop = torch.zeros_like(drop_ranked).scatter(-1, order, drop_ranked)
         logits = logits.masked_fill(drop, float("-inf"))
@@ -124,7 +153,7 @@ class Sampler:
         uniform = torch.rand(self.n_rows, vocab, generator=self.generator, device=logits.device)
         uniform = uniform[rows.to(logits.device)].clamp_(min=torch.finfo(torch.float32).tiny, max=1 - 1e-7)
         gumbel = -torch.log(-torch.log(uniform))
-        scores = filter_logits(logits / c.temperature, c.top_k, c.top_p)
+        scores = filter_logits(logits / c.temperature, c.top_k, c.top_p, c.sampler)
         return (scores + gumbel).argmax(dim=-1)
 
 

@@ -101,8 +101,10 @@ def lockstep_generate(
     weights: list[float] | None = None,
     deltas: dict[int, torch.Tensor] | None = None,
     eos_id: int | None = None,
+    choose=None,
 ) -> list[int]:
-    """Greedy new tokens of the merged base for one unpadded prompt (the paper's hook loop)."""
+    """Greedy new tokens of the merged base for one unpadded prompt (the paper's hook loop).
+    `choose(step, logits) -> token` replaces the argmax (a reference sampler)."""
     params = {k: v for k, v in (("lam", lam), ("weights", weights)) if v is not None}
     layers = sorted(merges)
     base_cache = DynamicCache()
@@ -136,7 +138,7 @@ def lockstep_generate(
                         op, h, [st[layer][0, t] for st in states], a, **params
                     )
             logits = _base_logits(hf_base, ids, base_cache, mixes, site, chosen)
-            token = int(logits.argmax())
+            token = int(logits.argmax()) if choose is None else choose(step, logits)
             new.append(token)
             if eos_id is not None and token == eos_id:
                 break
@@ -145,10 +147,10 @@ def lockstep_generate(
 
 
 def ensemble_generate(
-    hf_base, hf_source, prompt_ids: list[int], b: float | list[float], *, max_new_tokens: int
+    hf_base, hf_source, prompt_ids: list[int], b: float | list[float], *, max_new_tokens: int, choose=None
 ) -> list[int]:
     """The paper's logit ensemble: greedy on (1-b)*logits_base + b*logits_source, two full models.
-    `b` may be a list: one weight per step, the last one held."""
+    `b` may be a list: one weight per step, the last one held. `choose(step, logits)` replaces the argmax."""
     caches = [DynamicCache(), DynamicCache()]
     device = next(hf_base.parameters()).device
     ids = torch.tensor([prompt_ids], device=device)
@@ -167,7 +169,8 @@ def ensemble_generate(
                 .logits[0, -1]
                 .float()
             )
-            token = int(((1 - b) * lb + b * ls).argmax())
+            mixed = (1 - b) * lb + b * ls
+            token = int(mixed.argmax()) if choose is None else choose(step, mixed)
             new.append(token)
             ids = torch.tensor([[token]], device=device)
     return new

@@ -1,6 +1,10 @@
 """`lmn demo --quick` on the shipped toy pair: files, table contents, figures, and the report's logic."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib.image
 import numpy as np
@@ -9,7 +13,7 @@ import pytest
 import torch
 
 import latent_merge_nnsight as lmn
-from latent_merge_nnsight.demo import QUICK_GRID, export_docs, run_demo, write_report
+from latent_merge_nnsight.demo import QUICK_GRID, export_docs, write_report
 from latent_merge_nnsight.demo.run import refine_alphas
 from latent_merge_nnsight.evaluation.tasks import CATEGORIES, evaluate_model
 
@@ -18,8 +22,22 @@ FIGURES = ("pareto.png", "tradeoff.png", "bars.png", "heatmap_mean.png", "heatma
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """`lmn demo --quick` run as a user runs it (a subprocess of the console entry point)."""
     out = tmp_path_factory.mktemp("demo")
-    return run_demo(out=out, quick=True, progress=False), out
+    cmd = [
+        sys.executable,
+        "-m",
+        "latent_merge_nnsight.cli",
+        "demo",
+        "--quick",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line.strip().split(": ", 1) for line in proc.stdout.splitlines() if line.startswith("  ")]
+    return SimpleNamespace(paths={name: Path(path) for name, path in lines}), out
 
 
 def test_quick_demo_writes_every_file(demo):

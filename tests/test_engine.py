@@ -12,6 +12,7 @@ from reference import position_ids
 from reference_generate import ensemble_generate, lockstep_generate
 from tiny import ARCHS, batch_sizes_seen, hf_pair, make_tokenizer, pair
 from tiny import config as tiny_config
+from tiny import generate_raw as generate
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import latent_merge_nnsight as lmn
@@ -26,7 +27,6 @@ from latent_merge_nnsight.engine.stack import (
     plain_forwards,
 )
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.generate import generate
 from latent_merge_nnsight.models import hf_module, truncate
 
 PROMPTS = ["hello there", "hi", "what is up with you"]

@@ -13,11 +13,12 @@ import pytest
 import torch
 from reference_generate import ensemble_generate, lockstep_generate
 from tiny import batch_sizes_seen, hf_pair, make_tokenizer, pair
+from tiny import generate_raw as generate
 
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight.baselines.ensemble import Ensemble
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.generate import GenerationResult, generate
+from latent_merge_nnsight.generate import GenerationResult
 from latent_merge_nnsight.models import hf_module, truncate
 from latent_merge_nnsight.sampling import Sampler, SamplingConfig, filter_logits
 

@@ -25,9 +25,13 @@ DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "judgebe
 GPT_FILE = DATA / "dataset=judgebench,response_model=gpt-4o-2024-05-13.jsonl"
 CLAUDE_FILE = DATA / "dataset=judgebench,response_model=claude-3-5-sonnet-20240620.jsonl"
 OFFICIAL = DATA / "official_outputs"
-needs_data = pytest.mark.skipif(
-    not GPT_FILE.is_file(), reason=f"JudgeBench copies not found in {DATA} (shared/ must sit beside the repo)"
-)
+needs_data = pytest.mark.usefixtures("judgebench_copies")
+
+
+@pytest.fixture
+def judgebench_copies():
+    """The real JudgeBench copies in ../shared: missing, the tests that read them fail (never skip)."""
+    assert GPT_FILE.is_file(), f"JudgeBench copies not found in {DATA} (shared/ must sit beside the repo)"
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -66,8 +70,9 @@ def test_load_judgebench_real_split_counts_match_manifest(split, path, expected)
 
 @needs_data
 def test_load_judgebench_parquet_matches_jsonl(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa  # declared in the `eval` extra: missing, it must fail, not skip
+    import pyarrow.parquet as pq
+
     lines = GPT_FILE.read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines[150:160]]  # mix of int and null original_id
     assert {type(r["original_id"]) for r in rows} == {int, type(None)}

@@ -5,11 +5,11 @@ import functools
 import pytest
 import torch
 from reference import block, hidden_states, ref_slerp
+from tiny import generate_raw as generate
 from tiny import pair as tiny_pair
 
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.generate import generate
 from latent_merge_nnsight.models import hf_module
 from latent_merge_nnsight.pair import pair
 
@@ -57,7 +57,7 @@ def merged_layer3_last_token(base, ft, text: str) -> torch.Tensor:
 def test_user_save_inside_the_pair_trace_works_alongside_the_merge(models):
     base, ft, _ = models
     p = pair(base, ft)
-    with p.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True) as tracer:
+    with p.generate(PROMPTS, chat=False, max_new_tokens=N_NEW, ignore_eos=True) as tracer:
         states = list().save()
         for _step in tracer.iter[:]:
             lmn.merge_into(layer=2, source=p.ft, op="slerp", alpha=0.5)
@@ -81,7 +81,7 @@ def test_user_save_inside_the_pair_trace_works_alongside_the_merge(models):
 def test_pair_sources_feed_a_multi_source_op(models):
     base, ft, ft2 = models
     p = pair(base, [ft, ft2])
-    with p.generate(PROMPTS, max_new_tokens=N_NEW) as tracer:
+    with p.generate(PROMPTS, chat=False, max_new_tokens=N_NEW) as tracer:
         for _step in tracer.iter[:]:
             lmn.merge_into(layer=1, source=p.sources, op="regmean", alpha=0.6, weights=[2.0, 1.0])
     recipe = lmn.Recipe(op="regmean", layers={1: 0.6}, weights=[2.0, 1.0])
@@ -92,7 +92,7 @@ def test_pair_sampling_uses_the_same_sampler_as_the_engines(models):
     base, ft, _ = models
     p = pair(base, ft)
     kw = dict(max_new_tokens=N_NEW, do_sample=True, temperature=1.3, seed=7, ignore_eos=True)
-    with p.generate(PROMPTS, **kw) as tracer:
+    with p.generate(PROMPTS, chat=False, **kw) as tracer:
         for _step in tracer.iter[:]:
             lmn.merge_into(layer=2, source=p.ft, op="lerp", alpha=0.4)
     engine = generate(base, ft, PROMPTS, lmn.Recipe(op="lerp", layers={2: 0.4}), engine="fast", **kw)
@@ -109,11 +109,11 @@ def test_asking_deeper_after_the_prompt_step_needs_up_to_layer(models):
     base, ft, _ = models
     p = pair(base, ft)
     with pytest.raises(LatentMergeError, match="up_to_layer=2"):
-        with p.generate(PROMPTS, max_new_tokens=3, ignore_eos=True) as tracer:
+        with p.generate(PROMPTS, chat=False, max_new_tokens=3, ignore_eos=True) as tracer:
             for step in tracer.iter[:]:
                 lmn.merge_into(layer=1 if step == 0 else 2, source=p.ft, op="lerp", alpha=0.5)
     p = pair(base, ft, up_to_layer=2)
-    with p.generate(PROMPTS, max_new_tokens=3, ignore_eos=True) as tracer:
+    with p.generate(PROMPTS, chat=False, max_new_tokens=3, ignore_eos=True) as tracer:
         for step in tracer.iter[:]:
             lmn.merge_into(layer=1 if step == 0 else 2, source=p.ft, op="lerp", alpha=0.5)
     assert [len(t) for t in tracer.generation.tokens] == [3, 3, 3]
@@ -127,7 +127,7 @@ def test_pair_checks_its_models(models):
     with pytest.raises(LatentMergeError, match="nnsight model"):
         pair(hf_module(base), ft)
     with pytest.raises(LatentMergeError, match="max_new_tokens"):
-        pair(base, ft).generate(PROMPTS, max_new_tokens=0)
+        pair(base, ft).generate(PROMPTS, chat=False, max_new_tokens=0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def test_fixed_shape_source_states_saved_each_step_are_copies(models, monkeypatc
         p = pair(base, ft, up_to_layer=2)
         for s in p.sources:
             s.static = static
-        with p.generate(PROMPTS, max_new_tokens=N_NEW, ignore_eos=True) as tracer:
+        with p.generate(PROMPTS, chat=False, max_new_tokens=N_NEW, ignore_eos=True) as tracer:
             states = list().save()
             for step in tracer.iter[:]:
                 layer = 1 + step % 2

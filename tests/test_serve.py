@@ -13,9 +13,6 @@ from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.loaded import Completion
 from latent_merge_nnsight.serve import start_server
 
-ZOO_BASE = (
-    Path(__file__).resolve().parents[1] / "latent_merge_nnsight" / "zoo" / "toy-base" / "model.safetensors"
-)
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "systems"
 
 
@@ -637,7 +634,6 @@ def test_server_default_prompt_limit_is_the_models_context(tiny_latent):
         stop()
 
 
-@pytest.mark.skipif(not ZOO_BASE.is_file(), reason="the toy zoo checkpoints are not trained yet")
 def test_toy_pair_latent_system_served_through_openai_sdk():
     from latent_merge_nnsight.evaluation.loaded import load_system
 

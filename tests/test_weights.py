@@ -2,6 +2,7 @@
 
 import math
 
+import mergekit  # noqa: E402,F401  (declared in the `merge` extra: missing, it must fail, not skip)
 import pytest
 import tiny
 import torch
@@ -15,8 +16,6 @@ from latent_merge_nnsight.baselines.weights import (
     merge_weights,
     regmean_weights,
 )
-
-pytest.importorskip("mergekit")
 
 PROMPTS = ["hello there", "a", "the quick brown fox", "RegMean!"]
 

@@ -17,6 +17,12 @@ CHAT_TEMPLATE = (
 )
 
 
+def generate_raw(*args, **kwargs):
+    """`lmn.generate` with string prompts sent as raw text (`chat=False`; by default a tokenizer's chat
+    template wraps them), for tests whose references tokenize the strings raw."""
+    return lmn.generate(*args, **{"chat": False, **kwargs})
+
+
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """Printable ASCII, one token per character, plus pad/eos/bos/unk and a chat template."""
     vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}

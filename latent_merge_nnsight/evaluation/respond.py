@@ -157,7 +157,7 @@ def _fit_to_context(
 
 def respond(
     system: str | Path | System | LoadedSystem,
-    split: str = "claude",
+    split: str = "gpt",
     out: str | Path = "responses.jsonl",
     data: str | Path | None = None,
     limit: int | None = None,

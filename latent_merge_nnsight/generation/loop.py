@@ -20,8 +20,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.inputs import Batch, encode
-from latent_merge_nnsight.models import hf_module
+from latent_merge_nnsight.inputs import Batch, check_context, encode
+from latent_merge_nnsight.models import hf_module, model_info
 from latent_merge_nnsight.plan import Plan, device_of
 from latent_merge_nnsight.sampling import Sampler, SamplingConfig, Tracker
 
@@ -179,6 +179,15 @@ def _check_stop(stop: Any, tokenizer: Any) -> list[str]:
     return list(items)
 
 
+def _chat_default(chat: Any, tokenizer: Any) -> bool:
+    """`chat=None` means: apply the chat template when the tokenizer has one."""
+    if chat not in (None, True, False):
+        raise LatentMergeError(
+            f"chat={chat!r}; expected None (when the tokenizer has a template), True, False"
+        )
+    return getattr(tokenizer, "chat_template", None) is not None if chat is None else chat
+
+
 def prepare_run(
     base: Any,
     prompts: Any = None,
@@ -197,17 +206,24 @@ def prepare_run(
     ignore_eos: bool = False,
     num_beams: int = 1,
     tokenizer: Any = None,
+    chat: bool | None = None,
+    sampler: str = "default",
 ) -> Run:
     """Check the generation arguments and encode the prompts (left-aligned, on the base's device)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise LatentMergeError(f"max_new_tokens={max_new_tokens!r}; expected an int >= 1")
     if num_beams != 1:
         raise LatentMergeError(BEAM_SEARCH_UNSUPPORTED.format(n=num_beams))
-    config = SamplingConfig(do_sample, temperature, top_p, top_k, seed)
+    config = SamplingConfig(do_sample, temperature, top_p, top_k, seed, sampler)
     tokenizer = tokenizer if tokenizer is not None else getattr(base, "tokenizer", None)
     stops = _check_stop(stop, tokenizer)
     batch = encode(
-        tokenizer, prompts, input_ids=input_ids, attention_mask=attention_mask, padding_side=padding_side
+        tokenizer,
+        prompts,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        padding_side=padding_side,
+        chat=_chat_default(chat, tokenizer),
     )
     vocab = hf_module(base).config.vocab_size
     if int(batch.input_ids.max()) >= vocab or int(batch.input_ids.min()) < 0:
@@ -215,6 +231,8 @@ def prepare_run(
             f"input_ids hold ids in [{int(batch.input_ids.min())}, {int(batch.input_ids.max())}]; "
             f"expected 0 <= id < vocab_size={vocab}"
         )
+    context = getattr(hf_module(base).config, "max_position_embeddings", None)
+    check_context(batch, max_new_tokens, context, model_info(base).name)
     device = device_of(base)
     batch = left_align(batch).to(device)
     eos = _eos_ids(base, tokenizer, eos_token_id, ignore_eos)

@@ -33,7 +33,9 @@ from latent_merge_nnsight.generation.loop import GenerationResult, prepare_run
 from latent_merge_nnsight.generation.nnsight import run_nnsight
 from latent_merge_nnsight.generation.stack import fast_support
 from latent_merge_nnsight.models import model_info
+from latent_merge_nnsight.ops import get_op
 from latent_merge_nnsight.plan import Plan, resolve_plan
+from latent_merge_nnsight.recipe import Recipe
 
 __all__ = ["ENGINES", "GenerationResult", "generate", "release_engine"]
 
@@ -70,6 +72,17 @@ def _pick_engine(engine: str, base: Any, sources: list[Any], plan: Plan) -> str:
     return engine
 
 
+def _check_merge_happens(sources: Any, recipe: Any) -> None:
+    """A latent-merge recipe with no source would silently generate the base's own text: refuse it."""
+    if not isinstance(recipe, Recipe) or get_op(recipe.op).static_source:
+        return
+    if sources is None or (isinstance(sources, (list, tuple)) and not sources):
+        raise LatentMergeError(
+            f"recipe merges with op {recipe.op!r} at layers {recipe.layers}, but sources={sources!r}: "
+            "nothing would be merged; pass the source model(s), or recipe=None for the base alone"
+        )
+
+
 def generate(
     base: Any,
     sources: Any = None,
@@ -94,6 +107,8 @@ def generate(
     keep_engine: bool = False,
     compile_step: bool = False,
     tokenizer: Any = None,
+    chat: bool | None = None,
+    sampler: str = "default",
 ) -> GenerationResult:
     """Generate from `base` with `sources` merged in lockstep according to `recipe`.
 
@@ -101,7 +116,9 @@ def generate(
         base: the model that generates (from `lmn.load` / `lmn.wrap`).
         sources: a source model, a list of them (RegMean), `Deltas` (op "delta"), or None (base alone).
             Sources loaded with `lmn.load(..., up_to_layer=L)` hold only the blocks a merge at L needs.
-        prompts: a string, list of strings, chat(s) (the chat template is applied), or token ids.
+        prompts: a string, list of strings, chat(s) (the chat template is applied), or token ids. A plain
+            string is sent as one user message through the tokenizer's chat template when the tokenizer
+            has one (see `chat`).
         recipe: an `lmn.Recipe` (latent merge or delta steering), an `Ensemble` (logit ensemble), or None.
         max_new_tokens: new tokens per row at most (>= 1).
         input_ids, attention_mask: token ids (and mask; left or right padding) instead of prompts.
@@ -126,9 +143,15 @@ def generate(
             reading the weights; costs a compilation (about a minute for a 7B pair) per batch size, so it
             pays off with `keep_engine=True` over many calls.
         tokenizer: overrides the base's tokenizer.
+        chat: for string prompts: None (default) applies the chat template when the tokenizer has one,
+            True always (an error without a template), False sends the raw text (e.g. a prompt already
+            templated, or plain continuation).
+        sampler: the top-p rule, "default" (keeps the token that crosses top_p) or "paper" (the paper's
+            code: drops it); see `latent_merge_nnsight.sampling`.
 
     Everything is checked before any forward runs; a bad argument raises `LatentMergeError`.
     """
+    _check_merge_happens(sources, recipe)
     run = prepare_run(
         base,
         prompts,
@@ -146,6 +169,8 @@ def generate(
         ignore_eos=ignore_eos,
         num_beams=num_beams,
         tokenizer=tokenizer,
+        chat=chat,
+        sampler=sampler,
     )
     plan, models = resolve_plan(base, sources, recipe)
     chosen = _pick_engine(engine, base, models, plan)

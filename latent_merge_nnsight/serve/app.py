@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.loaded import Completion, load_system
 from latent_merge_nnsight.evaluation.systems import System
+from latent_merge_nnsight.sampling import openai_finish_reason
 from latent_merge_nnsight.serve.batching import Batcher
 
 __all__ = ["create_app", "run_serve", "start_server"]
@@ -36,8 +37,6 @@ DEFAULT_MAX_BODY_BYTES = 8 * 2**20
 API_KEY_ENV = "LMN_API_KEY"
 DEFAULT_MAX_TOKENS_LIMIT = 4096
 """`max_tokens` cap when neither ``max_tokens_limit`` nor the system's context length is known."""
-OPENAI_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
-"""This package's finish reasons as OpenAI's (an EOS token and a stop string both end as "stop")."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -320,7 +319,7 @@ def _text_logprobs(c: Completion) -> dict[str, Any] | None:
 
 
 def _choice(kind: str, c: Completion) -> dict[str, Any]:
-    finish = OPENAI_FINISH.get(c.finish_reason, c.finish_reason)
+    finish = openai_finish_reason(c.finish_reason)
     if kind == "chat":
         return {
             "index": 0,
@@ -364,7 +363,7 @@ def _sse_events(
             "choices": [choice] if choice is not None else [],
         }
 
-    finish = OPENAI_FINISH.get(c.finish_reason, c.finish_reason)
+    finish = openai_finish_reason(c.finish_reason)
     if kind == "chat":
         events = [chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None})]  # fmt: skip

@@ -31,8 +31,9 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class Completion:
-    """One generated answer: its text, why it ended (``"stop"`` or ``"length"``) and token counts;
-    ``logprobs`` (one per generated token) when they were asked for."""
+    """One generated answer: its text, why it ended (``"eos"``, ``"stop"`` or ``"length"``, the one
+    vocabulary `sampling.FINISH_REASONS`), token counts, and ``logprobs`` (one per generated token)
+    when they were asked for."""
 
     text: str
     finish_reason: str

@@ -30,7 +30,6 @@ from latent_merge_nnsight.evaluation.judge import judgebench_accuracy_sync
 from latent_merge_nnsight.generation import generate
 from latent_merge_nnsight.inputs import is_chat
 from latent_merge_nnsight.models import hf_module, load, model_info
-from latent_merge_nnsight.sampling import openai_finish_reason
 from latent_merge_nnsight.systems.batching import Completion, SystemCompleteFn, TokenLogprob
 from latent_merge_nnsight.systems.logprobs import supports_logprobs, token_logprobs
 from latent_merge_nnsight.systems.spec import (
@@ -198,7 +197,7 @@ class LoadedSystem:
             with self._lock:
                 logprobs = token_logprobs(self, result, top)
         return [
-            Completion(t, openai_finish_reason(r), int(p), n, lp)
+            Completion(t, r, int(p), n, lp)
             for t, r, p, n, lp in zip(texts, reasons, prompt_tokens, new_tokens, logprobs, strict=True)
         ]
 

@@ -93,6 +93,10 @@ class SamplingSpec(BaseModel):
         default_factory=list,
         description="stop strings: a row ends after the first one (kept at the end of the text)",
     )
+    sampler: Literal["default", "paper"] = Field(
+        "default",
+        description="top-p rule: 'default' keeps the token crossing top_p, 'paper' drops it (the seed's)",
+    )
 
     @field_validator("temperature", "top_p")
     @classmethod
@@ -112,7 +116,9 @@ class SamplingSpec(BaseModel):
         """Keyword arguments for `lmn.generate`, a greedy choice spelled `do_sample=False`
         (`SamplingConfig.canonical`)."""
         kwargs = self.model_dump()
-        config = SamplingConfig(self.do_sample, self.temperature, self.top_p, self.top_k, self.seed)
+        config = SamplingConfig(
+            self.do_sample, self.temperature, self.top_p, self.top_k, self.seed, self.sampler
+        )
         canonical = config.canonical()
         kwargs.update(do_sample=canonical.do_sample, temperature=canonical.temperature)
         return kwargs

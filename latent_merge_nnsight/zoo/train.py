@@ -366,22 +366,19 @@ def train_pair(
         torch.set_flush_denormal(False)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m latent_merge_nnsight.zoo.train --out DIR [--seed S] [--threads T]``."""
-    p = argparse.ArgumentParser(
-        prog="lmn zoo train", description="Train the toy base/reasoner pair from a seed."
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The trainer's flags (shared by `lmn zoo train` and `python -m latent_merge_nnsight.zoo.train`)."""
     p.add_argument("--out", required=True, help="folder that receives toy-base/ and toy-reasoner/")
     p.add_argument("--seed", type=int, default=0, help="seed of the data stream and initialisation")
     p.add_argument(
         "--threads", type=int, default=2, help="torch CPU threads (results reproduce at a fixed count)"
     )
-    p.add_argument("--base-steps", type=int, default=TrainConfig.base_steps)
-    p.add_argument("--ft-steps", type=int, default=TrainConfig.ft_steps)
-    p.add_argument("--replay", type=float, default=TrainConfig.replay)
-    p.add_argument("--hidden-size", type=int, default=TrainConfig.hidden_size)
-    p.add_argument("--num-layers", type=int, default=TrainConfig.num_layers)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--base-steps", type=int, default=TrainConfig.base_steps, help="stage-1 steps")
+    p.add_argument("--ft-steps", type=int, default=TrainConfig.ft_steps, help="stage-2 steps")
+    p.add_argument("--replay", type=float, default=TrainConfig.replay, help="stage-2 replay fraction")
+    p.add_argument("--hidden-size", type=int, default=TrainConfig.hidden_size, help="model width")
+    p.add_argument("--num-layers", type=int, default=TrainConfig.num_layers, help="decoder blocks")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="examples per step")
     p.add_argument(
         "--fp32", action="store_true", help="train in float32 (for CPUs without bfloat16 instructions)"
     )
@@ -389,7 +386,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--eval-n", type=int, default=100, help="held-out examples per category to score (0: skip)"
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train the pair as the parsed flags of `add_arguments` say; print each model's time and accuracy."""
     config = TrainConfig(
         base_steps=args.base_steps,
         ft_steps=args.ft_steps,
@@ -403,6 +403,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, info in infos.items():
         print(name, f"{info['train_seconds']} s", json.dumps(info.get("eval", {}).get("accuracy", {})))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m latent_merge_nnsight.zoo.train --out DIR [--seed S] [--threads T]``."""
+    p = argparse.ArgumentParser(
+        prog="lmn zoo train",
+        description="Train the toy base/reasoner pair from a seed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":
