@@ -85,15 +85,7 @@ def register_architecture(
         ...     embed="model.embed_tokens", rotary="model.rotary_emb",
         ... )
     """
-    arch = Architecture(
-        model_type=model_type,
-        layers=layers,
-        final_norm=final_norm,
-        embed=embed,
-        rotary=rotary,
-        position_embedding=position_embedding,
-        embed_dropout=embed_dropout,
-    )
+    arch = Architecture(model_type, layers, final_norm, embed, rotary, position_embedding, embed_dropout)
     _ARCHITECTURES[model_type] = arch
     return arch
 

@@ -196,25 +196,24 @@ def prepare_run(
     input_ids: Any = None,
     attention_mask: Any = None,
     padding_side: str | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int | None = None,
     stop: Any = None,
     eos_token_id: Any = None,
     ignore_eos: bool = False,
     num_beams: int = 1,
     tokenizer: Any = None,
     chat: bool | None = None,
-    sampler: str = "default",
+    **sampling: Any,
 ) -> Run:
-    """Check the generation arguments and encode the prompts (left-aligned, on the base's device)."""
+    """Check the generation arguments and encode the prompts (left-aligned, on the base's device).
+
+    `sampling` holds `SamplingConfig`'s fields (`do_sample`, `temperature`, `top_p`, `top_k`, `seed`,
+    `sampler`).
+    """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise LatentMergeError(f"max_new_tokens={max_new_tokens!r}; expected an int >= 1")
     if num_beams != 1:
         raise LatentMergeError(BEAM_SEARCH_UNSUPPORTED.format(n=num_beams))
-    config = SamplingConfig(do_sample, temperature, top_p, top_k, seed, sampler)
+    config = SamplingConfig(**sampling)
     tokenizer = tokenizer if tokenizer is not None else getattr(base, "tokenizer", None)
     stops = _check_stop(stop, tokenizer)
     batch = encode(
