@@ -37,9 +37,9 @@ print("ok")
     "imports",
     [
         "import nnsight; import latent_merge_nnsight",  # the user imported nnsight first
-        "import latent_merge_nnsight",
+        "import latent_merge_nnsight; latent_merge_nnsight.load('toy-base')",  # nnsight comes in with a model
         "import latent_merge_nnsight; import nnsight; import httpx, starlette.applications",
-        "import latent_merge_nnsight, latent_merge_nnsight",  # idempotent
+        "import latent_merge_nnsight, latent_merge_nnsight; import nnsight",  # idempotent
     ],
 )
 def test_anyio_works_after_nnsight_in_any_import_order(imports: str) -> None:
