@@ -220,3 +220,22 @@ def test_findings_are_computed_from_the_numbers(tmp_path):
     rows[-8:-4] = _row("latent", "lerp", 5, 0.5, (1.0, 0.95, 1.0, 1.0), "post")
     text = write_report(pd.DataFrame(rows), tmp_path / "b.md", META, {}).read_text()
     assert "is dominated by the best latent merge `latent-lerp post L=5 alpha=0.5`" in text
+
+
+def test_probe_records_without_changing_tokens_or_the_op_registry():
+    from latent_merge_nnsight.demo.probe import NormProbe
+    from latent_merge_nnsight.evaluation.tasks import chat_messages, make_eval_set
+    from latent_merge_nnsight.ops import get_op, list_ops
+
+    before = {name: get_op(name) for name in list_ops()}
+    base, ft = lmn.load("toy-base"), lmn.load("toy-reasoner")
+    chats = [chat_messages(e.prompt) for e in make_eval_set("reasoning", 2, seed=0)]
+    recipe = lmn.Recipe(op="lerp", site="post", layers={5: 0.9})
+    plain = lmn.generate(base, ft, chats, recipe, max_new_tokens=16)
+    probe = NormProbe()
+    with probe.recording(recipe, n_layers=6):
+        seen = lmn.generate(base, ft, chats, recipe, max_new_tokens=16)
+    assert seen.tokens == plain.tokens
+    summary = probe.summary()
+    assert 0 < summary["norm_ratio"] < 10 and 0 < summary["source_weight"][5] < 1
+    assert {name: get_op(name) for name in list_ops()} == before  # the op is put back as it was

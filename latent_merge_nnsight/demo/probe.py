@@ -1,8 +1,9 @@
 """`NormProbe`: what a merge sees while it generates, measured through the public op registry.
 
-The probe registers a twin of a recipe's op (`lmn.register_op`, same function, same flags and params)
-that records, at each merged position, `|h_source| / |h_base|` and the weight the merge gives the source
-side, then returns exactly what the op returns. So the generated tokens are those of the plain op, and the
+While it records, the probe registers a twin of a recipe's op under the op's own name (`lmn.register_op`
+with `overwrite=True`, same function, flags and params; the original is put back after) that records, at
+each merged position, `|h_source| / |h_base|` and the weight the merge gives the source side, then
+returns exactly what the op returns. So the generated tokens are those of the plain op, and the
 measurement works with any engine that calls the registered op.
 
 **Effective ensemble weight.** Merged at the last block's output (site `post`), the state goes straight
@@ -14,10 +15,12 @@ lerp `c_b = (1-a)|h_b|`, `c_s = a|h_s|`; for slerp `c_b = sin((1-a)t)/sin(t)`, `
 (`t` the angle; the linear blend below 1e-3 rad); one-source RegMean is lerp at `a = beta`.
 """
 
+import contextlib
 import functools
 import inspect
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,7 +54,8 @@ class NormProbe:
 
     Usage:
         probe = NormProbe()
-        out = lmn.generate(base, ft, prompts, probe.wrap(recipe, n_layers), ...)
+        with probe.recording(recipe, n_layers):
+            out = lmn.generate(base, ft, prompts, recipe, ...)
         probe.summary()   # {"norm_ratio": mean over merged layers, "source_weight": {layer: mean}}
         probe.reset()
 
@@ -69,15 +73,18 @@ class NormProbe:
         self._sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])  # ratio, weight, count
         self._calls = 0
 
-    def wrap(self, recipe: Recipe, n_layers: int) -> Recipe:
-        """The same recipe with its op replaced by the recording twin (unprobed ops pass through)."""
-        if recipe.op not in PROBED or recipe.resolved_positions() != "last":
+    @contextlib.contextmanager
+    def recording(self, recipe: Any, n_layers: int) -> Iterator[None]:
+        """While the block runs, the recipe's op records what it mixes (unprobed ops and recipes pass
+        through). The op is re-registered under its own name with a recording twin and put back after,
+        so the registry holds no extra name and the recipe is unchanged."""
+        if not isinstance(recipe, Recipe) or recipe.op not in PROBED or recipe.resolved_positions() != "last":
             self._layers = []
-            return recipe
+            yield
+            return
         self._op = recipe.op
         self._layers = [layer for layer, a in sorted(recipe.layer_alphas(n_layers).items()) if a != 0]
         spec = get_op(recipe.op)
-        name = f"{recipe.op}+probe"
 
         @functools.wraps(spec.fn)
         def recording(hb, hs, alpha, **params):
@@ -85,14 +92,18 @@ class NormProbe:
             return spec.fn(hb, hs, alpha, **params)
 
         recording.__signature__ = inspect.signature(spec.fn)  # type: ignore[attr-defined]
-        register_op(
-            name,
+        flags = dict(
             multi_source=spec.multi_source,
             default_positions=spec.default_positions,
             static_source=spec.static_source,
             overwrite=True,
-        )(recording)
-        return recipe.model_copy(update={"op": name})
+        )
+        register_op(spec.name, **flags)(recording)
+        try:
+            yield
+        finally:
+            register_op(spec.name, **flags)(spec.fn)
+            self._layers = []
 
     def _record(self, hb: torch.Tensor, hs: torch.Tensor, alpha: Any, params: dict[str, Any]) -> None:
         if not self._layers:

@@ -179,8 +179,8 @@ def _findings(wide: pd.DataFrame, meta: dict[str, Any], fam: dict[str, pd.Series
         row = lim.iloc[0]
         same = f"; its generations equal the reasoner's in {agree[0]} of {agree[1]} prompts" if agree else ""
         out.append(
-            f"Its alpha = 1 limit `{row['label']}` (the reasoner's blocks under the base's final norm and "
-            f"head) scores reasoning {_fmt(row['gained'])} and skill {_fmt(row['skill'])}, against the "
+            f"The alpha = 1 limit there, `{row['label']}` (the reasoner's blocks under the base's final norm "
+            f"and head), scores reasoning {_fmt(row['gained'])} and skill {_fmt(row['skill'])}, against the "
             f"reasoner's {_fmt(ft['gained'])} and {_fmt(ft['skill'])}{same}."
         )
     jump = float(meta.get("grid", {}).get("refine_jump", 0.25))

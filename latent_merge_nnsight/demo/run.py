@@ -241,23 +241,22 @@ def _evaluate(
     from latent_merge_nnsight import generate
     from latent_merge_nnsight.evaluation.tasks import MAX_NEW_TOKENS, chat_messages, score
     from latent_merge_nnsight.models import model_info
-    from latent_merge_nnsight.recipe import Recipe
 
-    probed = probe.wrap(recipe, model_info(model).n_layers) if isinstance(recipe, Recipe) else recipe
     scores = {}
-    for category, examples in eval_sets.items():
-        probe.reset()
-        out = generate(
-            model,
-            sources,
-            [chat_messages(e.prompt) for e in examples],
-            probed,
-            max_new_tokens=MAX_NEW_TOKENS[category],
-            engine=engine,
-            keep_engine=True,
-        )
-        hits = [score(category, text, e.answer) for text, e in zip(out.texts, examples, strict=True)]
-        scores[category] = (sum(hits) / len(hits), len(hits), out.texts, probe.summary())
+    with probe.recording(recipe, model_info(model).n_layers):
+        for category, examples in eval_sets.items():
+            probe.reset()
+            out = generate(
+                model,
+                sources,
+                [chat_messages(e.prompt) for e in examples],
+                recipe,
+                max_new_tokens=MAX_NEW_TOKENS[category],
+                engine=engine,
+                keep_engine=True,
+            )
+            hits = [score(category, text, e.answer) for text, e in zip(out.texts, examples, strict=True)]
+            scores[category] = (sum(hits) / len(hits), len(hits), out.texts, probe.summary())
     return scores
 
 
