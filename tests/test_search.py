@@ -160,7 +160,6 @@ def test_resuming_with_other_settings_is_refused(pair, tmp_path):
 
 
 def test_cli_search_refuses_a_malformed_constraint(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["search", "--base", "toy-base", "--source", "toy-reasoner", "--min", "skill_kept"])
-    assert exit_info.value.code == 2
+    code = cli.main(["search", "--base", "toy-base", "--source", "toy-reasoner", "--min", "skill_kept"])
+    assert code == 2
     assert "--min 'skill_kept'; expected METRIC=VALUE, e.g. skill_kept=0.9" in capsys.readouterr().err
