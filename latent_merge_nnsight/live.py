@@ -1,5 +1,5 @@
-"""Moved: `LiveSource` lives in `latent_merge_nnsight.generation.stepper` (this path stays importable)."""
+"""Moved: `LiveSource` lives in `latent_merge_nnsight.generation.live` (this path stays importable)."""
 
-from latent_merge_nnsight.generation.stepper import LiveSource as LiveSource
+from latent_merge_nnsight.generation.live import LiveSource as LiveSource
 
 __all__ = ["LiveSource"]

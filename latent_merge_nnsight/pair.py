@@ -27,9 +27,9 @@ base's cache between steps, and nothing reorders the source's in step with it.
 from typing import Any
 
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.generation.live import LiveSource
 from latent_merge_nnsight.generation.loop import prepare_run
 from latent_merge_nnsight.generation.nnsight import PairTracer, open_trace
-from latent_merge_nnsight.generation.stepper import LiveSource
 from latent_merge_nnsight.models import check_compatible, model_info
 
 __all__ = ["LiveSource", "Pair", "PairTracer", "pair"]

@@ -7,7 +7,9 @@
 - `fast.py`: the fast engine: `PairedEngine` (base and sources stepped block by block with static KV
   caches, merging with `Plan.apply` at each merged layer) and its decode loop `run_fast`;
 - `nnsight.py`: the nnsight engine: one `base.generate` trace, merging with `merge.apply_plan`;
-- `stepper.py`: `LiveSource`, a source stepped in lockstep with a traced base;
+- `stepper.py`: `Stepper`, one model stepped block by block with its own KV cache (run to a depth,
+  a fixed-shape decode step, dropping rows): the runner of every model in both engines;
+- `live.py`: `LiveSource`, a source on a `Stepper` following a traced base (nnsight engine, `lmn.pair`);
 - `stack.py`: a causal LM as embed / block i / head with a package-owned `KVCache`, built from the
   architecture registry of `latent_merge_nnsight.sites`;
 - `graphs.py`: fixed-shape steps captured as CUDA graphs (eager stand-ins off CUDA).

@@ -2,7 +2,8 @@
 
 One forward of `PairedEngine` runs, for each layer i: the merge into the base at (i, "pre"), base block
 i, source block i (only while i is below the highest merged layer), the merge at (i, "post"); then the
-final norm and the head on each row's last token. No nnsight trace and no hooks are involved, so a step
+final norm and the head on each row's last token. Each model runs on its own `generation.stepper.Stepper`
+(its stack, KV cache and forward in progress). No nnsight trace and no hooks are involved, so a step
 costs the modules' own work plus one small op per merged layer.
 
 On CUDA the decode step is captured as a CUDA graph per batch size (static input buffers, caches written
@@ -21,9 +22,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from latent_merge_nnsight.generation.graphs import StepGraphs, StepInputs
+from latent_merge_nnsight.generation.graphs import FixedStep, StepGraphs
 from latent_merge_nnsight.generation.loop import GenerationResult, Run
 from latent_merge_nnsight.generation.stack import Biases, KVCache, Stack, mask_positions, plain_forwards
+from latent_merge_nnsight.generation.stepper import Stepper
 from latent_merge_nnsight.models import hf_module
 from latent_merge_nnsight.plan import Plan
 from latent_merge_nnsight.positions import position_mask
@@ -65,9 +67,10 @@ class PairedEngine:
         self.depth = max([base.n_layers, *self.src_blocks])
         self.device = base.device
         self.capacity = capacity
-        self.caches: list[KVCache] = [base.new_cache(capacity)] + [
-            s.new_cache(capacity) for s in self.sources
-        ]
+        self.steppers = [Stepper(base, base.n_layers, capacity)] + [
+            Stepper(s, blocks, capacity) for s, blocks in zip(self.sources, self.src_blocks, strict=True)
+        ]  # the base, then each source
+        self.caches: list[KVCache] = [s.cache for s in self.steppers]
         self.rows = batch  # rows of the current run (fewer once finished rows are dropped)
         self.max_rows = batch
         self.kv_mask = torch.zeros(batch, capacity, dtype=torch.long, device=self.device)
@@ -77,15 +80,27 @@ class PairedEngine:
         self.post = frozenset(merged if plan.site == "post" else ())  # and leaving it
         self.decode_merges = plan.merges_while_decoding
         use_graphs = self.device.type == "cuda" and (cuda_graphs is None or bool(cuda_graphs))
-        self.graphs = StepGraphs(self.device, use_graphs, "the decode step")
-        self._inputs: StepInputs | None = None  # the fixed-shape step's static inputs, made on first use
-        self.static = use_graphs or static_step or compile_step
+        self.fixed = FixedStep(self.device, use_graphs, static_step or compile_step, "the decode step")
         self.compiled = compile_step
         self._step_fn = torch.compile(self._graph_step, dynamic=False) if compile_step else self._graph_step
         if self.static:  # alphas as device scalars, so a kept engine takes new alphas without a new capture
             wd = torch.float64 if base.dtype == torch.float64 else torch.float32
             self.plan = plan.on_device(self.device, wd, len(self.sources))
         self.layout = self._layout(base, self.sources, plan)
+
+    @property
+    def graphs(self) -> StepGraphs:
+        """The paired decode step's captured (or eager) fixed-shape steps, one per batch size."""
+        return self.fixed.graphs
+
+    @property
+    def static(self) -> bool:
+        """Whether decode steps run as the fixed-shape step (a failed capture turns it off)."""
+        return self.fixed.on
+
+    @static.setter
+    def static(self, on: bool) -> None:
+        self.fixed.on = on
 
     @property
     def use_graphs(self) -> bool:
@@ -138,8 +153,9 @@ class PairedEngine:
         """The pair's modules without nnsight's controllers while the block lasts (`plain_forwards`)."""
         return plain_forwards([m for stack in (self.base, *self.sources) for m in stack.modules])
 
-    def _biases(self, kv_mask: Tensor, start: "int | Tensor", n_new: int) -> tuple[Biases, list[Biases]]:
-        """The base's attention biases and each source's (built once per device, dtype and set of windows)."""
+    def _biases(self, kv_mask: Tensor, start: "int | Tensor", n_new: int) -> list[Biases]:
+        """The attention biases of the base, then of each source (built once per device, dtype and set of
+        windows)."""
         made: dict[Any, Biases] = {}
         out = []
         for stack in (self.base, *self.sources):
@@ -147,7 +163,7 @@ class PairedEngine:
             if key not in made:
                 made[key] = stack.attention_bias(kv_mask, start, n_new)
             out.append(made[key])
-        return out[0], out[1:]
+        return out
 
     def _forward(
         self,
@@ -160,27 +176,21 @@ class PairedEngine:
     ) -> tuple[Float[Tensor, "batch vocab"], Float[Tensor, "batch vocab"] | None]:
         """Both models over `ids`, written at slots `start...` of the caches; returns the logits at each
         row's last position (base, and the source's for the ensemble)."""
-        base, caches = self.base, self.caches
-        bias, bias_s = self._biases(kv_mask, start, ids.shape[1])
-        hb, ctx_b = base.embed(ids, positions)
-        hs, ctx_s = [], []
-        for s in self.sources:
-            h, c = s.embed(ids.to(s.device), positions.to(s.device))
-            hs.append(h)
-            ctx_s.append(c)
+        steppers = self.steppers
+        base, sources = steppers[0], steppers[1:]
+        for stepper, bias in zip(steppers, self._biases(kv_mask, start, ids.shape[1]), strict=True):
+            stepper.start(ids, positions, bias)
         for i in range(self.depth):
             if merge and i in self.pre:
-                hb = self.plan.apply(i, "pre", hb, hs, select)
-            if i < base.n_layers:
-                hb = base.block(i, hb, bias, positions, ctx_b, caches[0])
-            for j, s in enumerate(self.sources):
-                if i < self.src_blocks[j]:
-                    hs[j] = s.block(i, hs[j], bias_s[j], positions.to(s.device), ctx_s[j], caches[j + 1])
+                base.h = self.plan.apply(i, "pre", base.h, [s.h for s in sources], select)
+            for stepper in steppers:
+                if i < stepper.depth:
+                    stepper.advance()
             if merge and i in self.post:
-                hb = self.plan.apply(i, "post", hb, hs, select)
-        logits = base.logits(hb[:, -1])
+                base.h = self.plan.apply(i, "post", base.h, [s.h for s in sources], select)
+        logits = base.logits()
         if self.plan.mode == "ensemble":
-            return logits, self.sources[0].logits(hs[0][:, -1]).to(logits.device)
+            return logits, sources[0].logits().to(logits.device)
         return logits, None
 
     # ------------------------------------------------------------------------------------------------
@@ -220,8 +230,8 @@ class PairedEngine:
         if self.static and n > self.rows // 2:
             return False  # under graphs, shrink only when the batch halves (one capture per size)
         index = index.to(self.device)
-        for cache in self.caches:
-            cache.keep_rows(index, in_place=self.static)
+        for stepper in self.steppers:
+            stepper.keep(index, in_place=self.static)
         if self.static:
             self.kv_mask[:n] = self.kv_mask.index_select(0, index)
             self.next_pos[:n] = self.next_pos.index_select(0, index)
@@ -238,19 +248,16 @@ class PairedEngine:
         self, tokens: Tensor, positions: Tensor, slot: int
     ) -> tuple[Tensor, Tensor | None] | None:
         rows = self.rows
-        if self._inputs is None:
-            self._inputs = StepInputs(self.kv_mask.shape[0], self.device)
-        self._inputs.load(tokens[:, None], positions, slot)
-        out = self._inputs.replay(self.graphs, rows, functools.partial(self._step_fn, rows), self.caches)
+        self.fixed.inputs_for(self.max_rows, self.device).load(tokens[:, None], positions, slot)
+        out = self.fixed.replay(rows, functools.partial(self._step_fn, rows), self.caches)
         if out is None:  # capture failed: decode eagerly from here on
-            self.static = False
             self.kv_mask, self.next_pos = self.kv_mask[:rows], self.next_pos[:rows]
             return None
         base_logits, src_logits = out
         return base_logits.clone(), None if src_logits is None else src_logits.clone()
 
     def _graph_step(self, rows: int) -> tuple[Tensor, Tensor | None]:
-        inputs = self._inputs
+        inputs = self.fixed.inputs
         return self._forward(
             inputs.ids[:rows],
             inputs.pos[:rows],
@@ -263,11 +270,12 @@ class PairedEngine:
     def release(self) -> None:
         """Drop the captured graphs, the caches and the step buffers now (a finished engine not kept for
         the next call), rather than whenever the garbage collector gets to them."""
-        self.graphs.clear()
+        self.fixed.release()
+        for stepper in self.steppers:
+            stepper.reset()
         for cache in self.caches:
             cache.keys = [None] * cache.n_layers
             cache.values = [None] * cache.n_layers
-        self._inputs = None
 
     def cache_bytes(self) -> int:
         return sum(c.nbytes() for c in self.caches)

@@ -4,8 +4,8 @@ A step function reads its inputs from static buffers and returns its outputs; `C
 on one side stream per device (refusing a step that synchronises), captures it, and replays it.
 `EagerStep` stands in for it off CUDA, so the fixed-shape path runs (and is tested) on CPU too.
 `StepInputs` holds a decode step's static inputs and replays the step with the KV caches writing at
-its device-side slot: the one fixed-shape decode step of both engines (the fast engine's paired step,
-a live source's step under the nnsight engine).
+its device-side slot. `FixedStep` puts both together: the one fixed-shape decode step of both engines
+(the fast engine's paired step, a `Stepper`'s own step for a live source under the nnsight engine).
 """
 
 import functools
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["CapturedStep", "EagerStep", "StepGraphs", "StepInputs", "side_stream"]
+__all__ = ["CapturedStep", "EagerStep", "FixedStep", "StepGraphs", "StepInputs", "side_stream"]
 
 
 _SIDE_STREAMS: dict[int, Any] = {}
@@ -138,12 +138,14 @@ class StepInputs:
         ids, pos: the new token and its position per row, `[rows, 1]` (a run may use the first rows only).
         slot: the cache slot the step writes, `[1]` (a device tensor: one graph serves every step).
         kv_mask: `[rows, kv_slots]`, the attention mask over cache slots (for a step that keeps its own).
+        shape: `(rows, kv_slots)` as made.
     """
 
     def __init__(self, rows: int, device: Any, kv_slots: int | None = None):
         zeros = functools.partial(torch.zeros, dtype=torch.long, device=device)
         self.ids, self.pos, self.slot = zeros(rows, 1), zeros(rows, 1), zeros(1)
         self.kv_mask = None if kv_slots is None else zeros(rows, kv_slots)
+        self.shape = (rows, kv_slots)
 
     def load(self, ids: torch.Tensor, positions: torch.Tensor, slot: int) -> None:
         """This step's tokens `[n, 1]` and positions `[n, 1]` into the first n rows, and its slot."""
@@ -166,3 +168,41 @@ class StepInputs:
             for cache in caches:
                 cache.graph_mode = False
                 cache.filled = [cache.end if out is not None else cache.start] * cache.n_layers
+
+
+class FixedStep:
+    """A decode step run at fixed shapes: its static inputs, its captured (or eager) versions by key,
+    and `on`, whether decode steps take this path (a failed capture turns it off for good).
+
+    Arguments:
+        device: where the step runs.
+        use_graphs: capture the step as CUDA graphs (CUDA only).
+        static: run the fixed-shape step without capturing it (to check the path on CPU).
+        what: the step's name in the warning of a failed capture.
+    """
+
+    def __init__(self, device: torch.device, use_graphs: bool, static: bool, what: str):
+        self.graphs = StepGraphs(device, use_graphs, what)
+        self.on = use_graphs or static
+        self.inputs: StepInputs | None = None  # made on first use
+
+    def inputs_for(self, rows: int, device: Any, kv_slots: int | None = None) -> StepInputs:
+        """The static inputs for `rows` rows (and a mask over `kv_slots` slots). New buffers make every
+        captured step stale, so those are dropped."""
+        inputs = self.inputs
+        if inputs is None or inputs.shape != (rows, kv_slots):
+            self.graphs.clear()
+            self.inputs = StepInputs(rows, device, kv_slots=kv_slots)
+        return self.inputs
+
+    def replay(self, key: Hashable, step: Callable[[], Any], caches: list[Any]) -> Any:
+        """`StepInputs.replay` on these inputs; None (and `on` turned off) when capture failed."""
+        out = self.inputs.replay(self.graphs, key, step, caches)
+        if out is None:
+            self.on = False
+        return out
+
+    def release(self) -> None:
+        """Drop the captured steps and the static inputs."""
+        self.graphs.clear()
+        self.inputs = None

@@ -1,7 +1,7 @@
 """The nnsight engine (`lmn.generate(..., engine="nnsight")`) and the traced generation under `lmn.pair`.
 
 One nnsight trace of the base's `base.generate` (HF's decode loop) runs the plan: at every step the
-sources (`generation.stepper.LiveSource`) follow the base on exactly its tokens, and each merged layer is
+sources (`generation.live.LiveSource`) follow the base on exactly its tokens, and each merged layer is
 mixed by `merge.apply_plan` (hence `Plan.apply`) inside the trace. Token choice and stopping come from
 the loop's own choose-next step (`Run.choose_next`: ensemble mix, the package's sampler, the tracker),
 installed as a logits processor that leaves HF's argmax exactly one choice, so a seed gives the same
@@ -24,8 +24,8 @@ from transformers import (
 )
 
 from latent_merge_nnsight._nnsight import tracer_class
+from latent_merge_nnsight.generation.live import LiveSource
 from latent_merge_nnsight.generation.loop import GenerationResult, Run
-from latent_merge_nnsight.generation.stepper import LiveSource
 from latent_merge_nnsight.inputs import Batch
 from latent_merge_nnsight.merge import apply_plan
 from latent_merge_nnsight.models import hf_module

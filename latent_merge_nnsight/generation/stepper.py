@@ -1,213 +1,126 @@
-"""`LiveSource`: a source model stepped in lockstep with a traced base, its residuals served on request.
+"""`Stepper`: one model stepped block by block on a decode loop's tokens, the runner both engines share.
 
-Inside a trace of the base (`lmn.pair(...).generate(...)` or `engine="nnsight"`), `resid(layer, site)`
-waits until the base reaches that site in the current forward, runs the source on exactly the tokens the
-base is processing now (plain torch, block by block, with its own KV cache) and returns its residual
-there. On CUDA each decode step (the embedding and every block the source runs) replays one captured CUDA
-graph instead. The source's modules run without nnsight's controllers, so the trace never sees their
-calls (the base itself can be its own source).
+A `Stepper` holds a model's `Stack`, its `KVCache` and the forward in progress: `start` embeds the
+step's tokens, `advance` / `run_to(n)` run blocks in order (`h` is the residual after those run), and
+`finish` runs the blocks every step runs (`depth`: a source stops after the highest merged layer, and
+each step must fill the same caches). `step_fixed` runs a whole decode step (embedding and `depth`
+blocks) at fixed shapes, one CUDA graph replay on CUDA. `keep` drops finished rows from the cache.
+
+- the fast engine (`generation.fast.PairedEngine`) steps its base and each source with a `Stepper`,
+  block i of each in turn with the merge in between; its CUDA graph captures that whole paired step;
+- a live source (`generation.live.LiveSource`, the nnsight engine and `lmn.pair`) steps its model with
+  one, following a traced base, and serves the states to the trace.
 """
 
-from typing import Any
-
-import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from latent_merge_nnsight._nnsight import is_interleaving
-from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.generation.graphs import StepGraphs, StepInputs
-from latent_merge_nnsight.generation.stack import Stack, mask_positions
-from latent_merge_nnsight.models import last_inputs, model_info
-from latent_merge_nnsight.sites import Site, check_layer, check_site, get_layers, read_resid
+from latent_merge_nnsight.generation.graphs import FixedStep
+from latent_merge_nnsight.generation.stack import Biases, KVCache, Stack
 
-__all__ = ["LiveSource"]
+__all__ = ["Stepper"]
 
 
-class LiveSource:
-    """A source model's residual stream at the step a traced base model is running (a `ResidSource`).
+class Stepper:
+    """A model's forward, one decode step at a time, with its own KV cache.
 
     Arguments:
-        base: the traced base model (nnsight).
-        model: the source model (a shallow one from `up_to_layer` works).
-        up_to_layer: run the source through block `up_to_layer` every step, so any site up to that layer
-            can be asked for at any step. Without it the source runs as deep as the deepest request at the
-            prompt step; asking deeper at a later step is an error (its deeper caches would lack the
-            earlier tokens).
-        cuda_graphs: on CUDA, run each decode step of the source (embedding and every block it runs) as
-            one captured CUDA graph instead of block by block from Python (default: yes on CUDA). A step
-            that cannot be captured runs eagerly, with a warning.
-        static_step: run that fixed-shape decode step without capturing it (to check the path on CPU).
+        stack: the model as a `Stack`.
+        depth: blocks every step runs (`finish` runs up to there).
+        capacity: KV slots per row of a cache made now (0: none yet, see `new_cache`).
+        fixed: the fixed-shape step `step_fixed` runs on (its graphs, inputs and whether it is on); None
+            for a stepper whose steps run inside another's fixed step (the fast engine's).
     """
 
-    def __init__(
-        self,
-        base: Any,
-        model: Any,
-        *,
-        up_to_layer: int | None = None,
-        cuda_graphs: bool | None = None,
-        static_step: bool = False,
-    ):
-        self.base = base
-        self.model = model
-        self.info = model_info(model)
-        self.stack = Stack(model)
-        if up_to_layer is not None:
-            check_layer(up_to_layer, self.info.n_layers, what="up_to_layer", model_name=self.info.name)
-        self.min_blocks = 0 if up_to_layer is None else up_to_layer + 1
-        self.budget = 64
-        on_cuda = self.stack.device.type == "cuda"
-        use_graphs = on_cuda and (cuda_graphs is None or bool(cuda_graphs))
-        self.graphs = StepGraphs(self.stack.device, use_graphs, "the source step")
-        self.static = use_graphs or static_step
-        self._inputs: StepInputs | None = None  # the fixed-shape step's static inputs, made on first use
-        self.reset()
+    def __init__(self, stack: Stack, depth: int, capacity: int = 0, fixed: FixedStep | None = None):
+        self.stack = stack
+        self.depth = depth
+        self.fixed = fixed
+        self.cache: KVCache | None = stack.new_cache(capacity) if capacity else None
+        self._forget()
+
+    def new_cache(self, capacity: int) -> KVCache:
+        """A fresh, empty cache of `capacity` slots per row (a new generation)."""
+        self.cache = self.stack.new_cache(capacity)
+        self._forget()
+        return self.cache
 
     def reset(self) -> None:
-        """Forget the current generation (frees the KV cache)."""
+        """Forget the generation: the cache, the forward in progress, and the fixed step's graphs."""
         self.cache = None
-        self._ids: Tensor | None = None
-        self._h: Tensor | None = None
-        self._states: dict[int, Tensor] = {}
-        self._replayed: list[Tensor] | None = None  # the fixed-shape step's outputs (states by blocks)
-        self.graphs.clear()
-        self._ran = 0
-        self.depth = self.min_blocks
+        self._forget()
+        if self.fixed is not None:
+            self.fixed.graphs.clear()
 
-    def __repr__(self) -> str:
-        return f"LiveSource({self.info.name}, blocks run per step={self.depth} of {self.info.n_layers})"
+    def _forget(self) -> None:
+        """Drop the forward in progress (its residual, positions, biases and rotary context)."""
+        self.h: Tensor | None = None
+        self.pos = self.bias = self.ctx = None
+        self.ran = 0
 
     # ------------------------------------------------------------------------------------------------
+    # one forward, block by block (the caller reserves its cache slots with `cache.begin`)
 
-    def resid(self, layer: int, site: Site) -> Float[Tensor, "batch pos d_model"]:
-        """The source's residual at (layer, site) for the tokens the base is processing now."""
-        check_site(site)
-        check_layer(layer, self.info.n_layers, model_name=self.info.name)
-        if not is_interleaving(self.base):
-            raise LatentMergeError(
-                "a live source's state exists only inside a trace of its base: use it in "
-                "`with pair.generate(...)` (or a trace of the pair's base model)"
-            )
-        # reading the base at this site parks the trace body until the model gets there, so the tokens
-        # recorded below are those of the forward now running (the body runs ahead otherwise)
-        read_resid(get_layers(self.base)[layer], site)
-        self._sync()
-        return self._state(layer + (1 if site == "post" else 0), layer)
+    def start(
+        self, ids: Int[Tensor, "batch new"], positions: Int[Tensor, "batch new"], bias: Biases
+    ) -> Float[Tensor, "batch new d_model"]:
+        """Embed this forward's tokens; no block has run yet. `bias` from `Stack.attention_bias`."""
+        device = self.stack.device
+        self.pos, self.bias = positions.to(device), bias
+        self.h, self.ctx = self.stack.embed(ids.to(device), self.pos)
+        self.ran = 0
+        return self.h
+
+    def advance(self) -> Float[Tensor, "batch new d_model"]:
+        """Run the next block."""
+        self.h = self.stack.block(self.ran, self.h, self.bias, self.pos, self.ctx, self.cache)
+        self.ran += 1
+        return self.h
+
+    def run_to(self, blocks: int) -> Float[Tensor, "batch new d_model"]:
+        """Run blocks until `blocks` of them have run this forward."""
+        while self.ran < blocks:
+            self.advance()
+        return self.h
+
+    def finish(self) -> None:
+        """Run the forward in progress up to `depth` (keeps every cache it fills in step)."""
+        if self.h is not None:
+            self.run_to(self.depth)
 
     def logits(self) -> Float[Tensor, "batch vocab"]:
-        """The source's next-token logits for the base's latest forward (the whole model runs)."""
-        self._sync()
-        h = self._state(self.info.n_layers, self.info.n_layers - 1)
-        with self.stack.plain():
-            return self.stack.logits(h[:, -1])
+        """Next-token logits at each row's last position (the whole model must have run)."""
+        return self.stack.logits(self.h[:, -1])
+
+    def keep(self, index: Int[Tensor, " keep"], in_place: bool) -> None:
+        """Keep only the batch rows `index` of the cache (`in_place`: the same buffers, for a graph)."""
+        self.cache.keep_rows(index, in_place=in_place)
 
     # ------------------------------------------------------------------------------------------------
+    # a decode step at fixed shapes (a CUDA graph on CUDA)
 
-    def _sync(self) -> None:
-        """Start a source forward on the base's latest tokens, if it has not started yet."""
-        recorded = last_inputs(self.base)
-        ids, mask = recorded if recorded is not None else (None, None)
-        if ids is None:
-            raise LatentMergeError(
-                "the base's latest forward recorded no input_ids; wrap the base with lmn.wrap"
-            )
-        if ids is self._ids:
-            return
-        self._complete()
-        new = ids.shape[1]
-        if mask is None:  # HF generate drops an all-ones mask: no padding, so the mask is all ones
-            prompt = self.cache is None or new > 1  # decoding steps feed one token
-            past = 0 if prompt else self.cache.end
-            mask = torch.ones(ids.shape[0], past + new, dtype=torch.long, device=ids.device)
-        width = mask.shape[1]
-        if width == new:  # a prompt: a new generation starts
-            self.reset()
-            self.cache = self.stack.new_cache(width + self.budget)
-        elif self.cache is None or self.cache.end != width - new:
-            have = 0 if self.cache is None else self.cache.end
-            raise LatentMergeError(
-                f"the source is out of step with the base: it holds {have} tokens, the base {width - new}; "
-                "a live source follows one generation from its prompt on"
-            )
-        dev = self.stack.device
-        ids, mask = ids.to(dev), mask.to(dev)
-        self.cache.begin(new)  # may grow the cache: `_step_fixed` then recaptures on the new buffers
-        self._replayed = None
-        self._ids = recorded[0]
-        if self.static and new == 1 and self.depth > 0 and self._step_fixed(ids, mask):
-            self._states, self._ran = {}, self.depth
-            return
-        self._pos = mask_positions(mask)[:, -new:]
-        self._bias = self.stack.attention_bias(mask, width - new, new)
-        with self.stack.plain():
-            self._h, self._ctx = self.stack.embed(ids, self._pos)
-        self._ran = 0
-        self._states = {0: self._h}
-
-    def _run_to(self, blocks: int) -> None:
-        with self.stack.plain():
-            while self._ran < blocks:
-                self._h = self.stack.block(self._ran, self._h, self._bias, self._pos, self._ctx, self.cache)
-                self._ran += 1
-
-    def _state(self, blocks: int, layer: int) -> Tensor:
-        """The residual after `blocks` blocks (asked for as a site of `layer`)."""
-        if blocks in self._states:
-            return self._states[blocks]
-        if self._replayed is not None and blocks <= self.depth:
-            # a copy: the step's output buffers are overwritten by the next step (a user may save this)
-            self._states[blocks] = self._replayed[blocks].clone()
-            return self._states[blocks]
-        if blocks < self._ran:
-            raise LatentMergeError(
-                f"asked for the source state after {blocks} blocks after it ran {self._ran}; "
-                "ask in layer order"
-            )
-        if blocks > self.depth and self.cache.start > 0:
-            raise LatentMergeError(
-                f"asked for the source state after {blocks} blocks, but earlier steps ran only "
-                f"{self.depth}, so "
-                f"its deeper KV caches lack those tokens; pass up_to_layer={layer} to lmn.pair"
-            )
-        self._run_to(blocks)
-        self.depth = max(self.depth, blocks)
-        self._states[blocks] = self._h
-        return self._h
-
-    def _complete(self) -> None:
-        """Finish the previous step up to the depth every step runs (keeps all caches in step)."""
-        if self._h is not None and self._ran < self.depth:
-            self._run_to(self.depth)
-
-    # ------------------------------------------------------------------------------------------------
-    # decode steps as one fixed-shape step (a CUDA graph on CUDA)
-
-    def _step_fixed(self, ids: Int[Tensor, "batch 1"], mask: Int[Tensor, "batch slots"]) -> bool:
-        """Run this decode step, every block up to `depth`, as one fixed-shape step writing the cache slot
-        just reserved. Returns False when capture failed: the step then runs eagerly in that slot."""
+    def step_fixed(
+        self, ids: Int[Tensor, "batch 1"], mask: Int[Tensor, "batch slots"]
+    ) -> list[Float[Tensor, "batch 1 d_model"]] | None:
+        """This decode step (`mask` covers the cache's slots up to the one just reserved) as one
+        fixed-shape step: the embedding and blocks `0..depth-1`. Returns the residual after each number
+        of blocks (buffers the next step overwrites: copy what is kept), or None when capture failed
+        (nothing ran: run the step eagerly; later steps run eagerly too)."""
         rows, width = mask.shape
-        cache = self.cache
-        if self._inputs is None or self._inputs.kv_mask.shape != (rows, cache.capacity):
-            self.graphs.clear()  # a step captured on other buffers (or a grown cache) is stale
-            self._inputs = StepInputs(rows, ids.device, kv_slots=cache.capacity)
-        inputs = self._inputs
+        inputs = self.fixed.inputs_for(rows, ids.device, kv_slots=self.cache.capacity)
         inputs.kv_mask[:, :width].copy_(mask)
         inputs.load(ids, mask.sum(dim=-1, keepdim=True) - 1, width - 1)  # the new token is real: its position
-        self._replayed = inputs.replay(self.graphs, (rows, self.depth), self._fixed_step, [cache])
-        written = self._replayed is not None
-        if not written:  # capture failed: this step and the next run eagerly
-            self.static = False
-        return written
+        states = self.fixed.replay((rows, self.depth), self._fixed_states, [self.cache])
+        if states is not None:
+            self.h, self.ran = states[-1], self.depth
+        return states
 
-    def _fixed_step(self) -> list[Tensor]:
+    def _fixed_states(self) -> list[Tensor]:
         """Embedding and blocks `0..depth-1` on the step buffers; the residual after each number of blocks."""
-        inputs = self._inputs
+        inputs = self.fixed.inputs
         bias = self.stack.attention_bias(inputs.kv_mask, inputs.slot, 1)
         with self.stack.plain():
-            h, context = self.stack.embed(inputs.ids, inputs.pos)
-            states = [h]
-            for i in range(self.depth):
-                h = self.stack.block(i, h, bias, inputs.pos, context, self.cache)
-                states.append(h)
+            states = [self.start(inputs.ids, inputs.pos, bias)]
+            for _ in range(self.depth):
+                states.append(self.advance())
         return states
