@@ -10,8 +10,9 @@ names living on `object` itself are mounts, not attributes of the set. It runs w
 which the package's `__init__` does first.
 
 Below that guard is every other place the package reaches into nnsight beyond its documented `trace`
-/ `generate` / envoy API: the wrapper class, the mediator of the running trace (which model, which rows
-of a batched invoke), whether a model is mid-trace, the tracer class a pair's generation subclasses,
+/ `generate` / envoy API: the wrapper class and the module it holds, the mediator of the running trace
+(which model, which rows of a batched invoke), whether a model can be traced or is mid-trace, the
+undecorated `generate`, the tracer class a pair's generation subclasses,
 the per-module controllers the engines take off, and the error an out-of-order read raises. nnsight is
 imported when one of these is first used (importing this module stays cheap and is done first).
 """
@@ -78,6 +79,16 @@ make_anyio_tolerate_mounts()
 # nnsight internals the package relies on (imported lazily: see the module docstring)
 
 
+def is_wrapped(obj: Any) -> bool:
+    """Whether `obj` is an nnsight wrapper or envoy (it holds a module: see `unwrap`)."""
+    return hasattr(obj, "_module")
+
+
+def unwrap(obj: Any) -> Any:
+    """The module an nnsight wrapper or envoy holds (`obj` itself when it is neither)."""
+    return getattr(obj, "_module", obj)
+
+
 def transformers_model(hf_model: Any, tokenizer: Any) -> Any:
     """nnsight's wrapper of an in-memory HF causal LM (`TransformersModel`)."""
     from nnsight.modeling.transformers import TransformersModel
@@ -108,6 +119,17 @@ def traced_roots(who: str) -> list[Any] | None:
     if mediator is None:
         return None
     return [e for e in mediator.interleaver.envoys.values() if getattr(e, "path", None) == "model"]
+
+
+def is_traceable(model: Any) -> bool:
+    """Whether `model` is an nnsight model (it has an interleaver, so it can be traced)."""
+    return hasattr(model, "interleaver")
+
+
+def model_generate(model: Any, *args: Any, **kwargs: Any) -> Any:
+    """The model class's own `generate` (the HF call a traced generation runs), without the tracing
+    decorator nnsight puts around it."""
+    return type(model).generate.__wrapped__(model, *args, **kwargs)
 
 
 def is_interleaving(model: Any) -> bool:

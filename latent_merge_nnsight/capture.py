@@ -14,7 +14,7 @@ from torch import Tensor
 
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.inputs import Batch, encode
-from latent_merge_nnsight.models import model_info
+from latent_merge_nnsight.models import hf_module, model_info
 from latent_merge_nnsight.sites import Site, check_layer, check_site, get_layers, read_resid, site_name
 
 __all__ = ["Capture", "capture"]
@@ -154,7 +154,7 @@ def capture(
         attention_mask=attention_mask,
         padding_side=padding_side,  # type: ignore[arg-type]
     )
-    device = next(model._module.parameters()).device
+    device = next(hf_module(model).parameters()).device
     batch = batch.to(device)
     info = model_info(model)
     states = run_to_layers(model, batch, layers, site)

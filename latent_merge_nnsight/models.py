@@ -26,7 +26,7 @@ import transformers
 from huggingface_hub import constants, try_to_load_from_cache
 from torch import nn
 
-from latent_merge_nnsight._nnsight import traced_roots, transformers_model
+from latent_merge_nnsight._nnsight import is_wrapped, traced_roots, transformers_model, unwrap
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.sites import architecture, get_layers, n_layers
 from latent_merge_nnsight.zoo import ZOO, zoo_path
@@ -92,7 +92,7 @@ def _record_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
 def hf_module(model: Any) -> nn.Module:
     """The Hugging Face module under an nnsight wrapper (or the module itself)."""
-    module = getattr(model, "_module", model)
+    module = unwrap(model)
     if not isinstance(module, nn.Module):
         raise LatentMergeError(f"expected a model, got {type(model).__name__}")
     return module
@@ -445,7 +445,7 @@ def active_model() -> Any:
             "no active trace: call merge_into inside `with model.trace(...)` (or `model.generate(...)`), "
             "or pass model= explicitly"
         )
-    roots = [e for e in envoys if isinstance(getattr(e, "_module", None), nn.Module)]
+    roots = [e for e in envoys if is_wrapped(e) and isinstance(unwrap(e), nn.Module)]
     if len(roots) != 1:
         raise LatentMergeError(
             f"could not tell which model is being traced ({len(roots)} candidates); pass model="

@@ -26,6 +26,7 @@ base's cache between steps, and nothing reorders the source's in step with it.
 
 from typing import Any
 
+from latent_merge_nnsight._nnsight import is_traceable
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generation.live import LiveSource
 from latent_merge_nnsight.generation.loop import prepare_run
@@ -47,7 +48,7 @@ class Pair:
     def __init__(
         self, base: Any, sources: Any, *, up_to_layer: int | None = None, cuda_graphs: bool | None = None
     ):
-        if not hasattr(base, "interleaver"):
+        if not is_traceable(base):
             raise LatentMergeError(
                 f"base has type {type(base).__name__}; lmn.pair needs an nnsight model from lmn.load "
                 "or lmn.wrap"

@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from latent_merge_nnsight._nnsight import unwrap
 from latent_merge_nnsight.deltas import Deltas
 from latent_merge_nnsight.ensemble import Ensemble, mix_logits
 from latent_merge_nnsight.errors import LatentMergeError
@@ -160,7 +161,7 @@ class Plan:
 
 
 def _is_model(obj: Any) -> bool:
-    return isinstance(getattr(obj, "_module", obj), nn.Module)
+    return isinstance(unwrap(obj), nn.Module)
 
 
 def _source_list(sources: Any) -> list[Any]:

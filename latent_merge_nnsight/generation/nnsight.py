@@ -23,7 +23,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from latent_merge_nnsight._nnsight import tracer_class
+from latent_merge_nnsight._nnsight import model_generate, tracer_class
 from latent_merge_nnsight.generation.live import LiveSource
 from latent_merge_nnsight.generation.loop import GenerationResult, Run
 from latent_merge_nnsight.inputs import Batch
@@ -84,7 +84,7 @@ def _run_generate(base: Any, pad_id: int, *args: Any, **kwargs: Any) -> Any:
     saved = hf.generation_config
     hf.generation_config = _neutral_config(hf, pad_id)
     try:
-        return type(base).generate.__wrapped__(base, *args, **kwargs)
+        return model_generate(base, *args, **kwargs)
     finally:
         hf.generation_config = saved
 

@@ -27,6 +27,7 @@ Memory: a source is needed only up to the highest merged layer, so load it with
 from collections.abc import Sequence
 from typing import Any
 
+from latent_merge_nnsight._nnsight import is_traceable
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generation.fast import release_engine, run_fast
 from latent_merge_nnsight.generation.loop import GenerationResult, prepare_run
@@ -61,7 +62,7 @@ def _pick_engine(engine: str, base: Any, sources: list[Any], plan: Plan) -> str:
     if engine == "auto":
         engine = "fast" if not reasons else "nnsight"
     if engine == "nnsight":
-        if not hasattr(base, "interleaver"):
+        if not is_traceable(base):
             raise LatentMergeError(
                 f"engine='nnsight' needs an nnsight model; base is a {type(base).__name__} "
                 "(wrap it with lmn.wrap)"

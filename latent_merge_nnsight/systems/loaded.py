@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 from tokenizers import Tokenizer
 
+from latent_merge_nnsight._nnsight import is_wrapped
 from latent_merge_nnsight.baselines.weights import merge_weights
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.judge import judgebench_accuracy_sync
@@ -225,7 +226,7 @@ class LoadedSystem:
         """What produced an output: the system file's content, models, recipe, sampling, seed, versions."""
 
         def describe(model: Any, ref: str | None) -> dict[str, Any]:
-            if not hasattr(model, "_module") and not hasattr(model, "config"):  # e.g. steering Deltas
+            if not is_wrapped(model) and not hasattr(model, "config"):  # e.g. steering Deltas
                 return {"ref": ref, "type": type(model).__name__}
             info = model_info(model)
             return {"ref": ref, "n_layers": info.n_layers, "full_n_layers": info.full_n_layers}

@@ -17,7 +17,7 @@ import torch
 from latent_merge_nnsight.capture import capture
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.merge import merge_into
-from latent_merge_nnsight.models import model_info
+from latent_merge_nnsight.models import hf_module, model_info
 from latent_merge_nnsight.ops import get_op
 from latent_merge_nnsight.positions import position_mask
 from latent_merge_nnsight.systems.batching import TokenLogprob
@@ -45,7 +45,7 @@ def _merge_mask(n_prompt: int, n_total: int, positions: Any) -> torch.Tensor:
 def _row_logits(loaded: Any, ids: torch.Tensor, n_prompt: int) -> torch.Tensor:
     """[seq, vocab] float32 logits of one unpadded row under the system's merge."""
     base = loaded.base
-    device = next(base._module.parameters()).device
+    device = next(hf_module(base).parameters()).device
     ids = ids[None].to(device)
     mask = torch.ones_like(ids)
     recipe = loaded.config.recipe if loaded.config.kind == "latent" else None
