@@ -6,6 +6,8 @@ import beartype  # noqa: F401
 import pytest
 import torch
 
+import latent_merge_nnsight as lmn
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -24,3 +26,12 @@ def _one_thread():
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The shipped toy pair (base, reasoner), loaded once per test module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield lmn.load("toy-base"), lmn.load("toy-reasoner")
+    torch.set_num_threads(threads)

@@ -21,14 +21,6 @@ from latent_merge_nnsight.models import hf_module
 N = 4  # prompts per category
 
 
-@pytest.fixture(scope="module")
-def pair():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield lmn.load("toy-base"), lmn.load("toy-reasoner")
-    torch.set_num_threads(threads)
-
-
 def _hf_tokens(module: nn.Module, tokenizer, chats, max_new_tokens: int) -> list[list[int]]:
     """Greedy new tokens of a plain HF model, left-padded, up to and including the EOS that ends a row."""
     rows = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight import analysis, cli
@@ -23,14 +22,6 @@ pytest.importorskip("optuna")
 
 SMALL = {"n_search": 2, "n_test": 3, "progress": False}
 SPACE = analysis.SearchSpace(layers=(3, 4, 5))
-
-
-@pytest.fixture(scope="module")
-def pair():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield lmn.load("toy-base"), lmn.load("toy-reasoner")
-    torch.set_num_threads(threads)
 
 
 def _study_rows(db: Path) -> list[tuple[int, str]]:
