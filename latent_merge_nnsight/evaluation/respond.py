@@ -183,27 +183,69 @@ def respond(
             past the context. The sidecar records the choice.
     Returns a `RespondResult` with the paths and counts.
     """
+    _check_arguments(limit, batch_size, truncate)
+    config = _system_config(system)
+    pairs = load_judgebench(split, path=data)
+    if limit is not None:
+        pairs = pairs[:limit]
+    out, meta = Path(out), meta_path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old_meta, done = _resume_state(out, meta, config, split, truncate)
+    todo = [p for p in pairs if p.pair_id not in done]
+    answered_by_question = {row.get("question"): row for row in done.values()}
+    skipped = len(pairs) - len(todo)
+    if not todo:
+        return RespondResult(out, meta, len(pairs), 0, skipped)
+
+    loaded = load_system(system if isinstance(system, LoadedSystem) else config)
+    # Questions still to answer, each with its pairs; a question already answered for a sibling pair
+    # reuses that answer instead of generating a second one.
+    by_question: dict[str, list[JudgePair]] = {}
+    for pair in todo:
+        by_question.setdefault(pair.question, []).append(pair)
+    fitted = _fit_to_context(
+        loaded, [q for q in by_question if q not in answered_by_question], config, truncate
+    )
+    _write_json(meta, _sidecar(loaded, split, data, truncate, old_meta))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(pairs), initial=skipped, desc=f"respond {config.name}", disable=not progress)
+    try:
+        with out.open("a", encoding="utf-8") as fh:
+            write = _Writer(fh, config.name, bar)
+            _write_reused(write, by_question, answered_by_question)
+            _write_generated(write, loaded, by_question, fitted, batch_size, truncate)
+    finally:
+        bar.close()
+    return RespondResult(out, meta, len(pairs), write.answered, skipped)
+
+
+def _check_arguments(limit: Any, batch_size: Any, truncate: Any) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise LatentMergeError(f"limit={limit!r}; expected a positive int or None (all pairs)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise LatentMergeError(f"batch_size={batch_size!r}; expected an int >= 1")
     if truncate not in TRUNCATE:
         raise LatentMergeError(f"truncate={truncate!r}; expected one of {TRUNCATE}")
+
+
+def _system_config(system: Any) -> System:
+    """The `System` that `respond`'s `system` argument names."""
     if isinstance(system, LoadedSystem):
-        config = system.config
-    elif isinstance(system, System):
-        config = system
-    elif isinstance(system, str | Path):
-        config = System.from_file(system)
-    else:
-        raise LatentMergeError(
-            f"system has type {type(system).__name__}; expected a YAML path, a System or a LoadedSystem"
-        )
-    pairs = load_judgebench(split, path=data)
-    if limit is not None:
-        pairs = pairs[:limit]
-    out, meta = Path(out), meta_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        return system.config
+    if isinstance(system, System):
+        return system
+    if isinstance(system, str | Path):
+        return System.from_file(system)
+    raise LatentMergeError(
+        f"system has type {type(system).__name__}; expected a YAML path, a System or a LoadedSystem"
+    )
+
+
+def _resume_state(
+    out: Path, meta: Path, config: System, split: str, truncate: str
+) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """The existing sidecar and the answers already in `out`, after checking both belong to this run."""
     old_meta = _check_meta(meta, config, split)
     if old_meta is not None and old_meta.get("truncate", truncate) != truncate:
         raise LatentMergeError(
@@ -216,24 +258,14 @@ def respond(
         raise LatentMergeError(
             f"{out} holds answers of system {others[0]!r}, not {config.name!r}; one responses file per system"
         )
+    return old_meta, done
 
-    todo = [p for p in pairs if p.pair_id not in done]
-    answered_by_question = {row.get("question"): row for row in done.values()}
-    result = RespondResult(out, meta, len(pairs), 0, len(pairs) - len(todo))
-    if not todo:
-        return result
 
-    loaded = load_system(system if isinstance(system, LoadedSystem) else config)
-    # Questions still to answer, each with its pairs; a question already answered for a sibling pair
-    # reuses that answer instead of generating a second one.
-    by_question: dict[str, list[JudgePair]] = {}
-    for pair in todo:
-        by_question.setdefault(pair.question, []).append(pair)
-    fitted = _fit_to_context(
-        loaded, [q for q in by_question if q not in answered_by_question], config, truncate
-    )
+def _sidecar(
+    loaded: Any, split: str, data: str | Path | None, truncate: str, old_meta: dict[str, Any] | None
+) -> dict[str, Any]:
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    sidecar = {
+    return {
         "provenance": loaded.provenance(),
         "split": split,
         "data": str(data) if data is not None else f"hub:{HF_DATASET}",
@@ -242,40 +274,54 @@ def respond(
         "created": old_meta.get("created", now) if old_meta else now,
         "updated": now,
     }
-    _write_json(meta, sidecar)
-    from tqdm.auto import tqdm
 
-    bar = tqdm(
-        total=len(pairs), initial=len(pairs) - len(todo), desc=f"respond {config.name}", disable=not progress
-    )
-    answered = 0
-    try:
-        with out.open("a", encoding="utf-8") as fh:
-            reused = [q for q in by_question if q in answered_by_question]
-            for question in reused:
-                row = answered_by_question[question]
-                for pair in by_question.pop(question):
-                    line = _row(pair, config.name, row["response"], None) | {
-                        k: row.get(k) for k in ("finish_reason", "prompt_tokens", "completion_tokens")
-                    }
-                    fh.write(json.dumps(line, ensure_ascii=False) + "\n")
-                    answered += 1
-                    bar.update(1)
-            fh.flush()
-            questions = sorted(by_question, key=len, reverse=True)
-            for start in range(0, len(questions), batch_size):
-                chunk = questions[start : start + batch_size]
-                completions = loaded.complete([[{"role": "user", "content": fitted[q][0]}] for q in chunk])
-                for question, completion in zip(chunk, completions, strict=True):
-                    for pair in by_question[question]:
-                        row = _row(pair, config.name, completion.text, completion)
-                        if truncate == "left":
-                            row["truncated_tokens"] = fitted[question][1]
-                        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                        answered += 1
-                        bar.update(1)
-                fh.flush()
-                os.fsync(fh.fileno())
-    finally:
-        bar.close()
-    return RespondResult(out, meta, len(pairs), answered, result.skipped)
+
+class _Writer:
+    """Appends response lines to the open responses file, counting them on the progress bar."""
+
+    def __init__(self, fh: Any, system: str, bar: Any):
+        self.fh, self.system, self.bar = fh, system, bar
+        self.answered = 0
+
+    def __call__(self, line: dict[str, Any]) -> None:
+        self.fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+        self.answered += 1
+        self.bar.update(1)
+
+
+def _write_reused(
+    write: _Writer, by_question: dict[str, list[JudgePair]], answered_by_question: dict[Any, dict[str, Any]]
+) -> None:
+    """Lines for the pairs whose question a sibling pair already answered (taken out of `by_question`)."""
+    reused = [q for q in by_question if q in answered_by_question]
+    for question in reused:
+        row = answered_by_question[question]
+        for pair in by_question.pop(question):
+            write(
+                _row(pair, write.system, row["response"], None)
+                | {k: row.get(k) for k in ("finish_reason", "prompt_tokens", "completion_tokens")}
+            )
+    write.fh.flush()
+
+
+def _write_generated(
+    write: _Writer,
+    loaded: Any,
+    by_question: dict[str, list[JudgePair]],
+    fitted: dict[str, tuple[str, int]],
+    batch_size: int,
+    truncate: str,
+) -> None:
+    """Answer the questions left, longest first, `batch_size` at a time; each batch flushed to disk."""
+    questions = sorted(by_question, key=len, reverse=True)
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start : start + batch_size]
+        completions = loaded.complete([[{"role": "user", "content": fitted[q][0]}] for q in chunk])
+        for question, completion in zip(chunk, completions, strict=True):
+            for pair in by_question[question]:
+                row = _row(pair, write.system, completion.text, completion)
+                if truncate == "left":
+                    row["truncated_tokens"] = fitted[question][1]
+                write(row)
+        write.fh.flush()
+        os.fsync(write.fh.fileno())
