@@ -552,19 +552,17 @@ def _add_models(p: argparse.ArgumentParser, *, source_required: bool) -> None:
     p.add_argument("--device-map", default=None, help="transformers device_map ('auto', 'cuda:0', ...)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="lmn", description="Latent merging of LLMs in representation space, as nnsight interventions."
-    )
-    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
+def _add_demo_command(sub: Any) -> None:
+    """`lmn demo` and its flags."""
     p = add_command(sub, "demo", cmd_demo, "the paper's Experiment A in miniature on the shipped toy pair")
     p.add_argument("--out", default="runs/demo", help="output folder (results.csv, report.md, figures)")
     p.add_argument("--quick", action="store_true", help="a ~30 s version on a smaller grid")
     p.add_argument("--docs", default=None, help="also copy the report and the Pareto figure here")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+
+def _add_zoo_command(sub: Any) -> None:
+    """`lmn zoo` and its flags."""
     p = add_command(sub, "zoo", cmd_zoo, "the shipped toy models")
     zsub = p.add_subparsers(dest="zoo_command", required=True, parser_class=_Parser)
     zsub.add_parser("list", help="list the shipped models")
@@ -573,10 +571,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     zt.add_argument("train_args", nargs=argparse.REMAINDER, help="the trainer's flags (--out DIR ...)")
 
+
+def _add_recipe_command(sub: Any) -> None:
+    """`lmn recipe` and its flags."""
     p = add_command(sub, "recipe", cmd_recipe, "validate a recipe file and show its per-layer alphas")
     p.add_argument("recipe", help="recipe YAML or JSON")
     p.add_argument("--n-layers", type=POSITIVE, default=None, help="resolve layers for a model of this depth")
 
+
+def _add_generate_command(sub: Any) -> None:
+    """`lmn generate` and its flags."""
     p = add_command(
         sub, "generate", cmd_generate, "merged generation from the command line", flag_words=FLAG_WORDS
     )
@@ -599,6 +603,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="auto", choices=["auto", "fast", "nnsight"], help="generation engine")
     _add_sampling(p)
 
+
+def _add_sweep_command(sub: Any) -> None:
+    """`lmn sweep` and its flags."""
     p = add_command(
         sub, "sweep", cmd_sweep, "layer x alpha sweep of latent merges (resumable), with heatmaps",
         flag_words=FLAG_WORDS,
@@ -618,6 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming OUT/sweep.jsonl")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+
+def _add_search_command(sub: Any) -> None:
+    """`lmn search` and its flags."""
     p = add_command(
         sub, "search", cmd_search, "Optuna search of merge schedules (resumable), Pareto front, winner"
     )
@@ -653,6 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-map", default=None, help="transformers device_map")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+
+def _add_respond_command(sub: Any) -> None:
+    """`lmn respond` and its flags."""
     p = add_command(
         sub, "respond", cmd_respond, "answer JudgeBench questions with a system (resumable JSONL)",
         flag_words={k: FLAG_WORDS[k] for k in ("limit=", "batch_size=", "split=")},
@@ -672,6 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
+
+def _add_judge_command(sub: Any) -> None:
+    """`lmn judge` and its flags."""
     p = add_command(
         sub, "judge", cmd_judge, "pairwise LLM judging of two response files",
         flag_words={"on_missing=": FLAG_WORDS["on_missing="]},
@@ -697,6 +713,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--retry-invalid", action="store_true", help="ask again for cached judgments without a verdict"
     )
 
+
+def _add_judgebench_accuracy_command(sub: Any) -> None:
+    """`lmn judgebench-accuracy` and its flags."""
     p = add_command(
         sub, "judgebench-accuracy", cmd_judgebench_accuracy, "JudgeBench's official judge-accuracy protocol"
     )
@@ -723,11 +742,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="records in JudgeBench's output format (JSONL)")
 
+
+def _add_judgebench_score_command(sub: Any) -> None:
+    """`lmn judgebench-score` and its flags."""
     p = add_command(
         sub, "judgebench-score", cmd_judgebench_score, "score a JudgeBench output file (official protocol)"
     )
     p.add_argument("outputs", help="JSONL in JudgeBench's output format")
 
+
+def _add_serve_command(sub: Any) -> None:
+    """`lmn serve` and its flags."""
     p = add_command(
         sub, "serve", cmd_serve, "an OpenAI-compatible server for a system (merged ones included)"
     )
@@ -756,6 +781,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-body-bytes", type=POSITIVE, default=8 * 2**20, help="refuse larger request bodies (413)"
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="lmn", description="Latent merging of LLMs in representation space, as nnsight interventions."
+    )
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_demo_command(sub)
+    _add_zoo_command(sub)
+    _add_recipe_command(sub)
+    _add_generate_command(sub)
+    _add_sweep_command(sub)
+    _add_search_command(sub)
+    _add_respond_command(sub)
+    _add_judge_command(sub)
+    _add_judgebench_accuracy_command(sub)
+    _add_judgebench_score_command(sub)
+    _add_serve_command(sub)
     return parser
 
 
