@@ -461,10 +461,41 @@ def create_app(
         api_key: when set, every ``/v1`` request needs ``Authorization: Bearer <api_key>`` (else 401).
         max_body_bytes: larger request bodies get a 413.
     """
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
+    from fastapi import FastAPI
 
+    context, max_prompt_tokens, max_tokens_limit = _limits(
+        system, max_prompt_tokens, max_tokens_limit, max_body_bytes, api_key
+    )
+    batcher = Batcher(system, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
+    name = system.name
+    started = int(time.time())
+    default_budget = getattr(
+        getattr(getattr(system, "config", None), "sampling", None), "max_new_tokens", None
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.close()
+
+    app = FastAPI(title=f"lmn serve: {name}", lifespan=lifespan)
+    app.state.system, app.state.batcher = system, batcher
+    _add_error_handlers(app)
+    _add_model_routes(app, name, started)
+    limits = _Limits(context, max_prompt_tokens, max_tokens_limit, max_body_bytes, default_budget)
+    _add_completion_routes(app, system, batcher, limits)
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
+    return app
+
+
+def _limits(
+    system: Any, max_prompt_tokens: Any, max_tokens_limit: Any, max_body_bytes: Any, api_key: Any
+) -> tuple[int | None, int | None, int]:
+    """`create_app`'s limits checked, with their defaults: (the context requests are held to, the prompt
+    limit, the max_tokens limit)."""
     for limit_name, limit in (
         ("max_prompt_tokens", max_prompt_tokens),
         ("max_tokens_limit", max_tokens_limit),
@@ -485,23 +516,14 @@ def create_app(
         max_tokens_limit = context if context is not None else DEFAULT_MAX_TOKENS_LIMIT
     if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
         raise LatentMergeError("api_key is empty; give a non-empty key or None for no authentication")
-    batcher = Batcher(system, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
-    name = system.name
-    started = int(time.time())
-    default_budget = getattr(
-        getattr(getattr(system, "config", None), "sampling", None), "max_new_tokens", None
-    )
+    return context, max_prompt_tokens, max_tokens_limit
 
-    @asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[None]:
-        batcher.start()
-        try:
-            yield
-        finally:
-            await batcher.close()
 
-    app = FastAPI(title=f"lmn serve: {name}", lifespan=lifespan)
-    app.state.system, app.state.batcher = system, batcher
+def _add_error_handlers(app: Any) -> None:
+    """Every error as an OpenAI-style error body: ours (`ApiError`), starlette's (404, 405), and any other
+    (500)."""
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Any, exc: ApiError) -> Any:
@@ -519,16 +541,21 @@ def create_app(
         body = ApiError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error").body()
         return JSONResponse(body, status_code=500)
 
+
+def _unknown_model(model_id: str, name: str) -> ApiError:
+    return ApiError(
+        404,
+        f"the model '{model_id}' does not exist; this server serves '{name}'",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _add_model_routes(app: Any, name: str, started: int) -> None:
+    """`/health`, `/v1/models` and `/v1/models/{id}`: the one model served."""
+
     def model_card() -> dict[str, Any]:
         return {"id": name, "object": "model", "created": started, "owned_by": "latent_merge_nnsight"}
-
-    def unknown_model(model_id: str) -> ApiError:
-        return ApiError(
-            404,
-            f"the model '{model_id}' does not exist; this server serves '{name}'",
-            param="model",
-            code="model_not_found",
-        )
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -541,45 +568,40 @@ def create_app(
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
         if model_id != name:
-            raise unknown_model(model_id)
+            raise _unknown_model(model_id, name)
         return model_card()
 
-    async def read_body(request: Request) -> bytes:
-        """The body, refused with a 413 as soon as it passes ``max_body_bytes`` (chunked uploads too)."""
-        parts, size = [], 0
-        async for part in request.stream():
-            size += len(part)
-            if size > max_body_bytes:
-                raise ApiError(413, _too_large(max_body_bytes), code="request_too_large")
-            parts.append(part)
-        return b"".join(parts)
+
+@dataclasses.dataclass(frozen=True)
+class _Limits:
+    """What `create_app` holds every request to (limits already defaulted by `_limits`)."""
+
+    context: int | None  # None: the caller chose to go past the model's nominal context
+    max_prompt_tokens: int | None
+    max_tokens_limit: int
+    max_body_bytes: int
+    default_budget: int | None  # the system's own max_new_tokens
+
+
+def _add_completion_routes(app: Any, system: Any, batcher: Batcher, limits: _Limits) -> None:
+    """`/v1/chat/completions` and `/v1/completions`: checked, batched, answered whole or streamed."""
+    from fastapi import Request
+    from fastapi.responses import StreamingResponse
+
+    name = system.name
 
     async def prepare(request: Request, schema: type[_Request]) -> tuple[Any, Any, dict[str, Any]]:
         """Validate a request: (the parsed body, the prompt for the system, the generation params)."""
         try:
-            body = schema.model_validate_json(await read_body(request))
+            body = schema.model_validate_json(await _read_body(request, limits.max_body_bytes))
         except ValidationError as exc:
             raise _validation_error(exc) from None
         if body.model != name:
-            raise unknown_model(body.model)
-        if isinstance(body, CompletionRequest):
-            if body.echo:
-                raise ApiError(400, "echo=true is not supported", param="echo", code="unsupported_parameter")
-            if body.suffix:
-                raise ApiError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
-            prompt: Any = _prompt_text(body)
-            prompt_param = "prompt"
-        else:
-            prompt, prompt_param = _chat(body), "messages"
+            raise _unknown_model(body.model, name)
+        prompt, prompt_param = _request_prompt(body)
         overrides = _overrides(body)
         budget_param, budget = _max_new_tokens(body)
-        if budget is not None and budget > max_tokens_limit:
-            raise ApiError(
-                400,
-                f"{budget_param}={budget} exceeds this server's limit of {max_tokens_limit}",
-                param=budget_param,
-                code="invalid_value",
-            )
+        _check_budget_limit(budget_param, budget, limits.max_tokens_limit)
         _check_sampling(system, overrides | ({"max_new_tokens": budget} if budget else {}), budget_param)
         try:  # off the event loop: a huge prompt must not stall other clients
             n_prompt = await asyncio.to_thread(system.count_prompt_tokens, prompt)
@@ -587,38 +609,8 @@ def create_app(
             raise ApiError(
                 400, f"the {prompt_param} cannot be rendered for this model: {exc}", param=prompt_param
             ) from None
-        if max_prompt_tokens is not None and n_prompt > max_prompt_tokens:
-            raise _too_long(
-                f"the prompt has {n_prompt} tokens, more than this server's limit of {max_prompt_tokens}; "
-                f"shorten the {prompt_param}",
-                prompt_param,
-            )
-        room = context - n_prompt if context is not None else None
-        if room is not None and room < 1:
-            raise _too_long(
-                f"the prompt has {n_prompt} tokens and fills the model's context of {context}; "
-                f"shorten the {prompt_param}",
-                prompt_param,
-            )
-        if budget is not None:
-            if room is not None and budget > room:
-                raise _too_long(
-                    f"{budget_param}={budget} is more than the {room} tokens the context of {context} "
-                    f"leaves after the prompt's {n_prompt}; ask for at most {room}",
-                    budget_param,
-                )
-            overrides["max_new_tokens"] = budget
-        else:
-            cap = min(x for x in (room, max_tokens_limit) if x is not None)
-            if default_budget is not None and default_budget > cap:
-                overrides["max_new_tokens"] = cap
-        top = _logprobs(body)
-        if top is not None:
-            if not getattr(system, "supports_logprobs", False):
-                raise ApiError(
-                    400, "this system cannot report logprobs", param="logprobs", code="unsupported_parameter"
-                )
-            overrides["logprobs"] = top
+        _fit_budget(overrides, limits, n_prompt, prompt_param, budget_param, budget)
+        _add_logprobs(overrides, system, body)
         return body, prompt, overrides
 
     async def answer(kind: str, request: Request, schema: type[_Request]) -> Any:
@@ -661,8 +653,86 @@ def create_app(
     async def completions(request: Request) -> Any:
         return await answer("text", request, CompletionRequest)
 
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
-    return app
+
+async def _read_body(request: Any, max_body_bytes: int) -> bytes:
+    """The body, refused with a 413 as soon as it passes ``max_body_bytes`` (chunked uploads too)."""
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > max_body_bytes:
+            raise ApiError(413, _too_large(max_body_bytes), code="request_too_large")
+        parts.append(part)
+    return b"".join(parts)
+
+
+def _check_budget_limit(budget_param: str, budget: int | None, max_tokens_limit: int) -> None:
+    if budget is not None and budget > max_tokens_limit:
+        raise ApiError(
+            400,
+            f"{budget_param}={budget} exceeds this server's limit of {max_tokens_limit}",
+            param=budget_param,
+            code="invalid_value",
+        )
+
+
+def _request_prompt(body: Any) -> tuple[Any, str]:
+    """The prompt a request asks about, and the parameter it came in (refusing what we do not serve)."""
+    if not isinstance(body, CompletionRequest):
+        return _chat(body), "messages"
+    if body.echo:
+        raise ApiError(400, "echo=true is not supported", param="echo", code="unsupported_parameter")
+    if body.suffix:
+        raise ApiError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
+    return _prompt_text(body), "prompt"
+
+
+def _fit_budget(
+    overrides: dict[str, Any],
+    limits: _Limits,
+    n_prompt: int,
+    prompt_param: str,
+    budget_param: str,
+    budget: int | None,
+) -> None:
+    """Refuse a prompt past the limits or the context, or a budget past what the context leaves; set
+    `max_new_tokens` in `overrides` to the asked budget, or the system's default cut to what fits."""
+    context, max_prompt_tokens = limits.context, limits.max_prompt_tokens
+    if max_prompt_tokens is not None and n_prompt > max_prompt_tokens:
+        raise _too_long(
+            f"the prompt has {n_prompt} tokens, more than this server's limit of {max_prompt_tokens}; "
+            f"shorten the {prompt_param}",
+            prompt_param,
+        )
+    room = context - n_prompt if context is not None else None
+    if room is not None and room < 1:
+        raise _too_long(
+            f"the prompt has {n_prompt} tokens and fills the model's context of {context}; "
+            f"shorten the {prompt_param}",
+            prompt_param,
+        )
+    if budget is not None:
+        if room is not None and budget > room:
+            raise _too_long(
+                f"{budget_param}={budget} is more than the {room} tokens the context of {context} "
+                f"leaves after the prompt's {n_prompt}; ask for at most {room}",
+                budget_param,
+            )
+        overrides["max_new_tokens"] = budget
+    else:
+        cap = min(x for x in (room, limits.max_tokens_limit) if x is not None)
+        if limits.default_budget is not None and limits.default_budget > cap:
+            overrides["max_new_tokens"] = cap
+
+
+def _add_logprobs(overrides: dict[str, Any], system: Any, body: Any) -> None:
+    """The request's top logprobs into `overrides`, when it asks for them and the system can."""
+    top = _logprobs(body)
+    if top is not None:
+        if not getattr(system, "supports_logprobs", False):
+            raise ApiError(
+                400, "this system cannot report logprobs", param="logprobs", code="unsupported_parameter"
+            )
+        overrides["logprobs"] = top
 
 
 def _too_long(message: str, param: str) -> ApiError:
