@@ -147,6 +147,63 @@ def _point(row: pd.Series) -> str:
     return f"`{row['label']}` (reasoning {_fmt(row['gained'])}, skill kept {_fmt(row['skill'])})"
 
 
+def _transition_findings(
+    out: list[str], wide: pd.DataFrame, meta: dict[str, Any], latent: pd.Series, last: int
+) -> None:
+    """Per single-layer op curve, its sharpest transition between neighbouring alphas (or: none sharp)."""
+    jump = float(meta.get("grid", {}).get("refine_jump", 0.25))
+    jumps = _transitions(wide, latent, last)
+    for op, j in jumps.items():
+        if abs(j["r1"] - j["r0"]) < jump - 1e-12:
+            out.append(
+                f"No single-layer {op} curve changes reasoning by {jump:g} or more between neighbouring "
+                f"alphas (the largest change is {abs(j['r1'] - j['r0']):.2f})."
+            )
+            continue
+        w = ""
+        if _present(j["w0"]) and _present(j["w1"]):
+            w = f" (effective source weight {_fmt(j['w0'])} -> {_fmt(j['w1'])})"
+        out.append(
+            f"The sharpest transition of a single-layer {op} curve is at site `{j['site']}` L={j['layer']}: "
+            f"reasoning goes from {_fmt(j['r0'])} at alpha {j['a0']:g} to {_fmt(j['r1'])} at alpha "
+            f"{j['a1']:g}{w}."
+        )
+
+
+def _norm_and_ensemble_findings(
+    out: list[str],
+    wide: pd.DataFrame,
+    fam: dict[str, pd.Series],
+    live: pd.Series,
+    post_last: pd.Series,
+    last: int,
+) -> None:
+    """The norm ratio at the last layer's site post; the best logit ensemble against latent merges."""
+    ratios = wide[post_last & wide["norm_ratio"].notna()]
+    if not ratios.empty:
+        r = float(ratios["norm_ratio"].mean())
+        size, side = ("smaller", "below") if r < 1 else ("larger", "above")
+        out.append(
+            f"At site `post` of layer {last} the source's state is {size} than the base's: mean "
+            "|h_source|/|h_base| "
+            f"{_fmt(ratios['norm_ratio'].mean())} (from {_fmt(ratios['norm_ratio'].min())} to "
+            f"{_fmt(ratios['norm_ratio'].max())} over its setups), so lerp at alpha a gives the source the "
+            f"logit-ensemble weight a r / ((1-a) + a r) at norm ratio r, {side} a."
+        )
+    ens = best_row(wide, fam["logit ensemble"])
+    top_latent = best_row(wide, live)
+    if ens is not None and top_latent is not None:
+        e, t = (ens["skill"], ens["gained"]), (top_latent["skill"], top_latent["gained"])
+        verdict = (
+            "dominates" if dominates(e, t) else "is dominated by" if dominates(t, e) else "does not dominate"
+        )
+        n_dom = int(sum(dominates(e, (r.skill, r.gained)) for r in wide[live].itertuples()))
+        out.append(
+            f"The best logit ensemble {_point(ens)} {verdict} the best latent merge {_point(top_latent)}; "
+            f"it dominates {n_dom} of the {int(live.sum())} latent merges."
+        )
+
+
 def _findings(wide: pd.DataFrame, meta: dict[str, Any], fam: dict[str, pd.Series]) -> list[str]:
     """The report's findings, each a sentence computed from the table (none is written by hand)."""
     last = int(meta["n_layers"]) - 1
@@ -183,46 +240,8 @@ def _findings(wide: pd.DataFrame, meta: dict[str, Any], fam: dict[str, pd.Series
             f"and head), scores reasoning {_fmt(row['gained'])} and skill {_fmt(row['skill'])}, against the "
             f"reasoner's {_fmt(ft['gained'])} and {_fmt(ft['skill'])}{same}."
         )
-    jump = float(meta.get("grid", {}).get("refine_jump", 0.25))
-    jumps = _transitions(wide, latent, last)
-    for op, j in jumps.items():
-        if abs(j["r1"] - j["r0"]) < jump - 1e-12:
-            out.append(
-                f"No single-layer {op} curve changes reasoning by {jump:g} or more between neighbouring "
-                f"alphas (the largest change is {abs(j['r1'] - j['r0']):.2f})."
-            )
-            continue
-        w = ""
-        if _present(j["w0"]) and _present(j["w1"]):
-            w = f" (effective source weight {_fmt(j['w0'])} -> {_fmt(j['w1'])})"
-        out.append(
-            f"The sharpest transition of a single-layer {op} curve is at site `{j['site']}` L={j['layer']}: "
-            f"reasoning goes from {_fmt(j['r0'])} at alpha {j['a0']:g} to {_fmt(j['r1'])} at alpha "
-            f"{j['a1']:g}{w}."
-        )
-    ratios = wide[post_last & wide["norm_ratio"].notna()]
-    if not ratios.empty:
-        r = float(ratios["norm_ratio"].mean())
-        size, side = ("smaller", "below") if r < 1 else ("larger", "above")
-        out.append(
-            f"At site `post` of layer {last} the source's state is {size} than the base's: mean "
-            "|h_source|/|h_base| "
-            f"{_fmt(ratios['norm_ratio'].mean())} (from {_fmt(ratios['norm_ratio'].min())} to "
-            f"{_fmt(ratios['norm_ratio'].max())} over its setups), so lerp at alpha a gives the source the "
-            f"logit-ensemble weight a r / ((1-a) + a r) at norm ratio r, {side} a."
-        )
-    ens = best_row(wide, fam["logit ensemble"])
-    top_latent = best_row(wide, live)
-    if ens is not None and top_latent is not None:
-        e, t = (ens["skill"], ens["gained"]), (top_latent["skill"], top_latent["gained"])
-        verdict = (
-            "dominates" if dominates(e, t) else "is dominated by" if dominates(t, e) else "does not dominate"
-        )
-        n_dom = int(sum(dominates(e, (r.skill, r.gained)) for r in wide[live].itertuples()))
-        out.append(
-            f"The best logit ensemble {_point(ens)} {verdict} the best latent merge {_point(top_latent)}; "
-            f"it dominates {n_dom} of the {int(live.sum())} latent merges."
-        )
+    _transition_findings(out, wide, meta, latent, last)
+    _norm_and_ensemble_findings(out, wide, fam, live, post_last, last)
     return out
 
 
@@ -257,29 +276,10 @@ def _transitions(wide: pd.DataFrame, latent: pd.Series, last: int) -> dict[str, 
     return out
 
 
-def write_report(
-    df: pd.DataFrame,
-    path: str | Path,
-    meta: dict[str, Any],
-    figures: dict[str, str],
-    samples: dict[str, Any] | None = None,
-) -> Path:
-    """Write the Markdown report of a demo results table (`results.csv` read back works too).
-
-    Arguments:
-        df: the tidy table (columns `run.COLUMNS`).
-        path: the report file.
-        meta: run details shown in the header (models, grid, time, versions, the identity checks).
-        figures: caption -> relative path of each figure to link (the first is also shown inline).
-        samples: the sample generations (`samples.json`), or None to leave that table out.
-    """
-    wide = mean_table(df)
-    cats = [c for c in CATS if c in wide.columns]
-    n_layers = int(meta["n_layers"])
-    last = n_layers - 1
-    fam = families(wide, n_layers)
-    latent = wide["system"] == "latent"
-    w = _Writer(cats)
+def _intro(
+    w: _Writer, wide: pd.DataFrame, meta: dict[str, Any], fam: dict[str, pd.Series], n_layers: int
+) -> None:
+    """The report's title, the run it describes, and its findings."""
     w.add("# `lmn demo`: latent vs weight merging on the toy pair\n\n")
     w.add(
         f"Base `{meta['base']}` and fine-tune `{meta['source']}` ({n_layers} layers). Held-out toy tasks, "
@@ -294,6 +294,11 @@ def write_report(
     if found:
         w.add("## What this run shows\n\n" + "".join(f"- {s}\n" for s in found))
 
+
+def _reference_rows(
+    w: _Writer, wide: pd.DataFrame, fam: dict[str, pd.Series], latent: pd.Series, last: int
+) -> None:
+    """The base, the reasoner, the best ensemble, and the alpha = 1 rows of latent lerp."""
     w.add("\n## Reference points and limiting rows\n\n" + w.head)
     for system in ("base", "reasoner"):
         w.line(system, best_row(wide, wide["system"] == system))
@@ -304,6 +309,9 @@ def write_report(
         if not lim.empty:
             w.line(f"latent lerp alpha=1, {site} L={layer}", lim.iloc[0])
 
+
+def _per_op_rows(w: _Writer, wide: pd.DataFrame, latent: pd.Series, last: int, cats: list[str]) -> None:
+    """Per op, the best latent merge of each kind against the best weight merge; then delta steering."""
     w.add(f"\n## Best latent vs best weight merge, per op\n\n{w.head}")
     for op in ("lerp", "slerp", "regmean"):
         is_op = latent & (wide["op"] == op)
@@ -325,6 +333,9 @@ def write_report(
             w.add(f"| {op}: best latent vs weight | | " + " | ".join(wins) + " |\n")
     w.line("**delta** steering", best_row(wide, latent & (wide["op"] == "delta")))
 
+
+def _curves(w: _Writer, wide: pd.DataFrame, fam: dict[str, pd.Series], latent: pd.Series, last: int) -> None:
+    """The alpha curves at the last layer's site post, the multi-layer schedules, the norm ratios."""
     curve = wide[fam[f"latent, site post L={last}"]].sort_values(["op", "alpha"])
     if not curve.empty:
         w.add(
@@ -360,6 +371,9 @@ def write_report(
         for site, r in by.iterrows():
             w.add(f"| {site} | " + " | ".join(_fmt(v) for v in r) + " |\n")
 
+
+def _trade_off(w: _Writer, wide: pd.DataFrame, fam: dict[str, pd.Series]) -> None:
+    """Per family, the best reasoning at each share of the base's skill kept, and its Pareto front."""
     base_row = best_row(wide, wide["system"] == "base")
     if base_row is not None:
         w.add(
@@ -384,6 +398,9 @@ def write_report(
             pts = ", ".join(f"{_fmt(r.skill)}/{_fmt(r.gained)}" for r in front.itertuples())
             w.add(f"| {name} | " + " | ".join(cells) + f" | {pts} |\n")
 
+
+def _samples(w: _Writer, samples: dict[str, Any] | None) -> None:
+    """The sample generations table (left out without samples)."""
     if samples and samples.get("texts"):
         w.add(
             "\n## Sample generations (the first held-out prompt of each category)\n\n"
@@ -397,6 +414,9 @@ def write_report(
             "\nColumns: " + "; ".join(f"{s} = `{label}`" for s, label in samples["systems"].items()) + ".\n"
         )
 
+
+def _notes(w: _Writer, meta: dict[str, Any], figures: dict[str, str]) -> None:
+    """The notes (with the identity checks of this run) and the figures."""
     w.add("\n## Notes\n\n")
     check = meta.get("regmean_equals_lerp")
     w.add(
@@ -431,6 +451,44 @@ def write_report(
         items = list(figures.items())
         w.add(f"\n## Figures\n\n![{items[0][0]}]({items[0][1]})\n\n" + ("Also:\n\n" if items[1:] else ""))
         w.parts.extend(f"- [{caption}]({rel})\n" for caption, rel in items[1:])
+
+
+def write_report(
+    df: pd.DataFrame,
+    path: str | Path,
+    meta: dict[str, Any],
+    figures: dict[str, str],
+    samples: dict[str, Any] | None = None,
+) -> Path:
+    """Write the Markdown report of a demo results table (`results.csv` read back works too).
+
+    Arguments:
+        df: the tidy table (columns `run.COLUMNS`).
+        path: the report file.
+        meta: run details shown in the header (models, grid, time, versions, the identity checks).
+        figures: caption -> relative path of each figure to link (the first is also shown inline).
+        samples: the sample generations (`samples.json`), or None to leave that table out.
+    """
+    wide = mean_table(df)
+    cats = [c for c in CATS if c in wide.columns]
+    n_layers = int(meta["n_layers"])
+    last = n_layers - 1
+    fam = families(wide, n_layers)
+    latent = wide["system"] == "latent"
+    w = _Writer(cats)
+    _intro(w, wide, meta, fam, n_layers)
+
+    _reference_rows(w, wide, fam, latent, last)
+
+    _per_op_rows(w, wide, latent, last, cats)
+
+    _curves(w, wide, fam, latent, last)
+
+    _trade_off(w, wide, fam)
+
+    _samples(w, samples)
+
+    _notes(w, meta, figures)
     path = Path(path)
     path.write_text("".join(w.parts))
     return path

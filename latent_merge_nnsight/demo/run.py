@@ -275,25 +275,11 @@ def _latent(op: str, site: str, layer: int, alpha: float, sources: Any, base: An
     return _System("latent", op, layer, alpha, lam, lambda: (base, sources, recipe), site=site)
 
 
-def _systems(
-    base: Any,
-    ft: Any,
-    paths: tuple[str, str],
-    grid: DemoGrid,
-    n_layers: int,
-    calibration: tuple[list, list],
+def _weight_systems(
+    base: Any, ft: Any, paths: tuple[str, str], grid: DemoGrid, calibration: tuple[list, list]
 ) -> Iterator[_System]:
-    """Every setup of the coarse grid, in order: references, ensembles, weight merges, latent merges layer
-    by layer and site by site, then the multi-layer schedules. Weight merges, Gram matrices and deltas
-    are built only when their setup runs."""
-    from latent_merge_nnsight.baselines.ensemble import Ensemble
+    """The weight merges of the grid (RegMean's Gram matrices collected once, when its first setup runs)."""
     from latent_merge_nnsight.baselines.weights import collect_grams, merge_weights
-    from latent_merge_nnsight.deltas import compute_deltas
-
-    yield _System("base", None, None, 0.0, None, lambda: (base, None, None))
-    yield _System("reasoner", None, None, 1.0, None, lambda: (ft, None, None))
-    for b in grid.ensemble_bs:
-        yield _System("ensemble", None, None, b, None, lambda b=b: (base, ft, Ensemble(b=b)))
 
     grams: list[Any] = []
 
@@ -309,6 +295,27 @@ def _systems(
     for op in WEIGHT_OPS:
         for a in grid.weight_alphas:
             yield _System("weight", op, None, a, None, lambda op=op, a=a: weight(op, a))
+
+
+def _systems(
+    base: Any,
+    ft: Any,
+    paths: tuple[str, str],
+    grid: DemoGrid,
+    n_layers: int,
+    calibration: tuple[list, list],
+) -> Iterator[_System]:
+    """Every setup of the coarse grid, in order: references, ensembles, weight merges, latent merges layer
+    by layer and site by site, then the multi-layer schedules. Weight merges, Gram matrices and deltas
+    are built only when their setup runs."""
+    from latent_merge_nnsight.baselines.ensemble import Ensemble
+    from latent_merge_nnsight.deltas import compute_deltas
+
+    yield _System("base", None, None, 0.0, None, lambda: (base, None, None))
+    yield _System("reasoner", None, None, 1.0, None, lambda: (ft, None, None))
+    for b in grid.ensemble_bs:
+        yield _System("ensemble", None, None, b, None, lambda b=b: (base, ft, Ensemble(b=b)))
+    yield from _weight_systems(base, ft, paths, grid, calibration)
 
     deltas: dict[str, Any] = {}
 
@@ -470,11 +477,6 @@ def run_demo(
     Returns a `DemoResult`: `results` (columns `COLUMNS`; `system` is base / reasoner / ensemble / weight
     / latent; `schedule` names a multi-layer latent merge) and `paths` (name -> file).
     """
-    from tqdm.auto import tqdm
-
-    from latent_merge_nnsight.generate import release_engine
-    from latent_merge_nnsight.models import load, model_info
-
     preset = grid is None
     if grid is None:
         grid = QUICK_GRID if quick else DEFAULT_GRID
@@ -487,6 +489,85 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start, cpu_start = time.perf_counter(), time.process_time()
+    ran = _run_grid(base, source, grid, threads, engine, progress)
+    grid, n_layers, last, texts = ran.grid, ran.n_layers, ran.n_layers - 1, ran.texts
+    df = pd.DataFrame(ran.rows, columns=COLUMNS).astype({"layer": "Int64"})
+    elapsed = time.perf_counter() - start
+    paths: dict[str, Path] = {"results": out / "results.csv"}
+    df.to_csv(paths["results"], index=False)
+    wide = mean_table(df)
+    samples = _samples(wide, texts, ran.eval_sets)
+    paths["samples"] = out / "samples.json"
+    paths["samples"].write_text(json.dumps(samples, indent=2))
+    paths.update(write_figures(df, wide, n_layers, out))
+    meta = {
+        "base": base,
+        "source": source,
+        "n_layers": n_layers,
+        "n_per_category": grid.n_per_category,
+        "n_systems": len(wide),
+        "n_refined": ran.n_refined,
+        "seconds": elapsed,
+        "cpu_seconds": time.process_time() - cpu_start,
+        "threads": torch.get_num_threads() if threads is None else threads,
+        "engine": engine,
+        "quick": bool(quick and preset),
+        "off_diagonal": grid.off_diagonal,
+        "grid": asdict(grid),
+        "versions": _versions(),
+        **_identity_checks(texts, wide, last),
+    }
+    paths["meta"] = out / "meta.json"
+    paths["meta"].write_text(json.dumps(meta, indent=2, default=str))
+    paths["report"] = write_report(df, out / "report.md", meta, _FIGURES, samples)
+    return DemoResult(results=df, paths=paths, seconds=elapsed)
+
+
+_FIGURES = {
+    "Pareto fronts: skill kept vs reasoning, every family": "pareto.png",
+    "Trade-off per op: skill kept vs reasoning": "tradeoff.png",
+    "Best latent vs best weight merge per category": "bars.png",
+    "Layer x alpha heatmaps (site pre), mean accuracy": "heatmap_mean.png",
+    "Layer x alpha heatmaps (site pre), reasoning accuracy": "heatmap_reasoning.png",
+}
+"""The report's figures: caption -> file in the output folder (the first is shown inline)."""
+
+
+def _identity_checks(texts: dict[str, dict[str, list[str]]], wide: pd.DataFrame, last: int) -> dict[str, Any]:
+    """The run's identity checks for the report: latent RegMean vs LERP, post L vs pre L+1, and post at
+    the last layer with alpha = 1 vs the reasoner."""
+    return {
+        "regmean_equals_lerp": _twin_check(texts, wide, "regmean"),
+        "post_equals_next_pre": _twin_check(texts, wide, "post"),
+        "post_alpha1_vs_reasoner": _agreement(
+            texts,
+            setup_label("latent", "lerp", last, 1.0, None, "post"),
+            setup_label("reasoner", None, None, 1.0),
+        ),
+    }
+
+
+@dataclass
+class _GridRun:
+    """What evaluating a grid produced: one row per (setup, category), the texts by setup label."""
+
+    rows: list[dict[str, Any]]
+    texts: dict[str, dict[str, list[str]]]
+    eval_sets: dict[str, list[Any]]
+    grid: DemoGrid  # with its layers filled in for the model
+    n_layers: int
+    n_refined: int
+
+
+def _run_grid(
+    base: str, source: str, grid: DemoGrid, threads: int | None, engine: str, progress: bool
+) -> _GridRun:
+    """Load the pair and evaluate every setup of the coarse grid, then those of the finer alpha grid."""
+    from tqdm.auto import tqdm
+
+    from latent_merge_nnsight.generate import release_engine
+    from latent_merge_nnsight.models import load, model_info
+
     rows: list[dict[str, Any]] = []
     texts: dict[str, dict[str, list[str]]] = {}
     probe = NormProbe()
@@ -536,49 +617,7 @@ def run_demo(
         bar.close()
         release_engine(base_model)
         release_engine(ft_model)
-    df = pd.DataFrame(rows, columns=COLUMNS).astype({"layer": "Int64"})
-    elapsed = time.perf_counter() - start
-    paths: dict[str, Path] = {"results": out / "results.csv"}
-    df.to_csv(paths["results"], index=False)
-    wide = mean_table(df)
-    samples = _samples(wide, texts, eval_sets)
-    paths["samples"] = out / "samples.json"
-    paths["samples"].write_text(json.dumps(samples, indent=2))
-    paths.update(write_figures(df, wide, n_layers, out))
-    meta = {
-        "base": base,
-        "source": source,
-        "n_layers": n_layers,
-        "n_per_category": grid.n_per_category,
-        "n_systems": len(wide),
-        "n_refined": len(finer),
-        "seconds": elapsed,
-        "cpu_seconds": time.process_time() - cpu_start,
-        "threads": torch.get_num_threads() if threads is None else threads,
-        "engine": engine,
-        "quick": bool(quick and preset),
-        "off_diagonal": grid.off_diagonal,
-        "grid": asdict(grid),
-        "versions": _versions(),
-        "regmean_equals_lerp": _twin_check(texts, wide, "regmean"),
-        "post_equals_next_pre": _twin_check(texts, wide, "post"),
-        "post_alpha1_vs_reasoner": _agreement(
-            texts,
-            setup_label("latent", "lerp", last, 1.0, None, "post"),
-            setup_label("reasoner", None, None, 1.0),
-        ),
-    }
-    paths["meta"] = out / "meta.json"
-    paths["meta"].write_text(json.dumps(meta, indent=2, default=str))
-    figures = {
-        "Pareto fronts: skill kept vs reasoning, every family": "pareto.png",
-        "Trade-off per op: skill kept vs reasoning": "tradeoff.png",
-        "Best latent vs best weight merge per category": "bars.png",
-        "Layer x alpha heatmaps (site pre), mean accuracy": "heatmap_mean.png",
-        "Layer x alpha heatmaps (site pre), reasoning accuracy": "heatmap_reasoning.png",
-    }
-    paths["report"] = write_report(df, out / "report.md", meta, figures, samples)
-    return DemoResult(results=df, paths=paths, seconds=elapsed)
+    return _GridRun(rows, texts, eval_sets, grid, n_layers, len(finer))
 
 
 def _samples(
