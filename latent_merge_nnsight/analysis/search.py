@@ -247,32 +247,13 @@ def search(
 
     Raises `LatentMergeError` when no trial meets the constraints (after writing the trials table).
     """
-    try:
-        import optuna
-    except ImportError:
-        raise LatentMergeError(
-            "search needs Optuna: pip install 'latent_merge_nnsight[search]' (or pip install optuna)"
-        ) from None
-
+    optuna = _import_optuna()
     from latent_merge_nnsight.analysis.evaluators import TaskAccuracy
     from latent_merge_nnsight.generate import release_engine
     from latent_merge_nnsight.models import model_info
 
-    names = metric_names()
     constraints = dict(constraints or {})
-    for what, metric in [("target", target), *(("constraints", m) for m in constraints)]:
-        if metric not in names:
-            raise LatentMergeError(f"{what} names {metric!r}; expected one of: {', '.join(names)}")
-    for m, v in constraints.items():
-        if not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise LatentMergeError(f"constraints[{m!r}]={v!r}; expected a finite number")
-    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
-        raise LatentMergeError(f"trials={trials!r}; expected an int >= 1")
-    if sampler not in SAMPLERS:
-        raise LatentMergeError(f"sampler={sampler!r}; expected one of: {', '.join(SAMPLERS)}")
-    for metric in pareto:
-        if metric not in names:
-            raise LatentMergeError(f"pareto names {metric!r}; expected two of: {', '.join(names)}")
+    _check_search(target, constraints, trials, sampler, pareto)
     n_layers = model_info(base).n_layers
     space = (space or SearchSpace()).check(n_layers)
     search_set, test_set = _splits(n_search, n_test, data_seed)
@@ -291,12 +272,101 @@ def search(
     base_search = task_metrics(accuracies(None, search_set), None)
     if startup_trials is None:
         startup_trials = min(10, max(2, trials // 3))
+    settings = {
+        "target": target, "constraints": constraints, "space": dataclasses.asdict(space),
+        "n_search": n_search, "n_test": n_test, "seed": seed, "data_seed": data_seed, "sampler": sampler,
+        "startup_trials": startup_trials, "base": model_info(base).name,
+    }  # fmt: skip
+    study = _open_study(optuna, url, study_name, settings)
+
+    def objective(trial: Any) -> float:
+        recipe = space.suggest(trial)
+        metrics = task_metrics(accuracies(recipe, search_set), base_search["skill"])
+        trial.set_user_attr("recipe", recipe.to_dict())
+        trial.set_user_attr("metrics", metrics)
+        for (m, v), violation in zip(constraints.items(), _violations(metrics, constraints), strict=True):
+            trial.set_constraint(f"{m}>={v:g}", violation)  # TPE prefers trials that meet them
+        return metrics[target]
+
+    evaluated = _run_trials(study, objective, trials, target, constraints, progress)
+    table, front, paths = _write_trials(study, constraints, pareto, base_search, out_dir)
+    best = _best_feasible(study, constraints)
+    if best is None:
+        release_engine(base)
+        raise LatentMergeError(_no_feasible_message(table, constraints))
+    winner = Recipe.model_validate(best.user_attrs["recipe"] | {"name": f"search trial {best.number}"})
+    base_test = task_metrics(accuracies(None, test_set), None)
+    test = task_metrics(accuracies(winner, test_set), base_test["skill"])
+    release_engine(base)
+    base_test["skill_kept"] = 1.0
+    result = SearchResult(
+        trials=table, pareto=front, winner=winner, winner_trial=best.number,
+        search_scores=dict(best.user_attrs["metrics"]), test=test, base_test=base_test,
+        n_evaluated=evaluated, paths=paths,
+    )  # fmt: skip
+    if out_dir is not None:
+        result.paths.update(_write_winner(result, base, sources, settings, out_dir))
+    return result
+
+
+def _import_optuna() -> Any:
+    try:
+        import optuna
+    except ImportError:
+        raise LatentMergeError(
+            "search needs Optuna: pip install 'latent_merge_nnsight[search]' (or pip install optuna)"
+        ) from None
+    return optuna
+
+
+def _write_trials(
+    study: Any,
+    constraints: Mapping[str, float],
+    pareto: tuple[str, str],
+    base_search: dict[str, float],
+    out_dir: Path | None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Path]]:
+    """The trials table and its Pareto front, written to `out_dir` (trials.csv, pareto.*) when given."""
+    table = _trials_table(study, constraints)
+    paths: dict[str, Path] = {}
+    front = pareto_front(table, *pareto) if not table.empty else table
+    if out_dir is not None:
+        paths["trials"] = out_dir / "trials.csv"
+        table.to_csv(paths["trials"], index=False)
+        paths.update(_write_pareto(table, front, pareto, base_search, out_dir))
+    return table, front, paths
+
+
+def _check_search(
+    target: str, constraints: Mapping[str, Any], trials: Any, sampler: str, pareto: tuple[str, str]
+) -> None:
+    """`search`'s arguments: metrics it knows, finite minimums, a trial count, a sampler."""
+    names = metric_names()
+    for what, metric in [("target", target), *(("constraints", m) for m in constraints)]:
+        if metric not in names:
+            raise LatentMergeError(f"{what} names {metric!r}; expected one of: {', '.join(names)}")
+    for m, v in constraints.items():
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise LatentMergeError(f"constraints[{m!r}]={v!r}; expected a finite number")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise LatentMergeError(f"trials={trials!r}; expected an int >= 1")
+    if sampler not in SAMPLERS:
+        raise LatentMergeError(f"sampler={sampler!r}; expected one of: {', '.join(SAMPLERS)}")
+    for metric in pareto:
+        if metric not in names:
+            raise LatentMergeError(f"pareto names {metric!r}; expected two of: {', '.join(names)}")
+
+
+def _open_study(optuna: Any, url: str | None, study_name: str, settings: dict[str, Any]) -> Any:
+    """The study in `url` (created, or resumed after checking it ran with the same `settings`), with
+    trials a dead process left running failed and queued again."""
 
     def make_sampler(sampler_seed: int) -> Any:
-        if sampler == "tpe":
-            return optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=startup_trials)
+        if settings["sampler"] == "tpe":
+            return optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=settings["startup_trials"])
         return optuna.samplers.RandomSampler(seed=sampler_seed)
 
+    seed = settings["seed"]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         storage=url,
@@ -310,31 +380,24 @@ def search(
         # a resumed study: its sampler continues from a seed of its own, so that it does not propose the
         # first trials' parameters again (still deterministic for a given seed and history)
         study.sampler = make_sampler(seed + existing)
-    settings = {
-        "target": target, "constraints": constraints, "space": dataclasses.asdict(space),
-        "n_search": n_search, "n_test": n_test, "seed": seed, "data_seed": data_seed, "sampler": sampler,
-        "startup_trials": startup_trials, "base": model_info(base).name,
-    }  # fmt: skip
     _check_settings(study, json.loads(json.dumps(settings)), url or "memory")
     State = optuna.trial.TrialState
     for t in study.get_trials(deepcopy=False, states=(State.RUNNING,)):
         # a trial the last process was running when it died: fail it and run its parameters again
         study.tell(t.number, state=State.FAIL)
         study.enqueue_trial(t.params)
-    done = len(study.get_trials(deepcopy=False, states=(State.COMPLETE,)))
-    remaining = max(0, trials - done)
+    return study
 
-    def objective(trial: Any) -> float:
-        recipe = space.suggest(trial)
-        metrics = task_metrics(accuracies(recipe, search_set), base_search["skill"])
-        trial.set_user_attr("recipe", recipe.to_dict())
-        trial.set_user_attr("metrics", metrics)
-        for (m, v), violation in zip(constraints.items(), _violations(metrics, constraints), strict=True):
-            trial.set_constraint(f"{m}>={v:g}", violation)  # TPE prefers trials that meet them
-        return metrics[target]
 
+def _run_trials(
+    study: Any, objective: Any, trials: int, target: str, constraints: Mapping[str, float], progress: bool
+) -> int:
+    """Run the trials the study lacks to reach `trials` complete ones; returns how many ran."""
+    import optuna
     from tqdm.auto import tqdm
 
+    done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    remaining = max(0, trials - done)
     bar = tqdm(total=trials, initial=done, desc="lmn search", unit="trial", disable=not progress)
     evaluated = [0]
 
@@ -352,30 +415,7 @@ def search(
             study.optimize(objective, n_trials=remaining, callbacks=[report])
     finally:
         bar.close()
-    table = _trials_table(study, constraints)
-    paths: dict[str, Path] = {}
-    front = pareto_front(table, *pareto) if not table.empty else table
-    if out_dir is not None:
-        paths["trials"] = out_dir / "trials.csv"
-        table.to_csv(paths["trials"], index=False)
-        paths.update(_write_pareto(table, front, pareto, base_search, out_dir))
-    best = _best_feasible(study, constraints)
-    if best is None:
-        release_engine(base)
-        raise LatentMergeError(_no_feasible_message(table, constraints))
-    winner = Recipe.model_validate(best.user_attrs["recipe"] | {"name": f"search trial {best.number}"})
-    base_test = task_metrics(accuracies(None, test_set), None)
-    test = task_metrics(accuracies(winner, test_set), base_test["skill"])
-    release_engine(base)
-    base_test["skill_kept"] = 1.0
-    result = SearchResult(
-        trials=table, pareto=front, winner=winner, winner_trial=best.number,
-        search_scores=dict(best.user_attrs["metrics"]), test=test, base_test=base_test,
-        n_evaluated=evaluated[0], paths=paths,
-    )  # fmt: skip
-    if out_dir is not None:
-        result.paths.update(_write_winner(result, base, sources, settings, out_dir))
-    return result
+    return evaluated[0]
 
 
 def _best_feasible(study: Any, constraints: Mapping[str, float]) -> Any:

@@ -290,24 +290,10 @@ def sweep(
     for s in srcs:
         check_compatible(base, s)
     check_site(site)
-    if positions is not None:
-        positions = check_positions(positions)
-        if isinstance(positions, (slice, Tensor)):
-            raise LatentMergeError(
-                f"positions={positions!r}: a sweep writes its cells as Recipes, which hold 'last', 'all' "
-                "or a list of real-token indices; pass one of those"
-            )
+    positions = _sweep_positions(positions)
     op_params = dict(op_params or {})
     ops_, layers_, alphas_ = _check_grid(base, ops, layers, alphas, op_params, allow_extrapolation)
-    baselines = list(baselines)
-    for i, b in enumerate(baselines):
-        if b not in _BASELINES:
-            raise LatentMergeError(f"baselines[{i}]={b!r}; expected any of: {', '.join(_BASELINES)}")
-    models = dict(models or {})
-    for label in models:
-        if label in _BASELINES or label == "latent":
-            raise LatentMergeError(f"models has a model labelled {label!r}; that label is reserved")
-        check_compatible(base, models[label])
+    baselines, models = _check_others(base, baselines, models)
     if isinstance(prompts, Sequence) and not isinstance(prompts, str) and len(prompts) == 0:
         raise LatentMergeError("prompts=[] is empty; expected at least one prompt")
 
@@ -329,41 +315,95 @@ def sweep(
         }
     )
     path = Path(out) if out is not None else None
-    done: dict[tuple, dict[str, Any]] = {}
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not resume and path.exists():
-            path.unlink()
-        done = _read_done(path, fingerprint)
-
+    done = _open_done(path, resume, fingerprint)
     todo = [c for c in cells if c.key not in done]
     bar = _progress(len(cells), len(cells) - len(todo), progress, "sweep")
     try:
         for cell in todo:
             bar.set_postfix_str(cell.label(), refresh=False)
             model, cell_sources, recipe = _cell_run(cell, base, srcs, models, recipes)
-            start = time.perf_counter()
-            results = evaluate(model, cell_sources, recipe, prompts)
-            flat = _flatten(results, cell)
-            record = {
-                "format": _FORMAT,
-                "fingerprint": fingerprint,
-                "cell": dataclasses.asdict(cell),
-                "results": [list(r) for r in flat],
-                "elapsed_s": round(time.perf_counter() - start, 6),
-            }
-            if path is not None:
-                with path.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(record) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-            done[cell.key] = record
+            done[cell.key] = _run_cell(
+                cell, evaluate, (model, cell_sources, recipe), prompts, fingerprint, path
+            )
             bar.update(1)
     finally:
         bar.close()
         for model in (base, *srcs, *models.values()):
             release_engine(model)  # an evaluator's kept engine (TaskAccuracy keeps one between cells)
+    return _table(cells, done, fingerprint, site)
 
+
+def _sweep_positions(positions: Any) -> Any:
+    """The sweep's positions, checked: one a Recipe can hold (None: the op's default)."""
+    if positions is not None:
+        positions = check_positions(positions)
+        if isinstance(positions, (slice, Tensor)):
+            raise LatentMergeError(
+                f"positions={positions!r}: a sweep writes its cells as Recipes, which hold 'last', 'all' "
+                "or a list of real-token indices; pass one of those"
+            )
+    return positions
+
+
+def _check_others(
+    base: Any, baselines: Sequence[str], models: Mapping[str, Any] | None
+) -> tuple[list[str], dict[str, Any]]:
+    """The baselines (known names) and the extra models (unreserved labels, compatible with `base`)."""
+    baselines = list(baselines)
+    for i, b in enumerate(baselines):
+        if b not in _BASELINES:
+            raise LatentMergeError(f"baselines[{i}]={b!r}; expected any of: {', '.join(_BASELINES)}")
+    models = dict(models or {})
+    for label in models:
+        if label in _BASELINES or label == "latent":
+            raise LatentMergeError(f"models has a model labelled {label!r}; that label is reserved")
+        check_compatible(base, models[label])
+    return baselines, models
+
+
+def _open_done(path: Path | None, resume: bool, fingerprint: str) -> dict[tuple, dict[str, Any]]:
+    """The cells `path` already holds for this fingerprint (none when not resuming: the file goes)."""
+    done: dict[tuple, dict[str, Any]] = {}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume and path.exists():
+            path.unlink()
+        done = _read_done(path, fingerprint)
+    return done
+
+
+def _run_cell(
+    cell: _Cell,
+    evaluate: Evaluate,
+    run: tuple[Any, Any, Any],
+    prompts: Any,
+    fingerprint: str,
+    path: Path | None,
+) -> dict[str, Any]:
+    """Evaluate one cell (`run`: model, sources, recipe) and append its record to `path` (synced)."""
+    model, cell_sources, recipe = run
+    start = time.perf_counter()
+    results = evaluate(model, cell_sources, recipe, prompts)
+    flat = _flatten(results, cell)
+    record = {
+        "format": _FORMAT,
+        "fingerprint": fingerprint,
+        "cell": dataclasses.asdict(cell),
+        "results": [list(r) for r in flat],
+        "elapsed_s": round(time.perf_counter() - start, 6),
+    }
+    if path is not None:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return record
+
+
+def _table(
+    cells: list[_Cell], done: dict[tuple, dict[str, Any]], fingerprint: str, site: str
+) -> pd.DataFrame:
+    """The tidy table of every cell's results, in cell order."""
     rows = []
     for cell in cells:
         record = done[cell.key]
