@@ -134,6 +134,34 @@ def _check_not_flat(name: str, raw: Tensor, centred: Tensor) -> None:
         )
 
 
+def _check_cka_shapes(X: Tensor, Y: Tensor) -> int:
+    """That X and Y are both `[n, d]` or both `[layers, n, d]`, with the same layers and rows; returns n."""
+    for name, t in (("X", X), ("Y", Y)):
+        if t.ndim not in (2, 3):
+            raise LatentMergeError(
+                f"{name} must have shape [n, d] or [layers, n, d] (rank 2 or 3); got shape {tuple(t.shape)} "
+                f"(rank {t.ndim}). Flatten batch and position into n first, e.g. "
+                "einops.rearrange(h, 'l b p d -> l (b p) d')"
+            )
+    if X.ndim != Y.ndim:
+        raise LatentMergeError(
+            f"X and Y must both be [n, d] or both be [layers, n, d]; got X shape {tuple(X.shape)} and "
+            f"Y shape {tuple(Y.shape)}"
+        )
+    if X.ndim == 3 and X.shape[0] != Y.shape[0]:
+        raise LatentMergeError(
+            f"X and Y must have the same number of layers; got layers={X.shape[0]} for X and "
+            f"layers={Y.shape[0]} for Y"
+        )
+    n = X.shape[-2]
+    if Y.shape[-2] != n:
+        raise LatentMergeError(
+            f"X and Y must have the same number of rows n (one per token); got n={n} for X "
+            f"(shape {tuple(X.shape)}) and n={Y.shape[-2]} for Y (shape {tuple(Y.shape)})"
+        )
+    return n
+
+
 def linear_cka(
     X: Float[Tensor, "*layers n d1"],
     Y: Float[Tensor, "*layers n d2"],
@@ -165,29 +193,7 @@ def linear_cka(
     """
     X = _check_float_tensor("X", X)
     Y = _check_float_tensor("Y", Y)
-    for name, t in (("X", X), ("Y", Y)):
-        if t.ndim not in (2, 3):
-            raise LatentMergeError(
-                f"{name} must have shape [n, d] or [layers, n, d] (rank 2 or 3); got shape {tuple(t.shape)} "
-                f"(rank {t.ndim}). Flatten batch and position into n first, e.g. "
-                "einops.rearrange(h, 'l b p d -> l (b p) d')"
-            )
-    if X.ndim != Y.ndim:
-        raise LatentMergeError(
-            f"X and Y must both be [n, d] or both be [layers, n, d]; got X shape {tuple(X.shape)} and "
-            f"Y shape {tuple(Y.shape)}"
-        )
-    if X.ndim == 3 and X.shape[0] != Y.shape[0]:
-        raise LatentMergeError(
-            f"X and Y must have the same number of layers; got layers={X.shape[0]} for X and "
-            f"layers={Y.shape[0]} for Y"
-        )
-    n = X.shape[-2]
-    if Y.shape[-2] != n:
-        raise LatentMergeError(
-            f"X and Y must have the same number of rows n (one per token); got n={n} for X "
-            f"(shape {tuple(X.shape)}) and n={Y.shape[-2]} for Y (shape {tuple(Y.shape)})"
-        )
+    n = _check_cka_shapes(X, Y)
     where = "in its rows"
     if mask is not None:
         mask = _check_bool_mask(mask)
