@@ -331,6 +331,28 @@ def _as_model(model: Any) -> Any:
     return model if hasattr(model, "trace") else wrap(model, getattr(model, "tokenizer", None))
 
 
+def _collect_all_grams(
+    models: list[Any],
+    calibration: Any,
+    source_calibration: Sequence[Any] | None,
+    names: list[str],
+    batch_size: int,
+) -> list[Grams]:
+    """Each model's Gram matrices over its calibration prompts (the base's for every source by default)."""
+    if calibration is None:
+        raise LatentMergeError("calibration is required to collect Gram matrices (or pass grams=)")
+    n_sources = len(models) - 1
+    cals = [calibration] * n_sources if source_calibration is None else list(source_calibration)
+    if len(cals) != n_sources:
+        raise LatentMergeError(
+            f"source_calibration has {len(cals)} entries for {n_sources} sources; expected one per source"
+        )
+    return [
+        collect_grams(m, cal, names=names, batch_size=batch_size)
+        for m, cal in zip(models, [calibration, *cals], strict=True)
+    ]
+
+
 def regmean_weights(
     base: Any,
     sources: Any,
@@ -379,18 +401,7 @@ def regmean_weights(
     coeffs = check_coefficients([1.0 - alpha, *(alpha * wi for wi in w)], len(models))
     names = linear_names(base_model)
     if grams is None:
-        if calibration is None:
-            raise LatentMergeError("calibration is required to collect Gram matrices (or pass grams=)")
-        cals = [calibration] * len(source_models) if source_calibration is None else list(source_calibration)
-        if len(cals) != len(source_models):
-            raise LatentMergeError(
-                f"source_calibration has {len(cals)} entries for {len(source_models)} sources; "
-                "expected one per source"
-            )
-        grams = [
-            collect_grams(m, cal, names=names, batch_size=batch_size)
-            for m, cal in zip(models, [calibration, *cals], strict=True)
-        ]
+        grams = _collect_all_grams(models, calibration, source_calibration, names, batch_size)
     if len(grams) != len(models):
         raise LatentMergeError(
             f"grams has {len(grams)} entries for {len(models)} models (base first); expected one each"
