@@ -114,6 +114,14 @@ def encode(
             "this model has no tokenizer; pass input_ids (and attention_mask) instead of text"
         )
 
+    texts, templated = _texts(tokenizer, prompts, chat)
+
+    return _tokenize(tokenizer, texts, templated, padding_side)
+
+
+def _texts(tokenizer: Any, prompts: Sequence[Any], chat: bool | None) -> tuple[list[str], bool]:
+    """Each prompt as the text to tokenize (chats through the chat template), and whether any was
+    templated (the template already holds the special tokens)."""
     texts: list[str] = []
     templated = False
     for i, p in enumerate(prompts):
@@ -133,7 +141,11 @@ def encode(
             raise LatentMergeError(f"prompts[{i}] has type {type(p).__name__}; expected a string or a chat")
         if texts[-1] == "":
             raise LatentMergeError(f"prompts[{i}] is empty; every prompt needs at least one token")
+    return texts, templated
 
+
+def _tokenize(tokenizer: Any, texts: list[str], templated: bool, padding_side: str | None) -> Batch:
+    """The texts tokenized and padded on `padding_side` (default: the tokenizer's own side)."""
     side = padding_side or getattr(tokenizer, "padding_side", "left") or "left"
     if tokenizer.pad_token_id is None:
         raise LatentMergeError(
