@@ -291,6 +291,44 @@ _FAILED_STATUS = frozenset({400, 413, 422})
 """Statuses that fail one judgment (this prompt is too long or refused), not the whole run."""
 
 
+def _check_judgments(comparisons: Sequence[Comparison], concurrency: int) -> None:
+    if concurrency < 1:
+        raise LatentMergeError(f"concurrency={concurrency} must be >= 1")
+    ids = [c.pair_id for c in comparisons]
+    if len(set(ids)) != len(ids):
+        dupes = sorted(k for k, n in Counter(ids).items() if n > 1)
+        raise LatentMergeError(f"pair_ids repeat in the input: {dupes[:5]}")
+
+
+async def _ask(
+    complete_fn: CompleteFn, template: Template, c: Comparison, order: str
+) -> tuple[str, str | None]:
+    """The judge's reply on one comparison in one order, and the error when the endpoint refused it
+    (400/413/422: then the reply is empty); any other request failure raises."""
+    first, second = (c.response_a, c.response_b) if order == "AB" else (c.response_b, c.response_a)
+    error = None
+    try:
+        reply = await complete_fn(template.messages(c.question, first, second))
+    except JudgeRequestError as exc:
+        if exc.status not in _FAILED_STATUS:
+            raise
+        logger.warning("judgment of pair %r order %s failed: %s", c.pair_id, order, exc)
+        reply, error = "", str(exc)
+    return (reply if isinstance(reply, str) else ""), error
+
+
+async def _gather_all(tasks: list[Any]) -> None:
+    """Await every task; when one fails (or the wait is cancelled) cancel the rest, then raise."""
+    try:
+        if tasks:
+            await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 async def _run_judgments(
     comparisons: Sequence[Comparison],
     orders: Sequence[str],
@@ -308,12 +346,7 @@ async def _run_judgments(
     recorded as a failed judgment and the run goes on; other request failures end the run."""
     from tqdm.auto import tqdm
 
-    if concurrency < 1:
-        raise LatentMergeError(f"concurrency={concurrency} must be >= 1")
-    ids = [c.pair_id for c in comparisons]
-    if len(set(ids)) != len(ids):
-        dupes = sorted(k for k, n in Counter(ids).items() if n > 1)
-        raise LatentMergeError(f"pair_ids repeat in the input: {dupes[:5]}")
+    _check_judgments(comparisons, concurrency)
     cache = JudgmentCache(cache_path)
     tid = template.template_id
     keys = [(c, o) for c in comparisons for o in orders]
@@ -327,17 +360,8 @@ async def _run_judgments(
     semaphore = asyncio.Semaphore(concurrency)
 
     async def judge_one(c: Comparison, order: str) -> None:
-        first, second = (c.response_a, c.response_b) if order == "AB" else (c.response_b, c.response_a)
-        error = None
         async with semaphore:
-            try:
-                reply = await complete_fn(template.messages(c.question, first, second))
-            except JudgeRequestError as exc:
-                if exc.status not in _FAILED_STATUS:
-                    raise
-                logger.warning("judgment of pair %r order %s failed: %s", c.pair_id, order, exc)
-                reply, error = "", str(exc)
-        reply = reply if isinstance(reply, str) else ""
+            reply, error = await _ask(complete_fn, template, c, order)
         shown = template.parse(reply) if error is None else None
         verdict = shown if order == "AB" else _SWAP[shown]
         judgment = Judgment(
@@ -358,15 +382,8 @@ async def _run_judgments(
         bar.update(1)
         bar.set_postfix(_postfix(counts), refresh=False)
 
-    tasks = [asyncio.ensure_future(judge_one(c, o)) for c, o in todo]
     try:
-        if tasks:
-            await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+        await _gather_all([asyncio.ensure_future(judge_one(c, o)) for c, o in todo])
     finally:
         bar.close()
     return [cache.get((c.pair_id, o, judge_model, tid)) for c, o in keys]  # type: ignore[misc]

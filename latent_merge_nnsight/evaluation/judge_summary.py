@@ -33,6 +33,37 @@ def _bootstrap(
     return out
 
 
+def _group_summary(
+    pairs: dict[str, dict[str, Any]], group: str, n_boot: int, seed: int, confidence: float
+) -> dict[str, Any]:
+    """Counts, order consistency and win rates (with bootstrap CIs) of one category, or "overall"."""
+    members = [e for e in pairs.values() if group == "overall" or e["category"] == group]
+    per_pair = np.array(
+        [
+            [sum(v == k for v in e["verdicts"].values()) for k in ("A", "B", "tie", None, "failed")]
+            for e in members
+        ]
+    )
+    a, b, t, inv, failed = (int(x) for x in per_pair.sum(0))
+    both = [e["verdicts"] for e in members if set(ORDERS) <= e["verdicts"].keys()]
+    agree = sum(1 for v in both if v["AB"] in ("A", "B", "tie") and v["AB"] == v["BA"])
+    ci = _bootstrap(per_pair[:, 0], per_pair[:, 1], per_pair[:, 2], n_boot, seed, confidence)
+    return {
+        "n_pairs": len(members),
+        "n_judgments": a + b + t + inv + failed,
+        "a_wins": a,
+        "b_wins": b,
+        "ties": t,
+        "invalid": inv,
+        "failed": failed,
+        "order_consistency": agree / len(both) if both else None,
+        "win_rate_no_ties": 100.0 * a / (a + b) if a + b else None,
+        "win_rate_no_ties_ci": ci["no_ties"],
+        "win_rate_ties_half": 100.0 * (a + 0.5 * t) / (a + b + t) if a + b + t else None,
+        "win_rate_ties_half_ci": ci["ties_half"],
+    }
+
+
 def summarize(
     judgments: Iterable[Judgment | Mapping[str, Any]],
     *,
@@ -70,33 +101,7 @@ def summarize(
         entry["verdicts"][j.order] = "failed" if j.error is not None else j.verdict
     present = {e["category"] for e in pairs.values()}
     groups = [c for c in CATEGORIES if c in present] + sorted(present - set(CATEGORIES)) + ["overall"]
-    results: dict[str, dict[str, Any]] = {}
-    for group in groups:
-        members = [e for e in pairs.values() if group == "overall" or e["category"] == group]
-        per_pair = np.array(
-            [
-                [sum(v == k for v in e["verdicts"].values()) for k in ("A", "B", "tie", None, "failed")]
-                for e in members
-            ]
-        )
-        a, b, t, inv, failed = (int(x) for x in per_pair.sum(0))
-        both = [e["verdicts"] for e in members if set(ORDERS) <= e["verdicts"].keys()]
-        agree = sum(1 for v in both if v["AB"] in ("A", "B", "tie") and v["AB"] == v["BA"])
-        ci = _bootstrap(per_pair[:, 0], per_pair[:, 1], per_pair[:, 2], n_boot, seed, confidence)
-        results[group] = {
-            "n_pairs": len(members),
-            "n_judgments": a + b + t + inv + failed,
-            "a_wins": a,
-            "b_wins": b,
-            "ties": t,
-            "invalid": inv,
-            "failed": failed,
-            "order_consistency": agree / len(both) if both else None,
-            "win_rate_no_ties": 100.0 * a / (a + b) if a + b else None,
-            "win_rate_no_ties_ci": ci["no_ties"],
-            "win_rate_ties_half": 100.0 * (a + 0.5 * t) / (a + b + t) if a + b + t else None,
-            "win_rate_ties_half_ci": ci["ties_half"],
-        }
+    results = {g: _group_summary(pairs, g, n_boot, seed, confidence) for g in groups}
     first = items[0]
     return {
         "system_a": first.system_a,
