@@ -280,13 +280,7 @@ def search(
     study = _open_study(optuna, url, study_name, settings)
 
     def objective(trial: Any) -> float:
-        recipe = space.suggest(trial)
-        metrics = task_metrics(accuracies(recipe, search_set), base_search["skill"])
-        trial.set_user_attr("recipe", recipe.to_dict())
-        trial.set_user_attr("metrics", metrics)
-        for (m, v), violation in zip(constraints.items(), _violations(metrics, constraints), strict=True):
-            trial.set_constraint(f"{m}>={v:g}", violation)  # TPE prefers trials that meet them
-        return metrics[target]
+        return _run_trial(trial, space, lambda r: accuracies(r, search_set), base_search, constraints, target)
 
     evaluated = _run_trials(study, objective, trials, target, constraints, progress)
     table, front, paths = _write_trials(study, constraints, pareto, base_search, out_dir)
@@ -294,11 +288,8 @@ def search(
     if best is None:
         release_engine(base)
         raise LatentMergeError(_no_feasible_message(table, constraints))
-    winner = Recipe.model_validate(best.user_attrs["recipe"] | {"name": f"search trial {best.number}"})
-    base_test = task_metrics(accuracies(None, test_set), None)
-    test = task_metrics(accuracies(winner, test_set), base_test["skill"])
+    winner, test, base_test = _test_winner(best, lambda r: accuracies(r, test_set))
     release_engine(base)
-    base_test["skill_kept"] = 1.0
     result = SearchResult(
         trials=table, pareto=front, winner=winner, winner_trial=best.number,
         search_scores=dict(best.user_attrs["metrics"]), test=test, base_test=base_test,
@@ -307,6 +298,33 @@ def search(
     if out_dir is not None:
         result.paths.update(_write_winner(result, base, sources, settings, out_dir))
     return result
+
+
+def _test_winner(best: Any, accuracies: Any) -> tuple[Recipe, dict[str, float], dict[str, float]]:
+    """The best feasible trial's recipe, and its metrics and the base's on the test split."""
+    winner = Recipe.model_validate(best.user_attrs["recipe"] | {"name": f"search trial {best.number}"})
+    base_test = task_metrics(accuracies(None), None)
+    test = task_metrics(accuracies(winner), base_test["skill"])
+    base_test["skill_kept"] = 1.0
+    return winner, test, base_test
+
+
+def _run_trial(
+    trial: Any,
+    space: SearchSpace,
+    accuracies: Any,
+    base_search: dict[str, float],
+    constraints: Mapping[str, float],
+    target: str,
+) -> float:
+    """One trial: suggest a recipe, score it on the search split, record it; returns its target."""
+    recipe = space.suggest(trial)
+    metrics = task_metrics(accuracies(recipe), base_search["skill"])
+    trial.set_user_attr("recipe", recipe.to_dict())
+    trial.set_user_attr("metrics", metrics)
+    for (m, v), violation in zip(constraints.items(), _violations(metrics, constraints), strict=True):
+        trial.set_constraint(f"{m}>={v:g}", violation)  # TPE prefers trials that meet them
+    return metrics[target]
 
 
 def _import_optuna() -> Any:

@@ -293,6 +293,21 @@ def _save_info(folder: pathlib.Path, info: dict) -> None:
     (folder / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
+def _check_training(config: TrainConfig, threads: int, eval_n: int) -> None:
+    """`train_pair`'s arguments; a warning when bf16 training would be slow on this CPU."""
+    if threads < 1:
+        raise LatentMergeError(f"threads={threads!r} must be >= 1")
+    if eval_n < 0:
+        raise LatentMergeError(f"eval_n={eval_n!r} must be >= 0")
+    if config.bf16 and cpu_has_bf16() is False:
+        warnings.warn(
+            "this CPU has no bfloat16 instructions (avx512_bf16 / amx_bf16): bf16 training will be slow "
+            "here; pass --fp32 (TrainConfig(bf16=False)) to train in float32 (other numbers than the "
+            "shipped pair)",
+            stacklevel=3,
+        )
+
+
 def train_pair(
     out_dir: str | pathlib.Path,
     seed: int = 0,
@@ -309,18 +324,8 @@ def train_pair(
     `eval_n > 0`: greedy exact match on `eval_n` examples per category). Returns those infos by name.
     """
     config = config or TrainConfig()
-    if threads < 1:
-        raise LatentMergeError(f"threads={threads!r} must be >= 1")
-    if eval_n < 0:
-        raise LatentMergeError(f"eval_n={eval_n!r} must be >= 0")
+    _check_training(config, threads, eval_n)
     out = pathlib.Path(out_dir)
-    if config.bf16 and cpu_has_bf16() is False:
-        warnings.warn(
-            "this CPU has no bfloat16 instructions (avx512_bf16 / amx_bf16): bf16 training will be slow "
-            "here; pass --fp32 (TrainConfig(bf16=False)) to train in float32 (other numbers than the "
-            "shipped pair)",
-            stacklevel=2,
-        )
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)  # tiny values otherwise slow CPU float math by 10x or more
