@@ -219,7 +219,8 @@ def write_report(
     table = _rows(rows)
     paths = {"json": out / "summary.json", "markdown": out / "summary.md", "png": out / "win_rates.png"}
     paths["json"].write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
-    note = f"Metric: {metric} (a fraction in [0, 1])" + (f"; cells: {' / '.join(series_names)}" if series_names else "") + "\n\n"
+    cells = f"; cells: {' / '.join(series_names)}" if series_names else ""
+    note = f"Metric: {metric} (a fraction in [0, 1]){cells}\n\n"
     counts = (
         "\nJudgments (one per order; invalid: the reply names no verdict; "
         "failed: the endpoint refused the request):\n\n"
