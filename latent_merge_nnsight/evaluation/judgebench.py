@@ -308,10 +308,7 @@ def official_accuracy(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[st
             tally["n"] += 1
             tally[outcome] += 1
     order = [c for c in CATEGORIES if c in tallies] + ["overall"]
-    return {
-        key: {"accuracy": tallies[key]["correct"] / tallies[key]["n"], **tallies[key]}
-        for key in order
-    }
+    return {key: {"accuracy": tallies[key]["correct"] / tallies[key]["n"], **tallies[key]} for key in order}
 
 
 # ---------------------------------------------------------------------------------------------------
