@@ -473,6 +473,7 @@ def run_demo(
     from tqdm.auto import tqdm
 
     from latent_merge_nnsight.generate import release_engine
+    from latent_merge_nnsight.generation.prefix import share_prompt_states
     from latent_merge_nnsight.models import load, model_info
 
     preset = grid is None
@@ -490,9 +491,11 @@ def run_demo(
     rows: list[dict[str, Any]] = []
     texts: dict[str, dict[str, list[str]]] = {}
     probe = NormProbe()
-    with _threads(threads), _quiet_hf():
+    with _threads(threads), _quiet_hf(), contextlib.ExitStack() as shared:
         base_model = load(base)
         ft_model = load(source)
+        # every setup prefills the same prompts: the pair's unmerged blocks are computed once
+        shared.enter_context(share_prompt_states(base_model, ft_model))
         n_layers = model_info(base_model).n_layers
         last = n_layers - 1
         layers = grid.layers if grid.layers is not None else _default_layers(n_layers, grid is QUICK_GRID)

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from latent_merge_nnsight.generation.graphs import StepGraphs, StepInputs
 from latent_merge_nnsight.generation.loop import GenerationResult, Run
+from latent_merge_nnsight.generation.prefix import PromptReuse
 from latent_merge_nnsight.generation.stack import Biases, KVCache, Stack, mask_positions, plain_forwards
 from latent_merge_nnsight.models import hf_module
 from latent_merge_nnsight.plan import Plan
@@ -157,9 +158,11 @@ class PairedEngine:
         start: "int | Tensor",
         select: Bool[Tensor, "batch new"] | None,
         merge: bool,
+        reuse: PromptReuse | None = None,
     ) -> tuple[Float[Tensor, "batch vocab"], Float[Tensor, "batch vocab"] | None]:
         """Both models over `ids`, written at slots `start...` of the caches; returns the logits at each
-        row's last position (base, and the source's for the ensemble)."""
+        row's last position (base, and the source's for the ensemble). With `reuse` (a prefill), each
+        model starts at the block `reuse.skip` says and stores its unmerged blocks."""
         base, caches = self.base, self.caches
         bias, bias_s = self._biases(kv_mask, start, ids.shape[1])
         hb, ctx_b = base.embed(ids, positions)
@@ -168,14 +171,23 @@ class PairedEngine:
             h, c = s.embed(ids.to(s.device), positions.to(s.device))
             hs.append(h)
             ctx_s.append(c)
+        skip = [0] * (1 + len(self.sources)) if reuse is None else reuse.start()
         for i in range(self.depth):
             if merge and i in self.pre:
                 hb = self.plan.apply(i, "pre", hb, hs, select)
-            if i < base.n_layers:
+            if i < skip[0]:  # a prefill's unmerged block, computed before on these prompts
+                hb = reuse.output(0, i)
+            elif i < base.n_layers:
                 hb = base.block(i, hb, bias, positions, ctx_b, caches[0])
+                if reuse is not None:
+                    reuse.keep(0, i, hb)
             for j, s in enumerate(self.sources):
-                if i < self.src_blocks[j]:
+                if i < skip[j + 1]:
+                    hs[j] = reuse.output(j + 1, i)
+                elif i < self.src_blocks[j]:
                     hs[j] = s.block(i, hs[j], bias_s[j], positions.to(s.device), ctx_s[j], caches[j + 1])
+                    if reuse is not None:
+                        reuse.keep(j + 1, i, hs[j])
             if merge and i in self.post:
                 hb = self.plan.apply(i, "post", hb, hs, select)
         logits = base.logits(hb[:, -1])
@@ -197,7 +209,18 @@ class PairedEngine:
         for cache in self.caches:
             cache.begin(width)
         select = position_mask(mask, self.plan.positions, decoding=False)
-        return self._forward(ids, mask_positions(mask), mask, 0, select, merge=bool(select.any()))
+        merge = bool(select.any())
+        reuse = PromptReuse([self.base, *self.sources], self.caches, self._clean(merge), ids, mask)
+        return self._forward(ids, mask_positions(mask), mask, 0, select, merge, reuse)
+
+    def _clean(self, merge: bool) -> list[int]:
+        """Per model, the blocks of a prefill whose outputs do not depend on the merge (`PromptReuse`):
+        the base's below its first merged layer (through it at site post), each source's all."""
+        if not merge or not (self.pre or self.post):
+            clean = self.base.n_layers
+        else:
+            clean = min(self.pre) if self.pre else min(self.post) + 1
+        return [clean, *self.src_blocks]
 
     def decode(self, tokens: Int[Tensor, " batch"]) -> tuple[Tensor, Tensor | None]:
         """Feed one new token per row; returns next-token logits."""
