@@ -480,7 +480,8 @@ def run_demo(
     Arguments:
         out: output folder; gets `results.csv`, `samples.json`, `report.md`, `meta.json` and the PNG
             figures.
-        quick: a small grid (`QUICK_GRID`, about 30 s) instead of `DEFAULT_GRID` (about 3 minutes on 2 cores).
+        quick: a small grid (`QUICK_GRID`, about 20 s) instead of `DEFAULT_GRID` (about 2 minutes on 2 cores:
+            about 100 s of CPU time on one thread).
         progress: show a tqdm progress bar.
         base, source: zoo names or checkpoint folders of the pair.
         grid: evaluate this grid instead (overrides `quick`).

@@ -10,6 +10,8 @@
 - `stepper.py`: `LiveSource`, a source stepped in lockstep with a traced base;
 - `stack.py`: a causal LM as embed / block i / head with a package-owned `KVCache`, built from the
   architecture registry of `latent_merge_nnsight.sites`;
+- `prefix.py`: `share_prompt_states`, opt-in reuse of the unmerged prompt blocks between fast-engine
+  calls on the same prompts (a grid of merges, e.g. the demo);
 - `graphs.py`: fixed-shape steps captured as CUDA graphs (eager stand-ins off CUDA).
 """
 

@@ -162,7 +162,8 @@ class PairedEngine:
     ) -> tuple[Float[Tensor, "batch vocab"], Float[Tensor, "batch vocab"] | None]:
         """Both models over `ids`, written at slots `start...` of the caches; returns the logits at each
         row's last position (base, and the source's for the ensemble). With `reuse` (a prefill), each
-        model starts at the block `reuse.skip` says and stores its unmerged blocks."""
+        model reads back its blocks below `reuse.skip` instead of running them and stores the unmerged
+        blocks it runs."""
         base, caches = self.base, self.caches
         bias, bias_s = self._biases(kv_mask, start, ids.shape[1])
         hb, ctx_b = base.embed(ids, positions)
