@@ -128,7 +128,8 @@ def _columns(rows: dict[str, list[Mapping[str, Any]]]) -> list[str]:
 
 
 def markdown_table(rows: SummaryRows, metric: str = "win_rate_no_ties", *, decimals: int = 3) -> str:
-    """The paper's table: one column per category (+ overall), one row per label.
+    """The paper's table: one column per category (+ overall), one row per label; values are fractions
+    in [0, 1] (the paper prints percent).
 
     A row with several summaries gets cells like ``0.625 / 0.550`` (e.g. latent / weight merge), in the
     order given; a missing value is ``-``.
