@@ -467,6 +467,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_tokens_limit=args.max_tokens_limit,
         api_key=args.api_key,
         max_body_bytes=args.max_body_bytes,
+        openai_finish_reasons=args.openai_finish_reasons,
     )
     return 0
 
@@ -780,6 +781,12 @@ def _add_serve_command(sub: Any) -> None:
     )
     p.add_argument(
         "--max-body-bytes", type=POSITIVE, default=8 * 2**20, help="refuse larger request bodies (413)"
+    )
+    p.add_argument(
+        "--openai-finish-reasons",
+        action="store_true",
+        help="send finish_reason in OpenAI's words only ('stop' for an EOS too, 'length'); default: "
+        "'eos', 'stop' (a stop string) or 'length'",
     )
 
 

@@ -19,7 +19,8 @@ Two top-p rules (`SamplingConfig.sampler`):
 
 `Tracker` records each row's new tokens and decides when a row is done: an EOS token ("eos"), a stop
 string in the new text ("stop"), or `max_new_tokens` reached ("length"): `FINISH_REASONS`, the one list
-of them (an OpenAI-style reply folds "eos" into "stop": `openai_finish_reason`).
+of them, also on `lmn serve`'s wire (`lmn serve --openai-finish-reasons` folds "eos" into "stop" for
+strict OpenAI clients: `openai_finish_reason`).
 
 Temperature 0 means greedy, everywhere the package takes sampling settings (`lmn.generate`, a system's
 `sampling`, the CLI, the server): `SamplingConfig.greedy` is the one place that says so.
@@ -48,7 +49,7 @@ __all__ = [
 
 FINISH_REASONS = ("eos", "stop", "length")
 """Why a row ended: an EOS token, a stop string, or `max_new_tokens`. The one vocabulary of
-`GenerationResult.finish_reasons`, `Completion.finish_reason` and the respond files."""
+`GenerationResult.finish_reasons`, `Completion.finish_reason`, the respond files and the server."""
 
 SAMPLERS = ("default", "paper")
 """Top-p rules: "default" keeps the token that crosses top_p, "paper" drops it (see the module doc)."""

@@ -39,7 +39,7 @@ def test_judgebench_score_runs_on_an_official_file(capsys):
     path = sorted((SHARED / "official_outputs").glob("*.jsonl"))[0]
     assert main(["judgebench-score", str(path)]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert 0 <= data["overall"]["accuracy"] <= 100
+    assert 0 <= data["overall"]["accuracy"] <= 1  # a fraction, not JudgeBench's percent
 
 
 def test_console_script_entry_point_runs():

@@ -63,7 +63,51 @@ def test_served_process_max_tokens_limit_refuses_more(served):
         client(url).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=49)
     assert exc.value.body["param"] == "max_tokens" and "48" in exc.value.body["message"]
     reply = client(url).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=48)
-    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.choices[0].finish_reason == "eos" and reply.usage.completion_tokens < 48  # ended by EOS
+
+
+@pytest.fixture(scope="module")
+def served_openai_words():
+    with start_serve(SYSTEMS / f"{MODEL}.yaml", "--openai-finish-reasons") as (proc, url):
+        yield proc, url
+
+
+def finish(c: openai.OpenAI, api: str, stream: bool, **params) -> tuple[str, str, int]:
+    """(finish_reason, text, completion tokens) of one greedy request through the SDK."""
+    params = {"model": MODEL, "temperature": 0, **params}
+    if api == "chat":
+        make, params = c.chat.completions.create, {"messages": QUESTION, **params}
+    else:
+        make, params = c.completions.create, {"prompt": "<|user|>What is 2+3?<|assistant|>", **params}
+    if not stream:
+        r = make(**params)
+        choice = r.choices[0]
+        return (
+            choice.finish_reason,
+            choice.message.content if api == "chat" else choice.text,
+            r.usage.completion_tokens,
+        )
+    chunks = list(make(**params, stream=True, stream_options={"include_usage": True}))
+    choices = [ch.choices[0] for ch in chunks if ch.choices]
+    assert all(ch.finish_reason is None for ch in choices[:-1])
+    text = "".join((ch.delta.content or "") if api == "chat" else ch.text for ch in choices)
+    return choices[-1].finish_reason, text, chunks[-1].usage.completion_tokens
+
+
+@pytest.mark.parametrize("openai_words", [False, True], ids=["default", "openai-finish-reasons"])
+@pytest.mark.parametrize(
+    ("api", "stream"), [("chat", False), ("chat", True), ("text", False), ("text", True)]
+)
+def test_served_finish_reasons_are_eos_stop_length_or_openai_words(request, openai_words, api, stream):
+    proc, url = request.getfixturevalue("served_openai_words" if openai_words else "served")
+    c = client(url)
+    reason, text, n = finish(c, api, stream, max_tokens=32)
+    assert n < 32 and text.startswith("Answer: ")  # no stop string, under budget: the model's EOS ended it
+    assert reason == ("stop" if openai_words else "eos")
+    reason, cut, _ = finish(c, api, stream, max_tokens=32, stop=[":"])
+    assert (reason, cut) == ("stop", text[: text.index(":")])  # the stop string ends it, left out
+    reason, short, n = finish(c, api, stream, max_tokens=3)
+    assert (reason, n) == ("length", 3) and text.startswith(short)
 
 
 def test_served_process_under_load_with_malformed_requests_and_a_disconnect(served):

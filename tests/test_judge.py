@@ -119,15 +119,15 @@ def test_judge_pairs_counts_and_win_rates_match_hand_computation(tmp_path):
     overall = s["results"]["overall"]
     # A = 2+2+1, B = 2+1, tie = 2, invalid = 2; consistent pairs p0..p3 of 6.
     assert (overall["a_wins"], overall["b_wins"], overall["ties"], overall["invalid"]) == (5, 3, 2, 2)
-    assert overall["win_rate_no_ties"] == pytest.approx(100 * 5 / 8)
-    assert overall["win_rate_ties_half"] == pytest.approx(100 * 6 / 10)
+    assert overall["win_rate_no_ties"] == pytest.approx(5 / 8)
+    assert overall["win_rate_ties_half"] == pytest.approx(6 / 10)
     assert overall["order_consistency"] == pytest.approx(4 / 6)
     res = s["results"]
     assert list(res) == ["knowledge", "reasoning", "math", "coding", "overall"]
-    assert (res["knowledge"]["win_rate_no_ties"], res["knowledge"]["order_consistency"]) == (75.0, 0.5)
-    assert (res["reasoning"]["win_rate_no_ties"], res["reasoning"]["invalid"]) == (100.0, 2)
+    assert (res["knowledge"]["win_rate_no_ties"], res["knowledge"]["order_consistency"]) == (0.75, 0.5)
+    assert (res["reasoning"]["win_rate_no_ties"], res["reasoning"]["invalid"]) == (1.0, 2)
     assert res["math"]["win_rate_no_ties"] == 0.0
-    assert (res["coding"]["win_rate_no_ties"], res["coding"]["win_rate_ties_half"]) == (None, 50.0)
+    assert (res["coding"]["win_rate_no_ties"], res["coding"]["win_rate_ties_half"]) == (None, 0.5)
     assert (s["system_a"], s["system_b"]) == ("latent", "base")
     assert SECRET not in cache.read_text()
     assert len(cache_lines(cache)) == 12
@@ -410,11 +410,11 @@ def test_bootstrap_ci_matches_normal_approximation():
     n, p = 400, 0.7
     s = summarize(_judgments(["A"] * int(n * p) + ["B"] * int(n * (1 - p))), n_boot=4000, seed=1)
     lo, hi = s["results"]["overall"]["win_rate_no_ties_ci"]
-    half = 100 * 1.96 * math.sqrt(p * (1 - p) / n)  # Wald interval, independent of the bootstrap
-    assert lo == pytest.approx(70 - half, abs=0.8) and hi == pytest.approx(70 + half, abs=0.8)
+    half = 1.96 * math.sqrt(p * (1 - p) / n)  # Wald interval, independent of the bootstrap
+    assert lo == pytest.approx(0.7 - half, abs=0.008) and hi == pytest.approx(0.7 + half, abs=0.008)
     assert s == summarize(_judgments(["A"] * 280 + ["B"] * 120), n_boot=4000, seed=1)  # seeded
     degenerate = summarize(_judgments(["A"] * 10), n_boot=100)["results"]["overall"]
-    assert degenerate["win_rate_no_ties_ci"] == [100.0, 100.0]
+    assert degenerate["win_rate_no_ties_ci"] == [1.0, 1.0]
     assert degenerate["order_consistency"] is None  # no pair was judged in both orders
 
 
@@ -436,13 +436,14 @@ def test_markdown_table_and_report_files(tmp_path):
     lines = table.strip().splitlines()
     assert lines[0] == "| System | Math | Coding | Overall |"
     # math 3/4 vs 1/2; coding 0/2 vs no decisive vote; overall 3/6 vs 1/2
-    assert lines[2] == "| vs base | 75.0 / 50.0 | 0.0 / - | 50.0 / 50.0 |"
+    assert lines[2] == "| vs base | 0.750 / 0.500 | 0.000 / - | 0.500 / 0.500 |"  # fractions, no %
     paths = write_report(
         {"vs base": [latent, weight]}, tmp_path / "report", series_names=["latent", "weight"]
     )
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(paths["json"].read_text())["vs base"][0]["results"]["math"]["a_wins"] == 3
     assert "latent / weight" in paths["markdown"].read_text()
+    assert "%" not in paths["markdown"].read_text()
 
 
 # ------------------------------------------------------------------------- JudgeBench accuracy runner
@@ -483,7 +484,7 @@ def test_judgebench_accuracy_records_score_with_official_protocol(tmp_path):
     records = judgebench_accuracy_sync(
         pairs, oracle, TEMPLATE, judge_model="oracle", cache_path=tmp_path / "c.jsonl", progress=False
     )
-    assert official_accuracy(records)["overall"]["accuracy"] == 100.0
+    assert official_accuracy(records)["overall"]["accuracy"] == 1.0
     for pair, record in zip(pairs, records, strict=True):
         assert {k: record[k] for k in pair.to_dict()} == pair.to_dict()
         # JudgeBench stores game 2 unflipped: the oracle's swapped-game decision is the flipped label.

@@ -212,7 +212,7 @@ class TaskAccuracy:
     models were trained on), answered greedily within the category's token budget (`tasks.MAX_NEW_TOKENS`
     unless `max_new_tokens` is given) and scored with `tasks.score`. Op `delta` steers with the recipe's
     `deltas` file, or else with `compute_deltas(model, sources[0], the prompts' chats, layers)`.
-    Returns `{category: {"accuracy": x}}`.
+    Returns `{category: {"accuracy": x}}`, x a fraction in [0, 1].
 
     With the fast engine on CUDA the engine (its caches and captured decode steps) is kept on the model
     from call to call (`generate(..., keep_engine=True)`), so a sweep over alphas captures once per layer

@@ -10,12 +10,12 @@
 layers ending at a chosen top layer, one alpha per layer, and positions (`SearchSpace`). Optuna's TPE
 sampler, seeded, proposes them; the constraints (`metric >= value`) steer it (`Trial.set_constraint`).
 
-**What is measured.** Greedy exact-match accuracy on the toy tasks (`TaskAccuracy`, its fast engine kept
-between trials) on a *search split* of held-out questions; the metrics are the categories, `skill` (the
-mean over the non-reasoning categories), `skill_kept` (skill / the base's skill on the same split),
-`mean` and `balanced` ((skill + reasoning) / 2). The winner is the feasible trial with the highest
-target; it is then scored once on a disjoint *test split*, and only those test numbers are reported (no
-selection on them).
+**What is measured.** Greedy exact-match accuracy (a fraction in [0, 1]) on the toy tasks (`TaskAccuracy`,
+its fast engine kept between trials) on a *search split* of held-out questions; the metrics are the
+categories, `skill` (the mean over the non-reasoning categories), `skill_kept` (skill / the base's skill
+on the same split), `mean` and `balanced` ((skill + reasoning) / 2). The winner is the feasible trial
+with the highest target; it is then scored once on a disjoint *test split*, and only those test numbers
+are reported (no selection on them).
 
 **Resuming.** Every trial is stored in an SQLite file (Optuna's RDB storage, no pickle). A rerun with the
 same `out` (or `storage`) and study name continues: finished trials are kept and never rerun, a trial
@@ -232,7 +232,7 @@ def search(
         base, sources: nnsight models (`lmn.load`); `sources` one model or a list (RegMean).
         trials: the study's total number of trials (a resumed study runs only the missing ones).
         target: the metric to maximise (`metric_names()`).
-        constraints: `{metric: minimum}`, e.g. `{"skill_kept": 0.9}` (skill at least 90% of the base's).
+        constraints: `{metric: minimum}`, e.g. `{"skill_kept": 0.9}` (skill at least 0.9 x the base's).
         space: what a trial may choose (`SearchSpace()` by default).
         n_search, n_test: toy-task questions per category in the search and the (disjoint) test split.
         seed: the sampler's seed; data_seed: the seed of the questions.

@@ -384,7 +384,7 @@ def _trade_off(w: _Writer, wide: pd.DataFrame, fam: dict[str, pd.Series]) -> Non
             "every family are in the figure below.\n\n"
         )
         shares = (0.9, 0.75, 0.5)
-        w.add("| family | " + " | ".join(f"skill >= {s:.0%} of base" for s in shares) + " | Pareto front |\n")
+        w.add("| family | " + " | ".join(f"skill >= {s:g} x base" for s in shares) + " | Pareto front |\n")
         w.add("|---|" + "---|" * (len(shares) + 1) + "\n")
         for name, mask in fam.items():
             if not mask.any():

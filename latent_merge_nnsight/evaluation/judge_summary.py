@@ -28,7 +28,7 @@ def _bootstrap(
     out: dict[str, list[float] | None] = {}
     with np.errstate(invalid="ignore", divide="ignore"):
         for name, num, den in (("no_ties", a, a + b), ("ties_half", a + 0.5 * t, a + b + t)):
-            rate = 100.0 * num / den
+            rate = num / den
             out[name] = [float(x) for x in np.nanpercentile(rate, q)] if np.isfinite(rate).any() else None
     return out
 
@@ -57,9 +57,9 @@ def _group_summary(
         "invalid": inv,
         "failed": failed,
         "order_consistency": agree / len(both) if both else None,
-        "win_rate_no_ties": 100.0 * a / (a + b) if a + b else None,
+        "win_rate_no_ties": a / (a + b) if a + b else None,
         "win_rate_no_ties_ci": ci["no_ties"],
-        "win_rate_ties_half": 100.0 * (a + 0.5 * t) / (a + b + t) if a + b + t else None,
+        "win_rate_ties_half": (a + 0.5 * t) / (a + b + t) if a + b + t else None,
         "win_rate_ties_half_ci": ci["ties_half"],
     }
 
@@ -71,7 +71,7 @@ def summarize(
     seed: int = 0,
     confidence: float = 0.95,
 ) -> dict[str, Any]:
-    """Win rates of system A over system B per category and overall, in percent.
+    """Win rates of system A over system B per category and overall, as fractions in [0, 1].
 
     Counts are per judgment (each order is one vote): ``a_wins``, ``b_wins``, ``ties``, ``invalid`` (a
     reply with no verdict) and ``failed`` (the endpoint refused the request, e.g. a prompt over its
@@ -132,10 +132,11 @@ def _columns(rows: dict[str, list[Mapping[str, Any]]]) -> list[str]:
     return [c for c in CATEGORIES if c in present] + sorted(present - set(CATEGORIES)) + ["overall"]
 
 
-def markdown_table(rows: SummaryRows, metric: str = "win_rate_no_ties", *, decimals: int = 1) -> str:
-    """The paper's table: one column per category (+ overall), one row per label.
+def markdown_table(rows: SummaryRows, metric: str = "win_rate_no_ties", *, decimals: int = 3) -> str:
+    """The paper's table: one column per category (+ overall), one row per label; values are fractions
+    in [0, 1] (the paper prints percent).
 
-    A row with several summaries gets cells like ``62.5 / 55.0`` (e.g. latent / weight merge), in the
+    A row with several summaries gets cells like ``0.625 / 0.550`` (e.g. latent / weight merge), in the
     order given; a missing value is ``-``.
     """
     table = _rows(rows)
@@ -199,10 +200,10 @@ def plot_win_rates(
         name = label if len(table[label]) == 1 else f"{label} ({series_names[k] if series_names else k + 1})"
         xs = np.arange(len(columns)) + (n - (len(series) - 1) / 2) * width
         ax.bar(xs, heights, width, yerr=errs, capsize=3, label=name)
-    ax.axhline(50, color="grey", linewidth=0.8, linestyle="--")
+    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle="--")
     ax.set_xticks(np.arange(len(columns)), [c.capitalize() for c in columns])
-    ax.set_ylabel(f"{metric} (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylabel(f"{metric} (fraction)")
+    ax.set_ylim(0, 1)
     ax.legend(fontsize="small")
     fig.tight_layout()
     path = Path(path)
@@ -224,7 +225,8 @@ def write_report(
     table = _rows(rows)
     paths = {"json": out / "summary.json", "markdown": out / "summary.md", "png": out / "win_rates.png"}
     paths["json"].write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
-    note = f"Metric: {metric} (%)" + (f"; cells: {' / '.join(series_names)}" if series_names else "") + "\n\n"
+    cells = f"; cells: {' / '.join(series_names)}" if series_names else ""
+    note = f"Metric: {metric} (a fraction in [0, 1]){cells}\n\n"
     counts = (
         "\nJudgments (one per order; invalid: the reply names no verdict; "
         "failed: the endpoint refused the request):\n\n"

@@ -281,7 +281,9 @@ def write_official_outputs(records: Iterable[Mapping[str, Any]], path: str | Pat
 
 
 def official_accuracy(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Score judge outputs the JudgeBench way; accuracy is in percent over *all* pairs.
+    """Score judge outputs the JudgeBench way; accuracy is a fraction in [0, 1] over *all* pairs.
+
+    (JudgeBench's own script prints percent; ours is its value / 100, like every accuracy here.)
 
     Game 1 is compared with the label as stored; game 2 (responses swapped) is flipped first. Each game
     scores +1 (agrees), -1 (opposite) or 0 (tie / null); a pair is correct iff the sum is > 0, incorrect
@@ -306,10 +308,7 @@ def official_accuracy(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[st
             tally["n"] += 1
             tally[outcome] += 1
     order = [c for c in CATEGORIES if c in tallies] + ["overall"]
-    return {
-        key: {"accuracy": 100.0 * tallies[key]["correct"] / tallies[key]["n"], **tallies[key]}
-        for key in order
-    }
+    return {key: {"accuracy": tallies[key]["correct"] / tallies[key]["n"], **tallies[key]} for key in order}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -346,7 +346,7 @@ def score(category: str, output: str, answer: str) -> bool:
 
 
 def accuracy(examples: Sequence[Example], outputs: Sequence[str]) -> dict[str, float]:
-    """Exact-match accuracy per category of `outputs` against `examples` (same order)."""
+    """Exact-match accuracy per category of `outputs` against `examples` (same order), each in [0, 1]."""
     if len(examples) != len(outputs):
         raise LatentMergeError(
             f"outputs has {len(outputs)} entries but examples has {len(examples)}; expected the same length"
@@ -412,7 +412,8 @@ def evaluate_model(
     categories: Sequence[str] = CATEGORIES,
     batch_size: int = 64,
 ) -> dict[str, float]:
-    """Greedy exact-match accuracy of a chat model on `n_per_category` held-out examples per category.
+    """Greedy exact-match accuracy (a fraction in [0, 1]) of a chat model on `n_per_category` held-out
+    examples per category.
 
     Knowledge holds only `knowledge_pool_size("eval")` (96) held-out questions; a larger
     `n_per_category` asks all of them.

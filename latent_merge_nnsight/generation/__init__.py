@@ -12,6 +12,8 @@
 - `live.py`: `LiveSource`, a source on a `Stepper` following a traced base (nnsight engine, `lmn.pair`);
 - `stack.py`: a causal LM as embed / block i / head with a package-owned `KVCache`, built from the
   architecture registry of `latent_merge_nnsight.sites`;
+- `prefix.py`: `share_prompt_states`, opt-in reuse of the unmerged prompt blocks between fast-engine
+  calls on the same prompts (a grid of merges, e.g. the demo);
 - `graphs.py`: fixed-shape steps captured as CUDA graphs (eager stand-ins off CUDA).
 """
 

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from latent_merge_nnsight.generation.graphs import FixedStep, StepGraphs
 from latent_merge_nnsight.generation.loop import GenerationResult, Run
+from latent_merge_nnsight.generation.prefix import PromptReuse
 from latent_merge_nnsight.generation.stack import Biases, KVCache, Stack, mask_positions, plain_forwards
 from latent_merge_nnsight.generation.stepper import Stepper
 from latent_merge_nnsight.models import hf_module
@@ -173,19 +174,27 @@ class PairedEngine:
         start: "int | Tensor",
         select: Bool[Tensor, "batch new"] | None,
         merge: bool,
+        reuse: PromptReuse | None = None,
     ) -> tuple[Float[Tensor, "batch vocab"], Float[Tensor, "batch vocab"] | None]:
         """Both models over `ids`, written at slots `start...` of the caches; returns the logits at each
-        row's last position (base, and the source's for the ensemble)."""
+        row's last position (base, and the source's for the ensemble). With `reuse` (a prefill), each
+        model reads back its blocks below `reuse.skip` instead of running them and stores the unmerged
+        blocks it runs."""
         steppers = self.steppers
         base, sources = steppers[0], steppers[1:]
         for stepper, bias in zip(steppers, self._biases(kv_mask, start, ids.shape[1]), strict=True):
             stepper.start(ids, positions, bias)
+        skip = [0] * len(steppers) if reuse is None else reuse.start()
         for i in range(self.depth):
             if merge and i in self.pre:
                 base.h = self.plan.apply(i, "pre", base.h, [s.h for s in sources], select)
-            for stepper in steppers:
-                if i < stepper.depth:
+            for m, stepper in enumerate(steppers):
+                if i < skip[m]:  # a prefill's unmerged block, computed before on these prompts
+                    stepper.advance_to(reuse.output(m, i))
+                elif i < stepper.depth:
                     stepper.advance()
+                    if reuse is not None:
+                        reuse.keep(m, i, stepper.h)
             if merge and i in self.post:
                 base.h = self.plan.apply(i, "post", base.h, [s.h for s in sources], select)
         logits = base.logits()
@@ -207,7 +216,19 @@ class PairedEngine:
         for cache in self.caches:
             cache.begin(width)
         select = position_mask(mask, self.plan.positions, decoding=False)
-        return self._forward(ids, mask_positions(mask), mask, 0, select, merge=bool(select.any()))
+        merge = bool(select.any())
+        stacks = [s.stack for s in self.steppers]
+        reuse = PromptReuse(stacks, self.caches, self._clean(merge), ids, mask)
+        return self._forward(ids, mask_positions(mask), mask, 0, select, merge, reuse)
+
+    def _clean(self, merge: bool) -> list[int]:
+        """Per model, the blocks of a prefill whose outputs do not depend on the merge (`PromptReuse`):
+        the base's below its first merged layer (through it at site post), each source's all."""
+        if not merge or not (self.pre or self.post):
+            clean = self.base.n_layers
+        else:
+            clean = min(self.pre) if self.pre else min(self.post) + 1
+        return [clean, *self.src_blocks]
 
     def decode(self, tokens: Int[Tensor, " batch"]) -> tuple[Tensor, Tensor | None]:
         """Feed one new token per row; returns next-token logits."""

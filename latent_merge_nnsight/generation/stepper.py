@@ -77,6 +77,13 @@ class Stepper:
         self.ran += 1
         return self.h
 
+    def advance_to(self, h: Float[Tensor, "batch new d_model"]) -> Float[Tensor, "batch new d_model"]:
+        """Take `h` as the next block's output instead of running it (computed before on the same
+        tokens, its keys/values already in the cache: `generation.prefix`)."""
+        self.h = h
+        self.ran += 1
+        return self.h
+
     def run_to(self, blocks: int) -> Float[Tensor, "batch new d_model"]:
         """Run blocks until `blocks` of them have run this forward."""
         while self.ran < blocks:

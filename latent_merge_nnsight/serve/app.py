@@ -318,8 +318,14 @@ def _text_logprobs(c: Completion) -> dict[str, Any] | None:
     }
 
 
-def _choice(kind: str, c: Completion) -> dict[str, Any]:
-    finish = openai_finish_reason(c.finish_reason)
+def _finish(c: Completion, openai_words: bool) -> str:
+    """The reply's ``finish_reason``: the package's "eos"/"stop"/"length", or with ``openai_words``
+    OpenAI's "stop"/"length" (an EOS becomes "stop"), for clients that accept only those."""
+    return openai_finish_reason(c.finish_reason) if openai_words else c.finish_reason
+
+
+def _choice(kind: str, c: Completion, openai_words: bool = False) -> dict[str, Any]:
+    finish = _finish(c, openai_words)
     if kind == "chat":
         return {
             "index": 0,
@@ -334,13 +340,15 @@ _OBJECT = {"chat": "chat.completion", "text": "text_completion"}
 _CHUNK = {"chat": "chat.completion.chunk", "text": "text_completion"}
 
 
-def _body(kind: str, cid: str, created: int, model: str, c: Completion) -> dict[str, Any]:
+def _body(
+    kind: str, cid: str, created: int, model: str, c: Completion, openai_words: bool = False
+) -> dict[str, Any]:
     return {
         "id": cid,
         "object": _OBJECT[kind],
         "created": created,
         "model": model,
-        "choices": [_choice(kind, c)],
+        "choices": [_choice(kind, c, openai_words)],
         "usage": _usage(c),
     }
 
@@ -350,7 +358,13 @@ def _sse(data: Any) -> str:
 
 
 def _sse_events(
-    kind: str, cid: str, created: int, model: str, c: Completion, include_usage: bool
+    kind: str,
+    cid: str,
+    created: int,
+    model: str,
+    c: Completion,
+    include_usage: bool,
+    openai_words: bool = False,
 ) -> list[str]:
     """The finished answer as OpenAI stream chunks (role, text, finish reason, usage), then [DONE]."""
 
@@ -363,7 +377,7 @@ def _sse_events(
             "choices": [choice] if choice is not None else [],
         }
 
-    finish = openai_finish_reason(c.finish_reason)
+    finish = _finish(c, openai_words)
     if kind == "chat":
         events = [chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None})]  # fmt: skip
@@ -446,6 +460,7 @@ def create_app(
     max_tokens_limit: int | None = None,
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    openai_finish_reasons: bool = False,
 ) -> Any:
     """A FastAPI app serving ``system`` (a `LoadedSystem`, or any object with ``name``,
     ``complete(prompts, **sampling) -> list[Completion]`` and ``count_prompt_tokens(prompt)``).
@@ -460,6 +475,8 @@ def create_app(
             names no budget gets the system's default cut to what fits.
         api_key: when set, every ``/v1`` request needs ``Authorization: Bearer <api_key>`` (else 401).
         max_body_bytes: larger request bodies get a 413.
+        openai_finish_reasons: ``finish_reason`` in OpenAI's words only ("stop", "length": an EOS is
+            "stop"); by default it is the package's one vocabulary, "eos", "stop" or "length".
     """
     from fastapi import FastAPI
 
@@ -486,7 +503,7 @@ def create_app(
     _add_error_handlers(app)
     _add_model_routes(app, name, started)
     limits = _Limits(context, max_prompt_tokens, max_tokens_limit, max_body_bytes, default_budget)
-    _add_completion_routes(app, system, batcher, limits)
+    _add_completion_routes(app, system, batcher, limits, openai_finish_reasons)
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     return app
 
@@ -583,8 +600,11 @@ class _Limits:
     default_budget: int | None  # the system's own max_new_tokens
 
 
-def _add_completion_routes(app: Any, system: Any, batcher: Batcher, limits: _Limits) -> None:
-    """`/v1/chat/completions` and `/v1/completions`: checked, batched, answered whole or streamed."""
+def _add_completion_routes(
+    app: Any, system: Any, batcher: Batcher, limits: _Limits, openai_words: bool = False
+) -> None:
+    """`/v1/chat/completions` and `/v1/completions`: checked, batched, answered whole or streamed
+    (``finish_reason`` in OpenAI's words with ``openai_words``, see `create_app`)."""
     from fastapi import Request
     from fastapi.responses import StreamingResponse
 
@@ -624,7 +644,7 @@ def _add_completion_routes(app: Any, system: Any, batcher: Batcher, limits: _Lim
             except Exception as exc:
                 logger.exception("generation failed")
                 raise _generation_error(exc) from None
-            return _body(kind, cid, created, name, _without_stop(completion, stops))
+            return _body(kind, cid, created, name, _without_stop(completion, stops), openai_words)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         async def events() -> AsyncIterator[str]:
@@ -637,7 +657,13 @@ def _add_completion_routes(app: Any, system: Any, batcher: Batcher, limits: _Lim
                 yield _sse("[DONE]")
                 return
             for event in _sse_events(
-                kind, cid, created, name, _without_stop(completion, stops), include_usage
+                kind,
+                cid,
+                created,
+                name,
+                _without_stop(completion, stops),
+                include_usage,
+                openai_words,
             ):
                 yield event
 
