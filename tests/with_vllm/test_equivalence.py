@@ -3,7 +3,7 @@ and on a prefix-cache hit, with vLLM's default token budget and with chunked pre
 
 import pytest
 
-from conftest import run_driver
+from vllm_helpers import run_driver
 
 
 @pytest.mark.parametrize("mode", ["plain", "chunked"])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import run_driver
+from vllm_helpers import run_driver
 
 
 @pytest.fixture(scope="module")
