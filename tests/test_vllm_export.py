@@ -127,7 +127,9 @@ def test_delta_export_carries_the_deltas(tmp_path, capsys):
     ft = lmn.load("toy-reasoner", dtype="float32")
     deltas = lmn.compute_deltas(base, ft, ["2+2=", "the capital of"], layers=[2])
     deltas.save(tmp_path / "d.safetensors")
-    path = system_file(tmp_path, sources=[], recipe={"op": "delta", "layers": {2: 1.0}, "deltas": "d.safetensors"})
+    path = system_file(
+        tmp_path, sources=[], recipe={"op": "delta", "layers": {2: 1.0}, "deltas": "d.safetensors"}
+    )
     out = tmp_path / "out"
     assert export_cli(capsys, str(path), str(out))[0] == 0
     export = read_export(out)
@@ -169,4 +171,6 @@ def test_engine_vllm_without_vllm_names_the_extra():
     base = lmn.load("toy-base", dtype="float32")
     ft = lmn.load("toy-reasoner", dtype="float32")
     with pytest.raises(LatentMergeError, match=r"pip install 'latent_merge_nnsight\[vllm\]'"):
-        lmn.generate(base, ft, ["2+2="], lmn.Recipe(op="slerp", layers={3: 0.5}), max_new_tokens=2, engine="vllm")
+        lmn.generate(
+            base, ft, ["2+2="], lmn.Recipe(op="slerp", layers={3: 0.5}), max_new_tokens=2, engine="vllm"
+        )

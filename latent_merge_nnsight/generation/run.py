@@ -159,8 +159,9 @@ def generate(
         return generate_vllm(
             base, sources, prompts, recipe, max_new_tokens=max_new_tokens, input_ids=input_ids,
             attention_mask=attention_mask, padding_side=padding_side, do_sample=do_sample,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop, eos_token_id=eos_token_id,
-            ignore_eos=ignore_eos, num_beams=num_beams, tokenizer=tokenizer, chat=chat, sampler=sampler,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+            eos_token_id=eos_token_id, ignore_eos=ignore_eos, num_beams=num_beams, tokenizer=tokenizer,
+            chat=chat, sampler=sampler,
         )  # fmt: skip
     run = prepare_run(
         base,

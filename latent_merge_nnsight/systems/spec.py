@@ -247,8 +247,8 @@ class System(BaseModel):
             raise ValueError("kind='weight' needs at least one source to merge into the base")
         if self.backend == "vllm" and self.kind not in ("latent", "single"):
             raise ValueError(
-                f"backend='vllm' runs kind 'latent' or 'single'; kind={self.kind!r} (a weight merge or a logit "
-                "ensemble) runs on backend 'hf'"
+                f"backend='vllm' runs kind 'latent' or 'single'; kind={self.kind!r} (a weight merge or a "
+                "logit ensemble) runs on backend 'hf'"
             )
         if self.backend == "vllm" and self.engine is not None:
             raise ValueError(f"backend='vllm' generates with vLLM; remove engine={self.engine!r}")

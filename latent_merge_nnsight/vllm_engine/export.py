@@ -78,7 +78,9 @@ class Export:
 def _config(model_dir: Path, what: str) -> dict[str, Any]:
     path = model_dir / "config.json"
     if not path.is_file():
-        raise LatentMergeError(f"{what}: {model_dir} has no config.json; expected a Hugging Face model folder")
+        raise LatentMergeError(
+            f"{what}: {model_dir} has no config.json; expected a Hugging Face model folder"
+        )
     return json.loads(path.read_text())
 
 
@@ -107,7 +109,9 @@ def _family(config: dict[str, Any], what: str) -> str:
     return family
 
 
-def check_export(base_ref: str, source_refs: list[str], recipe: Recipe | None, name: str | None = None) -> Export:
+def check_export(
+    base_ref: str, source_refs: list[str], recipe: Recipe | None, name: str | None = None
+) -> Export:
     """Check a (base, sources, recipe) for the vLLM engine and describe it as an `Export` (nothing written).
 
     Errors name the parameter: the base's or a source's family, a source's hidden size or depth, the
@@ -139,7 +143,9 @@ def check_export(base_ref: str, source_refs: list[str], recipe: Recipe | None, n
         modules.append(module)
     if spec.static_source:
         if source_refs:
-            raise LatentMergeError(f"op {spec.name!r} steers with recipe.deltas; sources={source_refs} unused")
+            raise LatentMergeError(
+                f"op {spec.name!r} steers with recipe.deltas; sources={source_refs} unused"
+            )
         if recipe.deltas is None:
             raise LatentMergeError(f"op {spec.name!r} needs recipe.deltas (a file written by Deltas.save)")
         deltas = load_recipe_deltas(recipe)
@@ -160,7 +166,8 @@ def check_export(base_ref: str, source_refs: list[str], recipe: Recipe | None, n
             raise LatentMergeError(f"op {spec.name!r} mixes live sources, but sources is empty")
         if len(source_refs) > 1 and not spec.multi_source:
             raise LatentMergeError(
-                f"op {spec.name!r} takes one source, got sources={source_refs}; use a multi-source op (regmean)"
+                f"op {spec.name!r} takes one source, got sources={source_refs}; use a multi-source op "
+                "(regmean)"
             )
         weights = plan.params.get("weights")
         if weights is not None and len(weights) != len(source_refs):
@@ -226,7 +233,8 @@ def write_export(export: Export, out_dir: str | Path, dtype: str = "auto") -> Pa
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and read_export_or_none(out) is None:
         raise LatentMergeError(
-            f"OUT_DIR {str(out)!r} exists and is not empty (and is not an earlier export); choose a new folder"
+            f"OUT_DIR {str(out)!r} exists and is not empty (and is not an earlier export); choose a new "
+            "folder"
         )
     base = Path(export.base)
     config = _config(base, "base")
@@ -271,7 +279,9 @@ def read_export(folder_or_config: Any) -> Export:
         folder = Path(folder_or_config)
         block = _config(folder, "export").get("latent_merge")
     if not isinstance(block, dict) or block.get("format") != FORMAT:
-        raise LatentMergeError(f"{folder} is not an lmn vLLM export (no latent_merge block of format {FORMAT})")
+        raise LatentMergeError(
+            f"{folder} is not an lmn vLLM export (no latent_merge block of format {FORMAT})"
+        )
     fields = {k: v for k, v in block.items() if k != "format"}
     export = Export(**fields)
     if folder is not None and export.recipe is not None and export.recipe.get("deltas"):

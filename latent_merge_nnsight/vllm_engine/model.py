@@ -133,9 +133,14 @@ class LatentMergeForCausalLM(nn.Module):
         folder = vllm_config.model_config.model
         if export.recipe is not None and export.recipe.get("deltas"):
             path = export.recipe["deltas"]
-            export.recipe = {**export.recipe, "deltas": path if os.path.isabs(path) else os.path.join(folder, path)}
+            export.recipe = {
+                **export.recipe,
+                "deltas": path if os.path.isabs(path) else os.path.join(folder, path),
+            }
         if vllm_config.parallel_config.pipeline_parallel_size > 1:
-            raise LatentMergeError("the latent-merge vLLM model runs without pipeline parallelism (use tensor parallel)")
+            raise LatentMergeError(
+                "the latent-merge vLLM model runs without pipeline parallelism (use tensor parallel)"
+            )
         if vllm_config.speculative_config is not None:
             raise LatentMergeError("the latent-merge vLLM model does not support speculative decoding")
         for module in export.op_modules:
@@ -263,7 +268,9 @@ class LatentMergeForCausalLM(nn.Module):
         **kwargs: Any,
     ) -> Tensor:
         if inputs_embeds is not None or input_ids is None:
-            raise LatentMergeError("the latent-merge vLLM model takes token ids (prompt embeddings are refused)")
+            raise LatentMergeError(
+                "the latent-merge vLLM model takes token ids (prompt embeddings are refused)"
+            )
         mix = self._mix(positions)
         plan = self.plan
         pre = set(plan.alphas) if plan is not None and plan.site == "pre" else set()

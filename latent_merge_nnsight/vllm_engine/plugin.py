@@ -15,4 +15,6 @@ def register() -> None:
     from vllm import ModelRegistry
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, "latent_merge_nnsight.vllm_engine.model:LatentMergeForCausalLM")
+        ModelRegistry.register_model(
+            ARCHITECTURE, "latent_merge_nnsight.vllm_engine.model:LatentMergeForCausalLM"
+        )

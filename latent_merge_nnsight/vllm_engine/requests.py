@@ -48,13 +48,18 @@ def _raw(value: Any) -> dict[str, Any]:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise LatentMergeError(f"{KEY}: not valid JSON ({e.msg}); expected a mapping such as {{'alpha': 0.3}}")
+            raise LatentMergeError(
+                f"{KEY}: not valid JSON ({e.msg}); expected a mapping such as {{'alpha': 0.3}}"
+            ) from None
     if not isinstance(value, Mapping):
-        raise LatentMergeError(f"{KEY} has type {type(value).__name__}; expected a mapping such as {{'alpha': 0.3}}")
+        raise LatentMergeError(
+            f"{KEY} has type {type(value).__name__}; expected a mapping such as {{'alpha': 0.3}}"
+        )
     unknown = sorted(set(value) - {"alpha", "alphas", "layers", "op", "allow_extrapolation"})
     if unknown:
         raise LatentMergeError(
-            f"{KEY}: unknown keys {unknown}; expected some of alpha, layers (or alphas), op, allow_extrapolation"
+            f"{KEY}: unknown keys {unknown}; expected some of alpha, layers (or alphas), op, "
+            "allow_extrapolation"
         )
     return dict(value)
 
@@ -105,7 +110,9 @@ def parse_request(value: Any, export: Export) -> RequestRecipe:
     spec = get_op(raw.get("op", exported.name))
     if spec.static_source != exported.static_source:
         kind = "steering (delta) export" if exported.static_source else "live-source export"
-        raise LatentMergeError(f"{KEY}.op={spec.name!r} cannot run on this {kind} (its op is {exported.name!r})")
+        raise LatentMergeError(
+            f"{KEY}.op={spec.name!r} cannot run on this {kind} (its op is {exported.name!r})"
+        )
     if len(export.sources) > 1 and not spec.multi_source:
         raise LatentMergeError(
             f"{KEY}.op={spec.name!r} takes one source; this export has {len(export.sources)} (use regmean)"

@@ -79,8 +79,8 @@ def _ref(model: Any, what: str) -> str:
     name = model_info(model).name
     if name == type(hf_module(model)).__name__:
         raise LatentMergeError(
-            f"engine='vllm' reads the {what}'s weights from disk, but it is an in-memory model ({name}); load "
-            "it with lmn.load(<folder, zoo name or hub id>)"
+            f"engine='vllm' reads the {what}'s weights from disk, but it is an in-memory model ({name}); "
+            "load it with lmn.load(<folder, zoo name or hub id>)"
         )
     return name
 
@@ -152,8 +152,11 @@ def _request(recipe: Recipe | None, export: Export) -> dict[str, Any] | None:
     if recipe is None:
         return {"alpha": 0.0}
     own = export.recipe_obj()
-    wanted = {"layers": _layer_alphas(recipe, export.n_layers), "op": recipe.op,
-              "allow_extrapolation": recipe.allow_extrapolation}
+    wanted = {
+        "layers": _layer_alphas(recipe, export.n_layers),
+        "op": recipe.op,
+        "allow_extrapolation": recipe.allow_extrapolation,
+    }
     mine = {"layers": _layer_alphas(own, export.n_layers), "op": own.op, "allow_extrapolation": True}
     return None if parse_request(wanted, export) == parse_request(mine, export) else wanted
 
@@ -169,7 +172,9 @@ def generate_vllm(base: Any, sources: Any, prompts: Any, recipe: Any, **kwargs: 
     scratch: list[Path] = []
     try:
         wanted = _wanted(base, sources, recipe, scratch)
-        llm, export = _engine(wanted, _dtype(base), getattr(hf_module(base).config, "max_position_embeddings", None))
+        llm, export = _engine(
+            wanted, _dtype(base), getattr(hf_module(base).config, "max_position_embeddings", None)
+        )
     finally:
         for folder in scratch:
             shutil.rmtree(folder, ignore_errors=True)
@@ -199,8 +204,12 @@ def _sampling(run: Any, kwargs: dict[str, Any], request: dict[str, Any] | None) 
     greedy = not kwargs.get("do_sample", False) or kwargs.get("temperature", 1.0) == 0
     sample: dict[str, Any] = {"temperature": 0.0}
     if not greedy:
-        sample = {"temperature": kwargs.get("temperature", 1.0), "top_p": kwargs.get("top_p", 1.0),
-                  "top_k": kwargs.get("top_k", 0) or -1, "seed": kwargs.get("seed")}
+        sample = {
+            "temperature": kwargs.get("temperature", 1.0),
+            "top_p": kwargs.get("top_p", 1.0),
+            "top_k": kwargs.get("top_k", 0) or -1,
+            "seed": kwargs.get("seed"),
+        }
     return SamplingParams(
         max_tokens=run.max_new_tokens,
         ignore_eos=True,  # the run's own EOS set ends rows (vLLM stops on it too)

@@ -21,7 +21,9 @@ if not HAVE_VLLM and not REQUIRED:
 @pytest.fixture(scope="session", autouse=True)
 def _vllm_present():
     if not HAVE_VLLM:
-        pytest.fail("LMN_REQUIRE_VLLM=1 but vllm is not importable in this venv (see the README's vLLM section)")
+        pytest.fail(
+            "LMN_REQUIRE_VLLM=1 but vllm is not importable in this venv (see the README's vLLM section)"
+        )
 
 
 @pytest.hookimpl(hookwrapper=True)

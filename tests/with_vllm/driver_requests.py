@@ -50,7 +50,14 @@ def main() -> None:
     ft = lmn.load("toy-reasoner", dtype="float32")
     qs = [chat_messages(make_eval_set(c, 2, seed=5)[i].prompt) for c in CATEGORIES for i in range(2)][:8]
     plain = lmn.generate(base, None, qs, None, engine="fast", max_new_tokens=1)
-    ids = [row[m.bool()].tolist() for row, m in zip(plain.sequences[:, : plain.prompt_width], plain.attention_mask[:, : plain.prompt_width], strict=True)]
+    ids = [
+        row[m.bool()].tolist()
+        for row, m in zip(
+            plain.sequences[:, : plain.prompt_width],
+            plain.attention_mask[:, : plain.prompt_width],
+            strict=True,
+        )
+    ]
     prompts = [{"prompt_token_ids": p} for p in ids]
     fast = [
         lmn.generate(base, ft, [q], lmn.Recipe(op="lerp", layers=dict.fromkeys(LAYERS, a)), engine="fast",
@@ -62,14 +69,20 @@ def main() -> None:
     folder = write_export(export, os.path.join(out_dir, "export"), dtype="float32")
 
     def params(alpha=None, raw=None):
-        extra = {"latent_merge": raw if raw is not None else {"alpha": alpha}} if (alpha, raw) != (None, None) else None
+        extra = (
+            {"latent_merge": raw if raw is not None else {"alpha": alpha}}
+            if (alpha, raw) != (None, None)
+            else None
+        )
         return SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True, extra_args=extra)
 
     llm = start(str(folder))
     tokens = lambda outs: [list(o.outputs[0].token_ids) for o in outs]  # noqa: E731
     result = {"prompt_tokens": [len(p) for p in ids], "fast": fast}
     result["batch"] = tokens(llm.generate(prompts, [params(a) for a in ALPHAS], use_tqdm=False))
-    result["separate"] = [tokens(llm.generate([p], params(a), use_tqdm=False))[0] for p, a in zip(prompts, ALPHAS, strict=True)]
+    result["separate"] = [
+        tokens(llm.generate([p], params(a), use_tqdm=False))[0] for p, a in zip(prompts, ALPHAS, strict=True)
+    ]
     result["default"] = tokens(llm.generate(prompts, params(), use_tqdm=False))
     result["at_export_alpha"] = tokens(llm.generate(prompts, params(0.5), use_tqdm=False))
     result["alpha0"] = tokens(llm.generate(prompts, params(0.0), use_tqdm=False))
@@ -80,7 +93,11 @@ def main() -> None:
         result["refused"] = f"{type(e).__name__}: {e}"
     stop(llm)
     llm = start(str(zoo_path("toy-base")))
-    result["plain_base"] = tokens(llm.generate(prompts, SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True), use_tqdm=False))
+    result["plain_base"] = tokens(
+        llm.generate(
+            prompts, SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True), use_tqdm=False
+        )
+    )
     stop(llm)
     with open(os.path.join(out_dir, "result.json"), "w") as f:
         json.dump(result, f)

@@ -2,7 +2,6 @@
 and on a prefix-cache hit, with vLLM's default token budget and with chunked prefill forced small."""
 
 import pytest
-
 from vllm_helpers import run_driver
 
 

@@ -1,7 +1,6 @@
 """Per-request recipes in one vLLM batch, the export's own recipe, alpha 0 against plain vLLM, refusals."""
 
 import pytest
-
 from vllm_helpers import run_driver
 
 

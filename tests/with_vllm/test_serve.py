@@ -68,7 +68,9 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until_up(proc, f"http://127.0.0.1:{port}/health", log)
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300)
+        yield openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=300
+        )
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -88,7 +90,9 @@ def fast_text(question, alpha: float) -> str:
     base = lmn.load("toy-base", dtype="float32")
     ft = lmn.load("toy-reasoner", dtype="float32")
     recipe = lmn.Recipe(op="lerp", layers=dict.fromkeys(LAYERS, alpha))
-    return lmn.generate(base, ft, [question], recipe, engine="fast", max_new_tokens=NEW, ignore_eos=True).texts[0]
+    return lmn.generate(
+        base, ft, [question], recipe, engine="fast", max_new_tokens=NEW, ignore_eos=True
+    ).texts[0]
 
 
 def body(alpha: float | None) -> dict:
@@ -100,7 +104,12 @@ def body(alpha: float | None) -> dict:
 
 def ask(client, question, alpha, stream=False):
     reply = client.chat.completions.create(
-        model="toy-merge", messages=question, max_tokens=NEW, temperature=0.0, stream=stream, extra_body=body(alpha)
+        model="toy-merge",
+        messages=question,
+        max_tokens=NEW,
+        temperature=0.0,
+        stream=stream,
+        extra_body=body(alpha),
     )
     if not stream:
         return reply.choices[0].message.content
