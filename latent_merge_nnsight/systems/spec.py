@@ -299,6 +299,8 @@ class System(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         """Every field that is set (None left out), JSON-able; the recipe in its own compact form."""
         data = self.model_dump(mode="json", exclude_none=True, by_alias=True)
+        if data.get("backend") == "hf":  # the default: left out, so records and hashes stay as they were
+            del data["backend"]
         if self.recipe is not None:
             data["recipe"] = self.recipe.to_dict()
         return data
