@@ -13,6 +13,8 @@ import sys
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
+import custom_op  # noqa: E402, F401 - registers the op "half_lerp"
+
 import latent_merge_nnsight as lmn  # noqa: E402
 from latent_merge_nnsight.evaluation.tasks import CATEGORIES, chat_messages, make_eval_set  # noqa: E402
 from latent_merge_nnsight.vllm_engine import run as vrun  # noqa: E402
@@ -38,6 +40,7 @@ def cases(deltas: str) -> list[tuple[str, list[str], dict]]:
         ("slerp_pre_all", [r], dict(op="slerp", layers={2: 0.3}, positions="all")),
         ("regmean_two_sources", [r, b], dict(op="regmean", layers={2: 0.9, 3: 0.9}, weights=[0.8, 0.2])),
         ("delta_pre", [], dict(op="delta", layers={2: 1.5, 4: 1.0}, deltas=deltas)),
+        ("registered_op", [r], dict(op="half_lerp", layers={3: 1.0})),
     ]
 
 
