@@ -141,6 +141,14 @@ class LatentMergeForCausalLM(nn.Module):
             raise LatentMergeError(
                 "the latent-merge vLLM model runs without pipeline parallelism (use tensor parallel)"
             )
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu() and not vllm_config.model_config.enforce_eager:
+            raise LatentMergeError(
+                "the latent-merge vLLM model mixes in eager PyTorch: start vLLM with enforce_eager=True "
+                "(vllm serve --enforce-eager); a CUDA graph captured before any request would replay "
+                "without the merge"
+            )
         if vllm_config.speculative_config is not None:
             raise LatentMergeError("the latent-merge vLLM model does not support speculative decoding")
         for module in export.op_modules:

@@ -50,8 +50,9 @@ def llm_defaults(dtype: str, max_model_len: int | None) -> dict[str, Any]:
     kw: dict[str, Any] = {"dtype": dtype, "seed": 0, "enable_prefix_caching": True}
     if max_model_len:
         kw["max_model_len"] = max_model_len
+    kw["enforce_eager"] = True  # the model mixes in eager PyTorch (no CUDA graphs, no torch.compile)
     if not torch.cuda.is_available():
-        kw.update(enforce_eager=True, gpu_memory_utilization=0.05, kv_cache_memory_bytes=256 * 2**20)
+        kw.update(gpu_memory_utilization=0.05, kv_cache_memory_bytes=256 * 2**20)
     return kw
 
 
