@@ -174,3 +174,13 @@ def test_engine_vllm_without_vllm_names_the_extra():
         lmn.generate(
             base, ft, ["2+2="], lmn.Recipe(op="slerp", layers={3: 0.5}), max_new_tokens=2, engine="vllm"
         )
+
+
+@pytest.mark.skipif(HAVE_VLLM, reason="checks the message shown when vLLM is missing")
+def test_cli_engine_vllm_without_vllm_is_one_line_naming_the_flag_and_the_extra(capsys):
+    argv = ["generate", "--base", "toy-base", "--source", "toy-reasoner", "--layer", "3", "--prompt", "2+2=",
+            "--max-new-tokens", "2", "--engine", "vllm"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lmn generate: error: --engine 'vllm' needs vLLM"), err
+    assert "pip install 'latent_merge_nnsight[vllm]'" in err[0]

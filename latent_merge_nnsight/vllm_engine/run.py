@@ -131,7 +131,7 @@ def _wanted(base: Any, sources: Any, recipe: Any, scratch: list[Path]) -> Export
             f"got {type(recipe).__name__} (the logit ensemble runs on engine='fast' or 'nnsight')"
         )
     given = [] if sources is None else sources if isinstance(sources, (list, tuple)) else [sources]
-    if recipe is not None and isinstance(given[:1] and given[0], Deltas):
+    if recipe is not None and given and isinstance(given[0], Deltas):  # steering vectors: via a file
         path = Path(tempfile.mkdtemp(prefix="lmn-deltas-")) / "deltas.safetensors"
         given[0].save(path)
         scratch.append(path.parent)
