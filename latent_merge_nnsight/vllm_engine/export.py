@@ -10,6 +10,7 @@ Everything is checked before anything is written: the model family, each source'
 and depth, the recipe's layers, op, positions and parameters. A failed export leaves nothing behind.
 """
 
+import importlib
 import json
 import shutil
 import tempfile
@@ -287,5 +288,8 @@ def read_export(folder_or_config: Any) -> Export:
     if folder is not None and export.recipe is not None and export.recipe.get("deltas"):
         deltas = Path(export.recipe["deltas"])
         export.recipe = {**export.recipe, "deltas": str(deltas if deltas.is_absolute() else folder / deltas)}
-    get_op(export.recipe["op"]) if export.recipe else None
+    for module in export.op_modules:  # a registered op's module registers it on import
+        importlib.import_module(module)
+    if export.recipe is not None:
+        get_op(export.recipe["op"])
     return export

@@ -19,7 +19,6 @@ token), which holds whatever chunk of the prompt this step runs and whatever a p
 
 import dataclasses
 import glob
-import importlib
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -151,8 +150,6 @@ class LatentMergeForCausalLM(nn.Module):
             )
         if vllm_config.speculative_config is not None:
             raise LatentMergeError("the latent-merge vLLM model does not support speculative decoding")
-        for module in export.op_modules:
-            importlib.import_module(module)  # registers the export's op in this worker
         self.export: Export = export
         self.config = config
         n = export.n_layers
