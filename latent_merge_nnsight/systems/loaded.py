@@ -211,6 +211,8 @@ class LoadedSystem:
         kwargs = sampling.generate_kwargs()
         if self.config.engine is not None:
             kwargs["engine"] = self.config.engine
+        if self.config.backend == "vllm":
+            kwargs["engine"] = "vllm"  # vLLM reads the weights from disk; `base` gives tokenizer and limits
         kind = self.config.kind
         if kind == "ensemble":
             assert self.config.ensemble is not None

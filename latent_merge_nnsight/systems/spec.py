@@ -201,6 +201,11 @@ class System(BaseModel):
     engine: Literal["auto", "fast", "nnsight"] | None = Field(
         None, description="lmn.generate engine: auto, fast or nnsight (None: lmn.generate's default)"
     )
+    backend: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="hf (our engines) or vllm (vLLM runs the merge: lmn.generate(engine='vllm'); latent and "
+        "single systems only; needs the vllm extra)",
+    )
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="decoding settings")
 
     _base_dir: Path | None = PrivateAttr(default=None)
@@ -240,6 +245,13 @@ class System(BaseModel):
             raise ValueError(f"kind='ensemble' needs exactly one source, got sources={self.sources}")
         if self.kind == "weight" and not self.sources:
             raise ValueError("kind='weight' needs at least one source to merge into the base")
+        if self.backend == "vllm" and self.kind not in ("latent", "single"):
+            raise ValueError(
+                f"backend='vllm' runs kind 'latent' or 'single'; kind={self.kind!r} (a weight merge or a "
+                "logit ensemble) runs on backend 'hf'"
+            )
+        if self.backend == "vllm" and self.engine is not None:
+            raise ValueError(f"backend='vllm' generates with vLLM; remove engine={self.engine!r}")
         if self.kind == "latent":
             assert self.recipe is not None
             if not self.sources and self.recipe.op != "delta":
@@ -287,6 +299,8 @@ class System(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         """Every field that is set (None left out), JSON-able; the recipe in its own compact form."""
         data = self.model_dump(mode="json", exclude_none=True, by_alias=True)
+        if data.get("backend") == "hf":  # the default: left out, so records and hashes stay as they were
+            del data["backend"]
         if self.recipe is not None:
             data["recipe"] = self.recipe.to_dict()
         return data

@@ -1,0 +1,250 @@
+"""Per-request recipes: a request's own alphas and op, carried in `SamplingParams.extra_args`.
+
+    SamplingParams(max_tokens=64, extra_args={"latent_merge": {"alpha": 0.3}})
+    client.chat.completions.create(..., extra_body={"vllm_xargs": {"latent_merge": '{"alpha": 0.3}'}})
+
+A request's `latent_merge` value (a mapping, or its JSON text) holds:
+- `alpha`: one alpha for every layer of the export, or `layers` / `alphas`: `{layer: alpha}` over some of
+  the export's layers (the others get alpha 0, i.e. the base there);
+- `op` (optional): another op the export can run (a live-source op for a live-source export; `delta` only
+  for a delta export); `allow_extrapolation` (optional) for alphas outside [0, 1].
+Requests without one use the export's recipe; alpha 0 everywhere is the base. Site and positions are the
+export's.
+
+vLLM tells the model nothing about requests, so a logits processor (`LatentMergeRequests`, a
+`vllm.logits_processors` plugin that does nothing for other models) keeps, for each row of vLLM's
+persistent batch, the request's prompt length and recipe; the model turns that into per-token alphas.
+"""
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.ops import check_alpha, get_op
+from latent_merge_nnsight.vllm_engine.export import Export
+
+__all__ = ["KEY", "TABLE", "RequestRecipe", "RequestTable", "cache_salt", "parse_request", "request_args"]
+
+KEY = "latent_merge"
+"""The `SamplingParams.extra_args` key of a per-request recipe."""
+
+
+@dataclass(frozen=True)
+class RequestRecipe:
+    """A request's recipe resolved against an export: the op and an alpha for every exported layer."""
+
+    op: str
+    alphas: tuple[tuple[int, float], ...]
+
+    def key(self) -> str:
+        return json.dumps([self.op, list(self.alphas)])
+
+
+def _raw(value: Any) -> dict[str, Any]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise LatentMergeError(
+                f"{KEY}: not valid JSON ({e.msg}); expected a mapping such as {{'alpha': 0.3}}"
+            ) from None
+    if not isinstance(value, Mapping):
+        raise LatentMergeError(
+            f"{KEY} has type {type(value).__name__}; expected a mapping such as {{'alpha': 0.3}}"
+        )
+    unknown = sorted(set(value) - {"alpha", "alphas", "layers", "op", "allow_extrapolation"})
+    if unknown:
+        raise LatentMergeError(
+            f"{KEY}: unknown keys {unknown}; expected some of alpha, layers (or alphas), op, "
+            "allow_extrapolation"
+        )
+    return dict(value)
+
+
+def _number(value: Any, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LatentMergeError(f"{KEY}.{what}={value!r} must be a finite number")
+    return float(value)
+
+
+def check_request(value: Any) -> dict[str, Any]:
+    """The checks that need no export (the server's front end runs these): keys, types, op name."""
+    raw = _raw(value)
+    if "alpha" in raw and ("layers" in raw or "alphas" in raw):
+        raise LatentMergeError(f"{KEY}: give alpha (every exported layer) or layers, not both")
+    if "layers" in raw and "alphas" in raw:
+        raise LatentMergeError(f"{KEY}: give layers or alphas (the same thing), not both")
+    mapping = raw.get("layers", raw.get("alphas"))
+    if mapping is not None:
+        if not isinstance(mapping, Mapping) or not mapping:
+            raise LatentMergeError(f"{KEY}.layers={mapping!r}; expected a non-empty mapping layer -> alpha")
+        out = {}
+        for k, a in mapping.items():
+            try:
+                layer = int(k)
+            except (TypeError, ValueError):
+                raise LatentMergeError(f"{KEY}.layers has key {k!r}; expected layer numbers") from None
+            out[layer] = _number(a, f"layers[{layer}]")
+        raw["layers"] = out
+        raw.pop("alphas", None)
+    elif "alpha" in raw:
+        raw["alpha"] = _number(raw["alpha"], "alpha")
+    else:
+        raise LatentMergeError(f"{KEY}: give alpha (every exported layer) or layers {{layer: alpha}}")
+    if "op" in raw:
+        get_op(raw["op"])  # unknown op: names the registered ones
+    if not isinstance(raw.get("allow_extrapolation", False), bool):
+        raise LatentMergeError(f"{KEY}.allow_extrapolation must be true or false")
+    return raw
+
+
+def parse_request(value: Any, export: Export) -> RequestRecipe:
+    """A request's `latent_merge` value checked against the export it runs on."""
+    raw = check_request(value)
+    if export.recipe is None:
+        raise LatentMergeError(f"{KEY}: this export runs the base alone; it has no merge to set alphas for")
+    exported = get_op(export.recipe["op"])
+    spec = get_op(raw.get("op", exported.name))
+    if spec.static_source != exported.static_source:
+        kind = "steering (delta) export" if exported.static_source else "live-source export"
+        raise LatentMergeError(
+            f"{KEY}.op={spec.name!r} cannot run on this {kind} (its op is {exported.name!r})"
+        )
+    if len(export.sources) > 1 and not spec.multi_source:
+        raise LatentMergeError(
+            f"{KEY}.op={spec.name!r} takes one source; this export has {len(export.sources)} (use regmean)"
+        )
+    if "layers" in raw:
+        bad = sorted(set(raw["layers"]) - set(export.layers))
+        if bad:
+            raise LatentMergeError(
+                f"{KEY}.layers {bad} are not exported; this export merges layers {export.layers}"
+            )
+        alphas = {layer: raw["layers"].get(layer, 0.0) for layer in export.layers}
+    else:
+        alphas = dict.fromkeys(export.layers, raw["alpha"])
+    extrapolate = raw.get("allow_extrapolation", False) or bool(export.recipe.get("allow_extrapolation"))
+    for layer, a in alphas.items():
+        check_alpha(a, spec, allow_extrapolation=extrapolate, what=f"{KEY}.layers[{layer}]")
+    return RequestRecipe(spec.name, tuple(sorted(alphas.items())))
+
+
+def request_args(recipe: Mapping[str, Any]) -> dict[str, Any]:
+    """`SamplingParams.extra_args` carrying `recipe` (e.g. `{"alpha": 0.3}`)."""
+    return {KEY: dict(recipe)}
+
+
+def cache_salt(recipe: RequestRecipe | None) -> str | None:
+    """A prefix-cache salt for a request with its own recipe, so cached blocks never mix recipes (None: the
+    export's recipe, which every unsalted request shares)."""
+    if recipe is None:
+        return None
+    import hashlib
+
+    return "lmn-" + hashlib.sha256(recipe.key().encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# the persistent batch, as the model sees it
+
+
+@dataclass
+class Row:
+    """One row of vLLM's persistent batch: its prompt length and its recipe (None: the export's)."""
+
+    prompt_len: int
+    recipe: RequestRecipe | None
+
+
+class RequestTable:
+    """Batch row -> `Row`, kept in step with vLLM's persistent batch by `LatentMergeRequests`."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, Row] = {}
+        self.export: Export | None = None
+        self.active = False
+
+    def update(self, batch_update: Any) -> None:
+        """Apply one `BatchUpdate` (removed, then added, then moved, as vLLM orders them)."""
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self.rows.pop(index, None)
+        for index, params, prompt_ids, _ in batch_update.added:
+            raw = (getattr(params, "extra_args", None) or {}).get(KEY)
+            recipe = None
+            if raw is not None and self.export is not None:
+                try:
+                    recipe = parse_request(raw, self.export)
+                except LatentMergeError as e:  # the front end checked the form; never stop the engine
+                    _log().warning("request runs the export's recipe: %s", e)
+            self.rows[index] = Row(len(prompt_ids) if prompt_ids is not None else -1, recipe)
+        for a, b, direction in batch_update.moved:
+            if direction.name == "SWAP":
+                ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
+                if ra is not None:
+                    self.rows[b] = ra
+                if rb is not None:
+                    self.rows[a] = rb
+            else:
+                row = self.rows.pop(a, None)
+                if row is not None:
+                    self.rows[b] = row
+
+
+def _log() -> Any:
+    import logging
+
+    return logging.getLogger("latent_merge_nnsight.vllm")
+
+
+TABLE = RequestTable()
+"""This process's table (each vLLM worker process has one model and one persistent batch)."""
+
+
+def _logits_processor_class() -> type:
+    from vllm.v1.sample.logits_processor import LogitsProcessor
+
+    class LatentMergeRequests(LogitsProcessor):
+        """Keeps `TABLE` in step with the persistent batch; leaves the logits alone."""
+
+        @classmethod
+        def validate_params(cls, sampling_params: Any) -> None:
+            raw = (getattr(sampling_params, "extra_args", None) or {}).get(KEY)
+            if raw is not None:
+                try:
+                    check_request(raw)
+                except LatentMergeError as e:
+                    raise ValueError(str(e)) from None
+
+        def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
+            from latent_merge_nnsight.vllm_engine import ARCHITECTURE
+            from latent_merge_nnsight.vllm_engine.export import read_export
+
+            hf = vllm_config.model_config.hf_config
+            TABLE.active = ARCHITECTURE in (getattr(hf, "architectures", None) or [])
+            TABLE.rows.clear()
+            TABLE.export = read_export(hf.latent_merge) if TABLE.active else None
+
+        def is_argmax_invariant(self) -> bool:
+            return True
+
+        def update_state(self, batch_update: Any) -> None:
+            if TABLE.active:
+                TABLE.update(batch_update)
+
+        def apply(self, logits: Any) -> Any:
+            return logits
+
+    return LatentMergeRequests
+
+
+def __getattr__(name: str) -> Any:  # the class needs vLLM: built on first use (the plugin entry point)
+    if name == "LatentMergeRequests":
+        cls = _logits_processor_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)

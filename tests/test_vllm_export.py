@@ -1,0 +1,186 @@
+"""`lmn export vllm`: the files it writes, what it refuses (with nothing written), per-request recipe checks,
+and `engine="vllm"` / `backend: vllm` without vLLM installed. Runs in the main venv (no vLLM needed);
+vLLM itself is exercised by tests/with_vllm/ in a venv of its own."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import latent_merge_nnsight as lmn
+from latent_merge_nnsight.cli import main
+from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.systems.spec import System
+from latent_merge_nnsight.vllm_engine import ARCHITECTURE
+from latent_merge_nnsight.vllm_engine.export import PLACEHOLDER, check_export, read_export
+from latent_merge_nnsight.vllm_engine.requests import cache_salt, parse_request
+from latent_merge_nnsight.zoo import zoo_path
+
+HAVE_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+def system_file(tmp_path: Path, **fields) -> Path:
+    data = {"name": "toy-merge", "kind": "latent", "base": "toy-base", "sources": ["toy-reasoner"],
+            "recipe": {"op": "slerp", "layers": {3: 0.5}}, "dtype": "float32", **fields}  # fmt: skip
+    path = tmp_path / "system.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def fake_model(tmp_path: Path, name: str, **config) -> Path:
+    """A folder with only a config.json (the export reads no weights while checking)."""
+    folder = tmp_path / name
+    folder.mkdir()
+    base = json.loads((zoo_path("toy-base") / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(base | config))
+    return folder
+
+
+def export_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["export", "vllm", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_export_writes_config_tokenizer_and_recipe(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, _ = export_cli(capsys, str(system_file(tmp_path)), str(out))
+    assert code == 0 and str(out) in stdout
+    config = json.loads((out / "config.json").read_text())
+    base_config = json.loads((zoo_path("toy-base") / "config.json").read_text())
+    assert config["architectures"] == [ARCHITECTURE]
+    assert config["hidden_size"] == base_config["hidden_size"] and config["model_type"] == "qwen2"
+    block = config["latent_merge"]
+    assert Path(block["base"]) == zoo_path("toy-base").resolve()
+    assert [Path(s) for s in block["sources"]] == [zoo_path("toy-reasoner").resolve()]
+    assert block["layers"] == [3] and block["source_blocks"] == 3  # a pre merge at 3 needs blocks 0..2
+    assert block["recipe"] == lmn.Recipe(op="slerp", layers={3: 0.5}).to_dict()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (out / name).read_bytes() == (zoo_path("toy-base") / name).read_bytes()
+    weights = sorted(p.name for p in out.glob("*.safetensors"))
+    assert weights == [PLACEHOLDER]  # the weights stay where they are
+    assert read_export(out).layers == [3]
+
+
+def test_post_site_and_gradient_need_one_more_source_block(tmp_path):
+    post = check_export("toy-base", ["toy-reasoner"], lmn.Recipe(op="lerp", layers={4: 0.5}, site="post"))
+    assert post.source_blocks == 5
+    grad = check_export("toy-base", ["toy-reasoner"], lmn.Recipe(op="lerp", layers="all", alpha=[0, 1]))
+    assert grad.layers == list(range(6)) and grad.source_blocks == 5
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("family", ["model_type='gpt2'", "qwen2", "llama", "mistral"]),
+        ("layer", ["layers", "[9]", "6 layers"]),
+        ("op", ["op", "'nope'", "lerp", "slerp"]),
+        ("hidden", ["hidden_size=64", "128"]),
+        ("kind", ["kind='weight'", "latent"]),
+        ("positions", ["positions", "'last' or 'all'"]),
+    ],
+)
+def test_bad_input_is_refused_naming_the_parameter_and_nothing_written(tmp_path, capsys, case, words):
+    fields: dict = {}
+    if case == "family":
+        fields["base"] = str(fake_model(tmp_path, "gpt", model_type="gpt2"))
+    elif case == "layer":
+        fields["recipe"] = {"op": "slerp", "layers": {9: 0.5}}
+    elif case == "op":
+        fields["recipe"] = {"op": "nope", "layers": {3: 0.5}}
+    elif case == "hidden":
+        fields["sources"] = [str(fake_model(tmp_path, "narrow", hidden_size=64))]
+    elif case == "kind":
+        fields.update(kind="weight", recipe=None, weight_merge={"method": "slerp", "alpha": 0.5})
+    elif case == "positions":
+        fields["recipe"] = {"op": "slerp", "layers": {3: 0.5}, "positions": [0, -1]}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    path = system_file(tmp_path, **fields)
+    if case == "kind":
+        data = yaml.safe_load(path.read_text())
+        data.pop("recipe")
+        path.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    code, _, err = export_cli(capsys, str(path), str(out))
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmn export: error: "), err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert not out.exists()
+    assert not list(tmp_path.glob(".lmn-export-*"))  # no scratch folder left behind
+
+
+def test_a_non_empty_folder_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = export_cli(capsys, str(system_file(tmp_path)), str(out))
+    assert code == 2 and "OUT_DIR" in err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_delta_export_carries_the_deltas(tmp_path, capsys):
+    base = lmn.load("toy-base", dtype="float32")
+    ft = lmn.load("toy-reasoner", dtype="float32")
+    deltas = lmn.compute_deltas(base, ft, ["2+2=", "the capital of"], layers=[2])
+    deltas.save(tmp_path / "d.safetensors")
+    path = system_file(
+        tmp_path, sources=[], recipe={"op": "delta", "layers": {2: 1.0}, "deltas": "d.safetensors"}
+    )
+    out = tmp_path / "out"
+    assert export_cli(capsys, str(path), str(out))[0] == 0
+    export = read_export(out)
+    assert export.sources == [] and export.source_blocks == 0
+    copied = lmn.Deltas.load(export.recipe["deltas"])
+    assert (copied.vectors[2] == deltas.vectors[2]).all()
+
+
+def test_per_request_recipes_are_checked_against_the_export():
+    export = check_export("toy-base", ["toy-reasoner"], lmn.Recipe(op="lerp", layers=[2, 3], alpha=0.5))
+    one = parse_request({"alpha": 0.25}, export)
+    assert one.op == "lerp" and one.alphas == ((2, 0.25), (3, 0.25))
+    some = parse_request('{"layers": {"3": 0.7}, "op": "slerp"}', export)  # JSON text, as vllm_xargs sends
+    assert some.op == "slerp" and some.alphas == ((2, 0.0), (3, 0.7))
+    assert cache_salt(one) != cache_salt(some) and cache_salt(None) is None
+    with pytest.raises(LatentMergeError, match=r"layers \[4\] are not exported.*\[2, 3\]"):
+        parse_request({"layers": {4: 0.5}}, export)
+    with pytest.raises(LatentMergeError, match=r"outside \[0, 1\]"):
+        parse_request({"alpha": 1.5}, export)
+    with pytest.raises(LatentMergeError, match="unknown op 'nope'"):
+        parse_request({"alpha": 0.5, "op": "nope"}, export)
+    with pytest.raises(LatentMergeError, match="'delta' cannot run on this live-source export"):
+        parse_request({"alpha": 0.5, "op": "delta"}, export)
+    with pytest.raises(LatentMergeError, match="unknown keys"):
+        parse_request({"alpha": 0.5, "site": "post"}, export)
+
+
+def test_backend_vllm_is_refused_for_weight_merges_and_ensembles():
+    with pytest.raises(LatentMergeError, match="backend='vllm' runs kind 'latent' or 'single'"):
+        System.from_dict({"name": "e", "kind": "ensemble", "base": "toy-base", "sources": ["toy-reasoner"],
+                          "ensemble": {"b": 0.5}, "backend": "vllm"})  # fmt: skip
+    system = System.from_dict({"name": "s", "kind": "single", "base": "toy-base", "backend": "vllm"})
+    assert system.backend == "vllm"
+    assert System.from_dict({"name": "s", "kind": "single", "base": "toy-base"}).backend == "hf"
+
+
+@pytest.mark.skipif(HAVE_VLLM, reason="checks the message shown when vLLM is missing")
+def test_engine_vllm_without_vllm_names_the_extra():
+    base = lmn.load("toy-base", dtype="float32")
+    ft = lmn.load("toy-reasoner", dtype="float32")
+    with pytest.raises(LatentMergeError, match=r"pip install 'latent_merge_nnsight\[vllm\]'"):
+        lmn.generate(
+            base, ft, ["2+2="], lmn.Recipe(op="slerp", layers={3: 0.5}), max_new_tokens=2, engine="vllm"
+        )
+
+
+@pytest.mark.skipif(HAVE_VLLM, reason="checks the message shown when vLLM is missing")
+def test_cli_engine_vllm_without_vllm_is_one_line_naming_the_flag_and_the_extra(capsys):
+    argv = ["generate", "--base", "toy-base", "--source", "toy-reasoner", "--layer", "3", "--prompt", "2+2=",
+            "--max-new-tokens", "2", "--engine", "vllm"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lmn generate: error: --engine 'vllm' needs vLLM"), err
+    assert "pip install 'latent_merge_nnsight[vllm]'" in err[0]
