@@ -332,20 +332,23 @@ def measure_round_robin(
             rows.append({**keep, "error": case["error"]})
             continue
         decode = min(case["full"]) - min(case["prefill"])
+        # On a loaded machine a few decode steps can hide in the prompt run's noise: then the rate is
+        # unresolved (None) rather than a negative or infinite number.
+        resolved = decode > 0
         stats = {
-            "decode_tok_s": case["rows_timed"] * (new - 1) / decode,
+            "decode_tok_s": case["rows_timed"] * (new - 1) / decode if resolved else None,
             # per decode step of the whole batch (rows the hook loop did not time would run one after another)
-            "step_ms": 1000 * decode / (new - 1) * case["batch"] / case["rows_timed"],
+            "step_ms": 1000 * decode / (new - 1) * case["batch"] / case["rows_timed"] if resolved else None,
             "total_s": min(case["full"]),
             "total_s_median": statistics.median(case["full"]),
             "prefill_s": min(case["prefill"]),
             "peak_bytes": case["peak_bytes"],
         }
+        if not resolved:
+            stats["unresolved"] = "the full run was no slower than the prompt run: raise --new or --repeats"
         rows.append({**keep, **stats, **case["extra"]})
-        print(
-            f"  measured {case['method']:<18} batch {case['batch']:>2}: {stats['decode_tok_s']:9.1f} tok/s",
-            flush=True,
-        )
+        rate = f"{stats['decode_tok_s']:9.1f} tok/s" if resolved else "unresolved (timing noise)"
+        print(f"  measured {case['method']:<18} batch {case['batch']:>2}: {rate}", flush=True)
     return rows
 
 
@@ -535,7 +538,7 @@ def report(
     tokens = {(r["method"], r["batch"]): r.pop("tokens", None) for r in rows}
 
     # ratios against the base's own decode step (HF eager, same batch) and against the hook loop
-    ok = [r for r in rows if "step_ms" in r]
+    ok = [r for r in rows if r.get("step_ms") is not None]
     base_step = {r["batch"]: r["step_ms"] for r in ok if r["method"] == "hf_eager"}
     hook_tok = {r["batch"]: r["decode_tok_s"] for r in ok if r["method"] == "hook_loop"}
     for r in ok:
@@ -634,8 +637,8 @@ def print_table(rows: list[dict], device: torch.device, layer: int, n_layers: in
     header = f"{'method':<18}{'batch':>6}{'tok/s':>10}{'ms/step':>10}{'x base':>8}{'x ideal':>9}{'x hook':>8}"
     print(header + f"  {mem}")
     for r in rows:
-        if "step_ms" not in r:
-            print(f"{r['method']:<18}{r['batch']:>6}  {r.get('error')}")
+        if r.get("step_ms") is None:
+            print(f"{r['method']:<18}{r['batch']:>6}  {r.get('error') or r.get('unresolved')}")
             continue
         memory = r["peak_bytes"] if device.type == "cuda" else r["model_bytes"] + r["peak_bytes"]
         print(
