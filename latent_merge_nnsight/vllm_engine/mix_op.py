@@ -1,0 +1,75 @@
+"""The mix at a merged site as a vLLM custom op, so the composite model compiles and CUDA-graphs.
+
+`torch.ops.vllm.latent_merge_mix(hidden, sources, positions, layer, site, model)` is opaque to dynamo:
+the compiled forward holds one call per merged site and nothing of the batch, while the op runs eagerly
+every forward, reads the forward context and the request table and mixes with this forward's per-token
+alphas (built once per forward, see `LatentMergeForCausalLM.mix_for`). Like vLLM's attention ops it is a
+splitting op: piecewise CUDA graphs are captured between the mixes, never around one; `update_config`
+(the model's config hook) forces that cudagraph mode.
+"""
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["OP", "MODELS", "LatentMergeConfig", "register_mix_op"]
+
+OP = "vllm::latent_merge_mix"
+"""The op's name as `compilation_config.splitting_ops` lists it."""
+MODELS: dict[str, Any] = {}
+"""Model name -> the `LatentMergeForCausalLM` of this process the op mixes for."""
+
+
+def _mix(
+    hidden: Tensor, sources: list[Tensor], positions: Tensor, layer: int, site: str, model: str
+) -> Tensor:
+    out = MODELS[model].mix_now(layer, site, hidden, sources, positions)
+    if out.untyped_storage().data_ptr() == hidden.untyped_storage().data_ptr():
+        out = out.clone()  # a custom op never returns (a view of) its input
+    return out
+
+
+def _mix_fake(
+    hidden: Tensor, sources: list[Tensor], positions: Tensor, layer: int, site: str, model: str
+) -> Tensor:
+    return torch.empty_like(hidden)
+
+
+def register_mix_op() -> None:
+    """Register the op with vLLM's op library (once per process)."""
+    if hasattr(torch.ops.vllm, "latent_merge_mix"):
+        return
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    direct_register_custom_op("latent_merge_mix", _mix, fake_impl=_mix_fake)
+
+
+class LatentMergeConfig:
+    """The model's config hook (vLLM's `MODELS_CONFIG_MAP` entry, added by `plugin.register`)."""
+
+    @staticmethod
+    def verify_and_update_config(vllm_config: Any) -> None:
+        """No full CUDA graphs: they would capture the mix with the batch of capture time. Piecewise
+        graphs split around the op (the model adds it to the splitting ops)."""
+        from vllm.config import CompilationMode, CUDAGraphMode
+
+        cc = vllm_config.compilation_config
+        mode = cc.cudagraph_mode
+        if cc.mode is not None and cc.mode != CompilationMode.VLLM_COMPILE:
+            if mode is None:  # no piecewise graphs without vLLM's compile: no graphs at all
+                cc.cudagraph_mode = CUDAGraphMode.NONE
+            return  # an explicit mode is checked by the model (a clear refusal)
+        if mode is None or (mode != CUDAGraphMode.NONE and mode != CUDAGraphMode.PIECEWISE):
+            if mode is not None:
+                import logging
+
+                logging.getLogger("latent_merge_nnsight.vllm").warning(
+                    "cudagraph_mode=%s would capture the latent merge inside a graph: using PIECEWISE",
+                    mode.name,
+                )
+            cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+
+    @staticmethod
+    def verify_and_update_model_config(model_config: Any) -> None:
+        return
