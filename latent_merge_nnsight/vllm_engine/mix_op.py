@@ -8,6 +8,7 @@ splitting op: piecewise CUDA graphs are captured between the mixes, never around
 (the model's config hook) forces that cudagraph mode.
 """
 
+import weakref
 from typing import Any
 
 import torch
@@ -17,8 +18,9 @@ __all__ = ["OP", "MODELS", "LatentMergeConfig", "register_mix_op"]
 
 OP = "vllm::latent_merge_mix"
 """The op's name as `compilation_config.splitting_ops` lists it."""
-MODELS: dict[str, Any] = {}
-"""Model name -> the `LatentMergeForCausalLM` of this process the op mixes for."""
+MODELS: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+"""Model name -> the `LatentMergeForCausalLM` of this process the op mixes for (an engine shut down
+leaves no model behind here)."""
 
 
 def _mix(

@@ -10,6 +10,11 @@ depth), the mix at (i, "post"); then the base's final norm. vLLM's blocks pass t
 `(hidden, residual)` pairs, so a mix first adds them up (the residual stream itself, as in HF), mixes
 through `Plan.apply` (the one mixing call of every engine) and hands the base's next block `(mixed, None)`.
 
+vLLM compiles the forward (`@support_torch_compile`, as its own Qwen2Model): each mix is one call of the
+custom op `vllm::latent_merge_mix` (`mix_op.py`), opaque to dynamo and a splitting op of piecewise CUDA
+graphs, so the graph traced once holds nothing of any batch. The op runs eagerly every forward; the first
+merged site of a forward builds its per-token tensors (`_mix`), the others reuse them (`mix_now`).
+
 Which tokens mix, and with which alpha: vLLM's token batch is the requests' scheduled tokens back to back,
 in persistent-batch order (`query_start_loc` gives the boundaries). `requests.TABLE` gives each row's
 prompt length and recipe, so each token gets its alpha per layer as a tensor. Positions "last" select the

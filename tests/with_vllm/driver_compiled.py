@@ -6,6 +6,7 @@ baked into the graph would give later requests wrong tokens. Two layouts (pre/la
 engine each, kept across their cases. Writes OUT_DIR/result.json:
 - "cases": per recipe, the fast engine's tokens and vLLM's;
 - "batch" / "separate" / "batch_fast": 8 per-request alphas in one call, one call each, engine="fast";
+- "mix_calls": during the per-request calls, the op's calls and its per-token tensor builds;
 - "compiles": per layout, dynamo's and vLLM's compile counters after the first call and at the end.
 """
 
@@ -46,6 +47,26 @@ def counts() -> dict[str, int]:
         "vllm_eager_compiles": compilation_counter.num_eager_compiles,
         "vllm_inductor_compiles": compilation_counter.num_inductor_compiles,
     }
+
+
+def count_mixes() -> dict[str, int]:
+    """Wrap the running model's mix: "sites" counts the op's calls, "builds" its per-token tensors."""
+    from latent_merge_nnsight.vllm_engine.mix_op import MODELS
+
+    (model,) = list(MODELS.values())
+    calls = {"sites": 0, "builds": 0, "merged_layers": len(model.plan.alphas)}
+    mix_now, build = model.mix_now, model._mix
+
+    def counted_now(*args):
+        calls["sites"] += 1
+        return mix_now(*args)
+
+    def counted_build(*args):
+        calls["builds"] += 1
+        return build(*args)
+
+    model.mix_now, model._mix = counted_now, counted_build
+    return calls
 
 
 def per_request(base, ft, qs) -> dict:
@@ -100,6 +121,7 @@ def main() -> None:
             out["cases"][name] = {"fast": fast, "vllm": runs}
             print(name, "equal" if all(r == fast for r in runs) else "DIFFERENT", file=sys.stderr, flush=True)
         if layout == "pre_last":
+            out["mix_calls"] = count_mixes()
             out.update(per_request(base, ft, qs))
         out["compiles"][layout] = {"first": first, "end": counts()}
     vrun.shutdown()

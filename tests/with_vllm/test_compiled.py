@@ -33,3 +33,9 @@ def test_the_model_is_compiled_once_and_never_again(result):
         assert c["first"]["dynamo_graphs"] >= 1, f"{layout}: dynamo traced no graph"
         assert c["first"]["graph_breaks"] == 0, f"{layout}: the forward has graph breaks"
         assert c["end"] == c["first"], f"{layout}: compiled again after the first call: {c}"
+
+
+def test_per_token_tensors_are_built_once_per_forward(result):
+    calls = result["mix_calls"]
+    assert calls["builds"] > 0 and calls["merged_layers"] >= 2
+    assert calls["sites"] == calls["merged_layers"] * calls["builds"]  # every site of a forward reuses them
