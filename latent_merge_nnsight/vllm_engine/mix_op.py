@@ -48,14 +48,19 @@ def register_mix_op() -> None:
 
 
 class LatentMergeConfig:
-    """The model's config hook (vLLM's `MODELS_CONFIG_MAP` entry, added by `plugin.register`)."""
+    """The model's config hook (vLLM's `MODELS_CONFIG_MAP` entry, added by `plugin.register`); it runs
+    where the config is built (`vllm serve`'s front end, `vllm.LLM`'s process)."""
 
     @staticmethod
     def verify_and_update_config(vllm_config: Any) -> None:
-        """No full CUDA graphs: they would capture the mix with the batch of capture time. Piecewise
-        graphs split around the op (the model adds it to the splitting ops)."""
+        """Note the export for the front end's request checks. No full CUDA graphs: they would capture
+        the mix with the batch of capture time; piecewise graphs split around the op (the model adds it
+        to the splitting ops)."""
         from vllm.config import CompilationMode, CUDAGraphMode
 
+        from latent_merge_nnsight.vllm_engine.requests import note_export
+
+        note_export(vllm_config)  # so the front end checks requests against the export
         cc = vllm_config.compilation_config
         mode = cc.cudagraph_mode
         if cc.mode is not None and cc.mode != CompilationMode.VLLM_COMPILE:

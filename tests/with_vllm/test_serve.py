@@ -135,3 +135,16 @@ def test_a_bad_per_request_alpha_is_a_400(server, question):
             model="toy-merge", messages=question, max_tokens=2,
             extra_body={"vllm_xargs": {"latent_merge": json.dumps({"alpha": "x"})}},
         )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "recipe, says",
+    [({"layers": {"5": 0.5}}, "not exported"), ({"alpha": 1.5}, "latent_merge.layers"),
+     ({"alpha": 0.5, "op": "delta"}, "cannot run on this live-source export")],
+)  # fmt: skip
+def test_a_request_the_export_cannot_run_is_a_400(server, question, recipe, says):
+    with pytest.raises(openai.BadRequestError, match=says):
+        server.chat.completions.create(
+            model="toy-merge", messages=question, max_tokens=2,
+            extra_body={"vllm_xargs": {"latent_merge": json.dumps(recipe)}},
+        )  # fmt: skip
