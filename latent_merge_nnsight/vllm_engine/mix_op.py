@@ -1,11 +1,12 @@
 """The mix at a merged site as a vLLM custom op, so the composite model compiles and CUDA-graphs.
 
-`torch.ops.vllm.latent_merge_mix(hidden, sources, positions, layer, site, model)` is opaque to dynamo:
-the compiled forward holds one call per merged site and nothing of the batch, while the op runs eagerly
-every forward, reads the forward context and the request table and mixes with this forward's per-token
-alphas (built once per forward, see `LatentMergeForCausalLM.mix_for`). Like vLLM's attention ops it is a
-splitting op: piecewise CUDA graphs are captured between the mixes, never around one; `update_config`
-(the model's config hook) forces that cudagraph mode.
+`torch.ops.vllm.latent_merge_mix(hidden, sources, positions, output, layer, site, model)` is opaque to
+dynamo: the compiled forward holds one call per merged site and nothing of the batch, while the op runs
+eagerly every forward, reads the forward context and the request table and mixes with this forward's
+per-token alphas (built once per forward, see `LatentMergeForCausalLM.mix_now`). Like vLLM's attention
+ops it is a splitting op (piecewise CUDA graphs are captured between the mixes, never around one; the
+config hook `LatentMergeConfig` forces that cudagraph mode) and writes into `output`, allocated by the
+piece before it, so the piece after it reads from the address it was captured with.
 """
 
 import weakref
@@ -24,18 +25,27 @@ leaves no model behind here)."""
 
 
 def _mix(
-    hidden: Tensor, sources: list[Tensor], positions: Tensor, layer: int, site: str, model: str
-) -> Tensor:
-    out = MODELS[model].mix_now(layer, site, hidden, sources, positions)
-    if out.untyped_storage().data_ptr() == hidden.untyped_storage().data_ptr():
-        out = out.clone()  # a custom op never returns (a view of) its input
-    return out
+    hidden: Tensor,
+    sources: list[Tensor],
+    positions: Tensor,
+    output: Tensor,
+    layer: int,
+    site: str,
+    model: str,
+) -> None:
+    output.copy_(MODELS[model].mix_now(layer, site, hidden, sources, positions))
 
 
 def _mix_fake(
-    hidden: Tensor, sources: list[Tensor], positions: Tensor, layer: int, site: str, model: str
-) -> Tensor:
-    return torch.empty_like(hidden)
+    hidden: Tensor,
+    sources: list[Tensor],
+    positions: Tensor,
+    output: Tensor,
+    layer: int,
+    site: str,
+    model: str,
+) -> None:
+    return None
 
 
 def register_mix_op() -> None:
@@ -44,7 +54,7 @@ def register_mix_op() -> None:
         return
     from vllm.utils.torch_utils import direct_register_custom_op
 
-    direct_register_custom_op("latent_merge_mix", _mix, fake_impl=_mix_fake)
+    direct_register_custom_op("latent_merge_mix", _mix, mutates_args=["output"], fake_impl=_mix_fake)
 
 
 class LatentMergeConfig:

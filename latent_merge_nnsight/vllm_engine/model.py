@@ -330,7 +330,8 @@ class LatentMergeForCausalLM(nn.Module):
             full = hb if rb is None else hb + rb
             srcs = [h if r is None else h + r for h, r in hs]
             # an opaque op: compiled code holds the call, the op reads this forward's batch
-            out = torch.ops.vllm.latent_merge_mix(full, srcs, positions, layer, site, self.mix_name)
+            out = torch.empty_like(full)  # in the piece before the op: a captured graph's own memory
+            torch.ops.vllm.latent_merge_mix(full, srcs, positions, out, layer, site, self.mix_name)
             return out, None
 
         for i in range(self.export.n_layers):
