@@ -2,8 +2,8 @@
 
 Usage: driver_compiled.py OUT_DIR. vLLM on CPU compiles the forward once (dynamo, guards dropped; the
 "eager" dynamo backend under VLLM_CPU_CI_ENV=1) and replays it for every batch, so anything of the batch
-baked into the graph would give later requests wrong tokens. Two layouts (pre/last, post/all), one vLLM
-engine each, kept across their cases. Writes OUT_DIR/result.json:
+baked into the graph would give later requests wrong tokens. Three layouts (pre/last, post/all, a delta
+export without sources), one vLLM engine each, kept across their cases. Writes OUT_DIR/result.json:
 - "cases": per recipe, the fast engine's tokens and vLLM's;
 - "batch" / "separate" / "batch_fast": 8 per-request alphas in one call, one call each, engine="fast";
 - "mix_calls": during the per-request calls, the op's calls and its per-token tensor builds;
@@ -32,6 +32,7 @@ LAYOUTS = {  # the first recipe of each is exported; the others run on its engin
                  ("slerp_pre_last", dict(op="slerp", layers={2: 0.9, 3: 0.9}))],
     "post_all": [("lerp_post_all", dict(op="lerp", layers={1: 0.6, 3: 0.6}, site="post",
                                         positions="all"))],
+    "delta": [("delta_pre_last", dict(op="delta", layers={2: 1.5, 4: 1.0}))],  # no source: an empty list
 }  # fmt: skip
 
 
@@ -114,9 +115,13 @@ def main() -> None:
     for layout, cases in LAYOUTS.items():
         first = None
         for name, spec in cases:
+            src = ft
+            if spec["op"] == "delta":
+                src, spec = None, spec | {"deltas": os.path.join(out_dir, "deltas.safetensors")}
+                lmn.compute_deltas(base, ft, ps, layers=[2, 4]).save(spec["deltas"])
             recipe = lmn.Recipe(**spec)
-            fast = lmn.generate(base, ft, ps, recipe, engine="fast", **kw).tokens
-            runs = [lmn.generate(base, ft, ps, recipe, engine="vllm", **kw).tokens for _ in range(2)]
+            fast = lmn.generate(base, src, ps, recipe, engine="fast", **kw).tokens
+            runs = [lmn.generate(base, src, ps, recipe, engine="vllm", **kw).tokens for _ in range(2)]
             first = first or counts()
             out["cases"][name] = {"fast": fast, "vllm": runs}
             print(name, "equal" if all(r == fast for r in runs) else "DIFFERENT", file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ def result(tmp_path_factory):
 
 def test_compiled_tokens_equal_fast_engine(result):
     cases = result["cases"]
-    assert {"lerp_pre_last", "slerp_pre_last", "lerp_post_all"} <= set(cases)
+    assert {"lerp_pre_last", "slerp_pre_last", "lerp_post_all", "delta_pre_last"} <= set(cases)
     for name, case in cases.items():
         for run in case["vllm"]:
             assert run == case["fast"], f"{name}: compiled vLLM's tokens differ from engine='fast'"
