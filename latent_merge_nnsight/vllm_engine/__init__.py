@@ -4,6 +4,8 @@
   `vllm serve OUT_DIR` and `vllm.LLM(OUT_DIR)` load; everything is checked before anything is written;
 - `model.py`: `LatentMergeForCausalLM`, the base's decoder plus each source's embedding and blocks up to the
   highest merged layer, built from vLLM's own layer classes, mixing through `Plan.apply`;
+- `mix_op.py`: the mix as the custom op `vllm::latent_merge_mix` (so the model compiles and piecewise CUDA
+  graphs split around it) and the model's config hook (cudagraph mode);
 - `requests.py`: per-request recipes (`SamplingParams.extra_args["latent_merge"]`, the OpenAI `extra_body`)
   and the logits-processor plugin that tells the model which request each token belongs to;
 - `plugin.py`: `register()`, vLLM's `vllm.general_plugins` entry point;

@@ -10,6 +10,11 @@ depth), the mix at (i, "post"); then the base's final norm. vLLM's blocks pass t
 `(hidden, residual)` pairs, so a mix first adds them up (the residual stream itself, as in HF), mixes
 through `Plan.apply` (the one mixing call of every engine) and hands the base's next block `(mixed, None)`.
 
+vLLM compiles the forward (`@support_torch_compile`, as its own Qwen2Model): each mix is one call of the
+custom op `vllm::latent_merge_mix` (`mix_op.py`), opaque to dynamo and a splitting op of piecewise CUDA
+graphs, so the graph traced once holds nothing of any batch. The op runs eagerly every forward; the first
+merged site of a forward builds its per-token tensors (`_mix`), the others reuse them (`mix_now`).
+
 Which tokens mix, and with which alpha: vLLM's token batch is the requests' scheduled tokens back to back,
 in persistent-batch order (`query_start_loc` gives the boundaries). `requests.TABLE` gives each row's
 prompt length and recipe, so each token gets its alpha per layer as a tensor. Positions "last" select the
@@ -26,15 +31,19 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
+from vllm.compilation.decorators import support_torch_compile
 
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.ops import get_op
 from latent_merge_nnsight.plan import Plan, load_recipe_deltas, recipe_plan
 from latent_merge_nnsight.vllm_engine import SUPPORTED_FAMILIES
 from latent_merge_nnsight.vllm_engine.export import Export, read_export
+from latent_merge_nnsight.vllm_engine.mix_op import MODELS, OP, register_mix_op
 from latent_merge_nnsight.vllm_engine.requests import TABLE
 
 __all__ = ["LatentMergeForCausalLM"]
+
+register_mix_op()
 
 _STACKED = (  # HF weight name part -> (vLLM fused parameter part, shard)
     (".q_proj.", ".qkv_proj.", "q"),
@@ -115,6 +124,34 @@ class _Mix:
         return out[0]
 
 
+def _check_graphs(vllm_config: Any) -> None:
+    """Refuse a CUDA-graph setup that would capture the mix (the config hook picks a safe one by
+    default); add the mix to the ops piecewise graphs split at."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    cc = vllm_config.compilation_config
+    if cc.mode == CompilationMode.VLLM_COMPILE and OP not in (cc.splitting_ops or []):
+        cc.splitting_ops = [*(cc.splitting_ops or []), OP]
+    graphs = cc.cudagraph_mode
+    if graphs is None or graphs == CUDAGraphMode.NONE:
+        return
+    if graphs != CUDAGraphMode.PIECEWISE or cc.mode != CompilationMode.VLLM_COMPILE:
+        raise LatentMergeError(
+            f"the latent-merge vLLM model runs CUDA graphs only piecewise, split around its mix "
+            f"(cudagraph_mode=PIECEWISE with compilation mode VLLM_COMPILE); got "
+            f"cudagraph_mode={graphs.name}, mode={cc.mode.name if cc.mode is not None else None}: "
+            "use those, or enforce_eager=True"
+        )
+
+
+@support_torch_compile(
+    dynamic_arg_dims={
+        "input_ids": 0,
+        "positions": -1,
+        "intermediate_tensors": 0,
+        "inputs_embeds": 0,
+    }
+)
 class LatentMergeForCausalLM(nn.Module):
     """The composite model an lmn vLLM export names (see the module docstring)."""
 
@@ -140,14 +177,7 @@ class LatentMergeForCausalLM(nn.Module):
             raise LatentMergeError(
                 "the latent-merge vLLM model runs without pipeline parallelism (use tensor parallel)"
             )
-        from vllm.platforms import current_platform
-
-        if not current_platform.is_cpu() and not vllm_config.model_config.enforce_eager:
-            raise LatentMergeError(
-                "the latent-merge vLLM model mixes in eager PyTorch: start vLLM with enforce_eager=True "
-                "(vllm serve --enforce-eager); a CUDA graph captured before any request would replay "
-                "without the merge"
-            )
+        _check_graphs(vllm_config)
         if vllm_config.speculative_config is not None:
             raise LatentMergeError("the latent-merge vLLM model does not support speculative decoding")
         self.export: Export = export
@@ -172,6 +202,9 @@ class LatentMergeForCausalLM(nn.Module):
         self.attn_name = "base.layers.0.self_attn.attn"
         self.dtype = vllm_config.model_config.dtype
         self._deltas_on: torch.device | None = None
+        self._forward: tuple[Any, _Mix | None] | None = None  # (forward context, its mix)
+        self.mix_name = f"latent_merge_{id(self)}"
+        MODELS[self.mix_name] = self
 
     # ------------------------------------------------------------------------------------------------
     # the plan
@@ -192,6 +225,17 @@ class LatentMergeForCausalLM(nn.Module):
             d = load_recipe_deltas(recipe)
             deltas = {k: d.resid(k, recipe.site) for k in alphas}
         return dataclasses.replace(plan, alphas=alphas, params=params, deltas=deltas)
+
+    def mix_now(self, layer: int, site: str, hb: Tensor, hs: list[Tensor], positions: Tensor) -> Tensor:
+        """The mix at (layer, site) of the running forward (the op's body; eager, never compiled)."""
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        ctx = get_forward_context() if is_forward_context_available() else None
+        if ctx is None or self._forward is None or self._forward[0] is not ctx:
+            # the first merged site of this forward: its per-token tensors, kept for the other sites
+            self._forward = (ctx, self._mix(positions) if ctx is not None else None)
+        mix = self._forward[1]
+        return hb if mix is None else mix(layer, site, hb, hs)
 
     def _mix(self, positions: Tensor) -> _Mix | None:
         """Per-token alphas and positions of this forward (None: nothing mixes, e.g. vLLM's profiling run)."""
@@ -276,7 +320,6 @@ class LatentMergeForCausalLM(nn.Module):
             raise LatentMergeError(
                 "the latent-merge vLLM model takes token ids (prompt embeddings are refused)"
             )
-        mix = self._mix(positions)
         plan = self.plan
         pre = set(plan.alphas) if plan is not None and plan.site == "pre" else set()
         post = set(plan.alphas) if plan is not None and plan.site == "post" else set()
@@ -286,16 +329,19 @@ class LatentMergeForCausalLM(nn.Module):
         def mixed(layer: int, site: str) -> tuple[Tensor, None]:
             full = hb if rb is None else hb + rb
             srcs = [h if r is None else h + r for h, r in hs]
-            return mix(layer, site, full, srcs), None
+            # an opaque op: compiled code holds the call, the op reads this forward's batch
+            out = torch.empty_like(full)  # in the piece before the op: a captured graph's own memory
+            torch.ops.vllm.latent_merge_mix(full, srcs, positions, out, layer, site, self.mix_name)
+            return out, None
 
         for i in range(self.export.n_layers):
-            if mix is not None and i in pre:
+            if i in pre:
                 hb, rb = mixed(i, "pre")
             hb, rb = self.base.block(i)(positions, hb, rb)
             for j, s in enumerate(self.sources):
                 if i < s.blocks:
                     hs[j] = s.block(i)(positions, *hs[j])
-            if mix is not None and i in post:
+            if i in post:
                 hb, rb = mixed(i, "post")
         if rb is None:
             return self.base.norm(hb)

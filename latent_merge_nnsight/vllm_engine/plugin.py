@@ -11,8 +11,14 @@ __all__ = ["register"]
 
 
 def register() -> None:
-    """Register the composite model, lazily (vLLM imports it only when a config names it)."""
+    """Register the composite model, lazily (vLLM imports it only when a config names it), and its config
+    hook (`mix_op.LatentMergeConfig`: the CUDA-graph mode that keeps the mix out of captured graphs)."""
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    from latent_merge_nnsight.vllm_engine.mix_op import LatentMergeConfig
+
+    MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, LatentMergeConfig)
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(

@@ -11,6 +11,7 @@ A request's `latent_merge` value (a mapping, or its JSON text) holds:
 Requests without one use the export's recipe; alpha 0 everywhere is the base. Site and positions are the
 export's.
 
+The front end refuses a request its export cannot run (`FRONT`, `LatentMergeRequests.validate_params`).
 vLLM tells the model nothing about requests, so a logits processor (`LatentMergeRequests`, a
 `vllm.logits_processors` plugin that does nothing for other models) keeps, for each row of vLLM's
 persistent batch, the request's prompt length and recipe; the model turns that into per-token alphas.
@@ -203,6 +204,21 @@ def _log() -> Any:
 
 TABLE = RequestTable()
 """This process's table (each vLLM worker process has one model and one persistent batch)."""
+FRONT: dict[str, Export] = {}
+"""The export whose vLLM config this process built last ("export"; set by the model's config hook), so
+the front end checks a request against it (layers, alphas, op) and refuses a bad one with a 400 (HTTP)
+or a ValueError (`LLM.generate`). A process that received its config ready-made (vLLM's extra API
+servers) checks the form only; the worker then runs such a request with the export's recipe."""
+
+
+def note_export(vllm_config: Any) -> None:
+    """Remember the export of the config being built (`mix_op.LatentMergeConfig`)."""
+    from latent_merge_nnsight.vllm_engine.export import read_export
+
+    hf = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
+    block = getattr(hf, "latent_merge", None)
+    if block is not None:
+        FRONT["export"] = read_export(block)
 
 
 def _logits_processor_class() -> type:
@@ -216,7 +232,11 @@ def _logits_processor_class() -> type:
             raw = (getattr(sampling_params, "extra_args", None) or {}).get(KEY)
             if raw is not None:
                 try:
-                    check_request(raw)
+                    export = FRONT.get("export")
+                    if export is None:
+                        check_request(raw)
+                    else:
+                        parse_request(raw, export)
                 except LatentMergeError as e:
                     raise ValueError(str(e)) from None
 

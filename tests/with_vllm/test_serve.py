@@ -1,5 +1,6 @@
 """`vllm serve` of a toy system exported with `lmn export vllm`, answering the `openai` SDK on 127.0.0.1:
-per-request alphas through `extra_body`, streaming included, checked against `engine="fast"`."""
+per-request alphas through `extra_body`, streaming included, checked against `engine="fast"`; the server
+runs the compiled model (no --enforce-eager) and refuses a request its export cannot run."""
 
 import json
 import signal
@@ -62,9 +63,10 @@ def server(tmp_path_factory):
     cmd = [
         sys.executable, "-m", "latent_merge_nnsight.vllm_engine.cli", "serve", str(export),
         "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "toy-merge", "--dtype", "float32",
-        "--enforce-eager", "--max-model-len", "256", "--block-size", "32", "--gpu-memory-utilization", "0.05",
+        "--max-model-len", "256", "--block-size", "32", "--gpu-memory-utilization", "0.05",
         "--kv-cache-memory-bytes", str(256 * 2**20),
     ]  # fmt: skip
+    env["VLLM_CPU_CI_ENV"] = "1"  # compiled (no --enforce-eager), with dynamo's "eager" backend
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_until_up(proc, f"http://127.0.0.1:{port}/health", log)
@@ -134,4 +136,17 @@ def test_a_bad_per_request_alpha_is_a_400(server, question):
         server.chat.completions.create(
             model="toy-merge", messages=question, max_tokens=2,
             extra_body={"vllm_xargs": {"latent_merge": json.dumps({"alpha": "x"})}},
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "recipe, says",
+    [({"layers": {"5": 0.5}}, "not exported"), ({"alpha": 1.5}, "latent_merge.layers"),
+     ({"alpha": 0.5, "op": "delta"}, "cannot run on this live-source export")],
+)  # fmt: skip
+def test_a_request_the_export_cannot_run_is_a_400(server, question, recipe, says):
+    with pytest.raises(openai.BadRequestError, match=says):
+        server.chat.completions.create(
+            model="toy-merge", messages=question, max_tokens=2,
+            extra_body={"vllm_xargs": {"latent_merge": json.dumps(recipe)}},
         )  # fmt: skip

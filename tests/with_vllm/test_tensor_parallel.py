@@ -1,4 +1,5 @@
-"""Tensor parallel 2 (two CPU workers): the merged model's greedy tokens still equal engine="fast"."""
+"""Tensor parallel 2 (two CPU workers, compiled): the merged model's greedy tokens still equal
+engine="fast"."""
 
 from vllm_helpers import run_driver
 
