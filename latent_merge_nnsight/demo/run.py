@@ -46,16 +46,35 @@ import numpy as np
 import pandas as pd
 import torch
 
+from latent_merge_nnsight.baselines.ensemble import Ensemble
+from latent_merge_nnsight.baselines.weights import collect_grams, merge_weights
+from latent_merge_nnsight.deltas import compute_deltas
 from latent_merge_nnsight.demo.probe import NormProbe
 from latent_merge_nnsight.demo.report import (
     GAINED,
     WEIGHT_OPS,
+    best_row,
     mean_table,
     setup_label,
     write_figures,
     write_report,
 )
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.evaluation.tasks import (
+    CATEGORIES,
+    MAX_NEW_TOKENS,
+    chat_messages,
+    direct_target,
+    make_eval_set,
+    make_train_set,
+    score,
+)
+from latent_merge_nnsight.generate import generate, release_engine
+from latent_merge_nnsight.generation.prefix import share_prompt_states
+from latent_merge_nnsight.inputs import encode
+from latent_merge_nnsight.models import load, model_info
+from latent_merge_nnsight.recipe import Recipe
+from latent_merge_nnsight.zoo import ZOO, zoo_path
 
 __all__ = [
     "COLUMNS",
@@ -87,8 +106,6 @@ class Schedule:
     alpha: float | tuple[float, ...] | None = None
 
     def recipe(self) -> Any:
-        from latent_merge_nnsight.recipe import Recipe
-
         layers = self.layers if isinstance(self.layers, (dict, str)) else list(self.layers)
         alpha = list(self.alpha) if isinstance(self.alpha, tuple) else self.alpha
         return Recipe(op=self.op, site=self.site, layers=layers, alpha=alpha)
@@ -208,8 +225,6 @@ class _System:
 
 
 def _eval_sets(n: int, seed: int) -> dict[str, list[Any]]:
-    from latent_merge_nnsight.evaluation.tasks import CATEGORIES, make_eval_set
-
     return {c: make_eval_set(c, n, seed) for c in CATEGORIES}
 
 
@@ -217,7 +232,6 @@ def _calibration(tokenizer: Any, n: int, seed: int) -> tuple[list[str], list[str
     """Training-like chats (prompt and reference response) for each model: the base's mix of the four
     categories (reasoning answered directly, as the base was taught) and the reasoner's scratchpad
     reasoning."""
-    from latent_merge_nnsight.evaluation.tasks import CATEGORIES, chat_messages, direct_target, make_train_set
 
     def render(prompt: str, target: str) -> str:
         chat = [*chat_messages(prompt), {"role": "assistant", "content": target}]
@@ -245,10 +259,6 @@ def _evaluate(
     """Greedy accuracy per category, each category with its own token budget (`tasks.MAX_NEW_TOKENS`),
     with the probe's measurements per category. The fast engine is kept on the model between calls; the
     chats are encoded once per category and tokenizer (`_encoded`, into `encoded`), not once per setup."""
-    from latent_merge_nnsight import generate
-    from latent_merge_nnsight.evaluation.tasks import MAX_NEW_TOKENS, score
-    from latent_merge_nnsight.models import model_info
-
     scores = {}
     with probe.recording(recipe, model_info(model).n_layers):
         for category, examples in eval_sets.items():
@@ -273,9 +283,6 @@ def _evaluate(
 def _encoded(tokenizer: Any, category: str, examples: list[Any], seen: dict[tuple, Any]) -> Any:
     """The category's chats as `lmn.generate` encodes them (chat template, padded), encoded once per
     tokenizer in `seen` (which holds the tokenizer too, so its id stays its own)."""
-    from latent_merge_nnsight.evaluation.tasks import chat_messages
-    from latent_merge_nnsight.inputs import encode
-
     key = (id(tokenizer), category)
     if key not in seen:
         seen[key] = (tokenizer, encode(tokenizer, [chat_messages(e.prompt) for e in examples]))
@@ -287,8 +294,6 @@ def _encoded(tokenizer: Any, category: str, examples: list[Any], seen: dict[tupl
 
 
 def _latent(op: str, site: str, layer: int, alpha: float, sources: Any, base: Any, **kw: Any) -> _System:
-    from latent_merge_nnsight.recipe import Recipe
-
     lam = kw.get("lam")
     if lam is not None:
         recipe = Recipe(op=op, site=site, layers=[layer], **{"lambda": lam})
@@ -301,8 +306,6 @@ def _weight_systems(
     base: Any, ft: Any, paths: tuple[str, str], grid: DemoGrid, calibration: tuple[list, list]
 ) -> Iterator[_System]:
     """The weight merges of the grid (RegMean's Gram matrices collected once, when its first setup runs)."""
-    from latent_merge_nnsight.baselines.weights import collect_grams, merge_weights
-
     grams: list[Any] = []
 
     def weight(op: str, alpha: float) -> tuple[Any, Any, Any]:
@@ -330,9 +333,6 @@ def _systems(
     """Every setup of the coarse grid, in order: references, ensembles, weight merges, latent merges layer
     by layer and site by site, then the multi-layer schedules. Weight merges, Gram matrices and deltas
     are built only when their setup runs."""
-    from latent_merge_nnsight.baselines.ensemble import Ensemble
-    from latent_merge_nnsight.deltas import compute_deltas
-
     yield _System("base", None, None, 0.0, None, lambda: (base, None, None))
     yield _System("reasoner", None, None, 1.0, None, lambda: (ft, None, None))
     for b in grid.ensemble_bs:
@@ -349,8 +349,6 @@ def _systems(
 
     def steering(site: str, recipe: Any) -> Callable[[], tuple[Any, Any, Any]]:
         return lambda: (base, steer(site), recipe)
-
-    from latent_merge_nnsight.recipe import Recipe
 
     post_mid = set(grid.post_layers or ()) - {n_layers - 1}
     if grid.limits and 0 not in (grid.layers or ()):
@@ -588,10 +586,6 @@ def _run_grid(
     """Load the pair and evaluate every setup of the coarse grid, then those of the finer alpha grid."""
     from tqdm.auto import tqdm
 
-    from latent_merge_nnsight.generate import release_engine
-    from latent_merge_nnsight.generation.prefix import share_prompt_states
-    from latent_merge_nnsight.models import load, model_info
-
     rows: list[dict[str, Any]] = []
     texts: dict[str, dict[str, list[str]]] = {}
     probe = NormProbe()
@@ -652,8 +646,6 @@ def _samples(
 ) -> dict[str, Any]:
     """The first held-out prompt of each category, answered by the base, the reasoner, and the best
     (by balanced score) latent merge, weight merge and logit ensemble."""
-    from latent_merge_nnsight.demo.report import best_row
-
     picks: dict[str, str] = {}
     for system in SAMPLE_SYSTEMS:
         row = best_row(wide, wide["system"] == system)
@@ -669,8 +661,6 @@ def _samples(
 
 def _check_checkpoint(name: str) -> None:
     """A missing zoo checkpoint is a clear error (with the command that makes it), not a hub lookup."""
-    from latent_merge_nnsight.zoo import ZOO, zoo_path
-
     if name in ZOO and not (zoo_path(name) / "config.json").is_file() and not Path(name).exists():
         raise LatentMergeError(
             f"the zoo checkpoint {name!r} is missing from {zoo_path(name)}; "
