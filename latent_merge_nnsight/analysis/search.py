@@ -33,10 +33,16 @@ from typing import Any
 
 import pandas as pd
 
+from latent_merge_nnsight.analysis.evaluators import TaskAccuracy
 from latent_merge_nnsight.analysis.pareto import pareto_figure, pareto_front
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.evaluation.tasks import CATEGORIES, make_eval_set
+from latent_merge_nnsight.generate import release_engine
+from latent_merge_nnsight.models import model_info
+from latent_merge_nnsight.ops import get_op
 from latent_merge_nnsight.recipe import Recipe
 
+# optuna (the `search` extra) is imported inside functions only: the package works without it.
 __all__ = ["GAINED", "SKILLS", "SearchResult", "SearchSpace", "metric_names", "search", "task_metrics"]
 
 SKILLS: tuple[str, ...] = ("knowledge", "math", "coding")
@@ -87,8 +93,6 @@ class SearchSpace:
     positions: tuple[str, ...] = ("last",)
 
     def check(self, n_layers: int) -> "SearchSpace":
-        from latent_merge_nnsight.ops import get_op
-
         for name, values in (("ops", self.ops), ("sites", self.sites), ("positions", self.positions)):
             if not values:
                 raise LatentMergeError(f"space.{name} is empty; give at least one")
@@ -162,8 +166,6 @@ class SearchResult:
 
 def _splits(n_search: int, n_test: int, seed: int) -> tuple[list[Any], list[Any]]:
     """Disjoint search and test examples per category, all from the held-out (eval) questions."""
-    from latent_merge_nnsight.evaluation.tasks import CATEGORIES, make_eval_set
-
     for name, n in (("n_search", n_search), ("n_test", n_test)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise LatentMergeError(f"{name}={n!r}; expected an int >= 1")
@@ -248,10 +250,6 @@ def search(
     Raises `LatentMergeError` when no trial meets the constraints (after writing the trials table).
     """
     optuna = _import_optuna()
-    from latent_merge_nnsight.analysis.evaluators import TaskAccuracy
-    from latent_merge_nnsight.generate import release_engine
-    from latent_merge_nnsight.models import model_info
-
     constraints = dict(constraints or {})
     _check_search(target, constraints, trials, sampler, pareto)
     n_layers = model_info(base).n_layers
@@ -505,8 +503,6 @@ def _write_pareto(
 def _write_winner(
     result: SearchResult, base: Any, sources: Any, settings: dict[str, Any], out: Path
 ) -> dict[str, Path]:
-    from latent_merge_nnsight.models import model_info
-
     paths = {"winner": out / "winner.yaml", "system": out / "system.yaml", "result": out / "result.json"}
     result.winner.save(paths["winner"])
     srcs = sources if isinstance(sources, (list, tuple)) else [sources]
