@@ -155,6 +155,7 @@ def generate(
     """
     _check_merge_happens(sources, recipe)
     if engine == "vllm":  # vLLM runs the whole call (its own batching, KV caches and kernels)
+        # imported here: vllm_engine.run needs vLLM, an optional dependency
         from latent_merge_nnsight.vllm_engine.run import generate_vllm
 
         return generate_vllm(

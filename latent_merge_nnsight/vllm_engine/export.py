@@ -22,9 +22,11 @@ import torch
 from safetensors.torch import save_file
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.ops import get_op
-from latent_merge_nnsight.plan import load_recipe_deltas, recipe_plan
+from latent_merge_nnsight.models import _resolve_name
+from latent_merge_nnsight.ops import OpSpec, get_op
+from latent_merge_nnsight.plan import Plan, load_recipe_deltas, recipe_plan
 from latent_merge_nnsight.recipe import Recipe
+from latent_merge_nnsight.systems.spec import System
 from latent_merge_nnsight.vllm_engine import ARCHITECTURE, SUPPORTED_FAMILIES
 
 __all__ = ["FORMAT", "Export", "check_export", "export_vllm", "read_export"]
@@ -87,8 +89,6 @@ def _config(model_dir: Path, what: str) -> dict[str, Any]:
 
 def _local_dir(ref: str, what: str) -> Path:
     """A model reference as a local folder: a path, a zoo name, or a hub id already downloaded."""
-    from latent_merge_nnsight.models import _resolve_name
-
     name = _resolve_name(ref)
     if Path(name).is_dir():
         return Path(name).resolve()
@@ -133,50 +133,77 @@ def check_export(
             f"recipe positions={recipe.positions!r}: the vLLM engine merges at positions 'last' or 'all' "
             "(explicit prompt indices are not supported there)"
         )
-    modules = []
-    if spec.name not in BUILTIN_OPS:
-        module = getattr(spec.fn, "__module__", "__main__")
-        if module in (None, "__main__"):
-            raise LatentMergeError(
-                f"recipe op={spec.name!r} is registered in __main__; vLLM's workers cannot import it: define "
-                "the op in an importable module (its @register_op runs when the module is imported)"
-            )
-        modules.append(module)
+    modules = _op_modules(spec)
     if spec.static_source:
-        if source_refs:
-            raise LatentMergeError(
-                f"op {spec.name!r} steers with recipe.deltas; sources={source_refs} unused"
-            )
-        if recipe.deltas is None:
-            raise LatentMergeError(f"op {spec.name!r} needs recipe.deltas (a file written by Deltas.save)")
-        deltas = load_recipe_deltas(recipe)
-        if deltas.site != recipe.site:
-            raise LatentMergeError(
-                f"recipe.deltas were computed at site={deltas.site!r} but the recipe merges at "
-                f"site={recipe.site!r}"
-            )
-        for layer in plan.alphas:
-            v = deltas.resid(layer, recipe.site)
-            if v.shape[-1] != hidden:
-                raise LatentMergeError(
-                    f"recipe.deltas layer {layer} has size {v.shape[-1]}; the base's hidden_size is {hidden}"
-                )
+        _check_deltas(spec, recipe, plan, hidden, source_refs)
         blocks = 0
     else:
-        if not source_refs:
-            raise LatentMergeError(f"op {spec.name!r} mixes live sources, but sources is empty")
-        if len(source_refs) > 1 and not spec.multi_source:
+        blocks = _live_blocks(spec, plan, source_refs)
+    source_dirs = _source_dirs(source_refs, family, hidden, blocks, plan)
+    return Export(
+        base=str(base_dir),
+        sources=source_dirs,
+        recipe=recipe.to_dict(),
+        layers=sorted(plan.alphas),
+        source_blocks=blocks,
+        n_layers=n_layers,
+        op_modules=modules,
+        name=name,
+    )
+
+
+def _op_modules(spec: OpSpec) -> list[str]:
+    """The module to import in vLLM's workers for an op that is not built in (none for a built-in op)."""
+    if spec.name in BUILTIN_OPS:
+        return []
+    module = getattr(spec.fn, "__module__", "__main__")
+    if module in (None, "__main__"):
+        raise LatentMergeError(
+            f"recipe op={spec.name!r} is registered in __main__; vLLM's workers cannot import it: define "
+            "the op in an importable module (its @register_op runs when the module is imported)"
+        )
+    return [module]
+
+
+def _check_deltas(spec: OpSpec, recipe: Recipe, plan: Plan, hidden: int, source_refs: list[str]) -> None:
+    """A steering op: no sources, and `recipe.deltas` at the recipe's site with the base's hidden size."""
+    if source_refs:
+        raise LatentMergeError(f"op {spec.name!r} steers with recipe.deltas; sources={source_refs} unused")
+    if recipe.deltas is None:
+        raise LatentMergeError(f"op {spec.name!r} needs recipe.deltas (a file written by Deltas.save)")
+    deltas = load_recipe_deltas(recipe)
+    if deltas.site != recipe.site:
+        raise LatentMergeError(
+            f"recipe.deltas were computed at site={deltas.site!r} but the recipe merges at "
+            f"site={recipe.site!r}"
+        )
+    for layer in plan.alphas:
+        v = deltas.resid(layer, recipe.site)
+        if v.shape[-1] != hidden:
             raise LatentMergeError(
-                f"op {spec.name!r} takes one source, got sources={source_refs}; use a multi-source op "
-                "(regmean)"
+                f"recipe.deltas layer {layer} has size {v.shape[-1]}; the base's hidden_size is {hidden}"
             )
-        weights = plan.params.get("weights")
-        if weights is not None and len(weights) != len(source_refs):
-            raise LatentMergeError(
-                f"recipe weights has {len(weights)} entries for {len(source_refs)} sources; "
-                f"expected {len(source_refs)}"
-            )
-        blocks = max(plan.alphas) + (1 if plan.site == "post" else 0)
+
+
+def _live_blocks(spec: OpSpec, plan: Plan, source_refs: list[str]) -> int:
+    """A mixing op: check the sources against the op and the weights; the source blocks the recipe runs."""
+    if not source_refs:
+        raise LatentMergeError(f"op {spec.name!r} mixes live sources, but sources is empty")
+    if len(source_refs) > 1 and not spec.multi_source:
+        raise LatentMergeError(
+            f"op {spec.name!r} takes one source, got sources={source_refs}; use a multi-source op (regmean)"
+        )
+    weights = plan.params.get("weights")
+    if weights is not None and len(weights) != len(source_refs):
+        raise LatentMergeError(
+            f"recipe weights has {len(weights)} entries for {len(source_refs)} sources; "
+            f"expected {len(source_refs)}"
+        )
+    return max(plan.alphas) + (1 if plan.site == "post" else 0)
+
+
+def _source_dirs(source_refs: list[str], family: str, hidden: int, blocks: int, plan: Plan) -> list[str]:
+    """Each source as a local folder, checked against the base (family, hidden size) and the recipe."""
     source_dirs = []
     for i, ref in enumerate(source_refs):
         d = _local_dir(ref, f"sources[{i}]")
@@ -195,16 +222,7 @@ def check_export(
                 f"(layers {sorted(plan.alphas)}, site {plan.site!r})"
             )
         source_dirs.append(str(d))
-    return Export(
-        base=str(base_dir),
-        sources=source_dirs,
-        recipe=recipe.to_dict(),
-        layers=sorted(plan.alphas),
-        source_blocks=blocks,
-        n_layers=n_layers,
-        op_modules=modules,
-        name=name,
-    )
+    return source_dirs
 
 
 def export_vllm(system: Any, out_dir: str | Path) -> Path:
@@ -214,8 +232,6 @@ def export_vllm(system: Any, out_dir: str | Path) -> Path:
     layer out of range, an unknown op, a source of another hidden size, a non-empty `out_dir` that is not
     an earlier export.
     """
-    from latent_merge_nnsight.systems.spec import System
-
     if not isinstance(system, System):
         system = System.from_file(system)
     if system.kind not in ("latent", "single"):

@@ -15,6 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# Imported inside functions: vllm (optional) and `requests` (it pulls plan/models, transformers and
+# nnsight, too heavy for `plugin.register`, which imports this module in every vLLM process).
+
 __all__ = ["OP", "MODELS", "LatentMergeConfig", "register_mix_op"]
 
 OP = "vllm::latent_merge_mix"

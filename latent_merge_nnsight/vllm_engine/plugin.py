@@ -6,6 +6,9 @@ The `vllm.logits_processors` entry point (`requests.LatentMergeRequests`) is dec
 """
 
 from latent_merge_nnsight.vllm_engine import ARCHITECTURE
+from latent_merge_nnsight.vllm_engine.mix_op import LatentMergeConfig
+
+# vllm is imported inside `register` only: an optional dependency (the `vllm` extra).
 
 __all__ = ["register"]
 
@@ -15,8 +18,6 @@ def register() -> None:
     hook (`mix_op.LatentMergeConfig`: the CUDA-graph mode that keeps the mix out of captured graphs)."""
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
-
-    from latent_merge_nnsight.vllm_engine.mix_op import LatentMergeConfig
 
     MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, LatentMergeConfig)
 

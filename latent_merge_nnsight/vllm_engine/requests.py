@@ -17,7 +17,9 @@ vLLM tells the model nothing about requests, so a logits processor (`LatentMerge
 persistent batch, the request's prompt length and recipe; the model turns that into per-token alphas.
 """
 
+import hashlib
 import json
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,7 +27,8 @@ from typing import Any
 
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.ops import check_alpha, get_op
-from latent_merge_nnsight.vllm_engine.export import Export
+from latent_merge_nnsight.vllm_engine import ARCHITECTURE
+from latent_merge_nnsight.vllm_engine.export import Export, read_export
 
 __all__ = ["KEY", "TABLE", "RequestRecipe", "RequestTable", "cache_salt", "parse_request", "request_args"]
 
@@ -143,8 +146,6 @@ def cache_salt(recipe: RequestRecipe | None) -> str | None:
     export's recipe, which every unsalted request shares)."""
     if recipe is None:
         return None
-    import hashlib
-
     return "lmn-" + hashlib.sha256(recipe.key().encode()).hexdigest()[:16]
 
 
@@ -197,8 +198,6 @@ class RequestTable:
 
 
 def _log() -> Any:
-    import logging
-
     return logging.getLogger("latent_merge_nnsight.vllm")
 
 
@@ -213,8 +212,6 @@ servers) checks the form only; the worker then runs such a request with the expo
 
 def note_export(vllm_config: Any) -> None:
     """Remember the export of the config being built (`mix_op.LatentMergeConfig`)."""
-    from latent_merge_nnsight.vllm_engine.export import read_export
-
     hf = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
     block = getattr(hf, "latent_merge", None)
     if block is not None:
@@ -222,6 +219,7 @@ def note_export(vllm_config: Any) -> None:
 
 
 def _logits_processor_class() -> type:
+    # vllm is imported here only: this module stays importable without vLLM (an optional dependency)
     from vllm.v1.sample.logits_processor import LogitsProcessor
 
     class LatentMergeRequests(LogitsProcessor):
@@ -241,9 +239,6 @@ def _logits_processor_class() -> type:
                     raise ValueError(str(e)) from None
 
         def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
-            from latent_merge_nnsight.vllm_engine import ARCHITECTURE
-            from latent_merge_nnsight.vllm_engine.export import read_export
-
             hf = vllm_config.model_config.hf_config
             TABLE.active = ARCHITECTURE in (getattr(hf, "architectures", None) or [])
             TABLE.rows.clear()
