@@ -14,6 +14,9 @@ import pandas as pd
 from latent_merge_nnsight.analysis.pareto import dominates, pareto_figure, pareto_front
 from latent_merge_nnsight.analysis.search import GAINED, SKILLS
 
+# matplotlib (and `analysis.plots`, which imports it) loads inside the figure functions only, as in
+# `analysis`: the tables and the report need none of it.
+
 __all__ = [
     "GAINED",
     "LATENT_OPS",

@@ -24,6 +24,8 @@ from latent_merge_nnsight.evaluation.systems import System
 from latent_merge_nnsight.sampling import openai_finish_reason
 from latent_merge_nnsight.serve.batching import Batcher
 
+# fastapi and uvicorn (the `eval` extra) are imported inside functions: the package works without them.
+
 __all__ = ["create_app", "run_serve", "start_server"]
 
 logger = logging.getLogger(__name__)
@@ -600,6 +602,57 @@ class _Limits:
     default_budget: int | None  # the system's own max_new_tokens
 
 
+async def _prepare(
+    request: Any, schema: type[_Request], system: Any, limits: _Limits
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Validate a request: (the parsed body, the prompt for the system, the generation params)."""
+    try:
+        body = schema.model_validate_json(await _read_body(request, limits.max_body_bytes))
+    except ValidationError as exc:
+        raise _validation_error(exc) from None
+    if body.model != system.name:
+        raise _unknown_model(body.model, system.name)
+    prompt, prompt_param = _request_prompt(body)
+    overrides = _overrides(body)
+    budget_param, budget = _max_new_tokens(body)
+    _check_budget_limit(budget_param, budget, limits.max_tokens_limit)
+    _check_sampling(system, overrides | ({"max_new_tokens": budget} if budget else {}), budget_param)
+    try:  # off the event loop: a huge prompt must not stall other clients
+        n_prompt = await asyncio.to_thread(system.count_prompt_tokens, prompt)
+    except Exception as exc:  # e.g. the chat template rejects the conversation
+        raise ApiError(
+            400, f"the {prompt_param} cannot be rendered for this model: {exc}", param=prompt_param
+        ) from None
+    _fit_budget(overrides, limits, n_prompt, prompt_param, budget_param, budget)
+    _add_logprobs(overrides, system, body)
+    return body, prompt, overrides
+
+
+async def _events(
+    batcher: Batcher,
+    prompt: Any,
+    params: dict[str, Any],
+    ids: tuple[str, str, int, str],
+    include_usage: bool,
+    openai_words: bool,
+) -> AsyncIterator[str]:
+    """The server-sent events of one streamed completion; `ids` is (kind, id, created, model name)."""
+    kind, cid, created, name = ids
+    # Headers are out before generation runs: a failure is an error event, then a clean end.
+    try:
+        completion = await batcher.submit(prompt, params)
+    except Exception as exc:
+        logger.exception("generation failed (stream)")
+        yield _sse(_generation_error(exc).body())
+        yield _sse("[DONE]")
+        return
+    stops = params.get("stop", ())
+    for event in _sse_events(
+        kind, cid, created, name, _without_stop(completion, stops), include_usage, openai_words
+    ):
+        yield event
+
+
 def _add_completion_routes(
     app: Any, system: Any, batcher: Batcher, limits: _Limits, openai_words: bool = False
 ) -> None:
@@ -610,31 +663,8 @@ def _add_completion_routes(
 
     name = system.name
 
-    async def prepare(request: Request, schema: type[_Request]) -> tuple[Any, Any, dict[str, Any]]:
-        """Validate a request: (the parsed body, the prompt for the system, the generation params)."""
-        try:
-            body = schema.model_validate_json(await _read_body(request, limits.max_body_bytes))
-        except ValidationError as exc:
-            raise _validation_error(exc) from None
-        if body.model != name:
-            raise _unknown_model(body.model, name)
-        prompt, prompt_param = _request_prompt(body)
-        overrides = _overrides(body)
-        budget_param, budget = _max_new_tokens(body)
-        _check_budget_limit(budget_param, budget, limits.max_tokens_limit)
-        _check_sampling(system, overrides | ({"max_new_tokens": budget} if budget else {}), budget_param)
-        try:  # off the event loop: a huge prompt must not stall other clients
-            n_prompt = await asyncio.to_thread(system.count_prompt_tokens, prompt)
-        except Exception as exc:  # e.g. the chat template rejects the conversation
-            raise ApiError(
-                400, f"the {prompt_param} cannot be rendered for this model: {exc}", param=prompt_param
-            ) from None
-        _fit_budget(overrides, limits, n_prompt, prompt_param, budget_param, budget)
-        _add_logprobs(overrides, system, body)
-        return body, prompt, overrides
-
     async def answer(kind: str, request: Request, schema: type[_Request]) -> Any:
-        body, prompt, params = await prepare(request, schema)
+        body, prompt, params = await _prepare(request, schema, system, limits)
         stops = params.get("stop", ())
         cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -646,29 +676,9 @@ def _add_completion_routes(
                 raise _generation_error(exc) from None
             return _body(kind, cid, created, name, _without_stop(completion, stops), openai_words)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-        async def events() -> AsyncIterator[str]:
-            # Headers are out before generation runs: a failure is an error event, then a clean end.
-            try:
-                completion = await batcher.submit(prompt, params)
-            except Exception as exc:
-                logger.exception("generation failed (stream)")
-                yield _sse(_generation_error(exc).body())
-                yield _sse("[DONE]")
-                return
-            for event in _sse_events(
-                kind,
-                cid,
-                created,
-                name,
-                _without_stop(completion, stops),
-                include_usage,
-                openai_words,
-            ):
-                yield event
-
+        events = _events(batcher, prompt, params, (kind, cid, created, name), include_usage, openai_words)
         return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
 
     @app.post("/v1/chat/completions")

@@ -258,24 +258,7 @@ class LatentMergeForCausalLM(nn.Module):
         n_tok = positions.shape[0]
         layers = sorted(plan.alphas)
         exported = [plan.alphas[k] for k in layers]
-        ops = [plan.op.name]
-        prompt_len, op_id, alphas = [], [], []
-        for r in range(n_reqs):
-            row = TABLE.rows.get(r)
-            if row is None:
-                prompt_len.append(2**62)  # a padding row: never mixed
-                op_id.append(0)
-                alphas.append(exported)
-                continue
-            prompt_len.append(row.prompt_len)
-            if row.recipe is None:
-                op_id.append(0)
-                alphas.append(exported)
-            else:
-                if row.recipe.op not in ops:
-                    ops.append(row.recipe.op)
-                op_id.append(ops.index(row.recipe.op))
-                alphas.append([a for _, a in row.recipe.alphas])
+        ops, prompt_len, op_id, alphas = _request_rows(n_reqs, plan.op.name, exported)
         token = torch.arange(n_tok, device=device)
         req = torch.searchsorted(starts[1:].to(device), token, right=True).clamp(max=max(n_reqs - 1, 0))
         real = token < int(getattr(md, "num_actual_tokens", n_tok))
@@ -409,3 +392,29 @@ class LatentMergeForCausalLM(nn.Module):
                 return None  # a source's upper blocks are never read
             return f"{stack.name}.layers.{stack.offset + int(index)}.{rest}"
         return None
+
+
+def _request_rows(
+    n_reqs: int, exported_op: str, exported: list[float]
+) -> tuple[list[str], list[int], list[int], list[list[float]]]:
+    """Per request of the persistent batch (`TABLE.rows`): (the ops in use, the export's first, then each
+    request's prompt length, index into those ops and alphas per merged layer)."""
+    ops = [exported_op]
+    prompt_len, op_id, alphas = [], [], []
+    for r in range(n_reqs):
+        row = TABLE.rows.get(r)
+        if row is None:
+            prompt_len.append(2**62)  # a padding row: never mixed
+            op_id.append(0)
+            alphas.append(exported)
+            continue
+        prompt_len.append(row.prompt_len)
+        if row.recipe is None:
+            op_id.append(0)
+            alphas.append(exported)
+        else:
+            if row.recipe.op not in ops:
+                ops.append(row.recipe.op)
+            op_id.append(ops.index(row.recipe.op))
+            alphas.append([a for _, a in row.recipe.alphas])
+    return ops, prompt_len, op_id, alphas
