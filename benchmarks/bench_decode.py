@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 TMP_RESULTS = Path(tempfile.gettempdir()) / "lmn-benchmarks"
@@ -289,6 +290,34 @@ def timed(fn: Any, device: torch.device) -> float:
     return time.perf_counter() - t
 
 
+class OpCount(TorchDispatchMode):
+    """Counts the aten ops dispatched inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+COUNTED = ("hf_eager", "hook_loop", "nnsight", "nnsight_eager", "fast")
+"""Methods whose decode-step ops are counted (compiled code and vLLM's workers dispatch out of sight)."""
+
+
+def ops_per_step(run: Any, steps: int = 8) -> float:
+    """Aten ops per decode step of every timed row: the ops of a run of `2 + steps` tokens minus those of a
+    2-token run, over `steps`. Untimed and exact: the work and Python-side dispatch a step does, which
+    timing noise on a shared CPU cannot blur (two versions of the code compare exactly)."""
+    counts = []
+    for n in (2, 2 + steps):
+        with OpCount() as count:
+            run(n)
+        counts.append(count.n)
+    return (counts[1] - counts[0]) / steps
+
+
 def measure_round_robin(
     cases: list[dict[str, Any]], new: int, repeats: int, device: torch.device
 ) -> list[dict[str, Any]]:
@@ -307,6 +336,8 @@ def measure_round_robin(
             t = time.perf_counter()
             case["run"](case.get("warmup_new", 2))  # warm-up (and compilation or graph capture)
             case["extra"]["warmup_s"] = time.perf_counter() - t
+            if device.type == "cpu" and case["method"] in COUNTED:
+                case["extra"]["aten_ops_per_step"] = ops_per_step(case["run"])
         except Exception as e:  # a failing method is reported, the others still run
             case["error"] = f"{type(e).__name__}: {e}"
             print(f"  {case['method']} batch {case['batch']} failed: {case['error']}", flush=True)
@@ -600,7 +631,8 @@ def report(
             "models each method uses loaded (the source cut after layer L, its head dropped, for the engines)"
             if device.type == "cuda"
             else "; CPU run on a machine shared with other jobs (load average above); memory is weight bytes "
-            "+ sampled RSS growth during the run (all models stay loaded)"
+            "+ sampled RSS growth during the run (all models stay loaded); aten_ops_per_step counts the aten "
+            "ops of one decode step of the timed rows in untimed runs (exact, unlike the timings)"
         ),
         "versions": {
             "python": platform.python_version(),
@@ -635,7 +667,7 @@ def print_table(rows: list[dict], device: torch.device, layer: int, n_layers: in
         "(hf_eager)"
     )
     header = f"{'method':<18}{'batch':>6}{'tok/s':>10}{'ms/step':>10}{'x base':>8}{'x ideal':>9}{'x hook':>8}"
-    print(header + f"  {mem}")
+    print(header + f"{'ops/step':>10}  {mem}")
     for r in rows:
         if r.get("step_ms") is None:
             print(f"{r['method']:<18}{r['batch']:>6}  {r.get('error') or r.get('unresolved')}")
@@ -644,7 +676,8 @@ def print_table(rows: list[dict], device: torch.device, layer: int, n_layers: in
         print(
             f"{r['method']:<18}{r['batch']:>6}{r['decode_tok_s']:>10.1f}{r['step_ms']:>10.2f}"
             f"{r.get('step_over_base', float('nan')):>8.2f}{r.get('step_over_ideal', float('nan')):>9.2f}"
-            f"{r.get('speedup_over_hook_loop', float('nan')):>8.2f}  {memory / 2**30:.2f} GiB"
+            f"{r.get('speedup_over_hook_loop', float('nan')):>8.2f}"
+            f"{r.get('aten_ops_per_step', float('nan')):>10.0f}  {memory / 2**30:.2f} GiB"
         )
 
 

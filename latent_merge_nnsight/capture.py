@@ -20,6 +20,17 @@ from latent_merge_nnsight.sites import Site, check_layer, check_site, get_layers
 __all__ = ["Capture", "capture"]
 
 
+def read_tagged(
+    path: str | Path, fmt: str, what: str, device: Any
+) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """The metadata and tensors of a safetensors file one of our `save` methods wrote (format tag `fmt`)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != fmt:
+        raise LatentMergeError(f"{path} is not a {what} file (format={meta.get('format')!r})")
+    return meta, load_file(str(path), device=str(device))
+
+
 @dataclass
 class Capture:
     """Residual states of one forward, per layer, with the tokens they belong to.
@@ -86,11 +97,7 @@ class Capture:
 
     @classmethod
     def load(cls, path: str | Path, device: Any = "cpu") -> "Capture":
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != "lmn.capture.v1":
-            raise LatentMergeError(f"{path} is not a capture file (format={meta.get('format')!r})")
-        tensors = load_file(str(path), device=str(device))
+        meta, tensors = read_tagged(path, "lmn.capture.v1", "capture", device)
         states = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("layer.")}
         return cls(
             states=states,

@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 from jaxtyping import Float
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from latent_merge_nnsight.capture import _check_layers, run_to_layers
+from latent_merge_nnsight.capture import _check_layers, read_tagged, run_to_layers
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.inputs import Batch, encode
 from latent_merge_nnsight.models import check_compatible, hf_module
@@ -47,11 +46,7 @@ class Deltas:
 
     @classmethod
     def load(cls, path: str | Path, device: Any = "cpu") -> "Deltas":
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != "lmn.deltas.v1":
-            raise LatentMergeError(f"{path} is not a deltas file (format={meta.get('format')!r})")
-        tensors = load_file(str(path), device=str(device))
+        meta, tensors = read_tagged(path, "lmn.deltas.v1", "deltas", device)
         vectors = {int(k.split(".", 1)[1]): v for k, v in tensors.items()}
         return cls(vectors=vectors, site=meta["site"], n_tokens=int(meta["n_tokens"]))  # type: ignore[arg-type]
 

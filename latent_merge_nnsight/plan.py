@@ -320,20 +320,23 @@ def _delta_vectors(
     return vectors
 
 
+def check_source_count(spec: OpSpec, plan: Plan, n: int, got: str) -> None:
+    """As many sources as the op takes, and one recipe weight per source (`got` shows the user's sources)."""
+    if n > 1 and not spec.multi_source:
+        raise LatentMergeError(
+            f"op {spec.name!r} takes one source, got {got}; use a multi-source op such as 'regmean'"
+        )
+    weights = plan.params.get("weights")
+    if weights is not None and len(weights) != n:
+        raise LatentMergeError(f"recipe weights has {len(weights)} entries for {n} sources; expected {n}")
+
+
 def _check_sources(base: Any, given: list[Any], spec: OpSpec, plan: Plan) -> None:
     """Live sources: models, as many as the op takes, compatible, and deep enough for every layer."""
     bad = [type(s).__name__ for s in given if not _is_model(s)]
     if bad:
         raise LatentMergeError(f"sources must be models for op {spec.name!r}; got {bad}")
-    if len(given) > 1 and not spec.multi_source:
-        raise LatentMergeError(
-            f"op {spec.name!r} takes one source, got {len(given)}; use a multi-source op such as 'regmean'"
-        )
-    weights = plan.params.get("weights")
-    if weights is not None and len(weights) != len(given):
-        raise LatentMergeError(
-            f"recipe weights has {len(weights)} entries for {len(given)} sources; expected {len(given)}"
-        )
+    check_source_count(spec, plan, len(given), str(len(given)))
     alphas = plan.alphas
     for i, src in enumerate(given):
         check_compatible(base, src)

@@ -40,3 +40,11 @@ def test_bench_decode_measures_every_method_it_is_given(tmp_path):
     assert rows[("fast_compiled", 1)]["compiled_step"] and not report["partial"]
     assert all("tokens" not in r for r in report["results"])
     assert len(rows[("fast", 2)]["tokens_equal_to_nnsight_before_first_difference"]) == 2
+    # the exact op count of a decode step: a batched step dispatches the same ops whatever the batch, the
+    # hook loop steps each row on its own, and a merged step runs the base's ops plus the source's blocks
+    ops = {k: r["aten_ops_per_step"] for k, r in rows.items() if k[0] != "fast_compiled"}
+    assert "aten_ops_per_step" not in rows[("fast_compiled", 1)]
+    for m in ("hf_eager", "nnsight", "nnsight_eager", "fast"):
+        assert ops[(m, 1)] == ops[(m, 2)] > 0, m
+    assert ops[("hook_loop", 2)] == 2 * ops[("hook_loop", 1)]
+    assert ops[("hf_eager", 1)] < ops[("fast", 1)] < ops[("hook_loop", 1)]

@@ -1,8 +1,12 @@
 """The public surface: every name in __all__ imports, and importing patches nothing of ours."""
 
+import ast
 import importlib
+from pathlib import Path
 
 import latent_merge_nnsight as lmn
+
+PACKAGE = Path(lmn.__file__).parent
 
 
 def test_every_public_name_is_importable():
@@ -45,3 +49,56 @@ def test_bottom_modules_import_nothing_of_the_package_but_errors():
 
 def test_errors_are_value_errors():
     assert issubclass(lmn.LatentMergeError, ValueError)
+
+
+def _module_imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) of each import a module runs when it is imported: the top level, its `try`/`if`
+    blocks (not `if TYPE_CHECKING`), never the bodies of functions or classes."""
+    found: list[tuple[str, list[str]]] = []
+    todo = list(ast.parse(path.read_text()).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.If) and "TYPE_CHECKING" not in ast.unparse(node.test):
+            todo += node.body + node.orelse
+        elif isinstance(node, ast.Try):
+            todo += node.body + node.orelse + node.finalbody + [n for h in node.handlers for n in h.body]
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports (`from pkg.a import b` counts `pkg.a.b` if b is a module)."""
+    files = {}
+    for f in PACKAGE.rglob("*.py"):
+        parts = list(f.relative_to(PACKAGE.parent).with_suffix("").parts)
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for mod, f in files.items():
+        for target, names in _module_imports(f):
+            subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in files]
+            for t in subs + ([target] if len(subs) < len(names) or not names else []):
+                if t in files and t != mod:
+                    graph[mod].add(t)
+    return graph
+
+
+def test_the_package_has_no_import_cycle():
+    graph = _import_graph()
+    assert {"latent_merge_nnsight.plan", "latent_merge_nnsight.generation.fast"} <= graph.keys()
+    assert "latent_merge_nnsight.plan" in graph["latent_merge_nnsight.generation.fast"]
+    state: dict[str, str] = {}  # grey while on the current path, black when done
+
+    def visit(mod: str, path: list[str]) -> None:
+        state[mod] = "grey"
+        for t in sorted(graph[mod]):
+            assert state.get(t) != "grey", "import cycle: " + " -> ".join([*path[path.index(t) :], t])
+            if t not in state:
+                visit(t, [*path, t])
+        state[mod] = "black"
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])

@@ -80,6 +80,8 @@ def test_post_site_and_gradient_need_one_more_source_block(tmp_path):
         ("hidden", ["hidden_size=64", "128"]),
         ("kind", ["kind='weight'", "latent"]),
         ("positions", ["positions", "'last' or 'all'"]),
+        ("two sources", ["'slerp' takes one source", "sources=", "toy-reasoner", "regmean"]),
+        ("weights", ["weights has 3 entries for 2 sources", "expected 2"]),
     ],
 )
 def test_bad_input_is_refused_naming_the_parameter_and_nothing_written(tmp_path, capsys, case, words):
@@ -96,6 +98,11 @@ def test_bad_input_is_refused_naming_the_parameter_and_nothing_written(tmp_path,
         fields.update(kind="weight", recipe=None, weight_merge={"method": "slerp", "alpha": 0.5})
     elif case == "positions":
         fields["recipe"] = {"op": "slerp", "layers": {3: 0.5}, "positions": [0, -1]}
+    elif case == "two sources":
+        fields["sources"] = ["toy-reasoner", "toy-reasoner"]
+    elif case == "weights":
+        fields["sources"] = ["toy-reasoner", "toy-reasoner"]
+        fields["recipe"] = {"op": "regmean", "layers": {3: 0.5}, "weights": [1.0, 1.0, 1.0]}
     fields = {k: v for k, v in fields.items() if v is not None}
     path = system_file(tmp_path, **fields)
     if case == "kind":

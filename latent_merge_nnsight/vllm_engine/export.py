@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import _resolve_name
 from latent_merge_nnsight.ops import OpSpec, get_op
-from latent_merge_nnsight.plan import Plan, load_recipe_deltas, recipe_plan
+from latent_merge_nnsight.plan import Plan, check_source_count, load_recipe_deltas, recipe_plan
 from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.systems.spec import System
 from latent_merge_nnsight.vllm_engine import ARCHITECTURE, SUPPORTED_FAMILIES
@@ -189,16 +189,7 @@ def _live_blocks(spec: OpSpec, plan: Plan, source_refs: list[str]) -> int:
     """A mixing op: check the sources against the op and the weights; the source blocks the recipe runs."""
     if not source_refs:
         raise LatentMergeError(f"op {spec.name!r} mixes live sources, but sources is empty")
-    if len(source_refs) > 1 and not spec.multi_source:
-        raise LatentMergeError(
-            f"op {spec.name!r} takes one source, got sources={source_refs}; use a multi-source op (regmean)"
-        )
-    weights = plan.params.get("weights")
-    if weights is not None and len(weights) != len(source_refs):
-        raise LatentMergeError(
-            f"recipe weights has {len(weights)} entries for {len(source_refs)} sources; "
-            f"expected {len(source_refs)}"
-        )
+    check_source_count(spec, plan, len(source_refs), f"sources={source_refs}")
     return max(plan.alphas) + (1 if plan.site == "post" else 0)
 
 
