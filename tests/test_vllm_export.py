@@ -76,6 +76,7 @@ def test_post_site_and_gradient_need_one_more_source_block(tmp_path):
     "case, words",
     [
         ("family", ["model_type='gpt2'", "qwen2", "llama", "mistral"]),
+        ("mixed attention", ["sources[0]", "'full_attention', 'sliding_attention'", "every layer"]),
         ("layer", ["layers", "[9]", "6 layers"]),
         ("op", ["op", "'nope'", "lerp", "slerp"]),
         ("hidden", ["hidden_size=64", "128"]),
@@ -89,6 +90,9 @@ def test_bad_input_is_refused_naming_the_parameter_and_nothing_written(tmp_path,
     fields: dict = {}
     if case == "family":
         fields["base"] = str(fake_model(tmp_path, "gpt", model_type="gpt2"))
+    elif case == "mixed attention":  # Qwen's sliding window above max_window_layers
+        types = ["full_attention"] * 2 + ["sliding_attention"] * 4
+        fields["sources"] = [str(fake_model(tmp_path, "windowed", layer_types=types, sliding_window=8))]
     elif case == "layer":
         fields["recipe"] = {"op": "slerp", "layers": {9: 0.5}}
     elif case == "op":
