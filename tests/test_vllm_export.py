@@ -12,6 +12,7 @@ import yaml
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight.cli import main
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.systems.logprobs import token_logprobs
 from latent_merge_nnsight.systems.spec import System
 from latent_merge_nnsight.vllm_engine import ARCHITECTURE
 from latent_merge_nnsight.vllm_engine.export import PLACEHOLDER, check_export, read_export
@@ -75,6 +76,7 @@ def test_post_site_and_gradient_need_one_more_source_block(tmp_path):
     "case, words",
     [
         ("family", ["model_type='gpt2'", "qwen2", "llama", "mistral"]),
+        ("mixed attention", ["sources[0]", "'full_attention', 'sliding_attention'", "every layer"]),
         ("layer", ["layers", "[9]", "6 layers"]),
         ("op", ["op", "'nope'", "lerp", "slerp"]),
         ("hidden", ["hidden_size=64", "128"]),
@@ -88,6 +90,9 @@ def test_bad_input_is_refused_naming_the_parameter_and_nothing_written(tmp_path,
     fields: dict = {}
     if case == "family":
         fields["base"] = str(fake_model(tmp_path, "gpt", model_type="gpt2"))
+    elif case == "mixed attention":  # Qwen's sliding window above max_window_layers
+        types = ["full_attention"] * 2 + ["sliding_attention"] * 4
+        fields["sources"] = [str(fake_model(tmp_path, "windowed", layer_types=types, sliding_window=8))]
     elif case == "layer":
         fields["recipe"] = {"op": "slerp", "layers": {9: 0.5}}
     elif case == "op":
@@ -171,6 +176,31 @@ def test_backend_vllm_is_refused_for_weight_merges_and_ensembles():
     system = System.from_dict({"name": "s", "kind": "single", "base": "toy-base", "backend": "vllm"})
     assert system.backend == "vllm"
     assert System.from_dict({"name": "s", "kind": "single", "base": "toy-base"}).backend == "hf"
+
+
+def test_backend_vllm_system_loads_light_cpu_shells_with_the_hf_systems_limits():
+    spec = {"name": "m", "kind": "latent", "base": "toy-base", "sources": ["toy-reasoner"],
+            "recipe": {"op": "slerp", "layers": {3: 0.5}}, "dtype": "float32"}  # fmt: skip
+    hf, vl = (System.from_dict(spec | {"backend": b}).load() for b in ("hf", "vllm"))
+    disk = [json.loads((zoo_path(r) / "config.json").read_text()) for r in ("toy-base", "toy-reasoner")]
+    for shell, full, cfg in zip([vl.base, *vl.sources], [hf.base, *hf.sources], disk, strict=True):
+        module, whole = lmn.models.hf_module(shell), lmn.models.hf_module(full)
+        assert len(module.model.layers) == 1 and cfg["num_hidden_layers"] >= 4
+        assert {p.device.type for p in module.parameters()} == {"cpu"}
+        block = sum(p.numel() for p in whole.model.layers[1].parameters())
+        held = sum(p.numel() for p in module.parameters())
+        assert held <= sum(p.numel() for p in whole.parameters()) - (len(whole.model.layers) - 1) * block
+        assert lmn.models.model_info(shell).full_n_layers == cfg["num_hidden_layers"]
+        assert module.config.vocab_size == whole.config.vocab_size == cfg["vocab_size"]
+        assert next(module.parameters()).dtype == next(whole.parameters()).dtype
+    assert vl.context_length == hf.context_length == disk[0]["max_position_embeddings"]
+    assert vl.tokenizer("2+2=")["input_ids"] == hf.tokenizer("2+2=")["input_ids"]
+    loaded = vl.provenance()["models"]["loaded"]
+    assert [m["ref"] for m in loaded] == ["toy-base", "toy-reasoner"]
+    assert all(m["n_layers"] == 1 and "vLLM" in m["weights"] for m in loaded)
+    result = lmn.generate(hf.base, hf.sources[0], ["2+2="], hf.config.recipe, max_new_tokens=2)
+    with pytest.raises(LatentMergeError, match="backend vllm.*got no logprobs from vLLM"):
+        token_logprobs(vl, result, 2)  # shells cannot score: the numbers must come from vLLM
 
 
 @pytest.mark.skipif(HAVE_VLLM, reason="checks the message shown when vLLM is missing")

@@ -2,8 +2,10 @@
 
 `System.load()` (or `load_system`) gives a `LoadedSystem` whose `generate(prompts)` returns texts and
 whose `complete(prompts)` also returns finish reasons and token counts. A merge source is loaded only up
-to the recipe's highest layer (its upper blocks are never needed). All generation of one loaded system
-runs in one worker thread behind one lock: an nnsight model must not be traced from two threads.
+to the recipe's highest layer (its upper blocks are never needed). A `backend: vllm` system holds light
+CPU shells of its models (block 0, for the tokenizer, config and provenance): vLLM reads the weights.
+All generation of one loaded system runs in one worker thread behind one lock: an nnsight model must not
+be traced from two threads.
 `complete_fn()` wraps it as the async judge callable, batching concurrent calls (`systems.batching`), and
 `judgebench_accuracy_system` runs JudgeBench's official protocol with a system as the judge.
 """
@@ -98,21 +100,24 @@ class LoadedSystem:
         base_ref = config.resolve(config.base)
         source_refs = [config.resolve(s) for s in config.sources]
         self.sources: list[Any] = []
-        if config.kind == "weight":
+        if config.backend == "vllm":  # vLLM reads the weights from disk: light CPU shells here
+            self.base = _shell(base_ref, config.dtype)
+            self.sources = [_shell(ref, config.dtype) for ref in source_refs]
+        elif config.kind == "weight":
             assert config.weight_merge is not None
             self.base = _weight_merged(base_ref, source_refs, config.weight_merge, config, load_kwargs)
         else:
             self.base = load(base_ref, **load_kwargs)
-        if config.kind in ("latent", "ensemble"):
+        if config.kind in ("latent", "ensemble") and config.backend == "hf":
             up_to = config.source_up_to_layer(model_info(self.base).full_n_layers)
             extra = {"up_to_layer": up_to} if up_to is not None else {}
             self.sources = [load(ref, **load_kwargs, **extra) for ref in source_refs]
-            recipe = config.recipe
-            if recipe is not None and recipe.op == "delta" and not self.sources and recipe.deltas is None:
-                raise LatentMergeError(
-                    f"system {config.name!r}: op 'delta' without sources needs recipe.deltas "
-                    "(a safetensors file from lmn.compute_deltas(...).save(path))"
-                )  # the file itself is read by the plan (`lmn.generate`), next to the YAML file
+        recipe = config.recipe
+        if recipe is not None and recipe.op == "delta" and not self.sources and recipe.deltas is None:
+            raise LatentMergeError(
+                f"system {config.name!r}: op 'delta' without sources needs recipe.deltas "
+                "(a safetensors file from lmn.compute_deltas(...).save(path))"
+            )  # the file itself is read by the plan (`lmn.generate`), next to the YAML file
         self.tokenizer = self.base.tokenizer
         self._counter = _token_counter(self.tokenizer)
         self._lock = threading.Lock()
@@ -186,7 +191,7 @@ class LoadedSystem:
         sampling = self.sampling(**overrides)
         with self._lock:
             self.generate_calls += 1
-            result = self._generate(prompts, sampling)
+            result = self._generate(prompts, sampling, top)
         texts, reasons = list(result.texts), list(result.finish_reasons)
         if len(texts) != len(prompts) or len(reasons) != len(prompts):
             raise RuntimeError(f"generate returned {len(texts)} texts for {len(prompts)} prompts")
@@ -206,21 +211,28 @@ class LoadedSystem:
         """The answer texts for `prompts` (see `complete` for finish reasons and token counts)."""
         return [c.text for c in self.complete(prompts, **overrides)]
 
-    def _generate(self, prompts: list[Any], sampling: SamplingSpec) -> Any:
-        """One `lmn.generate` call in this system's mode."""
+    def _generate(self, prompts: list[Any], sampling: SamplingSpec, top: int | None = None) -> Any:
+        """One `lmn.generate` call in this system's mode (on vLLM for backend vllm, which also reports
+        the ``top`` logprobs of each token when asked)."""
         kwargs = sampling.generate_kwargs()
         if self.config.engine is not None:
             kwargs["engine"] = self.config.engine
-        if self.config.backend == "vllm":
-            kwargs["engine"] = "vllm"  # vLLM reads the weights from disk; `base` gives tokenizer and limits
         kind = self.config.kind
+        sources: Any = None
+        recipe: Any = None
         if kind == "ensemble":
             assert self.config.ensemble is not None
-            return generate(self.base, self.sources[0], prompts, self.config.ensemble.build(), **kwargs)
-        if kind == "latent":
+            sources, recipe = self.sources[0], self.config.ensemble.build()
+        elif kind == "latent":
             sources = self.sources[0] if len(self.sources) == 1 else self.sources
-            return generate(self.base, sources, prompts, self.config.recipe, **kwargs)
-        return generate(self.base, None, prompts, None, **kwargs)
+            recipe = self.config.recipe
+        if self.config.backend == "vllm":
+            # imported here: vllm_engine.run needs vLLM, an optional dependency
+            from latent_merge_nnsight.vllm_engine.run import generate_vllm
+
+            # vLLM reads the weights from disk; the shells give the tokenizer, limits and provenance
+            return generate_vllm(self.base, sources, prompts, recipe, logprobs=top, **kwargs)
+        return generate(self.base, sources, prompts, recipe, **kwargs)
 
     # ------------------------------------------------------------------------------------------------
 
@@ -231,7 +243,10 @@ class LoadedSystem:
             if not is_wrapped(model) and not hasattr(model, "config"):  # e.g. steering Deltas
                 return {"ref": ref, "type": type(model).__name__}
             info = model_info(model)
-            return {"ref": ref, "n_layers": info.n_layers, "full_n_layers": info.full_n_layers}
+            out = {"ref": ref, "n_layers": info.n_layers, "full_n_layers": info.full_n_layers}
+            if self.config.backend == "vllm":  # n_layers: the shell's; vLLM runs the model from disk
+                out["weights"] = "read by vLLM from disk (this process holds a CPU shell: block 0)"
+            return out
 
         refs: list[str | None] = (
             list(self.config.sources) if self.config.kind in ("latent", "ensemble") else []
@@ -278,6 +293,13 @@ class LoadedSystem:
     def close(self) -> None:
         """Stop the generation thread (the models stay in memory until the object is dropped)."""
         self._executor.shutdown(wait=True)
+
+
+def _shell(ref: str, dtype: str) -> Any:
+    """A `backend: vllm` system's copy of a model: on the CPU, block 0 only (no untied head), so this
+    process holds the tokenizer, the config (limits, vocabulary, EOS ids, dtype) and where the model came
+    from, while vLLM reads the weights from disk itself."""
+    return load(ref, dtype=dtype, up_to_layer=0)
 
 
 def _token_counter(tokenizer: Any) -> Callable[[str, bool], int]:

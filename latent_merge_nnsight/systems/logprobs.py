@@ -6,10 +6,10 @@ selects (``"last"``: the last prompt token) and at every new token for ``"last"`
 indices select prompt positions only, as in generation). The source sees exactly the same tokens, as in
 lockstep generation, so the numbers are those of the distribution each token was drawn from, at
 temperature 1 (before temperature, top-p and top-k), up to float rounding. Rows are scored one at a time,
-without padding.
+without padding. A `backend: vllm` system holds no weights to score with: vLLM reports the same numbers
+(its raw logprobs of the merged model's logits) while it generates, and those are used.
 """
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -82,6 +82,39 @@ def _row_logits(loaded: Any, ids: torch.Tensor, n_prompt: int) -> torch.Tensor:
     return logits[0].float()
 
 
+def _scored_rows(loaded: Any, result: Any, top: int) -> list[list[tuple[float, tuple[Any, ...]]]]:
+    """Per row, per new token: (its logprob, its ``top`` alternatives as (token id, logprob) pairs, most
+    likely first). vLLM reports them while it generates (`result.info["logprobs"]`, backend vllm); our
+    engines' rows are scored here."""
+    carried = result.info.get("logprobs")
+    if carried is not None:
+        return carried
+    if loaded.config.backend == "vllm":
+        raise LatentMergeError(
+            f"logprobs: system {loaded.name!r} (backend vllm) got no logprobs from vLLM; its models here "
+            "are shells without weights"
+        )
+    width = result.prompt_width
+    out = []
+    for row, new in enumerate(result.tokens):
+        if not new:
+            out.append([])
+            continue
+        prompt = result.sequences[row, :width][result.attention_mask[row, :width].bool()]
+        ids = torch.cat([prompt, torch.tensor(new, dtype=prompt.dtype)])
+        n = prompt.shape[0]
+        logp = torch.log_softmax(_row_logits(loaded, ids, n)[n - 1 : n - 1 + len(new)], dim=-1).cpu()
+        chosen = logp[torch.arange(len(new)), torch.tensor(new)].tolist()
+        values, indices = torch.topk(logp, min(top, logp.shape[-1]), dim=-1)
+        out.append(
+            [
+                (chosen[i], tuple(zip(indices[i].tolist(), values[i].tolist(), strict=True)))
+                for i in range(len(new))
+            ]
+        )
+    return out
+
+
 def token_logprobs(loaded: Any, result: Any, top: int) -> list[tuple[Any, ...]]:
     """One tuple of `TokenLogprob` per row of a `GenerationResult` (``top`` alternatives each)."""
     if not supports_logprobs(loaded.config):
@@ -90,28 +123,16 @@ def token_logprobs(loaded: Any, result: Any, top: int) -> list[tuple[Any, ...]]:
             "single, weight and latent systems can"
         )
     tokenizer = loaded.tokenizer
-    width = result.prompt_width
     out = []
-    for row, new in enumerate(result.tokens):
-        if not new:
-            out.append(())
-            continue
-        prompt = result.sequences[row, :width][result.attention_mask[row, :width].bool()]
-        ids = torch.cat([prompt, torch.tensor(new, dtype=prompt.dtype)])
-        n = prompt.shape[0]
-        logp = torch.log_softmax(_row_logits(loaded, ids, n)[n - 1 : n - 1 + len(new)], dim=-1).cpu()
-        chosen = logp[torch.arange(len(new)), torch.tensor(new)]
-        alternatives: Sequence[Any] = (
-            torch.topk(logp, min(top, logp.shape[-1]), dim=-1) if top else None  # type: ignore[assignment]
-        )
-        row_out = []
-        for i, token in enumerate(new):
-            pairs: tuple[tuple[str, float], ...] = ()
-            if alternatives is not None:
-                values, indices = alternatives
-                pairs = tuple(
-                    (tokenizer.decode([int(t)]), float(v)) for v, t in zip(values[i], indices[i], strict=True)
+    for new, scored in zip(result.tokens, _scored_rows(loaded, result, top), strict=True):
+        out.append(
+            tuple(
+                TokenLogprob(
+                    tokenizer.decode([token]),
+                    float(chosen),
+                    tuple((tokenizer.decode([int(t)]), float(v)) for t, v in alternatives),
                 )
-            row_out.append(TokenLogprob(tokenizer.decode([token]), float(chosen[i]), pairs))
-        out.append(tuple(row_out))
+                for token, (chosen, alternatives) in zip(new, scored, strict=True)
+            )
+        )
     return out

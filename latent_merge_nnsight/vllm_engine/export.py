@@ -107,6 +107,13 @@ def _family(config: dict[str, Any], what: str) -> str:
             f"{what} has model_type={family!r}, which the vLLM engine does not support; supported families: "
             f"{', '.join(SUPPORTED_FAMILIES)} (Qwen2/Qwen2.5, Qwen3, Llama, Mistral)"
         )
+    types = config.get("layer_types")
+    if isinstance(types, list) and len(set(types)) > 1:  # vLLM's cache config has one window for all
+        raise LatentMergeError(
+            f"{what} mixes attention layer types {sorted(set(types))} (a sliding window on some layers "
+            "only, e.g. Qwen's use_sliding_window with max_window_layers); the vLLM engine runs one kind "
+            "of attention on every layer"
+        )
     return family
 
 

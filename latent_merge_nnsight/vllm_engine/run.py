@@ -49,6 +49,7 @@ def llm_defaults(dtype: str, max_model_len: int | None) -> dict[str, Any]:
     """What `vllm.LLM` gets unless `configure` says otherwise: on CPU eager mode and a small KV cache; on
     GPUs vLLM's compiled forward with piecewise CUDA graphs split around the mix."""
     kw: dict[str, Any] = {"dtype": dtype, "seed": 0, "enable_prefix_caching": True}
+    kw["logprobs_mode"] = "raw_logprobs"  # logprobs of the model's own logits, before temperature and top-p
     if max_model_len:
         kw["max_model_len"] = max_model_len
     if not torch.cuda.is_available():
@@ -163,8 +164,19 @@ def _request(recipe: Recipe | None, export: Export) -> dict[str, Any] | None:
     return None if parse_request(wanted, export) == parse_request(mine, export) else wanted
 
 
-def generate_vllm(base: Any, sources: Any, prompts: Any, recipe: Any, **kwargs: Any) -> GenerationResult:
-    """`lmn.generate` on vLLM (see the module docstring); the arguments are `lmn.generate`'s."""
+def generate_vllm(
+    base: Any, sources: Any, prompts: Any, recipe: Any, *, logprobs: int | None = None, **kwargs: Any
+) -> GenerationResult:
+    """`lmn.generate` on vLLM (see the module docstring); the arguments are `lmn.generate`'s.
+
+    ``logprobs=k`` (k >= 0) also asks vLLM for each new token's logprob and its ``k`` most likely
+    alternatives, of the merged model's distribution at temperature 1 (vLLM's raw logprobs):
+    ``result.info["logprobs"]`` holds, per row and new token, ``(logprob, ((token_id, logprob), ...))``.
+    """
+    if logprobs is not None and (type(logprobs) is not int or logprobs < 0):
+        raise LatentMergeError(
+            f"logprobs={logprobs!r}; expected None or an int >= 0 (alternatives per token)"
+        )
     for name in ("cuda_graphs", "keep_engine", "compile_step"):
         kwargs.pop(name, None)  # the fast engine's options; vLLM decides these itself
     if kwargs.get("sampler", "default") != "default":
@@ -182,10 +194,16 @@ def generate_vllm(base: Any, sources: Any, prompts: Any, recipe: Any, **kwargs: 
             shutil.rmtree(folder, ignore_errors=True)
     request = _request(recipe, export)
     salt = cache_salt(parse_request(request, export)) if request is not None else None
-    outputs = llm.generate(_prompts(run, salt), _sampling(run, kwargs, request), use_tqdm=False)
+    params = _sampling(run, kwargs, request, logprobs)
+    outputs = llm.generate(_prompts(run, salt), params, use_tqdm=False)
     _replay(run, [list(o.outputs[0].token_ids) for o in outputs])
     run.recipe = recipe
     run.info.update(vllm_request=request, vllm_export_layers=export.layers)
+    if logprobs is not None:
+        run.info["logprobs"] = [
+            _row_logprobs(o.outputs[0].logprobs, row, logprobs)
+            for o, row in zip(outputs, run.tracker.tokens, strict=True)
+        ]
     return run.result("vllm")
 
 
@@ -200,7 +218,9 @@ def _prompts(run: Any, salt: str | None) -> list[dict[str, Any]]:
     return out
 
 
-def _sampling(run: Any, kwargs: dict[str, Any], request: dict[str, Any] | None) -> Any:
+def _sampling(
+    run: Any, kwargs: dict[str, Any], request: dict[str, Any] | None, logprobs: int | None = None
+) -> Any:
     from vllm import SamplingParams
 
     greedy = not kwargs.get("do_sample", False) or kwargs.get("temperature", 1.0) == 0
@@ -220,8 +240,23 @@ def _sampling(run: Any, kwargs: dict[str, Any], request: dict[str, Any] | None) 
         include_stop_str_in_output=True,
         skip_special_tokens=False,
         extra_args=None if request is None else {KEY: request},
+        logprobs=logprobs,
         **sample,
     )
+
+
+def _row_logprobs(scored: Any, tokens: list[int], top: int) -> list[tuple[float, tuple[Any, ...]]]:
+    """vLLM's logprobs of one row's kept tokens: (the token's logprob, its ``top`` alternatives by rank).
+
+    vLLM gives, per token, a mapping token id -> Logprob holding the chosen token and the top ranks."""
+    out = []
+    for token, entries in zip(tokens, scored or [], strict=False):
+        ranked = sorted((e.rank, -e.logprob, t) for t, e in entries.items() if e.rank is not None)
+        alternatives = tuple((t, -neg) for rank, neg, t in ranked if rank <= top)[:top]
+        out.append((float(entries[token].logprob), alternatives))
+    if len(out) != len(tokens):
+        raise RuntimeError(f"vLLM scored {len(out)} of {len(tokens)} tokens of a row")
+    return out
 
 
 def _replay(run: Any, tokens: list[list[int]]) -> None:
