@@ -179,10 +179,10 @@ def generate_vllm(
         )
     for name in ("cuda_graphs", "keep_engine", "compile_step"):
         kwargs.pop(name, None)  # the fast engine's options; vLLM decides these itself
-    if kwargs.get("sampler", "default") != "default":
-        raise LatentMergeError("engine='vllm' samples with vLLM's own top-p rule; use sampler='default'")
     require_vllm()
     run = prepare_run(base, prompts, **kwargs)
+    if run.sampler.config.sampler != "default":
+        raise LatentMergeError("engine='vllm' samples with vLLM's own top-p rule; use sampler='default'")
     scratch: list[Path] = []
     try:
         wanted = _wanted(base, sources, recipe, scratch)
@@ -194,7 +194,7 @@ def generate_vllm(
             shutil.rmtree(folder, ignore_errors=True)
     request = _request(recipe, export)
     salt = cache_salt(parse_request(request, export)) if request is not None else None
-    params = _sampling(run, kwargs, request, logprobs)
+    params = _sampling(run, request, logprobs)
     outputs = llm.generate(_prompts(run, salt), params, use_tqdm=False)
     _replay(run, [list(o.outputs[0].token_ids) for o in outputs])
     run.recipe = recipe
@@ -218,19 +218,18 @@ def _prompts(run: Any, salt: str | None) -> list[dict[str, Any]]:
     return out
 
 
-def _sampling(
-    run: Any, kwargs: dict[str, Any], request: dict[str, Any] | None, logprobs: int | None = None
-) -> Any:
+def _sampling(run: Any, request: dict[str, Any] | None, logprobs: int | None = None) -> Any:
+    """vLLM's sampling parameters for the run's checked settings (greedy as `SamplingConfig.greedy` says)."""
     from vllm import SamplingParams
 
-    greedy = not kwargs.get("do_sample", False) or kwargs.get("temperature", 1.0) == 0
+    config = run.sampler.config
     sample: dict[str, Any] = {"temperature": 0.0}
-    if not greedy:
+    if not config.greedy:
         sample = {
-            "temperature": kwargs.get("temperature", 1.0),
-            "top_p": kwargs.get("top_p", 1.0),
-            "top_k": kwargs.get("top_k", 0) or -1,
-            "seed": kwargs.get("seed"),
+            "temperature": config.temperature,
+            "top_p": config.top_p,
+            "top_k": config.top_k or -1,
+            "seed": config.seed,
         }
     return SamplingParams(
         max_tokens=run.max_new_tokens,
