@@ -14,9 +14,9 @@ from latent_merge_nnsight.cli import main
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.systems.logprobs import token_logprobs
 from latent_merge_nnsight.systems.spec import System
-from latent_merge_nnsight.vllm_engine import ARCHITECTURE
+from latent_merge_nnsight.vllm_engine import ARCHITECTURE, requests
 from latent_merge_nnsight.vllm_engine.export import PLACEHOLDER, check_export, read_export
-from latent_merge_nnsight.vllm_engine.requests import cache_salt, parse_request
+from latent_merge_nnsight.vllm_engine.requests import cache_salt, check_front, parse_request
 from latent_merge_nnsight.zoo import zoo_path
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
@@ -167,6 +167,28 @@ def test_per_request_recipes_are_checked_against_the_export():
         parse_request({"alpha": 0.5, "op": "delta"}, export)
     with pytest.raises(LatentMergeError, match="unknown keys"):
         parse_request({"alpha": 0.5, "site": "post"}, export)
+
+
+class Params:
+    """What `check_front` reads of vLLM's `SamplingParams`."""
+
+    def __init__(self, extra_args=None):
+        self.extra_args = extra_args
+
+
+def test_the_front_end_refuses_what_its_export_cannot_run_and_everything_without_one(monkeypatch):
+    export = check_export("toy-base", ["toy-reasoner"], lmn.Recipe(op="lerp", layers=[2, 3], alpha=0.5))
+    monkeypatch.setattr(requests, "FRONT", {})
+    check_front(Params())  # no latent_merge value: nothing to check, with or without an export
+    check_front(Params({"other": 1}))
+    with pytest.raises(ValueError, match="knows no latent-merge export"):
+        check_front(Params({"latent_merge": {"alpha": 0.3}}))  # a good value, but nothing to run it against
+    requests.FRONT["export"] = export
+    check_front(Params({"latent_merge": '{"alpha": 0.3}'}))
+    with pytest.raises(ValueError, match=r"layers \[5\] are not exported"):
+        check_front(Params({"latent_merge": {"layers": {"5": 0.5}}}))
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        check_front(Params({"latent_merge": {"alpha": 1.5}}))
 
 
 def test_backend_vllm_is_refused_for_weight_merges_and_ensembles():

@@ -62,7 +62,8 @@ def register_mix_op() -> None:
 
 class LatentMergeConfig:
     """The model's config hook (vLLM's `MODELS_CONFIG_MAP` entry, added by `plugin.register`); it runs
-    where the config is built (`vllm serve`'s front end, `vllm.LLM`'s process)."""
+    in each process that builds the config: `vllm.LLM`'s, `vllm serve`'s and each of its API servers
+    (`--api-server-count N`: each of the N builds its own, so each front end knows the export)."""
 
     @staticmethod
     def verify_and_update_config(vllm_config: Any) -> None:

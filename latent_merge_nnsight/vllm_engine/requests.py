@@ -11,7 +11,9 @@ A request's `latent_merge` value (a mapping, or its JSON text) holds:
 Requests without one use the export's recipe; alpha 0 everywhere is the base. Site and positions are the
 export's.
 
-The front end refuses a request its export cannot run (`FRONT`, `LatentMergeRequests.validate_params`).
+The front end refuses a request its export cannot run (`FRONT`, `check_front`, run by
+`LatentMergeRequests.validate_params`); every front-end process builds its own vLLM config, so each knows
+the export (`vllm serve --api-server-count N`: each API server), and one that does not refuses.
 vLLM tells the model nothing about requests, so a logits processor (`LatentMergeRequests`, a
 `vllm.logits_processors` plugin that does nothing for other models) keeps, for each row of vLLM's
 persistent batch, the request's prompt length and recipe; the model turns that into per-token alphas.
@@ -30,7 +32,16 @@ from latent_merge_nnsight.ops import check_alpha, get_op
 from latent_merge_nnsight.vllm_engine import ARCHITECTURE
 from latent_merge_nnsight.vllm_engine.export import Export, read_export
 
-__all__ = ["KEY", "TABLE", "RequestRecipe", "RequestTable", "cache_salt", "parse_request", "request_args"]
+__all__ = [
+    "KEY",
+    "TABLE",
+    "RequestRecipe",
+    "RequestTable",
+    "cache_salt",
+    "check_front",
+    "parse_request",
+    "request_args",
+]
 
 KEY = "latent_merge"
 """The `SamplingParams.extra_args` key of a per-request recipe."""
@@ -75,7 +86,7 @@ def _number(value: Any, what: str) -> float:
 
 
 def check_request(value: Any) -> dict[str, Any]:
-    """The checks that need no export (the server's front end runs these): keys, types, op name."""
+    """The checks that need no export (`parse_request` runs these first): keys, types, op name."""
     raw = _raw(value)
     if "alpha" in raw and ("layers" in raw or "alphas" in raw):
         raise LatentMergeError(f"{KEY}: give alpha (every exported layer) or layers, not both")
@@ -181,7 +192,7 @@ class RequestTable:
             if raw is not None and self.export is not None:
                 try:
                     recipe = parse_request(raw, self.export)
-                except LatentMergeError as e:  # the front end checked the form; never stop the engine
+                except LatentMergeError as e:  # the front end refuses these; never stop the engine
                     _log().warning("request runs the export's recipe: %s", e)
             self.rows[index] = Row(len(prompt_ids) if prompt_ids is not None else -1, recipe)
         for a, b, direction in batch_update.moved:
@@ -206,8 +217,8 @@ TABLE = RequestTable()
 FRONT: dict[str, Export] = {}
 """The export whose vLLM config this process built last ("export"; set by the model's config hook), so
 the front end checks a request against it (layers, alphas, op) and refuses a bad one with a 400 (HTTP)
-or a ValueError (`LLM.generate`). A process that received its config ready-made (vLLM's extra API
-servers) checks the form only; the worker then runs such a request with the export's recipe."""
+or a ValueError (`LLM.generate`). vLLM builds the config in every front-end process (the `LLM`'s, the
+API server of `vllm serve`, each of `--api-server-count N`'s), so each of them sets it."""
 
 
 def note_export(vllm_config: Any) -> None:
@@ -216,6 +227,26 @@ def note_export(vllm_config: Any) -> None:
     block = getattr(hf, "latent_merge", None)
     if block is not None:
         FRONT["export"] = read_export(block)
+
+
+def check_front(sampling_params: Any) -> None:
+    """The front end's check of a request's `latent_merge` value against `FRONT`'s export: a `ValueError`
+    (vLLM's 400) naming the problem. A process that knows no export (the model is not a latent-merge
+    export, or vLLM gave this front end a config built elsewhere) refuses every such value: the worker
+    would otherwise run the export's recipe instead, or no merge at all."""
+    raw = (getattr(sampling_params, "extra_args", None) or {}).get(KEY)
+    if raw is None:
+        return
+    export = FRONT.get("export")
+    try:
+        if export is None:
+            raise LatentMergeError(
+                f"{KEY}: this process knows no latent-merge export (the model is not one, or its config "
+                "hook did not run here), so it cannot check or honour a per-request recipe"
+            )
+        parse_request(raw, export)
+    except LatentMergeError as e:
+        raise ValueError(str(e)) from None
 
 
 def _logits_processor_class() -> type:
@@ -227,16 +258,7 @@ def _logits_processor_class() -> type:
 
         @classmethod
         def validate_params(cls, sampling_params: Any) -> None:
-            raw = (getattr(sampling_params, "extra_args", None) or {}).get(KEY)
-            if raw is not None:
-                try:
-                    export = FRONT.get("export")
-                    if export is None:
-                        check_request(raw)
-                    else:
-                        parse_request(raw, export)
-                except LatentMergeError as e:
-                    raise ValueError(str(e)) from None
+            check_front(sampling_params)
 
         def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
             hf = vllm_config.model_config.hf_config
