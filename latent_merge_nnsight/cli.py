@@ -208,21 +208,23 @@ def _load_models(args: argparse.Namespace, recipe: Any = None) -> tuple[Any, Any
     never run), and a --layer past the base's depth is refused before any source is loaded.
     """
     from latent_merge_nnsight.models import model_info
+    from latent_merge_nnsight.plan import recipe_plan
 
     base = _load("--base", args.base, args)
     up_to = None
     if recipe is not None:
         n = model_info(base).n_layers
         try:
-            layers = recipe.layer_alphas(n)
+            recipe.layer_alphas(n)
         except LatentMergeError:
             bad = [layer for layer in (args.layer or []) if layer >= n]
             flag = f"--layer {bad[0]}" if bad else f"--recipe {args.recipe}"
             raise CliError(
                 f"{flag} is out of range for {args.base} ({n} layers); expected 0 <= layer < {n}"
             ) from None
-        up_to = max(layers) + (1 if recipe.site == "post" else 0)
-        up_to = up_to if up_to < n else None
+        plan = recipe_plan(recipe, n)
+        blocks = plan.source_blocks(n, listed=True) if plan.live_sources else n  # (the one depth rule)
+        up_to = blocks if blocks < n else None
     if getattr(args, "deltas", None):
         return base, args.deltas
     sources = [_load("--source", s, args, up_to_layer=up_to) for s in args.source]
@@ -452,7 +454,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from latent_merge_nnsight.vllm_engine.export import export_vllm
+    from latent_merge_nnsight.systems.export import export_vllm
 
     if not Path(args.system).is_file():
         raise CliError(f"SYSTEM {args.system}: no such file")

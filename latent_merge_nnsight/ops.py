@@ -30,6 +30,7 @@ __all__ = [
     "lerp",
     "list_ops",
     "regmean",
+    "regmean_beta",
     "regmean_weights",
     "register_op",
     "slerp",
@@ -236,9 +237,7 @@ def regmean(
             f"(got alpha={alpha!r}, lam={lam!r})"
         )
     if lam is not None:
-        if not (float(lam) >= 0 and torch.isfinite(torch.tensor(float(lam)))):
-            raise LatentMergeError(f"regmean: lam={lam!r} must be a finite number >= 0")
-        alpha = 1.0 / (1.0 + float(lam))
+        alpha = regmean_beta(lam)
     wd = _work_dtype(hb)
     b, s = hb.to(wd), hs.to(wd)
     m = s.shape[0]
@@ -263,6 +262,13 @@ def _check_count(w: Float[Tensor, " n"], m: int) -> Float[Tensor, " m"]:
     if w.shape[0] != m:
         raise LatentMergeError(f"regmean: weights has {w.shape[0]} entries for {m} sources; expected {m}")
     return w
+
+
+def regmean_beta(lam: float) -> float:
+    """RegMean's beta for the paper's lambda: `1/(1+lam)` (the one place lambda becomes an alpha)."""
+    if not (float(lam) >= 0 and math.isfinite(float(lam))):
+        raise LatentMergeError(f"regmean: lam={lam!r} must be a finite number >= 0")
+    return 1.0 / (1.0 + float(lam))
 
 
 def regmean_weights(weights: "Tensor | Sequence[float]", m: int) -> Float[Tensor, " m"]:

@@ -26,7 +26,7 @@ from latent_merge_nnsight.deltas import Deltas
 from latent_merge_nnsight.ensemble import Ensemble, mix_logits
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import check_compatible, hf_module, model_info
-from latent_merge_nnsight.ops import OpSpec, get_op, regmean_weights
+from latent_merge_nnsight.ops import OpSpec, get_op, regmean_beta, regmean_weights
 from latent_merge_nnsight.positions import Positions, check_positions, position_mask
 from latent_merge_nnsight.recipe import Recipe
 
@@ -90,13 +90,18 @@ class Plan:
         probe = position_mask(torch.ones(1, 1, dtype=torch.long), self.positions, decoding=True)
         return bool(probe.all())
 
-    def source_blocks(self, source_layers: int) -> int:
-        """Blocks each source runs per step: up to the highest merged layer, or all for the ensemble."""
+    def source_blocks(self, source_layers: int, *, listed: bool = False) -> int:
+        """Blocks each source runs per step: up to the highest merged layer, or all for the ensemble (the
+        one place a source's depth is computed).
+
+        `listed=True` counts every layer the plan lists, alpha 0 included: the depth a source needs to
+        take any alphas at those layers (a vLLM export, a source loaded `up_to_layer` for a recipe)."""
         if self.mode == "ensemble":
             return source_layers
-        if not self.live_sources or not self.merges:
+        layers = list(self.alphas) if listed else [layer for layer, _ in self.merges]
+        if not self.live_sources or not layers:
             return 0
-        return max(layer for layer, _ in self.merges) + (1 if self.site == "post" else 0)
+        return max(layers) + (1 if self.site == "post" else 0)
 
     def apply(
         self,
@@ -218,15 +223,22 @@ def recipe_deltas_path(recipe: Recipe) -> Path:
 def recipe_plan(recipe: Recipe, n_layers: int, *, positions: Positions | None = None) -> Plan:
     """A recipe's merge resolved for a model of `n_layers` blocks: op, alphas per layer, site, positions
     (the recipe's, or `positions` when it gives none: the analysis evaluators mix every token), params.
-    No sources are checked and no deltas loaded (`resolve_plan` does both for generation)."""
+    No sources are checked and no deltas loaded (`resolve_plan` does both for generation).
+
+    RegMean's lambda is resolved here, once: its layers get the alpha `beta = 1/(1+lambda)`
+    (`ops.regmean_beta`) and `lam` leaves the params, so every executor reads the plan's alphas."""
     chosen = recipe.positions if recipe.positions is not None else positions
+    op, alphas, params = get_op(recipe.op), recipe.layer_alphas(n_layers), recipe.op_params()
+    if op.name == "regmean" and "lam" in params:
+        beta = regmean_beta(params.pop("lam"))
+        alphas = {layer: beta if a is None else a for layer, a in alphas.items()}
     return Plan(
         mode="merge",
-        op=get_op(recipe.op),
-        alphas=recipe.layer_alphas(n_layers),
+        op=op,
+        alphas=alphas,
         site=recipe.site,
         positions=check_positions(chosen if chosen is not None else recipe.resolved_positions()),
-        params=recipe.op_params(),
+        params=params,
         allow_extrapolation=recipe.allow_extrapolation,
         recipe=recipe,
     )
@@ -253,10 +265,14 @@ def merge_plan(
     )
 
 
-def resolve_plan(base: Any, sources: Any, recipe: Any) -> tuple[Plan, list[Any]]:
+def resolve_plan(
+    base: Any, sources: Any, recipe: Any, *, weights_on_disk: bool = False
+) -> tuple[Plan, list[Any]]:
     """Check `(base, sources, recipe)` and return the plan and the source models to run with the base.
 
     `recipe=None`, or `sources=None` with a recipe that needs live sources, means the base alone.
+    `weights_on_disk=True`: the engine reads each model whole from where it was loaded (vLLM), so layers
+    are checked against each model's full depth, not the blocks held here (a CPU shell holds one).
     """
     if not _is_model(base):
         raise LatentMergeError(
@@ -266,31 +282,38 @@ def resolve_plan(base: Any, sources: Any, recipe: Any) -> tuple[Plan, list[Any]]
     if recipe is None:
         return Plan(mode="base", recipe=None), []
     if isinstance(recipe, Ensemble):
-        return _ensemble_plan(base, given, recipe)
+        return _ensemble_plan(base, given, recipe, weights_on_disk)
     if not isinstance(recipe, Recipe):
         raise LatentMergeError(
             f"recipe has type {type(recipe).__name__}; expected an lmn.Recipe, an Ensemble, "
             "or None (base alone)"
         )
-    plan = recipe_plan(recipe, model_info(base).n_layers)
+    plan = recipe_plan(recipe, _depth(base, weights_on_disk))
     spec, alphas = plan.op, plan.alphas
     if spec.static_source:
         plan.deltas = _delta_vectors(base, recipe, given, spec, alphas)
         return plan, []
     if not given:
         return Plan(mode="base", recipe=recipe), []
-    _check_sources(base, given, spec, plan)
+    _check_sources(base, given, spec, plan, weights_on_disk)
     return plan, given
 
 
-def _ensemble_plan(base: Any, given: list[Any], ensemble: Ensemble) -> tuple[Plan, list[Any]]:
+def _depth(model: Any, weights_on_disk: bool) -> int:
+    info = model_info(model)
+    return info.full_n_layers if weights_on_disk else info.n_layers
+
+
+def _ensemble_plan(
+    base: Any, given: list[Any], ensemble: Ensemble, weights_on_disk: bool
+) -> tuple[Plan, list[Any]]:
     models = [s for s in given if _is_model(s)]
     if len(given) != 1 or len(models) != 1:
         raise LatentMergeError(f"the logit ensemble needs exactly one source model, got {len(given)} sources")
     src = models[0]
     check_compatible(base, src)
     info = model_info(src)
-    if info.truncated:
+    if info.truncated and not weights_on_disk:
         raise LatentMergeError(
             f"the logit ensemble needs the whole source model, but {info.name} was loaded with only "
             f"{info.n_layers} of {info.full_n_layers} layers; load it without up_to_layer"
@@ -331,7 +354,7 @@ def check_source_count(spec: OpSpec, plan: Plan, n: int, got: str) -> None:
         raise LatentMergeError(f"recipe weights has {len(weights)} entries for {n} sources; expected {n}")
 
 
-def _check_sources(base: Any, given: list[Any], spec: OpSpec, plan: Plan) -> None:
+def _check_sources(base: Any, given: list[Any], spec: OpSpec, plan: Plan, weights_on_disk: bool) -> None:
     """Live sources: models, as many as the op takes, compatible, and deep enough for every layer."""
     bad = [type(s).__name__ for s in given if not _is_model(s)]
     if bad:
@@ -341,6 +364,8 @@ def _check_sources(base: Any, given: list[Any], spec: OpSpec, plan: Plan) -> Non
     for i, src in enumerate(given):
         check_compatible(base, src)
         info = model_info(src)
+        if weights_on_disk:
+            continue  # the engine checks the whole model's depth on disk (vllm_engine.export)
         for layer in alphas:
             if layer >= info.n_layers:
                 loaded = (

@@ -51,13 +51,17 @@ def test_errors_are_value_errors():
     assert issubclass(lmn.LatentMergeError, ValueError)
 
 
-def _module_imports(path: Path) -> list[tuple[str, list[str]]]:
+def _module_imports(path: Path, everywhere: bool = False) -> list[tuple[str, list[str]]]:
     """(module, names) of each import a module runs when it is imported: the top level, its `try`/`if`
-    blocks (not `if TYPE_CHECKING`), never the bodies of functions or classes."""
+    blocks (not `if TYPE_CHECKING`), never the bodies of functions or classes. `everywhere=True`: every
+    import statement in the file (lazy imports in functions and `if TYPE_CHECKING` too)."""
     found: list[tuple[str, list[str]]] = []
-    todo = list(ast.parse(path.read_text()).body)
+    tree = ast.parse(path.read_text())
+    todo = list(ast.walk(tree)) if everywhere else list(tree.body)
     while todo:
         node = todo.pop()
+        if everywhere and isinstance(node, (ast.If, ast.Try)):
+            continue  # ast.walk already lists the statements inside
         if isinstance(node, ast.Import):
             found += [(a.name, []) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -69,15 +73,16 @@ def _module_imports(path: Path) -> list[tuple[str, list[str]]]:
     return found
 
 
-def _import_graph() -> dict[str, set[str]]:
-    """Module -> the package modules it imports (`from pkg.a import b` counts `pkg.a.b` if b is a module)."""
+def _import_graph(everywhere: bool = False) -> dict[str, set[str]]:
+    """Module -> the package modules it imports (`from pkg.a import b` counts `pkg.a.b` if b is a module);
+    `everywhere`: lazy and TYPE_CHECKING imports count too."""
     files = {}
     for f in PACKAGE.rglob("*.py"):
         parts = list(f.relative_to(PACKAGE.parent).with_suffix("").parts)
         files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
     graph: dict[str, set[str]] = {m: set() for m in files}
     for mod, f in files.items():
-        for target, names in _module_imports(f):
+        for target, names in _module_imports(f, everywhere):
             subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in files]
             for t in subs + ([target] if len(subs) < len(names) or not names else []):
                 if t in files and t != mod:
@@ -102,3 +107,48 @@ def test_the_package_has_no_import_cycle():
     for mod in sorted(graph):
         if mod not in state:
             visit(mod, [mod])
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles: strongly connected groups of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(mod: str) -> None:
+        index[mod] = low[mod] = len(index)
+        stack.append(mod)
+        for t in graph[mod]:
+            if t not in index:
+                visit(t)
+                low[mod] = min(low[mod], low[t])
+            elif t in stack:
+                low[mod] = min(low[mod], index[t])
+        if low[mod] == index[mod]:
+            group = []
+            while True:
+                t = stack.pop()
+                group.append(t)
+                if t == mod:
+                    break
+            if len(group) > 1:
+                circles.append(sorted(group))
+
+    for mod in sorted(graph):
+        if mod not in index:
+            visit(mod)
+    return circles
+
+
+def test_the_circle_count_finds_a_circle_it_is_shown():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_circle_even_through_lazy_and_type_checking_imports():
+    graph = _import_graph(everywhere=True)
+    # lazy imports are in this graph: generate() reaches the vLLM executor only inside a function
+    run, vllm_run = "latent_merge_nnsight.generation.run", "latent_merge_nnsight.vllm_engine.run"
+    assert vllm_run in graph[run] and vllm_run not in _import_graph()[run]
+    assert _circles(graph) == []

@@ -253,7 +253,7 @@ def test_relative_model_paths_resolve_next_to_the_yaml_file(tiny_dir, tmp_path, 
     system = System.from_file(write_system(tiny_dir, "relative", kind="single"))
     assert system.resolve("base") == str(tiny_dir / "base")
     assert system.resolve("org/hub-model") == "org/hub-model"  # not a local folder: left for the hub
-    assert model_info(system.load().base).n_layers == 4  # loads from the YAML's folder, not the cwd
+    assert model_info(load_system(system).base).n_layers == 4  # loads from the YAML's folder, not the cwd
 
 
 def test_provenance_records_models_recipe_sampling_seed_and_versions(latent):

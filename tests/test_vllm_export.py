@@ -12,6 +12,7 @@ import yaml
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight.cli import main
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.systems.loaded import load_system
 from latent_merge_nnsight.systems.logprobs import token_logprobs
 from latent_merge_nnsight.systems.spec import System
 from latent_merge_nnsight.vllm_engine import ARCHITECTURE, requests
@@ -203,7 +204,7 @@ def test_backend_vllm_is_refused_for_weight_merges_and_ensembles():
 def test_backend_vllm_system_loads_light_cpu_shells_with_the_hf_systems_limits():
     spec = {"name": "m", "kind": "latent", "base": "toy-base", "sources": ["toy-reasoner"],
             "recipe": {"op": "slerp", "layers": {3: 0.5}}, "dtype": "float32"}  # fmt: skip
-    hf, vl = (System.from_dict(spec | {"backend": b}).load() for b in ("hf", "vllm"))
+    hf, vl = (load_system(System.from_dict(spec | {"backend": b})) for b in ("hf", "vllm"))
     disk = [json.loads((zoo_path(r) / "config.json").read_text()) for r in ("toy-base", "toy-reasoner")]
     for shell, full, cfg in zip([vl.base, *vl.sources], [hf.base, *hf.sources], disk, strict=True):
         module, whole = lmn.models.hf_module(shell), lmn.models.hf_module(full)

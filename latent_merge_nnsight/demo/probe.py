@@ -113,10 +113,7 @@ class NormProbe:
         b = hb[..., -1, :].detach().double().reshape(-1, hb.shape[-1])
         s = hs[0] if get_op(self._op).multi_source else hs
         s = s[..., -1, :].detach().double().reshape(-1, hb.shape[-1])
-        if alpha is None:
-            lam = params.get("lam")
-            alpha = 0.5 if lam is None else 1.0 / (1.0 + float(lam))
-        a = float(alpha)
+        a = 0.5 if alpha is None else float(alpha)  # the plan's alpha (RegMean's lambda resolved there)
         ratio = s.norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-12)
         weight = _source_weight(self._op, b, s, a)
         acc = self._sums[layer]

@@ -73,6 +73,7 @@ from latent_merge_nnsight.generate import generate, release_engine
 from latent_merge_nnsight.generation.prefix import share_prompt_states
 from latent_merge_nnsight.inputs import encode
 from latent_merge_nnsight.models import load, model_info
+from latent_merge_nnsight.ops import regmean_beta
 from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.zoo import ZOO, zoo_path
 
@@ -367,7 +368,7 @@ def _systems(
         for lam in grid.regmean_lambdas:
             if lam <= 0:
                 continue  # beta = 1: LERP's alpha = 1 row
-            yield _latent("regmean", site, layer, 1.0 / (1.0 + lam), [ft], base, lam=lam)
+            yield _latent("regmean", site, layer, regmean_beta(lam), [ft], base, lam=lam)
         for s in grid.delta_strengths:
             recipe = Recipe(op="delta", site=site, layers={layer: s})
             yield _System("latent", "delta", layer, s, None, steering(site, recipe), site=site)

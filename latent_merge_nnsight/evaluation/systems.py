@@ -2,10 +2,12 @@
 the old class names `Sampling`, `WeightMerge` and `Ensemble` for `SamplingSpec`, `WeightMergeSpec` and
 `EnsembleSpec`)."""
 
+from latent_merge_nnsight.evaluation.judge_system import judge_model_id as judge_model_id
+from latent_merge_nnsight.evaluation.judge_system import (
+    judgebench_accuracy_system as judgebench_accuracy_system,
+)
 from latent_merge_nnsight.systems.loaded import Completion as Completion
 from latent_merge_nnsight.systems.loaded import LoadedSystem as LoadedSystem
-from latent_merge_nnsight.systems.loaded import judge_model_id as judge_model_id
-from latent_merge_nnsight.systems.loaded import judgebench_accuracy_system as judgebench_accuracy_system
 from latent_merge_nnsight.systems.loaded import load_system as load_system
 from latent_merge_nnsight.systems.spec import KINDS as KINDS
 from latent_merge_nnsight.systems.spec import EnsembleSpec as EnsembleSpec

@@ -147,11 +147,12 @@ def open_trace(base: Any, live: list[LiveSource], run: Run) -> PairTracer:
 
 
 def run_nnsight(
-    base: Any, sources: list[Any], plan: Plan, run: Run, *, cuda_graphs: bool | None = None
+    base: Any, sources: list[Any], plan: Plan, run: Run, options: dict[str, Any]
 ) -> GenerationResult:
     """Run `plan` through nnsight's `base.generate`: one trace with the plan's merges at every step (the
-    `engine="nnsight"` path); without merges (base alone, ensemble) the same call runs untraced."""
-    live = [LiveSource(base, m, cuda_graphs=cuda_graphs) for m in sources]
+    `engine="nnsight"` path); without merges (base alone, ensemble) the same call runs untraced.
+    `options["cuda_graphs"]` captures the sources' decode steps on CUDA (the rest is the fast engine's)."""
+    live = [LiveSource(base, m, cuda_graphs=options.get("cuda_graphs")) for m in sources]
     run.plan = plan
     if plan.mode != "merge" or not plan.merges:
         try:

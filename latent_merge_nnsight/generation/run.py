@@ -48,6 +48,8 @@ ENGINES = ("auto", "fast", "nnsight", "vllm")
 def _pick_engine(engine: str, base: Any, sources: list[Any], plan: Plan) -> str:
     if engine not in ENGINES:
         raise LatentMergeError(f"engine={engine!r}; expected one of: {', '.join(ENGINES)}")
+    if engine == "vllm":  # vLLM reads the weights from disk: the models here may be CPU shells
+        return engine
     info = model_info(base)
     if info.truncated:
         raise LatentMergeError(
@@ -110,6 +112,7 @@ def generate(
     tokenizer: Any = None,
     chat: bool | None = None,
     sampler: str = "default",
+    logprobs: int | None = None,
 ) -> GenerationResult:
     """Generate from `base` with `sources` merged in lockstep according to `recipe`.
 
@@ -150,21 +153,18 @@ def generate(
             templated, or plain continuation).
         sampler: the top-p rule, "default" (keeps the token that crosses top_p) or "paper" (the paper's
             code: drops it); see `latent_merge_nnsight.sampling`.
+        logprobs: engine="vllm" only: also report each new token's logprob and its `logprobs` most likely
+            alternatives (vLLM's raw logprobs of the merged model) in `result.info["logprobs"]`, per row
+            and token `(logprob, ((token_id, logprob), ...))`.
 
     Everything is checked before any forward runs; a bad argument raises `LatentMergeError`.
     """
     _check_merge_happens(sources, recipe)
-    if engine == "vllm":  # vLLM runs the whole call (its own batching, KV caches and kernels)
-        # imported here: vllm_engine.run needs vLLM, an optional dependency
-        from latent_merge_nnsight.vllm_engine.run import generate_vllm
-
-        return generate_vllm(
-            base, sources, prompts, recipe, max_new_tokens=max_new_tokens, input_ids=input_ids,
-            attention_mask=attention_mask, padding_side=padding_side, do_sample=do_sample,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop=stop,
-            eos_token_id=eos_token_id, ignore_eos=ignore_eos, num_beams=num_beams, tokenizer=tokenizer,
-            chat=chat, sampler=sampler,
-        )  # fmt: skip
+    if logprobs is not None and (type(logprobs) is not int or logprobs < 0 or engine != "vllm"):
+        raise LatentMergeError(
+            f"logprobs={logprobs!r} (engine={engine!r}); expected None, or an int >= 0 (alternatives per "
+            "token) with engine='vllm' (other engines' tokens are scored by systems.logprobs)"
+        )
     run = prepare_run(
         base,
         prompts,
@@ -185,12 +185,17 @@ def generate(
         chat=chat,
         sampler=sampler,
     )
-    plan, models = resolve_plan(base, sources, recipe)
+    plan, models = resolve_plan(base, sources, recipe, weights_on_disk=engine == "vllm")
     chosen = _pick_engine(engine, base, models, plan)
     run.recipe, run.plan = plan.recipe, plan
-    if plan.live_sources:
+    if plan.live_sources and chosen != "vllm":  # (vLLM runs its export's source blocks)
         run.info["source_blocks_per_step"] = [plan.source_blocks(model_info(m).n_layers) for m in models]
+    options = dict(cuda_graphs=cuda_graphs, keep_engine=keep_engine, compile_step=compile_step)
     if chosen == "fast":
-        options = dict(cuda_graphs=cuda_graphs, keep_engine=keep_engine, compile_step=compile_step)
         return run_fast(base, models, plan, run, options)
-    return run_nnsight(base, models, plan, run, cuda_graphs=cuda_graphs)
+    if chosen == "vllm":  # vLLM runs the whole call (its own batching, KV caches and kernels)
+        # imported here: vllm_engine.run needs vLLM, an optional dependency
+        from latent_merge_nnsight.vllm_engine.run import run_vllm
+
+        return run_vllm(base, models, plan, run, {"logprobs": logprobs})
+    return run_nnsight(base, models, plan, run, options)

@@ -1,20 +1,18 @@
 """A loaded system: its models in memory, generation in one worker thread, provenance, judge callables.
 
-`System.load()` (or `load_system`) gives a `LoadedSystem` whose `generate(prompts)` returns texts and
+`load_system(system)` gives a `LoadedSystem` whose `generate(prompts)` returns texts and
 whose `complete(prompts)` also returns finish reasons and token counts. A merge source is loaded only up
 to the recipe's highest layer (its upper blocks are never needed). A `backend: vllm` system holds light
 CPU shells of its models (block 0, for the tokenizer, config and provenance): vLLM reads the weights.
 All generation of one loaded system runs in one worker thread behind one lock: an nnsight model must not
 be traced from two threads.
-`complete_fn()` wraps it as the async judge callable, batching concurrent calls (`systems.batching`), and
-`judgebench_accuracy_system` runs JudgeBench's official protocol with a system as the judge.
+`complete_fn()` wraps it as the async judge callable, batching concurrent calls (`systems.batching`)
+(`evaluation.judge_system` runs JudgeBench's official protocol with a system as the judge).
 """
 
 import asyncio
-import hashlib
 import importlib
 import importlib.metadata
-import json
 import platform
 import tempfile
 import threading
@@ -29,7 +27,6 @@ from tokenizers import Tokenizer
 from latent_merge_nnsight._nnsight import is_wrapped
 from latent_merge_nnsight.baselines.weights import merge_weights
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation.judge import judgebench_accuracy_sync
 from latent_merge_nnsight.generation import generate
 from latent_merge_nnsight.inputs import is_chat
 from latent_merge_nnsight.models import hf_module, load, model_info
@@ -40,15 +37,12 @@ from latent_merge_nnsight.systems.spec import (
     System,
     WeightMergeSpec,
     explain_errors,
-    register_loader,
 )
 
 __all__ = [
     "Completion",
     "LoadedSystem",
     "TokenLogprob",
-    "judge_model_id",
-    "judgebench_accuracy_system",
     "load_system",
 ]
 
@@ -60,9 +54,9 @@ def load_system(system: "str | Path | System | LoadedSystem") -> "LoadedSystem":
     if isinstance(system, LoadedSystem):
         return system
     if isinstance(system, System):
-        return system.load()
+        return LoadedSystem(system)
     if isinstance(system, str | Path):
-        return System.from_file(system).load()
+        return LoadedSystem(System.from_file(system))
     raise LatentMergeError(
         f"system has type {type(system).__name__}; expected a YAML path, a System or a LoadedSystem"
     )
@@ -227,11 +221,8 @@ class LoadedSystem:
             sources = self.sources[0] if len(self.sources) == 1 else self.sources
             recipe = self.config.recipe
         if self.config.backend == "vllm":
-            # imported here: vllm_engine.run needs vLLM, an optional dependency
-            from latent_merge_nnsight.vllm_engine.run import generate_vllm
-
             # vLLM reads the weights from disk; the shells give the tokenizer, limits and provenance
-            return generate_vllm(self.base, sources, prompts, recipe, logprobs=top, **kwargs)
+            kwargs.update(engine="vllm", logprobs=top)
         return generate(self.base, sources, prompts, recipe, **kwargs)
 
     # ------------------------------------------------------------------------------------------------
@@ -353,53 +344,3 @@ def _weight_merged(
     with tempfile.TemporaryDirectory(prefix="lmn-system-merge-") as scratch:
         merge(Path(scratch) / "merged")
         return load(Path(scratch) / "merged", **load_kwargs)
-
-
-# ---------------------------------------------------------------------------------------------------
-# A system as the judge of JudgeBench's official protocol (no API needed)
-# ---------------------------------------------------------------------------------------------------
-
-
-def judge_model_id(system: "LoadedSystem", overrides: Mapping[str, Any] | None = None) -> str:
-    """``name-<hash>``: the system's name plus a hash of its settings, so a judgment cache never mixes
-    judgments of two different setups that share a name."""
-    blob = json.dumps([system.config.to_dict(), dict(overrides or {})], sort_keys=True)
-    return f"{system.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
-
-
-def judgebench_accuracy_system(
-    pairs: Sequence[Any],
-    system: "str | Path | System | LoadedSystem",
-    template: Any,
-    *,
-    cache_path: str | Path | None = None,
-    batch_size: int = 8,
-    both_orders: bool = True,
-    progress: bool = True,
-    retry_invalid: bool = False,
-    **overrides: Any,
-) -> list[dict[str, Any]]:
-    """JudgeBench's official protocol with a local system as the judge (`lmn judgebench-accuracy
-    --judge-system`): returns records in JudgeBench's output format, for `official_accuracy`.
-
-    Judge requests are batched ``batch_size`` at a time (twice that many are kept in flight so the next
-    batch gathers while one generates). ``overrides`` set the judge's sampling (e.g. ``max_new_tokens``).
-    """
-    loaded = load_system(system)
-    fn = loaded.complete_fn(max_batch_size=batch_size, **overrides)
-    model_id = judge_model_id(loaded, overrides)
-    return judgebench_accuracy_sync(
-        pairs,
-        fn,
-        template,
-        cache_path=cache_path,
-        judge_model=model_id,
-        judge_name=loaded.name,
-        both_orders=both_orders,
-        concurrency=2 * batch_size,
-        progress=progress,
-        retry_invalid=retry_invalid,
-    )
-
-
-register_loader(LoadedSystem)  # `System.load()` builds one of these

@@ -17,15 +17,16 @@ Example (``examples/systems/toy-latent-slerp.yaml``)::
     dtype: float32
     sampling: {max_new_tokens: 64}
 
-`System.load()` gives a `LoadedSystem` (`systems.loaded`): the models in memory, ready to generate
-and to judge. The parts of a system are `SamplingSpec`, `WeightMergeSpec` and `EnsembleSpec` (named so
-that they do not shadow the library's `lmn.Ensemble`; `EnsembleSpec.build()` gives one).
+`systems.loaded.load_system(system)` gives a `LoadedSystem`: the models in memory, ready to generate
+and to judge (this module never imports the loading side). The parts of a system are `SamplingSpec`,
+`WeightMergeSpec` and `EnsembleSpec` (named so that they do not shadow the library's `lmn.Ensemble`;
+`EnsembleSpec.build()` gives one).
 """
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -46,9 +47,6 @@ from latent_merge_nnsight.ops import check_weight
 from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.sampling import SamplingConfig
 
-if TYPE_CHECKING:
-    from latent_merge_nnsight.systems.loaded import LoadedSystem
-
 __all__ = [
     "KINDS",
     "EnsembleSpec",
@@ -56,19 +54,9 @@ __all__ = [
     "System",
     "WeightMergeSpec",
     "explain_errors",
-    "register_loader",
 ]
 
 KINDS: tuple[str, ...] = ("latent", "weight", "ensemble", "single")
-
-_LOADER: "list[Callable[[System], LoadedSystem]]" = []
-
-
-def register_loader(loader: "Callable[[System], LoadedSystem]") -> None:
-    """Set what `System.load` calls. `systems.loaded` registers `LoadedSystem` when it is imported (the
-    `systems` package imports it), so this module never imports the loading side."""
-    _LOADER[:] = [loader]
-
 
 # ---------------------------------------------------------------------------------------------------
 # The YAML schema
@@ -325,12 +313,6 @@ class System(BaseModel):
             return None
         top = max(self.recipe.layer_alphas(n_layers))
         return top if top < n_layers - 1 else None
-
-    def load(self) -> "LoadedSystem":
-        """Load the models (and build the weight merge) and return a `LoadedSystem`."""
-        if not _LOADER:
-            raise LatentMergeError("System.load needs latent_merge_nnsight.systems.loaded imported")
-        return _LOADER[0](self)
 
 
 def explain_errors(exc: ValidationError) -> str:

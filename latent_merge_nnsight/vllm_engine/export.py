@@ -1,4 +1,5 @@
-"""`export_vllm`: a latent system as a directory that `vllm serve` and `vllm.LLM` load.
+"""A latent merge (base, sources, recipe) checked for vLLM and written as a directory that `vllm serve`
+and `vllm.LLM` load (`systems.export.export_vllm` writes a system's).
 
 The directory holds the base's `config.json` with `architectures: [LatentMergeForCausalLM]` and a
 `latent_merge` block (where the base's and the sources' weights are, how many source blocks run, the
@@ -26,10 +27,9 @@ from latent_merge_nnsight.models import _resolve_name
 from latent_merge_nnsight.ops import OpSpec, get_op
 from latent_merge_nnsight.plan import Plan, check_source_count, load_recipe_deltas, recipe_plan
 from latent_merge_nnsight.recipe import Recipe
-from latent_merge_nnsight.systems.spec import System
 from latent_merge_nnsight.vllm_engine import ARCHITECTURE, SUPPORTED_FAMILIES
 
-__all__ = ["FORMAT", "Export", "check_export", "export_vllm", "read_export"]
+__all__ = ["FORMAT", "Export", "check_export", "read_export", "write_export"]
 
 FORMAT = "lmn.vllm.v1"
 TOKENIZER_FILES = (
@@ -140,12 +140,18 @@ def check_export(
             f"recipe positions={recipe.positions!r}: the vLLM engine merges at positions 'last' or 'all' "
             "(explicit prompt indices are not supported there)"
         )
+    unresolved = [layer for layer, a in plan.alphas.items() if a is None]
+    if unresolved:
+        raise LatentMergeError(
+            f"recipe op={spec.name!r} gives no alpha at layers {unresolved}; the vLLM engine runs an alpha "
+            "at every layer: give alpha (or lambda for regmean)"
+        )
     modules = _op_modules(spec)
     if spec.static_source:
         _check_deltas(spec, recipe, plan, hidden, source_refs)
         blocks = 0
     else:
-        blocks = _live_blocks(spec, plan, source_refs)
+        blocks = _live_blocks(spec, plan, n_layers, source_refs)
     source_dirs = _source_dirs(source_refs, family, hidden, blocks, plan)
     return Export(
         base=str(base_dir),
@@ -192,12 +198,13 @@ def _check_deltas(spec: OpSpec, recipe: Recipe, plan: Plan, hidden: int, source_
             )
 
 
-def _live_blocks(spec: OpSpec, plan: Plan, source_refs: list[str]) -> int:
-    """A mixing op: check the sources against the op and the weights; the source blocks the recipe runs."""
+def _live_blocks(spec: OpSpec, plan: Plan, n_layers: int, source_refs: list[str]) -> int:
+    """A mixing op: check the sources against the op and the weights; the source blocks the recipe runs
+    (every listed layer: a per-request recipe may set any of them)."""
     if not source_refs:
         raise LatentMergeError(f"op {spec.name!r} mixes live sources, but sources is empty")
     check_source_count(spec, plan, len(source_refs), f"sources={source_refs}")
-    return max(plan.alphas) + (1 if plan.site == "post" else 0)
+    return plan.source_blocks(n_layers, listed=True)
 
 
 def _source_dirs(source_refs: list[str], family: str, hidden: int, blocks: int, plan: Plan) -> list[str]:
@@ -221,25 +228,6 @@ def _source_dirs(source_refs: list[str], family: str, hidden: int, blocks: int, 
             )
         source_dirs.append(str(d))
     return source_dirs
-
-
-def export_vllm(system: Any, out_dir: str | Path) -> Path:
-    """Write the vLLM directory of `system` (a `System`, or a system YAML path) to `out_dir`.
-
-    Refused, with nothing written: a system kind other than latent or single, an unsupported family, a
-    layer out of range, an unknown op, a source of another hidden size, a non-empty `out_dir` that is not
-    an earlier export.
-    """
-    if not isinstance(system, System):
-        system = System.from_file(system)
-    if system.kind not in ("latent", "single"):
-        raise LatentMergeError(
-            f"system {system.name!r} has kind={system.kind!r}; the vLLM engine runs kind 'latent' "
-            "(a recipe) or 'single' (one model); weight merges and logit ensembles are refused"
-        )
-    sources = [system.resolve(s) for s in system.sources]
-    export = check_export(system.resolve(system.base), sources, system.recipe, name=system.name)
-    return write_export(export, out_dir, dtype=system.dtype)
 
 
 def write_export(export: Export, out_dir: str | Path, dtype: str = "auto") -> Path:

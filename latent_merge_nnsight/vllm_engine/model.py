@@ -210,21 +210,16 @@ class LatentMergeForCausalLM(nn.Module):
     # the plan
 
     def _plan(self) -> Plan | None:
-        """The export's plan with an alpha at every listed layer (RegMean's lambda turned into its beta),
+        """The export's plan, its alphas as the plan resolved them (RegMean's lambda is its beta there),
         so each token can carry its own alpha."""
         recipe = self.export.recipe_obj()
         if recipe is None:
             return None
         plan = recipe_plan(recipe, self.export.n_layers)
-        params = dict(plan.params)
-        lam = params.pop("lam", None)
-        default = 0.5 if lam is None else 1.0 / (1.0 + float(lam))
-        alphas = {k: (default if a is None else a) for k, a in plan.alphas.items()}
-        deltas = None
         if plan.op.static_source:
             d = load_recipe_deltas(recipe)
-            deltas = {k: d.resid(k, recipe.site) for k in alphas}
-        return dataclasses.replace(plan, alphas=alphas, params=params, deltas=deltas)
+            plan.deltas = {k: d.resid(k, recipe.site) for k in plan.alphas}
+        return plan
 
     def mix_now(self, layer: int, site: str, hb: Tensor, hs: list[Tensor], positions: Tensor) -> Tensor:
         """The mix at (layer, site) of the running forward (the op's body; eager, never compiled)."""

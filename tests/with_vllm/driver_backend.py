@@ -20,11 +20,12 @@ os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 import httpx  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 
+import latent_merge_nnsight as lmn  # noqa: E402
 from latent_merge_nnsight.evaluation.tasks import CATEGORIES, chat_messages, make_eval_set  # noqa: E402
 from latent_merge_nnsight.models import hf_module  # noqa: E402
 from latent_merge_nnsight.serve import start_server  # noqa: E402
 from latent_merge_nnsight.sites import get_layers  # noqa: E402
-from latent_merge_nnsight.systems import System  # noqa: E402
+from latent_merge_nnsight.systems import System, load_system  # noqa: E402
 from latent_merge_nnsight.systems.logprobs import token_logprobs  # noqa: E402
 from latent_merge_nnsight.vllm_engine import run as vrun  # noqa: E402
 from latent_merge_nnsight.zoo import zoo_path  # noqa: E402
@@ -62,7 +63,7 @@ def served(system, prompt: str) -> dict:
 def sampled_scores(hf, vl, chats) -> dict:
     """A sampled (temperature 1.5) vLLM generation's logprobs, and the hf system's scores of its tokens."""
     result = vl._executor.submit(
-        vrun.generate_vllm, vl.base, vl.sources[0], chats, vl.config.recipe, logprobs=TOP,
+        lmn.generate, vl.base, vl.sources[0], chats, vl.config.recipe, engine="vllm", logprobs=TOP,
         max_new_tokens=12, do_sample=True, temperature=1.5, seed=3,
     ).result()  # fmt: skip
     mine = [[asdict(t) for t in row] for row in token_logprobs(vl, result, TOP)]
@@ -78,8 +79,8 @@ def main() -> None:
         "sampling": {"max_new_tokens": 24, "stop": ["\n"]},
     }  # fmt: skip
     chats = [chat_messages(make_eval_set(c, 1, seed=7)[0].prompt) for c in CATEGORIES]
-    hf = System.from_dict(spec).load()
-    vl = System.from_dict(spec | {"backend": "vllm"}).load()
+    hf = load_system(System.from_dict(spec))
+    vl = load_system(System.from_dict(spec | {"backend": "vllm"}))
 
     def on_vllm(*args, **kw):
         return vl._executor.submit(vl.complete, *args, **kw).result()
