@@ -365,7 +365,7 @@ def measure_round_robin(
         decode = min(case["full"]) - min(case["prefill"])
         # On a loaded machine a few decode steps can hide in the prompt run's noise: then the rate is
         # unresolved (None) rather than a negative or infinite number.
-        resolved = decode > 0
+        resolved = decode > 0  # a rate is None exactly when it carries "unresolved"
         stats = {
             "decode_tok_s": case["rows_timed"] * (new - 1) / decode if resolved else None,
             # per decode step of the whole batch (rows the hook loop did not time would run one after another)
@@ -578,15 +578,17 @@ def report(
             r["step_over_ideal"] = r["step_over_base"] / ideal
         if r["batch"] in hook_tok:
             r["speedup_over_hook_loop"] = r["decode_tok_s"] / hook_tok[r["batch"]]
-    # greedy tokens of the two engines on the same prompts (bf16 kernels differ, so near-ties may split)
-    for r in ok:
+    # greedy tokens of the two engines on the same prompts (bf16 kernels differ, so near-ties may split);
+    # compared on every row that ran, its rate resolved or not (timing noise does not change tokens)
+    ran = [r for r in rows if "error" not in r]
+    for r in ran:
         mine, theirs = tokens.get(("fast", r["batch"])), tokens.get(("nnsight", r["batch"]))
         if r["method"] == "fast" and mine and theirs:
             r["tokens_equal_to_nnsight_before_first_difference"] = [
                 next((i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b), len(x))
                 for x, y in zip(mine, theirs, strict=True)
             ]
-    for r in ok:  # the same random pair, saved for vLLM: its greedy tokens against the fast engine's
+    for r in ran:  # the same random pair, saved for vLLM: its greedy tokens against the fast engine's
         mine, theirs = tokens.get(("vllm", r["batch"])), tokens.get(("fast", r["batch"]))
         if r["method"] == "vllm" and mine and theirs:
             r["tokens_equal_to_fast_before_first_difference"] = [

@@ -32,11 +32,14 @@ def test_bench_decode_measures_every_method_it_is_given(tmp_path):
     rows = {(r["method"], r["batch"]): r for r in report["results"]}
     assert set(rows) == {(m, b) for m in methods for b in (1, 2)}
     assert all("error" not in r and r["total_s"] > 0 and r["prefill_s"] > 0 for r in rows.values())
-    # a rate is a difference of two timings: positive, or marked unresolved when load noise hides it
-    assert all(
-        (r["decode_tok_s"] > 0 and "unresolved" not in r) or (r["decode_tok_s"] is None and r["unresolved"])
-        for r in rows.values()
-    )
+    # a rate is a difference of two timings: positive, or None and marked unresolved when load noise hides
+    # it (either may happen on a loaded machine: the check holds for both)
+    for key, r in rows.items():
+        rate, step = r["decode_tok_s"], r["step_ms"]
+        if rate is None:
+            assert step is None and r["unresolved"], (key, r)
+        else:
+            assert rate > 0 and step > 0 and "unresolved" not in r, (key, r)
     assert rows[("fast_compiled", 1)]["compiled_step"] and not report["partial"]
     assert all("tokens" not in r for r in report["results"])
     assert len(rows[("fast", 2)]["tokens_equal_to_nnsight_before_first_difference"]) == 2
