@@ -55,7 +55,7 @@ ENGINE_METHODS = ("nnsight", "nnsight_eager", "fast", "fast_compiled", "vllm")
 sys.path.insert(0, str(ROOT))
 
 import latent_merge_nnsight as lmn  # noqa: E402
-from latent_merge_nnsight.generate import generate, release_engine  # noqa: E402
+from latent_merge_nnsight.generation import generate, release_engine  # noqa: E402
 from latent_merge_nnsight.models import hf_module, truncate  # noqa: E402
 from latent_merge_nnsight.ops import slerp  # noqa: E402
 

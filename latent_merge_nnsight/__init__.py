@@ -8,11 +8,13 @@ interventions.
         lmn.merge_into(layer=4, source=ft_trace, op="slerp", alpha=0.5)
         logits = base.lm_head.output.save()
 
-The public names are imported on first use (a module `__getattr__`), so `import latent_merge_nnsight`
-and `lmn --help` do not import torch; `from latent_merge_nnsight import generate` works as usual.
+The public names and the submodules (`lmn.metrics`, `lmn.ops`, `lmn.analysis`, ...) are imported on first
+use (a module `__getattr__`), so `import latent_merge_nnsight` and `lmn --help` do not import torch;
+`from latent_merge_nnsight import generate` works as usual.
 """
 
 import importlib
+import pkgutil
 import sys
 import types
 from typing import TYPE_CHECKING, Any
@@ -23,13 +25,13 @@ from latent_merge_nnsight.errors import LatentMergeError as LatentMergeError
 if TYPE_CHECKING:
     from latent_merge_nnsight.analysis import representations as representations
     from latent_merge_nnsight.analysis import sweep as sweep
-    from latent_merge_nnsight.baselines.ensemble import Ensemble as Ensemble
     from latent_merge_nnsight.capture import Capture as Capture
     from latent_merge_nnsight.capture import capture as capture
     from latent_merge_nnsight.deltas import Deltas as Deltas
     from latent_merge_nnsight.deltas import compute_deltas as compute_deltas
-    from latent_merge_nnsight.generate import GenerationResult as GenerationResult
-    from latent_merge_nnsight.generate import generate as generate
+    from latent_merge_nnsight.ensemble import Ensemble as Ensemble
+    from latent_merge_nnsight.generation import GenerationResult as GenerationResult
+    from latent_merge_nnsight.generation import generate as generate
     from latent_merge_nnsight.merge import merge_into as merge_into
     from latent_merge_nnsight.models import check_compatible as check_compatible
     from latent_merge_nnsight.models import load as load
@@ -46,13 +48,13 @@ _LAZY: dict[str, tuple[str, str]] = {
     # public name: (module, attribute of it)
     "representations": ("latent_merge_nnsight.analysis", "representations"),
     "sweep": ("latent_merge_nnsight.analysis", "sweep"),
-    "Ensemble": ("latent_merge_nnsight.baselines.ensemble", "Ensemble"),
+    "Ensemble": ("latent_merge_nnsight.ensemble", "Ensemble"),
     "Capture": ("latent_merge_nnsight.capture", "Capture"),
     "capture": ("latent_merge_nnsight.capture", "capture"),
     "Deltas": ("latent_merge_nnsight.deltas", "Deltas"),
     "compute_deltas": ("latent_merge_nnsight.deltas", "compute_deltas"),
-    "GenerationResult": ("latent_merge_nnsight.generate", "GenerationResult"),
-    "generate": ("latent_merge_nnsight.generate", "generate"),
+    "GenerationResult": ("latent_merge_nnsight.generation", "GenerationResult"),
+    "generate": ("latent_merge_nnsight.generation", "generate"),
     "merge_into": ("latent_merge_nnsight.merge", "merge_into"),
     "check_compatible": ("latent_merge_nnsight.models", "check_compatible"),
     "load": ("latent_merge_nnsight.models", "load"),
@@ -65,23 +67,30 @@ _LAZY: dict[str, tuple[str, str]] = {
 }
 
 
+_SUBMODULES = frozenset(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+
+
 def __getattr__(name: str) -> Any:
-    """Import a public name on first use and keep it in the package's namespace."""
-    if name not in _LAZY:
+    """Import a public name, or a submodule (`lmn.metrics`), on first use and keep it in the namespace."""
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, attr = _LAZY[name]
-    value = getattr(importlib.import_module(module), attr)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})
 
 
 class _Package(types.ModuleType):
-    """Keeps a public function bound when its own submodule is imported: `import latent_merge_nnsight.
-    generate` makes Python set the package's `generate` to the module; the function stays."""
+    """Keeps a public function bound when the submodule of the same name is imported: `lmn.capture` and
+    `lmn.pair` are functions of the modules `capture` and `pair`, and importing such a module (which the
+    package itself does) makes Python set the package's attribute to the module; the function stays."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         if isinstance(value, types.ModuleType) and _LAZY.get(name, ("", ""))[0] == value.__name__:

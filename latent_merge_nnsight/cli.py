@@ -247,7 +247,7 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from latent_merge_nnsight.generate import generate
+    from latent_merge_nnsight.generation import generate
 
     recipe = _recipe_from_args(args)
     sampling = _sampling_kwargs(args)
@@ -341,7 +341,7 @@ def cmd_judgebench_accuracy(args: argparse.Namespace) -> int:
         pairs = pairs[: args.limit]
     template = load_template(args.template)
     if args.judge_system:
-        from latent_merge_nnsight.evaluation.loaded import judgebench_accuracy_system
+        from latent_merge_nnsight.evaluation.judge_system import judgebench_accuracy_system
 
         records = judgebench_accuracy_system(
             pairs,

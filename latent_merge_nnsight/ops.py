@@ -31,7 +31,7 @@ __all__ = [
     "list_ops",
     "regmean",
     "regmean_beta",
-    "regmean_weights",
+    "source_weights",
     "register_op",
     "slerp",
 ]
@@ -249,7 +249,7 @@ def regmean(
         w = _check_count(weights.to(wd).flatten(), m)
         w = w / w.sum()
     else:
-        w = regmean_weights(weights, m).to(device=b.device, dtype=wd)
+        w = source_weights(weights, m).to(device=b.device, dtype=wd)
     mixed = einops.einsum(w, s, "m, m ... d -> ... d")
     a = _as_alpha(alpha, b)
     result = (1 - a) * b + a * mixed
@@ -271,7 +271,7 @@ def regmean_beta(lam: float) -> float:
     return 1.0 / (1.0 + float(lam))
 
 
-def regmean_weights(weights: "Tensor | Sequence[float]", m: int) -> Float[Tensor, " m"]:
+def source_weights(weights: "Tensor | Sequence[float]", m: int) -> Float[Tensor, " m"]:
     """RegMean source weights checked (m finite, non-negative, not all zero) and normalised to sum to 1,
     as a float64 CPU tensor."""
     w = _check_count(torch.as_tensor(weights, dtype=torch.float64, device="cpu").flatten(), m)

@@ -26,7 +26,7 @@ from latent_merge_nnsight.deltas import Deltas
 from latent_merge_nnsight.ensemble import Ensemble, mix_logits
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import check_compatible, hf_module, model_info
-from latent_merge_nnsight.ops import OpSpec, get_op, regmean_beta, regmean_weights
+from latent_merge_nnsight.ops import OpSpec, get_op, regmean_beta, source_weights
 from latent_merge_nnsight.positions import Positions, check_positions, position_mask
 from latent_merge_nnsight.recipe import Recipe
 
@@ -146,7 +146,7 @@ class Plan:
         scalar = lambda a: None if a is None else torch.tensor(a, dtype=dtype, device=device)  # noqa: E731
         params = dict(self.params)
         if params.get("weights") is not None:  # checked on the host, once: no sync in the step
-            params["weights"] = regmean_weights(params["weights"], n_sources).to(device)
+            params["weights"] = source_weights(params["weights"], n_sources).to(device)
         return replace(
             self,
             alphas={layer: scalar(a) for layer, a in self.merges},

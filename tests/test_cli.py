@@ -104,10 +104,23 @@ def test_help_and_argument_errors_do_not_import_torch(argv):
 
 
 def test_importing_a_submodule_keeps_the_public_function():
-    code = "import latent_merge_nnsight as l, latent_merge_nnsight.generate, latent_merge_nnsight.capture; "
-    code += "print(callable(l.generate) and not isinstance(l.generate, type(l)), l.capture.__name__)"
+    code = "import latent_merge_nnsight as l, latent_merge_nnsight.pair, latent_merge_nnsight.capture; "
+    code += "print(l.pair.__name__, l.capture.__name__, callable(l.generate))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.stdout.split() == ["True", "capture"], out.stderr
+    assert out.stdout.split() == ["pair", "capture", "True"], out.stderr
+
+
+def test_package_attributes_resolve_submodules_and_importing_the_package_imports_no_torch():
+    code = (
+        "import sys, latent_merge_nnsight as lmn; torch_at_import = 'torch' in sys.modules; "
+        "print(torch_at_import, lmn.metrics.linear_cka.__name__, lmn.ops.slerp.__name__, "
+        "lmn.analysis.search.__name__, lmn.analysis.sweep.__name__, lmn.sweep is lmn.analysis.sweep)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "linear_cka", "slerp", "search", "sweep", "True"], out.stderr
+    code = "import latent_merge_nnsight as lmn; lmn.nope"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "AttributeError: module 'latent_merge_nnsight' has no attribute 'nope'" in out.stderr
 
 
 def one_error_line(capsys, argv: list[str]) -> str:

@@ -16,17 +16,11 @@ from tiny import generate_raw as generate
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import latent_merge_nnsight as lmn
-from latent_merge_nnsight.engine.fast import PairedEngine
-from latent_merge_nnsight.engine.graphs import EagerStep
-from latent_merge_nnsight.engine.stack import (
-    KVCache,
-    Stack,
-    attention_bias,
-    fast_support,
-    mask_positions,
-    plain_forwards,
-)
+from latent_merge_nnsight._nnsight import plain_forwards
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.generation.fast import PairedEngine
+from latent_merge_nnsight.generation.graphs import EagerStep
+from latent_merge_nnsight.generation.stack import KVCache, Stack, attention_bias, fast_support, mask_positions
 from latent_merge_nnsight.models import hf_module, truncate
 
 PROMPTS = ["hello there", "hi", "what is up with you"]

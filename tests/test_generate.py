@@ -16,9 +16,9 @@ from tiny import batch_sizes_seen, hf_pair, make_tokenizer, pair
 from tiny import generate_raw as generate
 
 import latent_merge_nnsight as lmn
-from latent_merge_nnsight.baselines.ensemble import Ensemble
+from latent_merge_nnsight.ensemble import Ensemble
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.generate import GenerationResult
+from latent_merge_nnsight.generation import GenerationResult
 from latent_merge_nnsight.models import hf_module, truncate
 from latent_merge_nnsight.sampling import Sampler, SamplingConfig, filter_logits
 

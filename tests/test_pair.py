@@ -147,7 +147,7 @@ def _fixed_live_sources(monkeypatch) -> list[int]:
     import functools
     import importlib
 
-    from latent_merge_nnsight.engine.graphs import EagerStep
+    from latent_merge_nnsight.generation.graphs import EagerStep
 
     pair_module = importlib.import_module("latent_merge_nnsight.generation.nnsight")
     fixed = functools.partial(pair_module.LiveSource, static_step=True)

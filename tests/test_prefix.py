@@ -9,7 +9,7 @@ from tiny import generate_raw as generate
 from tiny import pair
 
 import latent_merge_nnsight as lmn
-from latent_merge_nnsight.baselines.ensemble import Ensemble
+from latent_merge_nnsight.ensemble import Ensemble
 from latent_merge_nnsight.generation.prefix import prompt_states, share_prompt_states
 from latent_merge_nnsight.models import hf_module
 

@@ -10,11 +10,11 @@ from test_systems import save_tiny_pair, write_system
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.judge import load_comparisons, load_responses
 from latent_merge_nnsight.evaluation.judgebench import category_of
-from latent_merge_nnsight.evaluation.loaded import LoadedSystem, load_system
 from latent_merge_nnsight.evaluation.respond import meta_path, read_responses
 from latent_merge_nnsight.evaluation.respond import respond as _respond
-from latent_merge_nnsight.evaluation.systems import System
 from latent_merge_nnsight.sampling import FINISH_REASONS
+from latent_merge_nnsight.systems.loaded import LoadedSystem, load_system
+from latent_merge_nnsight.systems.spec import System
 
 # JudgeBench questions run to thousands of characters; the tiny models' context is 256 (one token a
 # character). These tests are about resuming and records, so they feed the questions whole, explicitly.

@@ -13,7 +13,7 @@ from reference_generate import ensemble_generate, lockstep_generate
 from tiny import pair
 
 import latent_merge_nnsight as lmn
-from latent_merge_nnsight.baselines.ensemble import Ensemble
+from latent_merge_nnsight.ensemble import Ensemble
 from latent_merge_nnsight.models import hf_module
 
 PROMPTS = ["hello there", "hi", "what is up with you"]

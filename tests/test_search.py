@@ -15,8 +15,8 @@ import pytest
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight import analysis, cli
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation.systems import System
 from latent_merge_nnsight.evaluation.tasks import CATEGORIES, make_eval_set
+from latent_merge_nnsight.systems.spec import System
 
 pytest.importorskip("optuna")
 

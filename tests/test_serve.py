@@ -10,8 +10,8 @@ import openai
 import pytest
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation.loaded import Completion
 from latent_merge_nnsight.serve import start_server
+from latent_merge_nnsight.systems.batching import Completion
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "systems"
 
@@ -570,7 +570,7 @@ def test_text_completion_through_openai_sdk(fake):
 def tiny_latent(tmp_path_factory):
     from test_systems import save_tiny_pair, write_system
 
-    from latent_merge_nnsight.evaluation.loaded import load_system
+    from latent_merge_nnsight.systems.loaded import load_system
 
     root = save_tiny_pair(tmp_path_factory.mktemp("serve-models"))
     path = write_system(
@@ -635,7 +635,7 @@ def test_server_default_prompt_limit_is_the_models_context(tiny_latent):
 
 
 def test_toy_pair_latent_system_served_through_openai_sdk():
-    from latent_merge_nnsight.evaluation.loaded import load_system
+    from latent_merge_nnsight.systems.loaded import load_system
 
     system = load_system(EXAMPLES / "toy-latent-slerp.yaml")
     messages = [{"role": "user", "content": "What is 2+3?"}]
@@ -704,7 +704,7 @@ def test_logprobs_of_the_chosen_tokens_in_openai_shapes(tiny_latent):
 
 
 def test_logprobs_are_those_of_the_merged_model(tiny_latent):
-    from latent_merge_nnsight.generate import generate
+    from latent_merge_nnsight.generation import generate
     from latent_merge_nnsight.systems.logprobs import token_logprobs
 
     chat = [[{"role": "user", "content": "merge me"}]]

@@ -320,8 +320,8 @@ def test_task_accuracy_keeps_one_engine_across_cells_and_the_sweep_lets_it_go(mo
     import functools
     import importlib
 
-    from latent_merge_nnsight.engine.fast import PairedEngine
     from latent_merge_nnsight.evaluation.tasks import make_eval_set
+    from latent_merge_nnsight.generation.fast import PairedEngine
     from latent_merge_nnsight.models import hf_module
 
     evaluators = importlib.import_module("latent_merge_nnsight.analysis.evaluators")

@@ -14,12 +14,13 @@ from tiny import hf_pair, make_tokenizer
 
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.judgebench import JudgePair, load_template, official_accuracy
-from latent_merge_nnsight.evaluation.loaded import Completion, LoadedSystem, load_system
-from latent_merge_nnsight.evaluation.systems import Sampling, System
 from latent_merge_nnsight.inputs import encode
 from latent_merge_nnsight.models import model_info
 from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.serve import SystemCompleteFn
+from latent_merge_nnsight.systems.batching import Completion
+from latent_merge_nnsight.systems.loaded import LoadedSystem, load_system
+from latent_merge_nnsight.systems.spec import SamplingSpec, System
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "systems"
 MAX_NEW = 5
@@ -87,7 +88,7 @@ def test_system_round_trip_keeps_every_non_default_field():
         quantization="4bit",
         truncate_sources=False,
         engine="fast",
-        sampling=Sampling(
+        sampling=SamplingSpec(
             max_new_tokens=33,
             do_sample=True,
             temperature=0.6,
@@ -219,9 +220,9 @@ def test_source_up_to_layer_is_the_recipes_highest_layer(recipe, truncate, n_lay
 
 
 def test_temperature_zero_means_greedy():
-    kwargs = Sampling(do_sample=True, temperature=0.0).generate_kwargs()
+    kwargs = SamplingSpec(do_sample=True, temperature=0.0).generate_kwargs()
     assert kwargs["do_sample"] is False and kwargs["temperature"] == 1.0
-    kwargs = Sampling(do_sample=True, temperature=0.5, seed=3).generate_kwargs()
+    kwargs = SamplingSpec(do_sample=True, temperature=0.5, seed=3).generate_kwargs()
     assert (kwargs["do_sample"], kwargs["temperature"], kwargs["seed"]) == (True, 0.5, 3)
 
 
@@ -369,7 +370,7 @@ def test_single_system_greedy_matches_transformers_generate(single):
 
 def test_latent_system_matches_lmn_generate_with_the_whole_source(latent, tiny_dir):
     import latent_merge_nnsight as lmn
-    from latent_merge_nnsight.generate import generate
+    from latent_merge_nnsight.generation import generate
 
     base = lmn.load(tiny_dir / "base", dtype="float32")
     ft = lmn.load(tiny_dir / "ft", dtype="float32")  # all 4 blocks: truncation must not change a token
@@ -399,7 +400,7 @@ def test_weight_system_at_alpha_zero_gives_the_base_alone(tiny_dir, single):
 
 
 def test_local_system_judges_judgebench_pairs_with_resumable_cache(single, tmp_path):
-    from latent_merge_nnsight.evaluation.loaded import judge_model_id, judgebench_accuracy_system
+    from latent_merge_nnsight.evaluation.judge_system import judge_model_id, judgebench_accuracy_system
 
     template = load_template("pairwise_abc")
     pairs = [
@@ -431,12 +432,3 @@ def test_local_system_judges_judgebench_pairs_with_resumable_cache(single, tmp_p
     assert single.generate_calls == calls and again == records
     # other sampling settings are another judge in the cache, not a cache hit
     assert judge_model_id(single, {"max_new_tokens": 2}) != judge_model_id(single)
-
-
-def test_the_loaded_side_stays_importable_from_systems() -> None:
-    from latent_merge_nnsight.evaluation import loaded, systems
-
-    for name in ("Completion", "LoadedSystem", "judge_model_id", "judgebench_accuracy_system", "load_system"):
-        assert getattr(systems, name) is getattr(loaded, name)
-    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
-        systems.Nope  # noqa: B018

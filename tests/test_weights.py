@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import latent_merge_nnsight as lmn
-from latent_merge_nnsight.baselines.regmean_weights import regmean_solve, scale_off_diagonal
+from latent_merge_nnsight.baselines.regmean_math import regmean_solve, scale_off_diagonal
 from latent_merge_nnsight.baselines.weights import (
     collect_grams,
     linear_names,

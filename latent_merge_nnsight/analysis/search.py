@@ -37,7 +37,7 @@ from latent_merge_nnsight.analysis.evaluators import TaskAccuracy
 from latent_merge_nnsight.analysis.pareto import pareto_figure, pareto_front
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.tasks import CATEGORIES, make_eval_set
-from latent_merge_nnsight.generate import release_engine
+from latent_merge_nnsight.generation import release_engine
 from latent_merge_nnsight.models import model_info
 from latent_merge_nnsight.ops import get_op
 from latent_merge_nnsight.recipe import Recipe

@@ -11,7 +11,7 @@
 - `task_arithmetic`: mergekit `task_arithmetic`, `base + alpha * sum_i w_i (source_i - base)` (w_i default 1).
 - `regmean`: RegMean (Jin et al. 2023), written here because mergekit has no such method: each `nn.Linear`
   weight is solved from the Gram matrices of its inputs, collected with nnsight on calibration prompts;
-  every other tensor is averaged with the same coefficients. See `regmean_weights.py` for the math.
+  every other tensor is averaged with the same coefficients. See `regmean_math.py` for the math.
 
 mergekit works on checkpoints on disk: zoo names and local directories are used in place, in-memory
 models are saved to a scratch directory first, and hub ids are handed to mergekit as they are (it
@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from latent_merge_nnsight._nnsight import out_of_order_error
-from latent_merge_nnsight.baselines.regmean_weights import check_coefficients, regmean_state_dict
+from latent_merge_nnsight.baselines.regmean_math import check_coefficients, regmean_state_dict
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.inputs import encode
 from latent_merge_nnsight.models import check_compatible, hf_module, load, model_info, wrap

@@ -46,7 +46,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from latent_merge_nnsight.baselines.ensemble import Ensemble
 from latent_merge_nnsight.baselines.weights import collect_grams, merge_weights
 from latent_merge_nnsight.deltas import compute_deltas
 from latent_merge_nnsight.demo.probe import NormProbe
@@ -59,6 +58,7 @@ from latent_merge_nnsight.demo.report import (
     write_figures,
     write_report,
 )
+from latent_merge_nnsight.ensemble import Ensemble
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.tasks import (
     CATEGORIES,
@@ -69,7 +69,7 @@ from latent_merge_nnsight.evaluation.tasks import (
     make_train_set,
     score,
 )
-from latent_merge_nnsight.generate import generate, release_engine
+from latent_merge_nnsight.generation import generate, release_engine
 from latent_merge_nnsight.generation.prefix import share_prompt_states
 from latent_merge_nnsight.inputs import encode
 from latent_merge_nnsight.models import load, model_info

@@ -6,7 +6,6 @@ only a loopback endpoint (a local server) is accepted.
 """
 
 import asyncio
-import ipaddress
 import logging
 import os
 import random
@@ -15,6 +14,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.net import is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -41,21 +41,11 @@ class _GarbledReply(Exception):
     """An HTTP 200 whose body is not a chat completion (not JSON, or no choices): retried like a 5xx."""
 
 
-def _is_loopback(base_url: str | None) -> bool:
-    host = urlparse(base_url or "").hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _api_key(api_key_env: str, base_url: str | None) -> str:
     key = os.environ.get(api_key_env)
     if key:
         return key
-    if _is_loopback(base_url):
+    if is_loopback(urlparse(base_url or "").hostname or ""):
         return "unused-local-key"  # local servers usually ignore the key, but the SDK wants one
     raise LatentMergeError(
         f"api_key_env={api_key_env!r}: the environment variable {api_key_env} is not set; export your "

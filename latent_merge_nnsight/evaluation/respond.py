@@ -24,9 +24,9 @@ from typing import Any
 
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.judgebench import HF_DATASET, JudgePair, load_judgebench
-from latent_merge_nnsight.evaluation.loaded import LoadedSystem, load_system
-from latent_merge_nnsight.evaluation.systems import System
 from latent_merge_nnsight.jsonl import read_resumable
+from latent_merge_nnsight.systems.loaded import LoadedSystem, load_system
+from latent_merge_nnsight.systems.spec import System
 
 __all__ = ["RespondResult", "meta_path", "read_responses", "respond"]
 

@@ -26,8 +26,8 @@ other address (IPv4 or IPv6).
 from latent_merge_nnsight.serve.app import create_app as create_app
 from latent_merge_nnsight.serve.app import run_serve as run_serve
 from latent_merge_nnsight.serve.app import start_server as start_server
-from latent_merge_nnsight.serve.batching import Batcher as Batcher
-from latent_merge_nnsight.serve.batching import BatchStats as BatchStats
-from latent_merge_nnsight.serve.batching import SystemCompleteFn as SystemCompleteFn
+from latent_merge_nnsight.systems.batching import Batcher as Batcher
+from latent_merge_nnsight.systems.batching import BatchStats as BatchStats
+from latent_merge_nnsight.systems.batching import SystemCompleteFn as SystemCompleteFn
 
 __all__ = ["BatchStats", "Batcher", "SystemCompleteFn", "create_app", "run_serve", "start_server"]

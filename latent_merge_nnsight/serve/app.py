@@ -3,7 +3,6 @@
 import asyncio
 import dataclasses
 import hmac
-import ipaddress
 import json
 import logging
 import os
@@ -19,10 +18,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation.loaded import Completion, load_system
-from latent_merge_nnsight.evaluation.systems import System
+from latent_merge_nnsight.net import is_loopback
 from latent_merge_nnsight.sampling import openai_finish_reason
-from latent_merge_nnsight.serve.batching import Batcher
+from latent_merge_nnsight.systems.batching import Batcher, Completion
+from latent_merge_nnsight.systems.loaded import load_system
+from latent_merge_nnsight.systems.spec import System
 
 # fastapi and uvicorn (the `eval` extra) are imported inside functions: the package works without them.
 
@@ -790,16 +790,9 @@ def _as_system(system: Any) -> Any:
     return system
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def _warn_if_public(host: str, api_key: str | None) -> None:
     """A warning when a non-loopback address (IPv4 or IPv6, ``::`` included) is served without a key."""
-    if api_key is None and not _is_loopback(host):
+    if api_key is None and not is_loopback(host):
         logger.warning(
             "serving on %s without authentication: anyone who can reach it can use the model; "
             "set --api-key (or LMN_API_KEY) to require 'Authorization: Bearer <key>'",
