@@ -16,6 +16,7 @@ distribution of the last prompt position with the request's sampling, so the rep
 the distribution it was drawn from.
 """
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,7 +102,10 @@ def score_echo(
     tokenizer = loaded.tokenizer
     out = []
     for i, prompt in enumerate(prompts):
-        run = prepare_run(loaded.base, [prompt], max_new_tokens=1, chat=False, **sampling)
+        with warnings.catch_warnings():
+            if max_new_tokens == 0:  # its context warning counts a new token that is not asked for
+                warnings.simplefilter("ignore")
+            run = prepare_run(loaded.base, [prompt], max_new_tokens=1, chat=False, **sampling)
         ids = run.batch.input_ids[0].cpu()
         n = ids.shape[0]
         if start >= n:
