@@ -54,7 +54,7 @@ def tasks(tmp_path_factory) -> Path:
 
 def per_choice(samples: list[dict]) -> list[list[float]]:
     """Per document (by id), each choice's loglikelihood."""
-    return [[r[0][0] for r in s["resps"]] for s in sorted(samples, key=lambda s: s["doc_id"])]
+    return [[float(r[0][0]) for r in s["resps"]] for s in sorted(samples, key=lambda s: s["doc_id"])]
 
 
 @pytest.fixture(scope="module")
