@@ -69,9 +69,7 @@ def hf_reference(tasks):
     return per_choice(out["samples"]["serve_mc"])
 
 
-def test_lm_eval_cli_local_completions_on_the_served_base_gives_hf_numbers(
-    tasks, hf_reference, tmp_path
-):
+def test_lm_eval_cli_local_completions_on_the_served_base_gives_hf_numbers(tasks, hf_reference, tmp_path):
     url, stop = start_server(SYSTEMS / "toy-base.yaml")
     try:
         cmd = [
