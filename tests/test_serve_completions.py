@@ -203,3 +203,16 @@ def test_latent_merge_argument_forms(fake):
     for extra, param in cases:
         r = httpx.post(f"{fake}/completions", json=base | extra, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
+
+
+def test_a_batch_mixing_token_ids_chats_and_text_answers_as_each_alone(base):
+    """The batcher may put a chat request and token-id prompts in one `complete` call."""
+    system, _ = base
+    chat = [{"role": "user", "content": "Compute 2+3."}]
+    ids = system.tokenizer("Compute 76+34.")["input_ids"]
+    together = system.complete([chat, ids, "a b c"], max_new_tokens=6)
+    alone = [system.complete([p], max_new_tokens=6)[0] for p in (chat, ids, "a b c")]
+    assert [c.text for c in together] == [c.text for c in alone]
+    assert [c.prompt_tokens for c in together] == [
+        system.count_prompt_tokens(p) for p in (chat, ids, "a b c")
+    ]
