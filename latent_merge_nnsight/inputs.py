@@ -1,8 +1,9 @@
 """Turn what users pass as prompts into `input_ids` + a full-width `attention_mask`.
 
 Accepted forms: a string, a list of strings, one chat (a list of `{"role", "content"}` dicts), a list of
-chats (the tokenizer's chat template is applied with a generation prompt), a tensor of ids, or a mapping
-with `input_ids` (and optionally `attention_mask`).
+chats (the tokenizer's chat template is applied with a generation prompt), a tensor of ids, a mapping
+with `input_ids` (and optionally `attention_mask`), or a list whose items may also be token-id lists
+(each row is then those ids as they are, padded like the rest).
 """
 
 from collections.abc import Mapping, Sequence
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from latent_merge_nnsight.errors import LatentMergeError
 
-__all__ = ["Batch", "check_context", "encode", "is_chat"]
+__all__ = ["Batch", "check_context", "encode", "is_chat", "is_token_ids"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,16 @@ class Batch:
 
     def to(self, device: Any) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device))
+
+
+def is_token_ids(obj: Any) -> bool:
+    """True for one prompt given as token ids: a non-empty list of ints."""
+    return (
+        isinstance(obj, Sequence)
+        and not isinstance(obj, str)
+        and len(obj) > 0
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in obj)
+    )
 
 
 def is_chat(obj: Any) -> bool:
@@ -114,9 +125,38 @@ def encode(
             "this model has no tokenizer; pass input_ids (and attention_mask) instead of text"
         )
 
+    if any(is_token_ids(p) for p in prompts):
+        return _id_rows(tokenizer, prompts, chat, padding_side)
     texts, templated = _texts(tokenizer, prompts, chat)
 
     return _tokenize(tokenizer, texts, templated, padding_side)
+
+
+def _id_rows(tokenizer: Any, prompts: Sequence[Any], chat: bool | None, padding_side: str | None) -> Batch:
+    """A batch some of whose prompts are token ids: those rows as given, the others tokenized as `encode`
+    tokenizes them alone (a chat without added special tokens, a raw string with them), padded."""
+    rows: list[list[int]] = []
+    for i, p in enumerate(prompts):
+        if is_token_ids(p):
+            rows.append([int(t) for t in p])
+            continue
+        (text,), templated = _texts(tokenizer, [p], chat)
+        rows.append(list(tokenizer(text, add_special_tokens=not templated)["input_ids"]))
+        if not rows[-1]:
+            raise LatentMergeError(f"prompts[{i}] encodes to no tokens; every prompt needs at least one")
+    side = padding_side or getattr(tokenizer, "padding_side", "left") or "left"
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        raise LatentMergeError(
+            "the tokenizer has no pad token; set tokenizer.pad_token (e.g. to the eos token) before batching"
+        )
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        at = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, at], mask[i, at] = torch.tensor(r), 1
+    return _from_tensors(ids, mask)
 
 
 def _texts(tokenizer: Any, prompts: Sequence[Any], chat: bool | None) -> tuple[list[str], bool]:

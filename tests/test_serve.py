@@ -555,12 +555,12 @@ def test_text_completion_through_openai_sdk(fake):
     assert system.calls[-1] == (["plain text"], {"max_new_tokens": 5})  # a string prompt, used as is
     streamed = client.completions.create(model="reverser", prompt=["plain text"], max_tokens=5, stream=True)
     assert "".join(c.choices[0].text for c in streamed if c.choices) == reply.choices[0].text
+    two = client.completions.create(model="reverser", prompt=["ab", "cde"], max_tokens=5)
+    assert [(c.index, c.text) for c in two.choices] == [(0, "ba"), (1, "edc")]  # one choice per prompt
+    assert two.usage.prompt_tokens == 5 and two.usage.completion_tokens == 5
     with pytest.raises(openai.BadRequestError) as exc:
-        client.completions.create(model="reverser", prompt=["a", "b"])
-    assert exc.value.body["param"] == "prompt"
-    with pytest.raises(openai.BadRequestError) as exc:
-        client.completions.create(model="reverser", prompt="a", echo=True)
-    assert exc.value.body["param"] == "echo"
+        client.completions.create(model="reverser", prompt="a", echo=True, max_tokens=1)
+    assert exc.value.body["param"] == "echo"  # a system that cannot score its prompts says so
 
 
 # --------------------------------------------------------------------------------------- real models

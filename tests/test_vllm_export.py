@@ -173,8 +173,9 @@ def test_per_request_recipes_are_checked_against_the_export():
 class Params:
     """What `check_front` reads of vLLM's `SamplingParams`."""
 
-    def __init__(self, extra_args=None):
+    def __init__(self, extra_args=None, prompt_logprobs=None):
         self.extra_args = extra_args
+        self.prompt_logprobs = prompt_logprobs
 
 
 def test_the_front_end_refuses_what_its_export_cannot_run_and_everything_without_one(monkeypatch):
@@ -190,6 +191,30 @@ def test_the_front_end_refuses_what_its_export_cannot_run_and_everything_without
         check_front(Params({"latent_merge": {"layers": {"5": 0.5}}}))
     with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
         check_front(Params({"latent_merge": {"alpha": 1.5}}))
+
+
+def test_merge_from_moves_where_a_request_merges_and_prompt_logprobs_need_it(monkeypatch):
+    export = check_export("toy-base", ["toy-reasoner"], lmn.Recipe(op="lerp", layers=[2, 3], alpha=0.5))
+    alone = parse_request({"merge_from": 7}, export)  # the export's alphas and op, from position 7 on
+    assert (alone.op, alone.alphas, alone.merge_from) == ("lerp", (), 7)
+    both = parse_request('{"alpha": 0.2, "merge_from": 3}', export)
+    assert both.alphas == ((2, 0.2), (3, 0.2)) and both.merge_from == 3
+    assert len({cache_salt(both), cache_salt(parse_request({"alpha": 0.2}, export)), cache_salt(alone)}) == 3
+    for bad in (-1, "3", True, 2.0):
+        with pytest.raises(LatentMergeError, match="merge_from"):
+            parse_request({"merge_from": bad}, export)
+    with pytest.raises(LatentMergeError, match="give alpha"):
+        parse_request({"op": "slerp", "merge_from": 2}, export)  # an op needs its alphas
+    monkeypatch.setattr(requests, "FRONT", {"export": export})
+    check_front(Params(prompt_logprobs=None))  # generation: nothing to say
+    for extra in (None, {"latent_merge": {"alpha": 1.0}}):  # echo scores: positions last would score the base
+        with pytest.raises(ValueError, match=r"prompt_logprobs \(echo\).*'last'.*base.*merge_from"):
+            check_front(Params(extra, prompt_logprobs=1))
+    check_front(Params({"latent_merge": '{"merge_from": 4}'}, prompt_logprobs=1))
+    check_front(Params({"latent_merge": {"merge_from": 4, "alpha": 0.0}}, prompt_logprobs=0))
+    every = lmn.Recipe(op="lerp", layers=[2, 3], alpha=0.5, positions="all")
+    requests.FRONT["export"] = check_export("toy-base", ["toy-reasoner"], every)
+    check_front(Params(prompt_logprobs=1))  # positions all: the prompt is scored as generation merges it
 
 
 def test_backend_vllm_is_refused_for_weight_merges_and_ensembles():

@@ -1,7 +1,10 @@
 """`lmn serve`: an OpenAI-compatible HTTP server for any system, latent-merged ones included.
 
 Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (``stream`` true or false,
-``logprobs`` for the chosen tokens), ``GET /v1/models``, ``GET /v1/models/{id}`` and ``GET /health``.
+``logprobs`` for the chosen tokens; completions take raw text, never chat-templated, or token ids, one
+prompt or a list, and with ``echo`` score the prompt itself: `systems.echo`), ``GET /v1/models``,
+``GET /v1/models/{id}``, vLLM's ``GET /tokenizer_info``, ``POST /tokenize`` and ``POST /detokenize``,
+and ``GET /health``. A parameter the server does not implement is a 400 naming it, never ignored.
 Any OpenAI client or evaluation harness can query it::
 
     url, stop = start_server("examples/systems/toy-latent-slerp.yaml")   # or run_serve(...) to block

@@ -6,6 +6,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -93,12 +94,56 @@ class ChatRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    """OpenAI's legacy text-completions request: one prompt string in, its continuation out."""
+    """OpenAI's legacy text-completions request: prompts (text or token ids) in, their continuations (or,
+    with ``echo``, the prompts' own logprobs) out."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0, le=MAX_INT)  # 0: only with echo (scoring the prompt)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = False
     suffix: str | None = None
+    latent_merge: str | dict[str, Any] | None = None
+    vllm_xargs: dict[str, Any] | None = None
+
+
+_HARMLESS = frozenset({"user", "metadata", "store", "service_tier"})
+"""OpenAI request fields that change nothing this server computes (accepted)."""
+_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "response_format": ({"type": "text"},),
+    "logit_bias": ({},),
+    "frequency_penalty": (0,),
+    "presence_penalty": (0,),
+    "repetition_penalty": (1,),
+    "best_of": (1,),
+    "min_tokens": (0,),
+    "min_p": (0,),
+    "tools": ([],),
+    "functions": ([],),
+    "tool_choice": ("none",),
+    "modalities": (["text"],),
+}
+"""Fields this server does not implement, with the values that ask for nothing (accepted); any other
+value is a 400 naming the field."""
+_WHY = {"tools": "tool calling", "functions": "tool calling", "tool_choice": "tool calling"}
+
+
+class _TokenizeRequest(BaseModel):
+    """vLLM's ``POST /tokenize`` body (text prompts)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class _DetokenizeRequest(BaseModel):
+    """vLLM's ``POST /detokenize`` body."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
 
 
 class ApiError(Exception):
@@ -191,16 +236,25 @@ def _logprobs(request: _Request) -> int | None:
     return request.logprobs
 
 
+def _refuse_unsupported(request: _Request) -> None:
+    """A 400 naming the first field the request sets that this server would otherwise ignore: one it
+    does not implement (with a value other than its neutral one) or one it does not know."""
+    for name, value in (request.model_extra or {}).items():
+        if value is None or name in _HARMLESS or value in _NEUTRAL.get(name, ()):
+            continue
+        what = f" ({_WHY[name]})" if name in _WHY else ""
+        known = "is not supported" if name in _NEUTRAL else "is not a parameter this endpoint supports"
+        raise ApiError(
+            400,
+            f"'{name}'{what} {known} by this server; leave it out rather than have it ignored",
+            param=name,
+            code="unsupported_parameter",
+        )
+
+
 def _overrides(request: _Request) -> dict[str, Any]:
     """Sampling overrides from the request (absent fields keep the system's own settings)."""
-    for name in ("tools", "functions"):
-        if getattr(request, "model_extra", {}).get(name):
-            raise ApiError(
-                400,
-                f"'{name}' (tool calling) is not supported by this server",
-                param=name,
-                code="unsupported_parameter",
-            )
+    _refuse_unsupported(request)
     out: dict[str, Any] = {}
     if request.temperature is not None:
         out["do_sample"] = request.temperature > 0
@@ -248,17 +302,64 @@ def _check_sampling(system: Any, overrides: dict[str, Any], budget_param: str) -
         raise ApiError(400, str(exc), param=param, code="invalid_value") from None
 
 
-def _prompt_text(request: CompletionRequest) -> str:
-    if isinstance(request.prompt, str):
-        return request.prompt
-    if len(request.prompt) != 1:
+def _prompt_list(request: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts: each a string or a token-id list (one string, one id list, or a list of
+    either)."""
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise ApiError(400, "prompt is an empty list; expected at least one prompt", param="prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]  # type: ignore[arg-type]
+    prompts = list(prompt)
+    if any(len(p) == 0 for p in prompts):
+        raise ApiError(400, "prompt holds an empty prompt; every prompt needs a token", param="prompt")
+    return prompts  # type: ignore[return-value]
+
+
+def _merge_from(request: CompletionRequest) -> int | None:
+    """The request's ``latent_merge.merge_from`` (in ``vllm_xargs`` or the body; JSON text or an
+    object), the only per-request setting this server takes: it runs its system's own recipe."""
+    extra = dict(request.vllm_xargs or {})
+    unknown = sorted(set(extra) - {"latent_merge"})
+    if unknown:
+        raise ApiError(
+            400, f"vllm_xargs keys {unknown} are not supported; expected latent_merge", param="vllm_xargs"
+        )
+    given = [v for v in (request.latent_merge, extra.get("latent_merge")) if v is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise ApiError(400, "give latent_merge once: in vllm_xargs or in the body", param="latent_merge")
+    raw = given[0]
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ApiError(400, f"latent_merge is not valid JSON ({e.msg})", param="latent_merge") from None
+    if not isinstance(raw, dict):
+        raise ApiError(400, 'latent_merge must be an object such as {"merge_from": 12}', param="latent_merge")
+    others = sorted(set(raw) - {"merge_from"})
+    if others:
         raise ApiError(
             400,
-            f"prompt is a list of {len(request.prompt)} strings; this server takes exactly one prompt",
-            param="prompt",
-            code="invalid_value",
+            f"latent_merge keys {others} are not supported by lmn serve, which runs its system's own "
+            "recipe (per-request alphas and ops are vllm serve's); it takes merge_from",
+            param="latent_merge",
         )
-    return request.prompt[0]
+    value = raw.get("merge_from")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ApiError(
+            400, f"latent_merge.merge_from={value!r}; expected a token index >= 0", param="latent_merge"
+        )
+    if value is not None and not request.echo:
+        raise ApiError(
+            400,
+            "latent_merge.merge_from says where an echoed prompt's merge starts; it needs echo=true",
+            param="latent_merge",
+        )
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -276,12 +377,9 @@ def _without_stop(c: Completion, stops: Any) -> Completion:
     return c
 
 
-def _usage(c: Completion) -> dict[str, int]:
-    return {
-        "prompt_tokens": c.prompt_tokens,
-        "completion_tokens": c.completion_tokens,
-        "total_tokens": c.prompt_tokens + c.completion_tokens,
-    }
+def _usage(cs: list[Completion]) -> dict[str, int]:
+    prompt, new = sum(c.prompt_tokens for c in cs), sum(c.completion_tokens for c in cs)
+    return {"prompt_tokens": prompt, "completion_tokens": new, "total_tokens": prompt + new}
 
 
 def _token_bytes(token: str) -> list[int]:
@@ -305,7 +403,8 @@ def _chat_logprobs(c: Completion) -> dict[str, Any] | None:
 
 
 def _text_logprobs(c: Completion) -> dict[str, Any] | None:
-    """The legacy completions ``logprobs`` object: parallel lists over the generated tokens."""
+    """The legacy completions ``logprobs`` object: parallel lists over the generated tokens (with echo,
+    the prompt's tokens first: the first has ``null`` logprob and alternatives)."""
     if c.logprobs is None:
         return None
     offsets, at = [], 0
@@ -315,7 +414,7 @@ def _text_logprobs(c: Completion) -> dict[str, Any] | None:
     return {
         "tokens": [t.token for t in c.logprobs],
         "token_logprobs": [t.logprob for t in c.logprobs],
-        "top_logprobs": [dict(t.top) for t in c.logprobs],
+        "top_logprobs": [None if t.logprob is None else dict(t.top) for t in c.logprobs],
         "text_offset": offsets,
     }
 
@@ -326,16 +425,16 @@ def _finish(c: Completion, openai_words: bool) -> str:
     return openai_finish_reason(c.finish_reason) if openai_words else c.finish_reason
 
 
-def _choice(kind: str, c: Completion, openai_words: bool = False) -> dict[str, Any]:
+def _choice(kind: str, c: Completion, openai_words: bool = False, index: int = 0) -> dict[str, Any]:
     finish = _finish(c, openai_words)
     if kind == "chat":
         return {
-            "index": 0,
+            "index": index,
             "message": {"role": "assistant", "content": c.text},
             "logprobs": _chat_logprobs(c),
             "finish_reason": finish,
         }
-    return {"index": 0, "text": c.text, "logprobs": _text_logprobs(c), "finish_reason": finish}
+    return {"index": index, "text": c.text, "logprobs": _text_logprobs(c), "finish_reason": finish}
 
 
 _OBJECT = {"chat": "chat.completion", "text": "text_completion"}
@@ -343,15 +442,15 @@ _CHUNK = {"chat": "chat.completion.chunk", "text": "text_completion"}
 
 
 def _body(
-    kind: str, cid: str, created: int, model: str, c: Completion, openai_words: bool = False
+    kind: str, cid: str, created: int, model: str, cs: list[Completion], openai_words: bool = False
 ) -> dict[str, Any]:
     return {
         "id": cid,
         "object": _OBJECT[kind],
         "created": created,
         "model": model,
-        "choices": [_choice(kind, c, openai_words)],
-        "usage": _usage(c),
+        "choices": [_choice(kind, c, openai_words, i) for i, c in enumerate(cs)],
+        "usage": _usage(cs),
     }
 
 
@@ -364,11 +463,12 @@ def _sse_events(
     cid: str,
     created: int,
     model: str,
-    c: Completion,
+    cs: list[Completion],
     include_usage: bool,
     openai_words: bool = False,
 ) -> list[str]:
-    """The finished answer as OpenAI stream chunks (role, text, finish reason, usage), then [DONE]."""
+    """The finished answers as OpenAI stream chunks (role, text, finish reason, usage), then [DONE]
+    (one answer for chat; one per prompt, by ``index``, for text completions)."""
 
     def chunk(choice: dict[str, Any] | None) -> dict[str, Any]:
         return {
@@ -379,8 +479,9 @@ def _sse_events(
             "choices": [choice] if choice is not None else [],
         }
 
-    finish = _finish(c, openai_words)
     if kind == "chat":
+        c = cs[0]
+        finish = _finish(c, openai_words)
         events = [chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None})]  # fmt: skip
         if c.text:
@@ -388,10 +489,13 @@ def _sse_events(
                                  "finish_reason": None}))  # fmt: skip
         events.append(chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}))
     else:
-        events = [chunk({"index": 0, "text": c.text, "logprobs": _text_logprobs(c), "finish_reason": None})]
-        events.append(chunk({"index": 0, "text": "", "logprobs": None, "finish_reason": finish}))
+        events = []
+        for i, c in enumerate(cs):
+            lp, finish = _text_logprobs(c), _finish(c, openai_words)
+            events.append(chunk({"index": i, "text": c.text, "logprobs": lp, "finish_reason": None}))
+            events.append(chunk({"index": i, "text": "", "logprobs": None, "finish_reason": finish}))
     if include_usage:
-        events.append({**chunk(None), "usage": _usage(c)})
+        events.append({**chunk(None), "usage": _usage(cs)})
     return [_sse(e) for e in events] + [_sse("[DONE]")]
 
 
@@ -401,8 +505,8 @@ def _sse_events(
 
 
 class _Guard:
-    """Refuses oversized bodies (413, from Content-Length) and, with a key, unauthenticated /v1 calls
-    (401; the key is compared in constant time). ``/health`` stays open."""
+    """Refuses oversized bodies (413, from Content-Length) and, with a key, unauthenticated calls (401;
+    the key is compared in constant time). ``/health`` stays open."""
 
     def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int) -> None:
         self.app, self.max_body_bytes = app, max_body_bytes
@@ -417,7 +521,7 @@ class _Guard:
         if length.isdigit() and int(length) > self.max_body_bytes:
             await _send_error(send, ApiError(413, _too_large(self.max_body_bytes), code="request_too_large"))
             return
-        if self._expected is not None and scope["path"].startswith("/v1"):
+        if self._expected is not None and scope["path"] != "/health":
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self._expected):
                 error = ApiError(
@@ -506,6 +610,7 @@ def create_app(
     _add_model_routes(app, name, started)
     limits = _Limits(context, max_prompt_tokens, max_tokens_limit, max_body_bytes, default_budget)
     _add_completion_routes(app, system, batcher, limits, openai_finish_reasons)
+    _add_tokenizer_routes(app, system, limits)
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)
     return app
 
@@ -604,33 +709,78 @@ class _Limits:
 
 async def _prepare(
     request: Any, schema: type[_Request], system: Any, limits: _Limits
-) -> tuple[Any, Any, dict[str, Any]]:
-    """Validate a request: (the parsed body, the prompt for the system, the generation params)."""
+) -> tuple[Any, list[Any], dict[str, Any]]:
+    """Validate a request: (the parsed body, its prompts for the system, the generation params)."""
     try:
         body = schema.model_validate_json(await _read_body(request, limits.max_body_bytes))
     except ValidationError as exc:
         raise _validation_error(exc) from None
     if body.model != system.name:
         raise _unknown_model(body.model, system.name)
-    prompt, prompt_param = _request_prompt(body)
+    prompts, prompt_param = _request_prompts(body)
     overrides = _overrides(body)
     budget_param, budget = _max_new_tokens(body)
+    echo = isinstance(body, CompletionRequest) and bool(body.echo)
+    merge_from = _merge_from(body) if isinstance(body, CompletionRequest) else None
+    if budget == 0 and not echo:
+        raise ApiError(
+            400,
+            "max_tokens=0 generates nothing; it is for echo=true (scoring the prompt)",
+            param="max_tokens",
+        )
     _check_budget_limit(budget_param, budget, limits.max_tokens_limit)
     _check_sampling(system, overrides | ({"max_new_tokens": budget} if budget else {}), budget_param)
-    try:  # off the event loop: a huge prompt must not stall other clients
-        n_prompt = await asyncio.to_thread(system.count_prompt_tokens, prompt)
-    except Exception as exc:  # e.g. the chat template rejects the conversation
-        raise ApiError(
-            400, f"the {prompt_param} cannot be rendered for this model: {exc}", param=prompt_param
-        ) from None
-    _fit_budget(overrides, limits, n_prompt, prompt_param, budget_param, budget)
+    counts = []
+    for prompt in prompts:
+        try:  # off the event loop: a huge prompt must not stall other clients
+            counts.append(await asyncio.to_thread(system.count_prompt_tokens, prompt))
+        except Exception as exc:  # e.g. the chat template rejects the conversation, ids out of range
+            raise ApiError(
+                400, f"the {prompt_param} cannot be rendered for this model: {exc}", param=prompt_param
+            ) from None
+    need = 0 if echo and budget == 0 else 1  # echo with max_tokens 0 runs the prompt alone
+    _fit_budget(overrides, limits, max(counts), prompt_param, budget_param, budget, need)
     _add_logprobs(overrides, system, body)
-    return body, prompt, overrides
+    if echo:
+        _add_echo(overrides, system, budget, merge_from, counts)
+    return body, prompts, overrides
+
+
+def _add_echo(
+    overrides: dict[str, Any], system: Any, budget: int | None, merge_from: int | None, counts: list[int]
+) -> None:
+    """An echo request's checks (the system's own: `LoadedSystem.check_echo`) and its params."""
+    check = getattr(system, "check_echo", None)
+    if check is None:
+        raise ApiError(
+            400, "echo=true is not supported by this system", param="echo", code="unsupported_parameter"
+        )
+    if budget is None:
+        raise ApiError(400, "echo=true scores the prompt: give max_tokens 0 or 1", param="max_tokens")
+    if merge_from is not None and merge_from >= min(counts):
+        raise ApiError(
+            400,
+            f"latent_merge.merge_from={merge_from} is past the end of a prompt of {min(counts)} tokens",
+            param="latent_merge",
+        )
+    try:
+        check(overrides.get("logprobs"), budget, merge_from)
+    except LatentMergeError as exc:
+        param = re.match(r"[a-z_]*", str(exc)).group(0) or "echo"  # the messages start with the parameter
+        raise ApiError(400, str(exc), param=param, code="unsupported_parameter") from None
+    overrides["echo"] = True
+    if merge_from is not None:
+        overrides["merge_from"] = merge_from
+
+
+async def _submit_all(batcher: Batcher, prompts: list[Any], params: dict[str, Any]) -> list[Completion]:
+    """Every prompt of a request through the batcher (they may share a batch)."""
+    return list(await asyncio.gather(*(batcher.submit(p, params) for p in prompts)))
 
 
 async def _events(
     batcher: Batcher,
-    prompt: Any,
+    prompts: list[Any],
     params: dict[str, Any],
     ids: tuple[str, str, int, str],
     include_usage: bool,
@@ -640,16 +790,15 @@ async def _events(
     kind, cid, created, name = ids
     # Headers are out before generation runs: a failure is an error event, then a clean end.
     try:
-        completion = await batcher.submit(prompt, params)
+        completions = await _submit_all(batcher, prompts, params)
     except Exception as exc:
         logger.exception("generation failed (stream)")
         yield _sse(_generation_error(exc).body())
         yield _sse("[DONE]")
         return
     stops = params.get("stop", ())
-    for event in _sse_events(
-        kind, cid, created, name, _without_stop(completion, stops), include_usage, openai_words
-    ):
+    answers = [_without_stop(c, stops) for c in completions]
+    for event in _sse_events(kind, cid, created, name, answers, include_usage, openai_words):
         yield event
 
 
@@ -664,19 +813,20 @@ def _add_completion_routes(
     name = system.name
 
     async def answer(kind: str, request: Request, schema: type[_Request]) -> Any:
-        body, prompt, params = await _prepare(request, schema, system, limits)
+        body, prompts, params = await _prepare(request, schema, system, limits)
         stops = params.get("stop", ())
         cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         if not body.stream:
             try:
-                completion = await batcher.submit(prompt, params)
+                completions = await _submit_all(batcher, prompts, params)
             except Exception as exc:
                 logger.exception("generation failed")
                 raise _generation_error(exc) from None
-            return _body(kind, cid, created, name, _without_stop(completion, stops), openai_words)
+            answers = [_without_stop(c, stops) for c in completions]
+            return _body(kind, cid, created, name, answers, openai_words)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _events(batcher, prompt, params, (kind, cid, created, name), include_usage, openai_words)
+        events = _events(batcher, prompts, params, (kind, cid, created, name), include_usage, openai_words)
         return StreamingResponse(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
@@ -688,6 +838,51 @@ def _add_completion_routes(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         return await answer("text", request, CompletionRequest)
+
+
+def _add_tokenizer_routes(app: Any, system: Any, limits: _Limits) -> None:
+    """vLLM's ``GET /tokenizer_info``, ``POST /tokenize`` and ``POST /detokenize`` (lm-eval's
+    ``local-completions`` probes them and then tokenizes with the server's own tokenizer), for a system
+    with a tokenizer and a `tokenize` method."""
+    from fastapi import Request
+
+    tokenizer, tokenize = getattr(system, "tokenizer", None), getattr(system, "tokenize", None)
+    if tokenizer is None or tokenize is None:
+        return
+
+    async def parsed(request: Request, schema: type[BaseModel]) -> Any:
+        try:
+            body = schema.model_validate_json(await _read_body(request, limits.max_body_bytes))
+        except ValidationError as exc:
+            raise _validation_error(exc) from None
+        if body.model is not None and body.model != system.name:
+            raise _unknown_model(body.model, system.name)
+        return body
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        info = {k: getattr(tokenizer, k, None) for k in ("eos_token", "bos_token", "pad_token", "unk_token")}
+        return {
+            "tokenizer_class": type(tokenizer).__name__,
+            **info,
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            "model_max_length": limits.context,
+        }
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> dict[str, Any]:
+        body = await parsed(request, _TokenizeRequest)
+        tokens = await asyncio.to_thread(tokenize, body.prompt, body.add_special_tokens)
+        return {"count": len(tokens), "max_model_len": limits.context, "tokens": tokens, "token_strs": None}
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> dict[str, Any]:
+        body = await parsed(request, _DetokenizeRequest)
+        vocab = len(tokenizer)
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"tokens {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens")
+        return {"prompt": await asyncio.to_thread(tokenizer.decode, body.tokens)}
 
 
 async def _read_body(request: Any, max_body_bytes: int) -> bytes:
@@ -711,15 +906,13 @@ def _check_budget_limit(budget_param: str, budget: int | None, max_tokens_limit:
         )
 
 
-def _request_prompt(body: Any) -> tuple[Any, str]:
-    """The prompt a request asks about, and the parameter it came in (refusing what we do not serve)."""
+def _request_prompts(body: Any) -> tuple[list[Any], str]:
+    """The prompts a request asks about, and the parameter they came in (refusing what we do not serve)."""
     if not isinstance(body, CompletionRequest):
-        return _chat(body), "messages"
-    if body.echo:
-        raise ApiError(400, "echo=true is not supported", param="echo", code="unsupported_parameter")
+        return [_chat(body)], "messages"
     if body.suffix:
         raise ApiError(400, "suffix is not supported", param="suffix", code="unsupported_parameter")
-    return _prompt_text(body), "prompt"
+    return _prompt_list(body), "prompt"
 
 
 def _fit_budget(
@@ -729,9 +922,11 @@ def _fit_budget(
     prompt_param: str,
     budget_param: str,
     budget: int | None,
+    need: int = 1,
 ) -> None:
-    """Refuse a prompt past the limits or the context, or a budget past what the context leaves; set
-    `max_new_tokens` in `overrides` to the asked budget, or the system's default cut to what fits."""
+    """Refuse a prompt past the limits or the context (leaving less than ``need`` tokens of room), or a
+    budget past what the context leaves; set `max_new_tokens` in `overrides` to the asked budget, or the
+    system's default cut to what fits."""
     context, max_prompt_tokens = limits.context, limits.max_prompt_tokens
     if max_prompt_tokens is not None and n_prompt > max_prompt_tokens:
         raise _too_long(
@@ -740,7 +935,7 @@ def _fit_budget(
             prompt_param,
         )
     room = context - n_prompt if context is not None else None
-    if room is not None and room < 1:
+    if room is not None and room < need:
         raise _too_long(
             f"the prompt has {n_prompt} tokens and fills the model's context of {context}; "
             f"shorten the {prompt_param}",

@@ -22,10 +22,11 @@ __all__ = ["BatchStats", "Batcher", "Completion", "SystemCompleteFn", "TokenLogp
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One generated token, its log-probability and (when asked for) the most likely alternatives."""
+    """One token, its log-probability and (when asked for) the most likely alternatives (an echoed
+    prompt's first token has neither: ``logprob`` None)."""
 
     token: str
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[str, float], ...] = ()
 
 

@@ -28,9 +28,10 @@ from latent_merge_nnsight._nnsight import is_wrapped
 from latent_merge_nnsight.baselines.weights import merge_weights
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generation import generate
-from latent_merge_nnsight.inputs import is_chat
+from latent_merge_nnsight.inputs import is_chat, is_token_ids
 from latent_merge_nnsight.models import hf_module, load, model_info
 from latent_merge_nnsight.systems.batching import Completion, SystemCompleteFn, TokenLogprob
+from latent_merge_nnsight.systems.echo import check_echo, score_echo
 from latent_merge_nnsight.systems.logprobs import supports_logprobs, token_logprobs
 from latent_merge_nnsight.systems.spec import (
     SamplingSpec,
@@ -113,7 +114,7 @@ class LoadedSystem:
                 "(a safetensors file from lmn.compute_deltas(...).save(path))"
             )  # the file itself is read by the plan (`lmn.generate`), next to the YAML file
         self.tokenizer = self.base.tokenizer
-        self._counter = _token_counter(self.tokenizer)
+        self._encode = _private_encoder(self.tokenizer)
         self._lock = threading.Lock()
         self._counter_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lmn-{config.name}")
@@ -139,8 +140,9 @@ class LoadedSystem:
         limits = [x for x in limits if isinstance(x, int) and x > 0]
         return min(limits) if limits else None
 
-    def count_prompt_tokens(self, prompt: str | Sequence[Mapping[str, Any]]) -> int:
-        """Tokens of one prompt as `generate` will see it (chat template applied to a chat).
+    def count_prompt_tokens(self, prompt: str | Sequence[Mapping[str, Any]] | Sequence[int]) -> int:
+        """Tokens of one prompt as `complete` runs it (chat template applied to a chat; a string as is,
+        with the tokenizer's special tokens; token ids as given).
 
         Safe to call from any thread while the model generates: it uses a private copy of the tokenizer.
         """
@@ -151,10 +153,24 @@ class LoadedSystem:
             special = False
         elif isinstance(prompt, str):
             text, special = prompt, True
+        elif is_token_ids(prompt):
+            vocab = hf_module(self.base).config.vocab_size
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise LatentMergeError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+            return len(prompt)
         else:
-            raise LatentMergeError(f"prompt has type {type(prompt).__name__}; expected a string or a chat")
+            raise LatentMergeError(
+                f"prompt has type {type(prompt).__name__}; expected a string, a chat or token ids"
+            )
         with self._counter_lock:
-            return self._counter(text, special)
+            return len(self._encode(text, special))
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The token ids of ``text`` (with the tokenizer's special tokens unless told otherwise), as
+        `complete` runs a raw string prompt. Safe from any thread, like `count_prompt_tokens`."""
+        with self._counter_lock:
+            return self._encode(text, add_special_tokens)
 
     def sampling(self, **overrides: Any) -> SamplingSpec:
         """The system's sampling settings with ``overrides`` applied (validated)."""
@@ -168,11 +184,18 @@ class LoadedSystem:
         except ValidationError as exc:
             raise LatentMergeError(f"sampling overrides are invalid:\n{explain_errors(exc)}") from None
 
+    def check_echo(self, logprobs: int | None, max_new_tokens: int, merge_from: int | None) -> None:
+        """Whether `complete(..., echo=True)` can serve these arguments (`systems.echo.check_echo`)."""
+        check_echo(self, logprobs, max_new_tokens, merge_from)
+
     def complete(self, prompts: Sequence[Any], **overrides: Any) -> list[Completion]:
-        """Generate one answer per prompt (strings are used as is, chats get the chat template).
+        """Generate one answer per prompt (strings are used as is, chats get the chat template, token-id
+        lists are the tokens themselves).
 
         ``overrides`` replace the system's sampling settings for this call (``max_new_tokens``,
         ``temperature``, ``seed``, ``stop``, ...). Thread-safe: calls run one at a time.
+        ``echo=True`` scores the prompts instead (`systems.echo.score_echo`: ``max_new_tokens`` 0 or 1,
+        the merge from ``merge_from``).
         """
         if isinstance(prompts, str) or is_chat(prompts):
             raise LatentMergeError(
@@ -182,6 +205,8 @@ class LoadedSystem:
         if not prompts:
             return []
         top = overrides.pop("logprobs", None)  # alternatives per token (0: the chosen one), or None
+        if overrides.pop("echo", False):
+            return self._echo(prompts, top, overrides)
         sampling = self.sampling(**overrides)
         with self._lock:
             self.generate_calls += 1
@@ -205,10 +230,20 @@ class LoadedSystem:
         """The answer texts for `prompts` (see `complete` for finish reasons and token counts)."""
         return [c.text for c in self.complete(prompts, **overrides)]
 
+    def _echo(self, prompts: list[Any], top: int | None, overrides: dict[str, Any]) -> list[Completion]:
+        merge_from = overrides.pop("merge_from", None)
+        budget = overrides.pop("max_new_tokens", 1)
+        kwargs = self.sampling(**overrides).generate_kwargs()
+        kwargs.pop("max_new_tokens")
+        with self._lock:
+            return score_echo(
+                self, prompts, top=top, max_new_tokens=budget, merge_from=merge_from, sampling=kwargs
+            )
+
     def _generate(self, prompts: list[Any], sampling: SamplingSpec, top: int | None = None) -> Any:
         """One `lmn.generate` call in this system's mode (on vLLM for backend vllm, which also reports
         the ``top`` logprobs of each token when asked)."""
-        kwargs = sampling.generate_kwargs()
+        kwargs = sampling.generate_kwargs() | {"chat": False}  # strings as they are: chats are templated
         if self.config.engine is not None:
             kwargs["engine"] = self.config.engine
         kind = self.config.kind
@@ -293,22 +328,22 @@ def _shell(ref: str, dtype: str) -> Any:
     return load(ref, dtype=dtype, up_to_layer=0)
 
 
-def _token_counter(tokenizer: Any) -> Callable[[str, bool], int]:
-    """A token-counting function over a private copy of the tokenizer's backend (rebuilt from its JSON,
-    so counting never touches the padding state that batched encoding sets on the shared tokenizer)."""
+def _private_encoder(tokenizer: Any) -> Callable[[str, bool], list[int]]:
+    """An encoding function over a private copy of the tokenizer's backend (rebuilt from its JSON, so
+    counting never touches the padding state that batched encoding sets on the shared tokenizer)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         private = Tokenizer.from_str(backend.to_str())
         private.no_padding()
         private.no_truncation()
-        return lambda text, special: len(private.encode(text, add_special_tokens=special).ids)
+        return lambda text, special: list(private.encode(text, add_special_tokens=special).ids)
     lock = threading.Lock()
 
-    def count(text: str, special: bool) -> int:  # a slow tokenizer: serialise its use
+    def encode(text: str, special: bool) -> list[int]:  # a slow tokenizer: serialise its use
         with lock:
-            return len(tokenizer(text, add_special_tokens=special)["input_ids"])
+            return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    return count
+    return encode
 
 
 def _weight_merged(

@@ -42,8 +42,9 @@ def _merge_mask(n_prompt: int, n_total: int, positions: Any) -> torch.Tensor:
     return torch.cat([prompt, rest], dim=1)
 
 
-def _row_logits(loaded: Any, ids: torch.Tensor, n_prompt: int) -> torch.Tensor:
-    """[seq, vocab] float32 logits of one unpadded row under the system's merge."""
+def _row_logits(loaded: Any, ids: torch.Tensor, n_prompt: int, select: Any = None) -> torch.Tensor:
+    """[seq, vocab] float32 logits of one unpadded row under the system's merge (at ``select``, a
+    [1, seq] bool mask, when given; else where generation merged)."""
     base = loaded.base
     device = next(hf_module(base).parameters()).device
     ids = ids[None].to(device)
@@ -57,7 +58,9 @@ def _row_logits(loaded: Any, ids: torch.Tensor, n_prompt: int) -> torch.Tensor:
         spec = get_op(recipe.op)
         alphas = recipe.layer_alphas(model_info(base).n_layers)
         layers = sorted(alphas)
-        select = _merge_mask(n_prompt, ids.shape[1], recipe.resolved_positions()).to(device)
+        if select is None:
+            select = _merge_mask(n_prompt, ids.shape[1], recipe.resolved_positions())
+        select = select.to(device)
         if spec.static_source:
             source: Any = loaded.sources[0]
         else:

@@ -19,7 +19,8 @@ Which tokens mix, and with which alpha: vLLM's token batch is the requests' sche
 in persistent-batch order (`query_start_loc` gives the boundaries). `requests.TABLE` gives each row's
 prompt length and recipe, so each token gets its alpha per layer as a tensor. Positions "last" select the
 tokens at or after a request's last prompt token (its position `prompt_len - 1`, then every generated
-token), which holds whatever chunk of the prompt this step runs and whatever a prefix-cache hit skipped.
+token), which holds whatever chunk of the prompt this step runs and whatever a prefix-cache hit skipped;
+a request's `merge_from` moves that first merged position (prompt logprobs scored as generation merges).
 """
 
 import dataclasses
@@ -253,15 +254,11 @@ class LatentMergeForCausalLM(nn.Module):
         n_tok = positions.shape[0]
         layers = sorted(plan.alphas)
         exported = [plan.alphas[k] for k in layers]
-        ops, prompt_len, op_id, alphas = _request_rows(n_reqs, plan.op.name, exported)
+        ops, first, op_id, alphas = _request_rows(n_reqs, plan.op.name, exported, plan.positions == "all")
         token = torch.arange(n_tok, device=device)
         req = torch.searchsorted(starts[1:].to(device), token, right=True).clamp(max=max(n_reqs - 1, 0))
         real = token < int(getattr(md, "num_actual_tokens", n_tok))
-        tok_prompt = torch.tensor(prompt_len, device=device)[req]
-        if plan.positions == "all":
-            where = real & (tok_prompt < 2**62)
-        else:  # the last prompt token, then every generated one
-            where = real & (positions >= tok_prompt - 1)
+        where = real & (positions >= torch.tensor(first, device=device)[req])  # each request's first merged
         tok_op = torch.tensor(op_id, device=device)[req]
         dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         tok_alpha = torch.tensor(alphas, dtype=dtype, device=device)[req]  # [tokens, layers]
@@ -390,21 +387,24 @@ class LatentMergeForCausalLM(nn.Module):
 
 
 def _request_rows(
-    n_reqs: int, exported_op: str, exported: list[float]
+    n_reqs: int, exported_op: str, exported: list[float], every: bool
 ) -> tuple[list[str], list[int], list[int], list[list[float]]]:
     """Per request of the persistent batch (`TABLE.rows`): (the ops in use, the export's first, then each
-    request's prompt length, index into those ops and alphas per merged layer)."""
+    request's first merged position, index into those ops and alphas per merged layer). The first merged
+    position is the request's ``merge_from``, else 0 for positions "all" (``every``), else its last prompt
+    token's (then every generated token)."""
     ops = [exported_op]
-    prompt_len, op_id, alphas = [], [], []
+    first, op_id, alphas = [], [], []
     for r in range(n_reqs):
         row = TABLE.rows.get(r)
         if row is None:
-            prompt_len.append(2**62)  # a padding row: never mixed
+            first.append(2**62)  # a padding row: never mixed
             op_id.append(0)
             alphas.append(exported)
             continue
-        prompt_len.append(row.prompt_len)
-        if row.recipe is None:
+        start = row.recipe.merge_from if row.recipe is not None else None
+        first.append(start if start is not None else 0 if every else row.prompt_len - 1)
+        if row.recipe is None or not row.recipe.alphas:  # merge_from alone: the export's alphas
             op_id.append(0)
             alphas.append(exported)
         else:
@@ -412,4 +412,4 @@ def _request_rows(
                 ops.append(row.recipe.op)
             op_id.append(ops.index(row.recipe.op))
             alphas.append([a for _, a in row.recipe.alphas])
-    return ops, prompt_len, op_id, alphas
+    return ops, first, op_id, alphas

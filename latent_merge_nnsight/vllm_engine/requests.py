@@ -7,7 +7,11 @@ A request's `latent_merge` value (a mapping, or its JSON text) holds:
 - `alpha`: one alpha for every layer of the export, or `layers` / `alphas`: `{layer: alpha}` over some of
   the export's layers (the others get alpha 0, i.e. the base there);
 - `op` (optional): another op the export can run (a live-source op for a live-source export; `delta` only
-  for a delta export); `allow_extrapolation` (optional) for alphas outside [0, 1].
+  for a delta export); `allow_extrapolation` (optional) for alphas outside [0, 1];
+- `merge_from` (optional; alone it keeps the export's alphas and op): a token index; the merge covers every
+  position >= it instead of the export's positions, so an echoed prompt (prompt logprobs) is scored as
+  generation from its first `merge_from + 1` tokens would merge it. A prompt-logprobs request to an
+  export whose positions are not "all" must give it (`check_prompt_logprobs`).
 Requests without one use the export's recipe; alpha 0 everywhere is the base. Site and positions are the
 export's.
 
@@ -52,10 +56,11 @@ class RequestRecipe:
     """A request's recipe resolved against an export: the op and an alpha for every exported layer."""
 
     op: str
-    alphas: tuple[tuple[int, float], ...]
+    alphas: tuple[tuple[int, float], ...]  # empty: the export's own alphas (a request with merge_from alone)
+    merge_from: int | None = None  # the first merged position (None: the export's positions)
 
     def key(self) -> str:
-        return json.dumps([self.op, list(self.alphas)])
+        return json.dumps([self.op, list(self.alphas), self.merge_from])
 
 
 def _raw(value: Any) -> dict[str, Any]:
@@ -70,11 +75,11 @@ def _raw(value: Any) -> dict[str, Any]:
         raise LatentMergeError(
             f"{KEY} has type {type(value).__name__}; expected a mapping such as {{'alpha': 0.3}}"
         )
-    unknown = sorted(set(value) - {"alpha", "alphas", "layers", "op", "allow_extrapolation"})
+    unknown = sorted(set(value) - {"alpha", "alphas", "layers", "op", "allow_extrapolation", "merge_from"})
     if unknown:
         raise LatentMergeError(
             f"{KEY}: unknown keys {unknown}; expected some of alpha, layers (or alphas), op, "
-            "allow_extrapolation"
+            "allow_extrapolation, merge_from"
         )
     return dict(value)
 
@@ -107,8 +112,11 @@ def check_request(value: Any) -> dict[str, Any]:
         raw.pop("alphas", None)
     elif "alpha" in raw:
         raw["alpha"] = _number(raw["alpha"], "alpha")
-    else:
+    elif "merge_from" not in raw or "op" in raw:
         raise LatentMergeError(f"{KEY}: give alpha (every exported layer) or layers {{layer: alpha}}")
+    start = raw.get("merge_from")
+    if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
+        raise LatentMergeError(f"{KEY}.merge_from={start!r}; expected a token index >= 0")
     if "op" in raw:
         get_op(raw["op"])  # unknown op: names the registered ones
     if not isinstance(raw.get("allow_extrapolation", False), bool):
@@ -132,6 +140,8 @@ def parse_request(value: Any, export: Export) -> RequestRecipe:
         raise LatentMergeError(
             f"{KEY}.op={spec.name!r} takes one source; this export has {len(export.sources)} (use regmean)"
         )
+    if "layers" not in raw and "alpha" not in raw:  # merge_from alone: the export's alphas and op
+        return RequestRecipe(exported.name, (), raw.get("merge_from"))
     if "layers" in raw:
         bad = sorted(set(raw["layers"]) - set(export.layers))
         if bad:
@@ -144,7 +154,24 @@ def parse_request(value: Any, export: Export) -> RequestRecipe:
     extrapolate = raw.get("allow_extrapolation", False) or bool(export.recipe.get("allow_extrapolation"))
     for layer, a in alphas.items():
         check_alpha(a, spec, allow_extrapolation=extrapolate, what=f"{KEY}.layers[{layer}]")
-    return RequestRecipe(spec.name, tuple(sorted(alphas.items())))
+    return RequestRecipe(spec.name, tuple(sorted(alphas.items())), raw.get("merge_from"))
+
+
+def check_prompt_logprobs(export: Export, recipe: RequestRecipe | None) -> None:
+    """Refuse prompt logprobs (echo) that would score the base: an export merged at positions other than
+    "all" mixes, without `merge_from`, only at the prompt's last token, whose prediction is not part of
+    the prompt's logprobs."""
+    if export.recipe is None or (recipe is not None and recipe.merge_from is not None):
+        return
+    positions = export.recipe_obj().resolved_positions()
+    if positions != "all":
+        raise LatentMergeError(
+            f"prompt_logprobs (echo): this export merges at positions {positions!r}, which depend on where "
+            "the context ends; scored as one prompt it would merge only at the last token, whose "
+            f"prediction is not scored, and report the base's numbers. Send {KEY}.merge_from (the index of "
+            "the context's last token: generation merges there and after it), e.g. "
+            f'vllm_xargs={{"{KEY}": "{{\\"merge_from\\": 11}}"}}, or export positions "all"'
+        )
 
 
 def request_args(recipe: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,7 +193,8 @@ def cache_salt(recipe: RequestRecipe | None) -> str | None:
 
 @dataclass
 class Row:
-    """One row of vLLM's persistent batch: its prompt length and its recipe (None: the export's)."""
+    """One row of vLLM's persistent batch: its prompt length and its recipe (None: the export's; its
+    ``merge_from``, when set, replaces the export's positions)."""
 
     prompt_len: int
     recipe: RequestRecipe | None
@@ -235,16 +263,21 @@ def check_front(sampling_params: Any) -> None:
     export, or vLLM gave this front end a config built elsewhere) refuses every such value: the worker
     would otherwise run the export's recipe instead, or no merge at all."""
     raw = (getattr(sampling_params, "extra_args", None) or {}).get(KEY)
-    if raw is None:
-        return
     export = FRONT.get("export")
+    scores_prompt = getattr(sampling_params, "prompt_logprobs", None) is not None
     try:
+        if raw is None:
+            if export is not None and scores_prompt:
+                check_prompt_logprobs(export, None)
+            return
         if export is None:
             raise LatentMergeError(
                 f"{KEY}: this process knows no latent-merge export (the model is not one, or its config "
                 "hook did not run here), so it cannot check or honour a per-request recipe"
             )
-        parse_request(raw, export)
+        recipe = parse_request(raw, export)
+        if scores_prompt:
+            check_prompt_logprobs(export, recipe)
     except LatentMergeError as e:
         raise ValueError(str(e)) from None
 
