@@ -161,12 +161,16 @@ class LoadedSystem:
         unknown = sorted(set(overrides) - set(SamplingSpec.model_fields))
         if unknown:
             raise LatentMergeError(
-                f"unknown sampling overrides {unknown}; expected some of {sorted(SamplingSpec.model_fields)}"
+                f"unknown sampling overrides {unknown}; expected some of {sorted(SamplingSpec.model_fields)}",
+                param=unknown[0],
             )
         try:
             return SamplingSpec.model_validate(self.config.sampling.model_dump() | overrides)
         except ValidationError as exc:
-            raise LatentMergeError(f"sampling overrides are invalid:\n{explain_errors(exc)}") from None
+            loc = exc.errors()[0]["loc"]
+            raise LatentMergeError(
+                f"sampling overrides are invalid:\n{explain_errors(exc)}", param=str(loc[0]) if loc else None
+            ) from None
 
     def complete(self, prompts: Sequence[Any], **overrides: Any) -> list[Completion]:
         """Generate one answer per prompt (strings are used as is, chats get the chat template).
