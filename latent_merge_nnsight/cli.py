@@ -4,8 +4,9 @@ Every subcommand imports what it needs when it runs, so `lmn --help` and argumen
 
 Errors: every failure ends as one line `lmn CMD: error: ...` on stderr with exit code 2 (`--debug` shows
 the traceback instead). `describe_error` turns exceptions into that line (pydantic, YAML, missing files,
-the package's own errors), and `FLAG_WORDS` respells the library's Python argument names as the flags the
-user typed. A new subcommand gets all of this by being added with `add_command`.
+the package's own errors), and the flag a user typed comes from the error's `param` (`PARAM_FLAGS`, one
+table) or, for messages that name no single parameter, from `FLAG_WORDS`. A new subcommand gets all of
+this by being added with `add_command`.
 """
 
 import argparse
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.sampling_rules import check_sampling
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -26,28 +28,39 @@ class CliError(LatentMergeError):
     """A user error already phrased in the command line's terms (the flags and files the user typed)."""
 
 
+PARAM_FLAGS: dict[str, str] = {
+    # a library parameter (`LatentMergeError.param`) -> the flag a command-line user typed: the one table
+    "max_new_tokens": "--max-new-tokens",
+    "temperature": "--temperature",
+    "top_p": "--top-p",
+    "top_k": "--top-k",
+    "seed": "--seed",
+    "stop": "--stop",
+    "sampler": "--sampler",
+    "engine": "--engine",
+    "dtype": "--dtype",
+    "limit": "--limit",
+    "batch_size": "--batch-size",
+    "split": "--split",
+    "on_missing": "--on-missing",
+}
 FLAG_WORDS: dict[str, str] = {
-    # how library messages name an argument -> the flag a command-line user typed
+    # how library messages spell an argument -> the flag: each parameter's `name=` from PARAM_FLAGS, and
+    # the phrases that name no single parameter
     "allow_extrapolation=True": "--allow-extrapolation",
     "resume=False": "--fresh",
-    "on_missing=": "--on-missing ",
-    "max_new_tokens=": "--max-new-tokens ",
-    "temperature=": "--temperature ",
-    "top_p=": "--top-p ",
-    "top_k=": "--top-k ",
-    "seed=": "--seed ",
-    "stop=": "--stop ",
-    "engine=": "--engine ",
-    "dtype=": "--dtype ",
-    "limit=": "--limit ",
-    "batch_size=": "--batch-size ",
-    "split=": "--split ",
+    **{f"{param}=": f"{flag} " for param, flag in PARAM_FLAGS.items()},
     "lmn.compute_deltas(...)": "--deltas FILE",
 }
 
 
-def in_flag_terms(message: str, words: dict[str, str] = FLAG_WORDS) -> str:
-    """`message` with the library's argument spellings (`top_p=0`) replaced by the flags (`--top-p 0`)."""
+def in_flag_terms(message: str, words: dict[str, str] = FLAG_WORDS, param: str | None = None) -> str:
+    """`message` with the library's argument spellings (`top_p=0`) replaced by the flags (`--top-p 0`).
+
+    `param` (the error's `LatentMergeError.param`) names the parameter at fault: its flag comes from
+    `PARAM_FLAGS` when the command takes it; the other spellings in `words` are respelled too."""
+    if param in PARAM_FLAGS and f"{param}=" in words:
+        message = re.sub(rf"(?<![\w.-]){re.escape(param)}=", f"{PARAM_FLAGS[param]} ", message)
     for python, flag in words.items():
         message = re.sub(rf"(?<![\w.-]){re.escape(python)}", flag, message)
     return message
@@ -515,6 +528,23 @@ def _checked(kind: Callable[[str], Any], ok: Callable[[Any], bool], expected: st
     return parse
 
 
+def _setting(name: str, kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse `type` for the sampling setting `name`: parsed with `kind`, checked by the one rule of
+    that setting (`sampling_rules.check_sampling`, as `lmn.generate` and the system YAML check it)."""
+
+    def parse(text: str) -> Any:
+        try:
+            return check_sampling(name, kind(text))
+        except LatentMergeError as e:
+            raise argparse.ArgumentTypeError(f"{text} is out of range; expected {e.expected}") from None
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {_RULE_KIND[kind]}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+_RULE_KIND = {int: "an int", float: "a number"}
 FINITE = _checked(float, math.isfinite, "a finite number")
 NON_NEGATIVE = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 PROBABILITY = _checked(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
@@ -538,11 +568,15 @@ def add_command(
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy; > 0 samples")
-    p.add_argument("--top-p", type=PROBABILITY, default=1.0, help="nucleus sampling mass (1 = off)")
-    p.add_argument("--top-k", type=COUNT, default=0, help="sample among the k most likely tokens (0 = off)")
-    p.add_argument("--seed", type=COUNT, default=None, help="seed for sampling (same seed, same tokens)")
+    flags = [
+        ("--max-new-tokens", "max_new_tokens", int, 64, "tokens to generate per prompt"),
+        ("--temperature", "temperature", float, 0.0, "0 = greedy; > 0 samples"),
+        ("--top-p", "top_p", float, 1.0, "nucleus sampling mass (1 = off)"),
+        ("--top-k", "top_k", int, 0, "sample among the k most likely tokens (0 = off)"),
+        ("--seed", "seed", int, None, "seed for sampling (same seed, same tokens)"),
+    ]
+    for flag, name, kind, default, help in flags:
+        p.add_argument(flag, type=_setting(name, kind), default=default, help=help)
     p.add_argument(
         "--sampler",
         default="default",
@@ -859,7 +893,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
-        print(f"lmn {command}: error: {in_flag_terms(_one_line(describe_error(e)), words)}", file=sys.stderr)
+        line = in_flag_terms(_one_line(describe_error(e)), words, getattr(e, "param", None))
+        print(f"lmn {command}: error: {line}", file=sys.stderr)
         return 2
 
 

@@ -100,7 +100,11 @@ def encode(
         chat: force (True) or skip (False) the chat template for strings; chats always use it.
     """
     if padding_side not in (None, "left", "right"):
-        raise LatentMergeError(f"padding_side={padding_side!r}; expected 'left' or 'right'")
+        raise LatentMergeError(
+            f"padding_side={padding_side!r}; expected 'left' or 'right'",
+            param="padding_side",
+            value=padding_side,
+        )
     if input_ids is not None or isinstance(prompts, Tensor):
         if prompts is not None and input_ids is not None:
             raise LatentMergeError("give either prompts or input_ids, not both")

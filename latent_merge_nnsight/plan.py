@@ -375,7 +375,10 @@ def _check_sources(base: Any, given: list[Any], spec: OpSpec, plan: Plan, weight
                 )
                 raise LatentMergeError(
                     f"recipe layer {layer} is past source[{i}] {info.name} ({loaded}); expected layers < "
-                    f"{info.n_layers}, or load the source with up_to_layer >= {max(alphas)}"
+                    f"{info.n_layers}, or load the source with up_to_layer >= {max(alphas)}",
+                    param="layers",
+                    value=layer,
+                    expected=f"layers < {info.n_layers}",
                 )
 
 

@@ -132,7 +132,10 @@ class Recipe(BaseModel):
         if out_of_range:
             raise LatentMergeError(
                 f"recipe field 'layers': {out_of_range} out of range for a model with {n_layers} layers; "
-                f"expected 0 <= layer < {n_layers}"
+                f"expected 0 <= layer < {n_layers}",
+                param="layers",
+                value=out_of_range,
+                expected=f"0 <= layer < {n_layers}",
             )
         if isinstance(self.layers, dict):
             return {layer: float(self.layers[layer]) for layer in layers}

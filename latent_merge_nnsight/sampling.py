@@ -26,7 +26,6 @@ Temperature 0 means greedy, everywhere the package takes sampling settings (`lmn
 `sampling`, the CLI, the server): `SamplingConfig.greedy` is the one place that says so.
 """
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +34,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.sampling_rules import SAMPLERS, SAMPLING_SETTINGS, check_sampling
 
 __all__ = [
     "FINISH_REASONS",
@@ -50,9 +49,6 @@ __all__ = [
 FINISH_REASONS = ("eos", "stop", "length")
 """Why a row ended: an EOS token, a stop string, or `max_new_tokens`. The one vocabulary of
 `GenerationResult.finish_reasons`, `Completion.finish_reason`, the respond files and the server."""
-
-SAMPLERS = ("default", "paper")
-"""Top-p rules: "default" keeps the token that crosses top_p, "paper" drops it (see the module doc)."""
 
 
 def openai_finish_reason(reason: str) -> str:
@@ -73,22 +69,8 @@ class SamplingConfig:
     sampler: str = "default"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.do_sample, bool):
-            raise LatentMergeError(f"do_sample={self.do_sample!r}; expected True or False")
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-            raise LatentMergeError(f"temperature={t!r}; expected a finite number >= 0 (0 means greedy)")
-        p = self.top_p
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
-            raise LatentMergeError(f"top_p={p!r}; expected 0 < top_p <= 1 (1 keeps every token)")
-        k = self.top_k
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise LatentMergeError(f"top_k={k!r}; expected an int >= 0 (0 keeps every token)")
-        s = self.seed
-        if s is not None and (isinstance(s, bool) or not isinstance(s, int) or s < 0):
-            raise LatentMergeError(f"seed={s!r}; expected None or an int >= 0")
-        if self.sampler not in SAMPLERS:
-            raise LatentMergeError(f"sampler={self.sampler!r}; expected one of: {', '.join(SAMPLERS)}")
+        for name in SAMPLING_SETTINGS:  # the one rule per setting (`sampling_rules`)
+            check_sampling(name, getattr(self, name))
 
     @property
     def greedy(self) -> bool:

@@ -190,12 +190,20 @@ def check_site(site: str) -> None:
 
 def check_layer(layer: Any, total: int, *, what: str = "layer", model_name: str = "the model") -> int:
     """Validate one layer index against `[0, total)`; negative indices are refused (the paper clamped)."""
+    expected = f"0 <= {what} < {total}"
     if isinstance(layer, bool) or not isinstance(layer, int):
-        raise LatentMergeError(f"{what}={layer!r} must be an int; expected 0 <= {what} < {total}")
+        raise LatentMergeError(
+            f"{what}={layer!r} must be an int; expected {expected}",
+            param=what,
+            value=layer,
+            expected=expected,
+        )
     if not 0 <= layer < total:
         raise LatentMergeError(
-            f"{what}={layer} is out of range for {model_name} ({total} layers); "
-            f"expected 0 <= {what} < {total}"
+            f"{what}={layer} is out of range for {model_name} ({total} layers); expected {expected}",
+            param=what,
+            value=layer,
+            expected=expected,
         )
     return layer
 

@@ -118,3 +118,33 @@ def test_incompatible_models_are_named(models):
         LatentMergeError, match="tokenizer vocabularies differ.*only in source \\['<extra>'\\]"
     ):
         lmn.check_compatible(base, lmn.wrap(hb2, tok, name="extra-tok"))
+
+
+@pytest.mark.parametrize(
+    "bad, param, value",
+    [
+        (dict(recipe=lmn.Recipe(op="slerp", layers={9: 0.5})), "layers", [9]),
+        (dict(do_sample=True, temperature=-1.0), "temperature", -1.0),
+        (dict(temperature=float("nan")), "temperature", "nan"),
+        (dict(engine="turbo"), "engine", "turbo"),
+    ],
+)
+def test_the_error_names_its_parameter_as_a_field(models, bad, param, value):
+    """`LatentMergeError.param` and `.value` say which argument was refused (what the CLI and the server
+    map to their flag and OpenAI `param`), and the message names it too."""
+    base, ft = models
+    kwargs = dict(recipe=lmn.Recipe(op="slerp", layers={1: 0.5}), max_new_tokens=1) | bad
+    recipe = kwargs.pop("recipe")
+    with pytest.raises(LatentMergeError) as info:
+        lmn.generate(base, ft, [PROMPT], recipe, **kwargs)
+    assert info.value.param == param
+    assert str(info.value.value) == str(value)
+    assert param in str(info.value)
+    assert_clean(base)
+
+
+def test_a_merge_layer_out_of_range_names_the_layer_parameter(models):
+    base, ft = models
+    with pytest.raises(LatentMergeError) as info:
+        merge_in_trace(base, layer=4, source=lmn.capture(ft, PROMPT, layers=[1]), alpha=0.5)
+    assert (info.value.param, info.value.value, info.value.expected) == ("layer", 4, "0 <= layer < 4")

@@ -447,7 +447,7 @@ def test_system_side_sampling_errors_name_the_request_parameter():
     class Strict(ReverseSystem):
         def sampling(self, **overrides):
             if overrides.get("top_k", 0) > 50:
-                raise LatentMergeError("top_k=... is more than this system's vocabulary")
+                raise LatentMergeError("top_k=... is more than this system's vocabulary", param="top_k")
 
     url, stop = start_server(Strict())
     try:

@@ -222,11 +222,17 @@ def respond(
 
 def _check_arguments(limit: Any, batch_size: Any, truncate: Any) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise LatentMergeError(f"limit={limit!r}; expected a positive int or None (all pairs)")
+        raise LatentMergeError(
+            f"limit={limit!r}; expected a positive int or None (all pairs)", param="limit", value=limit
+        )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise LatentMergeError(f"batch_size={batch_size!r}; expected an int >= 1")
+        raise LatentMergeError(
+            f"batch_size={batch_size!r}; expected an int >= 1", param="batch_size", value=batch_size
+        )
     if truncate not in TRUNCATE:
-        raise LatentMergeError(f"truncate={truncate!r}; expected one of {TRUNCATE}")
+        raise LatentMergeError(
+            f"truncate={truncate!r}; expected one of {TRUNCATE}", param="truncate", value=truncate
+        )
 
 
 def _system_config(system: Any) -> System:

@@ -244,7 +244,11 @@ def sample_example(category: str, rng: random.Random, split: Split) -> Example:
     """Draw one example of `category` from `split`, using (and advancing) `rng`."""
     check_category(category)
     if split not in SPLITS:
-        raise LatentMergeError(f"split={split!r} is not a split; expected one of: {', '.join(SPLITS)}")
+        raise LatentMergeError(
+            f"split={split!r} is not a split; expected one of: {', '.join(SPLITS)}",
+            param="split",
+            value=split,
+        )
     if category == "knowledge":
         prompt, answer, target = _knowledge(rng, split)
         return Example(category, prompt, answer, target)
@@ -269,9 +273,13 @@ def make_examples(category: str, n: int, seed: int, split: Split) -> list[Exampl
     """
     check_category(category)
     if split not in SPLITS:
-        raise LatentMergeError(f"split={split!r} is not a split; expected one of: {', '.join(SPLITS)}")
+        raise LatentMergeError(
+            f"split={split!r} is not a split; expected one of: {', '.join(SPLITS)}",
+            param="split",
+            value=split,
+        )
     if not isinstance(n, int) or n < 0:
-        raise LatentMergeError(f"n={n!r} must be an integer >= 0")
+        raise LatentMergeError(f"n={n!r} must be an integer >= 0", param="n", value=n)
     if category == "knowledge" and n > knowledge_pool_size(split):
         raise LatentMergeError(
             f"n={n} exceeds the {knowledge_pool_size(split)} distinct knowledge questions of "
@@ -375,9 +383,13 @@ def generate_responses(
     response has its special tokens removed.
     """
     if batch_size < 1:
-        raise LatentMergeError(f"batch_size={batch_size!r} must be >= 1")
+        raise LatentMergeError(
+            f"batch_size={batch_size!r} must be >= 1", param="batch_size", value=batch_size
+        )
     if max_new_tokens < 1:
-        raise LatentMergeError(f"max_new_tokens={max_new_tokens!r} must be >= 1")
+        raise LatentMergeError(
+            f"max_new_tokens={max_new_tokens!r} must be >= 1", param="max_new_tokens", value=max_new_tokens
+        )
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
     device = next(model.parameters()).device

@@ -24,6 +24,7 @@ from latent_merge_nnsight.inputs import Batch, check_context, encode
 from latent_merge_nnsight.models import hf_module, model_info
 from latent_merge_nnsight.plan import Plan, device_of
 from latent_merge_nnsight.sampling import Sampler, SamplingConfig, Tracker
+from latent_merge_nnsight.sampling_rules import check_sampling
 
 __all__ = ["BEAM_SEARCH_UNSUPPORTED", "GenerationResult", "Run", "left_align", "prepare_run"]
 
@@ -173,7 +174,11 @@ def _check_stop(stop: Any, tokenizer: Any) -> list[str]:
         return []
     items = [stop] if isinstance(stop, str) else stop
     if not isinstance(items, Sequence) or not all(isinstance(s, str) and s for s in items):
-        raise LatentMergeError(f"stop={stop!r}; expected a non-empty string or a list of non-empty strings")
+        raise LatentMergeError(
+            f"stop={stop!r}; expected a non-empty string or a list of non-empty strings",
+            param="stop",
+            value=stop,
+        )
     if items and tokenizer is None:
         raise LatentMergeError("stop strings need a tokenizer to decode the new text; the model has none")
     return list(items)
@@ -209,8 +214,7 @@ def prepare_run(
     `sampling` holds `SamplingConfig`'s fields (`do_sample`, `temperature`, `top_p`, `top_k`, `seed`,
     `sampler`).
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise LatentMergeError(f"max_new_tokens={max_new_tokens!r}; expected an int >= 1")
+    check_sampling("max_new_tokens", max_new_tokens)
     if num_beams != 1:
         raise LatentMergeError(BEAM_SEARCH_UNSUPPORTED.format(n=num_beams))
     config = SamplingConfig(**sampling)

@@ -47,7 +47,9 @@ ENGINES = ("auto", "fast", "nnsight", "vllm")
 
 def _pick_engine(engine: str, base: Any, sources: list[Any], plan: Plan) -> str:
     if engine not in ENGINES:
-        raise LatentMergeError(f"engine={engine!r}; expected one of: {', '.join(ENGINES)}")
+        raise LatentMergeError(
+            f"engine={engine!r}; expected one of: {', '.join(ENGINES)}", param="engine", value=engine
+        )
     if engine == "vllm":  # vLLM reads the weights from disk: the models here may be CPU shells
         return engine
     info = model_info(base)
@@ -60,14 +62,20 @@ def _pick_engine(engine: str, base: Any, sources: list[Any], plan: Plan) -> str:
     models = [base, *(sources if plan.live_sources else [])]
     reasons = [r for r in (fast_support(m) for m in models) if r is not None]
     if engine == "fast" and reasons:
-        raise LatentMergeError(f"engine='fast' cannot run this pair: {reasons[0]}; use engine='nnsight'")
+        raise LatentMergeError(
+            f"engine='fast' cannot run this pair: {reasons[0]}; use engine='nnsight'",
+            param="engine",
+            value=engine,
+        )
     if engine == "auto":
         engine = "fast" if not reasons else "nnsight"
     if engine == "nnsight":
         if not is_traceable(base):
             raise LatentMergeError(
                 f"engine='nnsight' needs an nnsight model; base is a {type(base).__name__} "
-                "(wrap it with lmn.wrap)"
+                "(wrap it with lmn.wrap)",
+                param="engine",
+                value=engine,
             )
         live_reasons = [r for r in (fast_support(m) for m in models[1:]) if r is not None]
         if live_reasons:
@@ -163,7 +171,9 @@ def generate(
     if logprobs is not None and (type(logprobs) is not int or logprobs < 0 or engine != "vllm"):
         raise LatentMergeError(
             f"logprobs={logprobs!r} (engine={engine!r}); expected None, or an int >= 0 (alternatives per "
-            "token) with engine='vllm' (other engines' tokens are scored by systems.logprobs)"
+            "token) with engine='vllm' (other engines' tokens are scored by systems.logprobs)",
+            param="logprobs",
+            value=logprobs,
         )
     run = prepare_run(
         base,

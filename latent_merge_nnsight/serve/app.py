@@ -285,20 +285,16 @@ _OVERRIDE_PARAM = {"max_new_tokens": "max_tokens", "do_sample": "temperature"}
 
 
 def _check_sampling(system: Any, overrides: dict[str, Any], budget_param: str) -> None:
-    """The system's own validation of the overrides, as a 400 naming the request parameter at fault."""
+    """The system's own validation of the overrides (the pydantic `SamplingSpec`), as a 400 naming the
+    request parameter at fault: the error's `param`, spelled as the request spells it (`_OVERRIDE_PARAM`)."""
     check = getattr(system, "sampling", None)
     if check is None:
         return
     try:
         check(**overrides)
     except LatentMergeError as exc:
-        param = None
-        for key, value in overrides.items():  # find the one override the system refuses
-            try:
-                check(**{key: value})
-            except LatentMergeError:
-                param = budget_param if key == "max_new_tokens" else _OVERRIDE_PARAM.get(key, key)
-                break
+        key = exc.param
+        param = budget_param if key == "max_new_tokens" else _OVERRIDE_PARAM.get(key, key)
         raise ApiError(400, str(exc), param=param, code="invalid_value") from None
 
 

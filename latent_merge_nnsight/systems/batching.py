@@ -71,9 +71,17 @@ class Batcher:
 
     def __init__(self, system: Any, *, max_batch_size: int = 8, max_wait_ms: float = 5.0) -> None:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise LatentMergeError(f"max_batch_size={max_batch_size!r}; expected an int >= 1")
+            raise LatentMergeError(
+                f"max_batch_size={max_batch_size!r}; expected an int >= 1",
+                param="max_batch_size",
+                value=max_batch_size,
+            )
         if not (isinstance(max_wait_ms, int | float) and 0 <= max_wait_ms < 60_000):
-            raise LatentMergeError(f"max_wait_ms={max_wait_ms!r}; expected 0 <= max_wait_ms < 60000")
+            raise LatentMergeError(
+                f"max_wait_ms={max_wait_ms!r}; expected 0 <= max_wait_ms < 60000",
+                param="max_wait_ms",
+                value=max_wait_ms,
+            )
         self.system = system
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0

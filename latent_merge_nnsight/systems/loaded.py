@@ -177,12 +177,16 @@ class LoadedSystem:
         unknown = sorted(set(overrides) - set(SamplingSpec.model_fields))
         if unknown:
             raise LatentMergeError(
-                f"unknown sampling overrides {unknown}; expected some of {sorted(SamplingSpec.model_fields)}"
+                f"unknown sampling overrides {unknown}; expected some of {sorted(SamplingSpec.model_fields)}",
+                param=unknown[0],
             )
         try:
             return SamplingSpec.model_validate(self.config.sampling.model_dump() | overrides)
         except ValidationError as exc:
-            raise LatentMergeError(f"sampling overrides are invalid:\n{explain_errors(exc)}") from None
+            loc = exc.errors()[0]["loc"]
+            raise LatentMergeError(
+                f"sampling overrides are invalid:\n{explain_errors(exc)}", param=str(loc[0]) if loc else None
+            ) from None
 
     def check_echo(self, logprobs: int | None, max_new_tokens: int, merge_from: int | None) -> None:
         """Whether `complete(..., echo=True)` can serve these arguments (`systems.echo.check_echo`)."""

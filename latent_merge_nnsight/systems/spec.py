@@ -23,7 +23,6 @@ and to judge (this module never imports the loading side). The parts of a system
 `EnsembleSpec.build()` gives one).
 """
 
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +35,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -46,6 +46,7 @@ from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.ops import check_weight
 from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.sampling import SamplingConfig
+from latent_merge_nnsight.sampling_rules import check_sampling
 
 __all__ = [
     "KINDS",
@@ -69,14 +70,12 @@ class SamplingSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_new_tokens: int = Field(256, ge=1, description="tokens to generate at most per answer")
+    max_new_tokens: int = Field(256, description="tokens to generate at most per answer (>= 1)")
     do_sample: bool = Field(False, description="sample (True) or decode greedily (False)")
-    temperature: float = Field(1.0, ge=0.0, description="softmax temperature when sampling (0 = greedy)")
-    top_p: float = Field(
-        1.0, gt=0.0, le=1.0, description="nucleus sampling: keep the top tokens up to this mass"
-    )
-    top_k: int = Field(0, ge=0, description="keep only the k most likely tokens (0: all)")
-    seed: int | None = Field(None, ge=0, description="random seed for sampling (None: unseeded)")
+    temperature: float = Field(1.0, description="softmax temperature when sampling (0 = greedy)")
+    top_p: float = Field(1.0, description="nucleus sampling: keep the top tokens up to this mass, in (0, 1]")
+    top_k: int = Field(0, description="keep only the k most likely tokens (0: all)")
+    seed: int | None = Field(None, description="random seed for sampling (None: unseeded)")
     stop: list[str] = Field(
         default_factory=list,
         description="stop strings: a row ends after the first one (kept at the end of the text)",
@@ -86,12 +85,11 @@ class SamplingSpec(BaseModel):
         description="top-p rule: 'default' keeps the token crossing top_p, 'paper' drops it (the seed's)",
     )
 
-    @field_validator("temperature", "top_p")
+    @field_validator("max_new_tokens", "temperature", "top_p", "top_k", "seed")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError(f"{value} is not a finite number")
-        return value
+    def _the_sampling_rule(cls, value: Any, info: ValidationInfo) -> Any:
+        """The one rule per setting (`sampling_rules.check_sampling`), as `lmn.generate` and the CLI."""
+        return check_sampling(info.field_name, value)
 
     @field_validator("stop")
     @classmethod

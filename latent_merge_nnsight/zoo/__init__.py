@@ -40,7 +40,11 @@ ZOO: dict[str, ZooModel] = {
 def zoo_path(name: str) -> pathlib.Path:
     """The folder of the shipped checkpoint `name` (loadable with `from_pretrained`)."""
     if name not in ZOO:
-        raise LatentMergeError(f"name={name!r} is not a zoo model; expected one of: {', '.join(sorted(ZOO))}")
+        raise LatentMergeError(
+            f"name={name!r} is not a zoo model; expected one of: {', '.join(sorted(ZOO))}",
+            param="name",
+            value=name,
+        )
     return ZOO_DIR / name
 
 
