@@ -408,6 +408,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         prompts=prompts,
         out=out / "sweep.jsonl",
         site=args.site,
+        allow_extrapolation=args.allow_extrapolation,
         resume=not args.fresh,
         progress=not args.no_progress,
     )
@@ -530,7 +531,10 @@ def add_command(
     """A subcommand parser with the shared flags (`--debug`); `flag_words` respells the library's argument
     names in its error messages (see `in_flag_terms`)."""
     p = sub.add_parser(name, help=help, description=help)
-    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    # no default here: a subcommand's default would overwrite `lmn --debug CMD`'s value
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, show the full traceback"
+    )
     p.set_defaults(handler=handler, flag_words=flag_words or {})
     return p
 
@@ -627,6 +631,7 @@ def _add_sweep_command(sub: Any) -> None:
     p.add_argument("--ops", nargs="+", default=["lerp", "slerp"], help="merge ops to sweep")
     p.add_argument("--layers", nargs="+", type=LAYER, required=True, help="merge layers to sweep")
     p.add_argument("--alphas", nargs="+", type=FINITE, default=[0.25, 0.5, 0.75], help="alphas to sweep")
+    p.add_argument("--allow-extrapolation", action="store_true", help="allow --alphas outside [0, 1]")
     p.add_argument(
         "--eval", choices=["tasks", "perplexity"], default="tasks", help="what to measure per cell"
     )
