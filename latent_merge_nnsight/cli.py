@@ -319,6 +319,13 @@ def cmd_judge(args: argparse.Namespace) -> int:
     paths = write_report({label: summary}, args.out)
     print(paths["markdown"].read_text())
     overall = summary["results"]["overall"]
+    if overall["failed"] == overall["n_judgments"]:  # nothing was judged: say why, and fail
+        first = next(j for j in judgments if j.error is not None)
+        raise CliError(
+            f"every judgment failed ({overall['failed']} of {overall['n_judgments']}; the report counts "
+            f"them as failed): the endpoint refused each request, e.g. pair {first.pair_id!r} order "
+            f"{first.order}: {first.error}"
+        )
     if overall["failed"]:
         print(f"{overall['failed']} judgment(s) failed (refused by the endpoint; see 'error' in the cache)")
     if overall["invalid"] or overall["failed"]:
@@ -348,6 +355,7 @@ def cmd_judgebench_accuracy(args: argparse.Namespace) -> int:
             cache_path=args.cache,
             batch_size=args.concurrency,
             retry_invalid=args.retry_invalid,
+            truncate=args.truncate,
         )
     else:
         if not args.judge_model:
@@ -749,6 +757,13 @@ def _add_judgebench_accuracy_command(sub: Any) -> None:
     p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (default: OpenAI)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
     p.add_argument("--judge-system", default=None, help="a local system YAML acting as the judge")
+    p.add_argument(
+        "--truncate",
+        default="error",
+        choices=["error", "left", "none"],
+        help="with --judge-system, a judge prompt longer than the judge's context (less max_new_tokens): "
+        "refuse it before judging (error), cut its start (left), or feed it whole (none)",
+    )
     p.add_argument("--cache", default=None, help="judgment cache JSONL for resuming")
     p.add_argument(
         "--concurrency", type=POSITIVE, default=8, help="parallel requests (batch size for a local judge)"
