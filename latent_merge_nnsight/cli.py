@@ -460,6 +460,19 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from latent_merge_nnsight.evaluation.judgebench_data import fetch_judgebench, verify_judgebench
+
+    fetched = fetch_judgebench(args.dir)
+    problems = verify_judgebench(args.dir)
+    if problems:  # pragma: no cover - fetch_judgebench writes only checked files
+        raise CliError("; ".join(problems))
+    print(
+        f"{args.dir}: JudgeBench's files, sha256-checked ({len(fetched)} fetched, the others already there)"
+    )
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from latent_merge_nnsight.vllm_engine.export import export_vllm
 
@@ -784,6 +797,18 @@ def _add_judgebench_score_command(sub: Any) -> None:
     p.add_argument("outputs", help="JSONL in JudgeBench's output format")
 
 
+def _add_data_command(sub: Any) -> None:
+    """`lmn data` and its arguments."""
+    p = add_command(
+        sub,
+        "data",
+        cmd_data,
+        "fetch JudgeBench's files from its own repository (pinned commit, sha256-checked)",
+    )
+    p.add_argument("dataset", choices=["judgebench"], help="the data set")
+    p.add_argument("dir", help="folder to fetch into (the tests read $LMN_JUDGEBENCH_DATA)")
+
+
 def _add_export_command(sub: Any) -> None:
     """`lmn export` and its arguments."""
     p = add_command(sub, "export", cmd_export, "export a latent system for another engine (vLLM)")
@@ -846,6 +871,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_judge_command(sub)
     _add_judgebench_accuracy_command(sub)
     _add_judgebench_score_command(sub)
+    _add_data_command(sub)
     _add_export_command(sub)
     _add_serve_command(sub)
     return parser

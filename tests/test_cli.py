@@ -4,14 +4,12 @@ import inspect
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from judgebench_files import DATA as SHARED
 
 from latent_merge_nnsight.cli import build_parser, in_flag_terms, main
 from latent_merge_nnsight.errors import LatentMergeError
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "judgebench"
 
 
 def test_help_lists_the_commands():

@@ -12,12 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from judgebench_files import GPT_FILE
 
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight.sampling import FINISH_REASONS
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "judgebench"
-GPT_FILE = DATA / "dataset=judgebench,response_model=gpt-4o-2024-05-13.jsonl"
 PROMPT = "What is 75+48?"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "systems"
 
