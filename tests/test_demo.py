@@ -142,6 +142,29 @@ def test_figures_are_pngs_with_content(demo, name):
     assert len(np.unique((rgb * 255).astype(np.uint8), axis=0)) > 20
 
 
+def test_heatmaps_show_every_op_and_alpha_the_grid_ran(demo):
+    from latent_merge_nnsight.demo.report import heatmap_figures
+
+    _, out = demo
+    df = pd.read_csv(out / "results.csv")
+    cells = df[(df["system"] == "latent") & (df["site"] == "pre") & df["schedule"].isna()]
+    grid_alphas = {*QUICK_GRID.alphas, *(1 / (1 + lam) for lam in QUICK_GRID.regmean_lambdas)}
+    grid_alphas |= set(QUICK_GRID.delta_strengths)
+    ran = set(cells["alpha"])
+    assert grid_alphas <= ran  # the grid's alphas ran (with any refined ones besides)
+    for name, figure in heatmap_figures(df).items():
+        panels = [ax for ax in figure.axes if ax.get_title()]
+        assert [ax.get_title() for ax in panels] == ["lerp", "slerp", "regmean", "delta"], name
+        for ax in panels:
+            shown = [float(t.get_text()) for t in ax.get_xticklabels()]
+            assert shown == sorted(ran), (name, ax.get_title())
+            rows = [int(t.get_text()) for t in ax.get_yticklabels()]
+            assert rows == sorted(set(cells["layer"].astype(int)))
+            values = ax.images[0].get_array()
+            ran_here = cells[cells["op"] == ax.get_title()]
+            assert int(np.isfinite(values.filled(np.nan)).sum()) == len(ran_here.groupby(["layer", "alpha"]))
+
+
 def test_report_has_the_tables_and_the_base_row_of_the_csv(demo):
     _, out = demo
     report = (out / "report.md").read_text()

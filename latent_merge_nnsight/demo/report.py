@@ -611,21 +611,22 @@ def _bars_figure(wide: pd.DataFrame, n_layers: int, path: Path) -> Path:
     return path
 
 
-def _heatmaps(df: pd.DataFrame, out: Path) -> dict[str, Path]:
-    """Layer x alpha heatmaps of the single-layer site-`pre` merges on the coarse alpha grid."""
+def heatmap_figures(df: pd.DataFrame, out: Path | None = None) -> dict[str, Any]:
+    """Layer x alpha heatmaps of the single-layer site-`pre` merges (written to OUT/NAME.png when `out` is
+    given): one panel per op the grid ran, one column per alpha (or delta strength) it ran, refined alphas
+    included (a cell the grid did not run is blank); the mean over the categories, and reasoning."""
     from latent_merge_nnsight.analysis.plots import heatmaps
 
     pre = df[(df["system"] != "latent") | ((df["site"] == "pre") & df["schedule"].isna())]
-    alphas = pre.loc[pre["system"] == "latent"].groupby("alpha")["layer"].nunique()
-    coarse = alphas[alphas == alphas.max()].index
-    pre = pre[(pre["system"] != "latent") | pre["alpha"].isin(coarse)]
     long = pre.assign(metric="accuracy", value=pre["accuracy"])
-    paths = {}
-    for name, category in (("heatmap_mean", None), ("heatmap_reasoning", GAINED)):
-        path = out / f"{name}.png"
-        heatmaps(long, "accuracy", category=category, path=path)
-        paths[name] = path
-    return paths
+    return {
+        name: heatmaps(long, "accuracy", category=category, path=None if out is None else out / f"{name}.png")
+        for name, category in (("heatmap_mean", None), ("heatmap_reasoning", GAINED))
+    }
+
+
+def _heatmaps(df: pd.DataFrame, out: Path) -> dict[str, Path]:
+    return {name: out / f"{name}.png" for name in heatmap_figures(df, out)}
 
 
 def write_figures(df: pd.DataFrame, wide: pd.DataFrame, n_layers: int, out: Path) -> dict[str, Path]:
