@@ -43,7 +43,9 @@ from latent_merge_nnsight.ops import get_op
 from latent_merge_nnsight.recipe import Recipe
 
 # optuna (the `search` extra) is imported inside functions only: the package works without it.
-__all__ = ["GAINED", "SKILLS", "SearchResult", "SearchSpace", "metric_names", "search", "task_metrics"]
+__all__ = [
+    "GAINED", "SKILLS", "SearchResult", "SearchSpace", "metric_names", "search", "skill_kept", "task_metrics",
+]  # fmt: skip
 
 SKILLS: tuple[str, ...] = ("knowledge", "math", "coding")
 """The toy-task categories whose mean accuracy is "skill" (what a merge should keep of the base)."""
@@ -58,12 +60,19 @@ def metric_names() -> tuple[str, ...]:
     return (*SKILLS, GAINED, *DERIVED)
 
 
+def skill_kept(skill: float, base_skill: float | None) -> float:
+    """*Skill kept*, the one definition (`lmn search`, the demo's report and figures, the notebooks):
+    skill (mean accuracy over `SKILLS`) / the base's skill on the same examples; nan without a base skill.
+    1 keeps all of the base's skill; above 1 is more than the base had."""
+    return skill / base_skill if base_skill else math.nan
+
+
 def task_metrics(accuracy: Mapping[str, float], base_skill: float | None) -> dict[str, float]:
     """The search metrics from accuracies per category (`base_skill`: the base's skill on the same
     examples, for `skill_kept`; None gives `skill_kept = nan`)."""
     acc = {c: float(accuracy[c]) for c in (*SKILLS, GAINED) if c in accuracy}
     skill = sum(acc[c] for c in SKILLS if c in acc) / max(1, sum(c in acc for c in SKILLS))
-    kept = skill / base_skill if base_skill else math.nan
+    kept = skill_kept(skill, base_skill)
     return acc | {
         "skill": skill,
         "skill_kept": kept,
