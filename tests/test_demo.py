@@ -239,7 +239,8 @@ def test_findings_are_computed_from_the_numbers(tmp_path):
     text = write_report(pd.DataFrame(rows), tmp_path / "a.md", META, {}).read_text()
     assert "site `pre` reaches (1 setups, single-layer and schedules) is 0.30" in text
     assert "reasoning goes from 0.20 at alpha 0.5 to 0.90 at alpha 1" in text
-    assert "`ensemble b=0.5` (reasoning 0.80, skill kept 0.90) dominates the best latent merge" in text
+    # skill kept = skill / the base's skill: 0.9 / ((1.0 + 0.9 + 1.0) / 3) = 0.931
+    assert "`ensemble b=0.5` (reasoning 0.80, skill kept 0.93) dominates the best latent merge" in text
     rows[-8:-4] = _row("latent", "lerp", 5, 0.5, (1.0, 0.95, 1.0, 1.0), "post")
     text = write_report(pd.DataFrame(rows), tmp_path / "b.md", META, {}).read_text()
     assert "is dominated by the best latent merge `latent-lerp post L=5 alpha=0.5`" in text
