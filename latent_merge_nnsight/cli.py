@@ -186,6 +186,7 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
         raise CliError(in_flag_terms(str(e)).replace("--alpha=", "--alpha ")) from None
     return Recipe(
         op=args.op,
+        site=args.site,
         layers={layer: args.alpha for layer in args.layer},
         allow_extrapolation=args.allow_extrapolation,
         deltas=deltas,
@@ -508,11 +509,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # parser
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default once: not where its help already says what the default is, nor for None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (`lmn CMD: error: ...`, exit 2) and defaults shown in --help."""
 
     def __init__(self, *args: Any, **kwargs: Any):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _Help)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:
@@ -556,6 +567,10 @@ def add_command(
     p.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, show the full traceback"
     )
+    p.add_argument(
+        "--threads", type=POSITIVE, default=argparse.SUPPRESS,
+        help="CPU threads for torch (default: 1 without a GPU, as the demo runs; else torch's own)",
+    )  # fmt: skip
     p.set_defaults(handler=handler, flag_words=flag_words or {})
     return p
 
@@ -624,6 +639,12 @@ def _add_generate_command(sub: Any) -> None:
     p.add_argument("--recipe", default=None, help="recipe YAML/JSON (or use --op/--layer/--alpha)")
     p.add_argument("--op", default="slerp", help="merge op when no recipe file is given")
     p.add_argument("--layer", type=LAYER, action="append", default=None, help="merge layer (repeatable)")
+    p.add_argument(
+        "--site",
+        default="pre",
+        choices=["pre", "post"],
+        help="merge site of each layer (entering or leaving it)",
+    )
     p.add_argument("--alpha", type=FINITE, default=0.5, help="source weight (0 = base, 1 = source)")
     p.add_argument("--allow-extrapolation", action="store_true", help="allow --alpha outside [0, 1]")
     p.add_argument(
@@ -877,6 +898,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _set_threads(threads: int | None) -> None:
+    """torch's CPU threads: `--threads N`, else 1 where no GPU is visible (on a shared CPU machine torch's
+    default of one thread per core is slower, not faster: the demo measured it)."""
+    import torch
+
+    if threads is None and not torch.cuda.is_available():
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 _ZOO_TRAIN = ("zoo", "train")
 """`lmn zoo train ...` hands its flags to the trainer's own parser (`lmn zoo train --help`)."""
 
@@ -896,6 +928,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as e:  # --help (0) or an argument error, already printed as one line (2)
             return e.code if isinstance(e.code, int) else 2
         command, debug, words = args.command, args.debug, args.flag_words
+        _set_threads(getattr(args, "threads", None))
         return args.handler(args)
     except KeyboardInterrupt:
         print(f"lmn {command}: interrupted", file=sys.stderr)

@@ -33,7 +33,8 @@ def test_the_readmes_vllm_example_runs_as_written(tmp_path):
     out = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-6000:]
-    texts = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    printed = [line for line in out.stdout.splitlines() if line.startswith(("['", '["'))]  # vLLM logs too
+    texts = ast.literal_eval(printed[-1])
     base, ft = lmn.load("toy-base", dtype="float32"), lmn.load("toy-reasoner", dtype="float32")
     prompts = ["What is 75+48?", "Write 'kpjxc' backwards."]
     assert prompts[0] in block and prompts[1] in block and "[0.0, 0.5]" in block
