@@ -31,7 +31,7 @@ def test_the_readmes_vllm_example_runs_as_written(tmp_path):
     assert export.returncode == 0, export.stderr[-3000:]
     (tmp_path / "example.py").write_text(block)
     out = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=600)  # fmt: skip
+                         text=True, timeout=1200)  # fmt: skip
     assert out.returncode == 0, out.stderr[-6000:]
     printed = [line for line in out.stdout.splitlines() if line.startswith(("['", '["'))]  # vLLM logs too
     texts = ast.literal_eval(printed[-1])
