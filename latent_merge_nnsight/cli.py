@@ -199,6 +199,7 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
         raise CliError(in_flag_terms(str(e)).replace("--alpha=", "--alpha ")) from None
     return Recipe(
         op=args.op,
+        site=args.site,
         layers={layer: args.alpha for layer in args.layer},
         allow_extrapolation=args.allow_extrapolation,
         deltas=deltas,
@@ -334,6 +335,13 @@ def cmd_judge(args: argparse.Namespace) -> int:
     paths = write_report({label: summary}, args.out)
     print(paths["markdown"].read_text())
     overall = summary["results"]["overall"]
+    if overall["failed"] == overall["n_judgments"]:  # nothing was judged: say why, and fail
+        first = next(j for j in judgments if j.error is not None)
+        raise CliError(
+            f"every judgment failed ({overall['failed']} of {overall['n_judgments']}; the report counts "
+            f"them as failed): the endpoint refused each request, e.g. pair {first.pair_id!r} order "
+            f"{first.order}: {first.error}"
+        )
     if overall["failed"]:
         print(f"{overall['failed']} judgment(s) failed (refused by the endpoint; see 'error' in the cache)")
     if overall["invalid"] or overall["failed"]:
@@ -363,6 +371,7 @@ def cmd_judgebench_accuracy(args: argparse.Namespace) -> int:
             cache_path=args.cache,
             batch_size=args.concurrency,
             retry_invalid=args.retry_invalid,
+            truncate=args.truncate,
         )
     else:
         if not args.judge_model:
@@ -423,6 +432,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         prompts=prompts,
         out=out / "sweep.jsonl",
         site=args.site,
+        allow_extrapolation=args.allow_extrapolation,
         resume=not args.fresh,
         progress=not args.no_progress,
     )
@@ -466,6 +476,19 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from latent_merge_nnsight.evaluation.judgebench_data import fetch_judgebench, verify_judgebench
+
+    fetched = fetch_judgebench(args.dir)
+    problems = verify_judgebench(args.dir)
+    if problems:  # pragma: no cover - fetch_judgebench writes only checked files
+        raise CliError("; ".join(problems))
+    print(
+        f"{args.dir}: JudgeBench's files, sha256-checked ({len(fetched)} fetched, the others already there)"
+    )
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from latent_merge_nnsight.systems.export import export_vllm
 
@@ -501,11 +524,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # parser
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default once: not where its help already says what the default is, nor for None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default is None:
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (`lmn CMD: error: ...`, exit 2) and defaults shown in --help."""
 
     def __init__(self, *args: Any, **kwargs: Any):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _Help)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> Any:
@@ -562,7 +595,14 @@ def add_command(
     """A subcommand parser with the shared flags (`--debug`); `flag_words` respells the library's argument
     names in its error messages (see `in_flag_terms`)."""
     p = sub.add_parser(name, help=help, description=help)
-    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    # no default here: a subcommand's default would overwrite `lmn --debug CMD`'s value
+    p.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, show the full traceback"
+    )
+    p.add_argument(
+        "--threads", type=POSITIVE, default=argparse.SUPPRESS,
+        help="CPU threads for torch (default: 1 without a GPU, as the demo runs; else torch's own)",
+    )  # fmt: skip
     p.set_defaults(handler=handler, flag_words=flag_words or {})
     return p
 
@@ -635,6 +675,12 @@ def _add_generate_command(sub: Any) -> None:
     p.add_argument("--recipe", default=None, help="recipe YAML/JSON (or use --op/--layer/--alpha)")
     p.add_argument("--op", default="slerp", help="merge op when no recipe file is given")
     p.add_argument("--layer", type=LAYER, action="append", default=None, help="merge layer (repeatable)")
+    p.add_argument(
+        "--site",
+        default="pre",
+        choices=["pre", "post"],
+        help="merge site of each layer (entering or leaving it)",
+    )
     p.add_argument("--alpha", type=FINITE, default=0.5, help="source weight (0 = base, 1 = source)")
     p.add_argument("--allow-extrapolation", action="store_true", help="allow --alpha outside [0, 1]")
     p.add_argument(
@@ -663,6 +709,7 @@ def _add_sweep_command(sub: Any) -> None:
     p.add_argument("--ops", nargs="+", default=["lerp", "slerp"], help="merge ops to sweep")
     p.add_argument("--layers", nargs="+", type=LAYER, required=True, help="merge layers to sweep")
     p.add_argument("--alphas", nargs="+", type=FINITE, default=[0.25, 0.5, 0.75], help="alphas to sweep")
+    p.add_argument("--allow-extrapolation", action="store_true", help="allow --alphas outside [0, 1]")
     p.add_argument(
         "--eval", choices=["tasks", "perplexity"], default="tasks", help="what to measure per cell"
     )
@@ -780,6 +827,13 @@ def _add_judgebench_accuracy_command(sub: Any) -> None:
     p.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (default: OpenAI)")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the key")
     p.add_argument("--judge-system", default=None, help="a local system YAML acting as the judge")
+    p.add_argument(
+        "--truncate",
+        default="error",
+        choices=["error", "left", "none"],
+        help="with --judge-system, a judge prompt longer than the judge's context (less max_new_tokens): "
+        "refuse it before judging (error), cut its start (left), or feed it whole (none)",
+    )
     p.add_argument("--cache", default=None, help="judgment cache JSONL for resuming")
     p.add_argument(
         "--concurrency", type=POSITIVE, default=8, help="parallel requests (batch size for a local judge)"
@@ -798,6 +852,18 @@ def _add_judgebench_score_command(sub: Any) -> None:
         sub, "judgebench-score", cmd_judgebench_score, "score a JudgeBench output file (official protocol)"
     )
     p.add_argument("outputs", help="JSONL in JudgeBench's output format")
+
+
+def _add_data_command(sub: Any) -> None:
+    """`lmn data` and its arguments."""
+    p = add_command(
+        sub,
+        "data",
+        cmd_data,
+        "fetch JudgeBench's files from its own repository (pinned commit, sha256-checked)",
+    )
+    p.add_argument("dataset", choices=["judgebench"], help="the data set")
+    p.add_argument("dir", help="folder to fetch into (the tests read $LMN_JUDGEBENCH_DATA)")
 
 
 def _add_export_command(sub: Any) -> None:
@@ -862,9 +928,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_judge_command(sub)
     _add_judgebench_accuracy_command(sub)
     _add_judgebench_score_command(sub)
+    _add_data_command(sub)
     _add_export_command(sub)
     _add_serve_command(sub)
     return parser
+
+
+def _set_threads(threads: int | None) -> None:
+    """torch's CPU threads: `--threads N`, else 1 where no GPU is visible (on a shared CPU machine torch's
+    default of one thread per core is slower, not faster: the demo measured it)."""
+    import torch
+
+    if threads is None and not torch.cuda.is_available():
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 _ZOO_TRAIN = ("zoo", "train")
@@ -886,6 +964,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as e:  # --help (0) or an argument error, already printed as one line (2)
             return e.code if isinstance(e.code, int) else 2
         command, debug, words = args.command, args.debug, args.flag_words
+        _set_threads(getattr(args, "threads", None))
         return args.handler(args)
     except KeyboardInterrupt:
         print(f"lmn {command}: interrupted", file=sys.stderr)

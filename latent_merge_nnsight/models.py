@@ -451,3 +451,19 @@ def active_model() -> Any:
             f"could not tell which model is being traced ({len(roots)} candidates); pass model="
         )
     return roots[0]
+
+
+@contextlib.contextmanager
+def quiet_hf_progress(quiet: bool = True) -> Any:
+    """Hide transformers' own progress bars (loading, writing shards) inside the block when `quiet`:
+    a command with its own bar, or run with --no-progress, shows none of them."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

@@ -4,14 +4,13 @@ import inspect
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from judgebench_files import DATA as SHARED
+from judgebench_files import MISSING
 
 from latent_merge_nnsight.cli import build_parser, in_flag_terms, main
 from latent_merge_nnsight.errors import LatentMergeError
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "judgebench"
 
 
 def test_help_lists_the_commands():
@@ -36,7 +35,9 @@ def test_recipe_command_reports_bad_layer_with_exit_code_2(tmp_path, capsys):
 
 
 def test_judgebench_score_runs_on_an_official_file(capsys):
-    path = sorted((SHARED / "official_outputs").glob("*.jsonl"))[0]
+    found = sorted((SHARED / "official_outputs").glob("*.jsonl"))
+    assert found, MISSING
+    path = found[0]
     assert main(["judgebench-score", str(path)]) == 0
     data = json.loads(capsys.readouterr().out)
     assert 0 <= data["overall"]["accuracy"] <= 1  # a fraction, not JudgeBench's percent

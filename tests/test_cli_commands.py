@@ -12,12 +12,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from judgebench_files import GPT_FILE
 
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight.sampling import FINISH_REASONS
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "judgebench"
-GPT_FILE = DATA / "dataset=judgebench,response_model=gpt-4o-2024-05-13.jsonl"
 PROMPT = "What is 75+48?"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "systems"
 
@@ -107,10 +106,13 @@ def test_judgebench_accuracy_with_a_judge_system_scores_as_the_api(tmp_path, sys
 
     out = tmp_path / "official.jsonl"
     stdout = lmn_cli("judgebench-accuracy", "--judge-system", str(system_file), "--template", "pairwise_abc",
-                     "--data", str(short_judgebench), "--out", str(out))  # fmt: skip
+                     "--data", str(short_judgebench), "--out", str(out), "--truncate", "left")  # fmt: skip
+    # (the toy judge's context is 256 tokens; pairwise_abc's prompt alone is longer: cut, as asked)
     scores = json.loads(stdout[stdout.index("{") :])
     pairs = load_judgebench("gpt", short_judgebench)
-    records = judgebench_accuracy_system(pairs, str(system_file), load_template("pairwise_abc"))
+    records = judgebench_accuracy_system(
+        pairs, str(system_file), load_template("pairwise_abc"), truncate="left"
+    )
     assert scores == json.loads(json.dumps(official_accuracy(records)))
     assert scores["overall"]["n"] == 2 and len(out.read_text().splitlines()) == 2
 

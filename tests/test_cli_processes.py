@@ -10,13 +10,12 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from judgebench_files import CLAUDE_FILE, DATA, vanilla_copy
 from loopback_server import LoopbackServer, completion
 from serve_load import QUESTION, env, free_port, greedy, lmn, rss_kib, run_load, start_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMS = ROOT / "examples" / "systems"
-DATA = ROOT.parent / "shared" / "data" / "judgebench"
-CLAUDE_FILE = DATA / "dataset=judgebench,response_model=claude-3-5-sonnet-20240620.jsonl"
 MODEL = "toy-latent-slerp"
 
 
@@ -296,7 +295,7 @@ def test_judgebench_accuracy_with_the_vanilla_prompt_from_a_local_copy(tmp_path)
             lmn("judgebench-accuracy", "--split", "claude", "--data", str(CLAUDE_FILE),
                 "--template", "vanilla", "--judge-model", "m", "--base-url", server.base_url,
                 "--limit", "3", "--out", str(tmp_path / "o.jsonl")),
-            env=env(OPENAI_API_KEY="dummy", LMN_JUDGEBENCH_PROMPT=str(DATA / "PROMPTS.md")),
+            env=env(OPENAI_API_KEY="dummy", LMN_JUDGEBENCH_PROMPT=str(vanilla_copy())),
             capture_output=True,
             text=True,
             timeout=120,

@@ -142,6 +142,29 @@ def test_figures_are_pngs_with_content(demo, name):
     assert len(np.unique((rgb * 255).astype(np.uint8), axis=0)) > 20
 
 
+def test_heatmaps_show_every_op_and_alpha_the_grid_ran(demo):
+    from latent_merge_nnsight.demo.report import heatmap_figures
+
+    _, out = demo
+    df = pd.read_csv(out / "results.csv")
+    cells = df[(df["system"] == "latent") & (df["site"] == "pre") & df["schedule"].isna()]
+    grid_alphas = {*QUICK_GRID.alphas, *(1 / (1 + lam) for lam in QUICK_GRID.regmean_lambdas)}
+    grid_alphas |= set(QUICK_GRID.delta_strengths)
+    ran = set(cells["alpha"])
+    assert grid_alphas <= ran  # the grid's alphas ran (with any refined ones besides)
+    for name, figure in heatmap_figures(df).items():
+        panels = [ax for ax in figure.axes if ax.get_title()]
+        assert [ax.get_title() for ax in panels] == ["lerp", "slerp", "regmean", "delta"], name
+        for ax in panels:
+            shown = [float(t.get_text()) for t in ax.get_xticklabels()]
+            assert shown == sorted(ran), (name, ax.get_title())
+            rows = [int(t.get_text()) for t in ax.get_yticklabels()]
+            assert rows == sorted(set(cells["layer"].astype(int)))
+            values = ax.images[0].get_array()
+            ran_here = cells[cells["op"] == ax.get_title()]
+            assert int(np.isfinite(values.filled(np.nan)).sum()) == len(ran_here.groupby(["layer", "alpha"]))
+
+
 def test_report_has_the_tables_and_the_base_row_of_the_csv(demo):
     _, out = demo
     report = (out / "report.md").read_text()
@@ -216,7 +239,8 @@ def test_findings_are_computed_from_the_numbers(tmp_path):
     text = write_report(pd.DataFrame(rows), tmp_path / "a.md", META, {}).read_text()
     assert "site `pre` reaches (1 setups, single-layer and schedules) is 0.30" in text
     assert "reasoning goes from 0.20 at alpha 0.5 to 0.90 at alpha 1" in text
-    assert "`ensemble b=0.5` (reasoning 0.80, skill kept 0.90) dominates the best latent merge" in text
+    # skill kept = skill / the base's skill: 0.9 / ((1.0 + 0.9 + 1.0) / 3) = 0.931
+    assert "`ensemble b=0.5` (reasoning 0.80, skill kept 0.93) dominates the best latent merge" in text
     rows[-8:-4] = _row("latent", "lerp", 5, 0.5, (1.0, 0.95, 1.0, 1.0), "post")
     text = write_report(pd.DataFrame(rows), tmp_path / "b.md", META, {}).read_text()
     assert "is dominated by the best latent merge `latent-lerp post L=5 alpha=0.5`" in text

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from judgebench_files import GPT_FILE
 from loopback_server import LoopbackServer, completion, error, user_text
 
 from latent_merge_nnsight.errors import LatentMergeError
@@ -34,8 +35,6 @@ from latent_merge_nnsight.evaluation.judgebench import (
     official_accuracy,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "judgebench"
-GPT_FILE = DATA / "dataset=judgebench,response_model=gpt-4o-2024-05-13.jsonl"
 SECRET = "sk-test-DO-NOT-LEAK-4f1c9e"
 TEMPLATE = load_template("pairwise_abc")
 FAST = {"base_delay": 0.001, "max_delay": 0.01, "progress": False}

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+from judgebench_files import CLAUDE_FILE, DATA, GPT_FILE, MISSING, vanilla_copy
 
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.judgebench import (
@@ -21,9 +22,6 @@ from latent_merge_nnsight.evaluation.judgebench import (
     parse_output_ab,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "judgebench"
-GPT_FILE = DATA / "dataset=judgebench,response_model=gpt-4o-2024-05-13.jsonl"
-CLAUDE_FILE = DATA / "dataset=judgebench,response_model=claude-3-5-sonnet-20240620.jsonl"
 OFFICIAL = DATA / "official_outputs"
 needs_data = pytest.mark.usefixtures("judgebench_copies")
 
@@ -31,7 +29,7 @@ needs_data = pytest.mark.usefixtures("judgebench_copies")
 @pytest.fixture
 def judgebench_copies():
     """The real JudgeBench copies in ../shared: missing, the tests that read them fail (never skip)."""
-    assert GPT_FILE.is_file(), f"JudgeBench copies not found in {DATA} (shared/ must sit beside the repo)"
+    assert GPT_FILE.is_file(), MISSING
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -350,9 +348,9 @@ def test_builtin_abc_template_renders_answers_verbatim():
 
 @needs_data
 def test_vanilla_jinja_template_from_prompts_md(tmp_path):
-    block = re.search(
-        r"````jinja\n(.*?)\n````", (DATA / "PROMPTS.md").read_text(encoding="utf-8"), re.S
-    ).group(1)
+    text = vanilla_copy().read_text(encoding="utf-8")  # the fetched file, or a markdown file quoting it
+    quoted = re.search(r"````jinja\n(.*?)\n````", text, re.S)
+    block = quoted.group(1) if quoted else text
     path = tmp_path / "vanilla_prompt.jinja2"
     path.write_text(block, encoding="utf-8")
     template = load_template(path)

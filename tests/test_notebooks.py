@@ -1,5 +1,6 @@
 """The notebooks run top to bottom on the toy pair (nbclient, this venv's kernel) and are stored stripped."""
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -65,5 +66,7 @@ def test_notebook_runs_top_to_bottom_on_the_toy_pair(name, tmp_path):
         assert (tmp_path / "runs" / "notebook_03" / "geometry.png").stat().st_size > 10_000
     if name == "04_search":
         assert len(_outputs(nb, "image/png")) == 1  # the grid's and the search's Pareto fronts
+        texts = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+        assert re.search(r"the search (reached|did not reach) the grid's best feasible", texts)  # and says
         run = tmp_path / "runs" / "notebook_04"
         assert {p.name for p in run.iterdir()} >= {"study.db", "winner.yaml", "system.yaml", "fronts.png"}

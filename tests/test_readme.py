@@ -9,9 +9,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def python_blocks() -> list[str]:
+def python_blocks(vllm: bool = False) -> list[str]:
+    """The README's Python blocks: those that run in this venv, or (`vllm=True`) the vLLM ones, which
+    run in the vLLM venv (tests/with_vllm/test_readme_vllm.py)."""
     text = (ROOT / "README.md").read_text()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    return [b for b in blocks if ("from vllm import" in b) == vllm]
 
 
 def test_readme_has_examples_and_the_two_commands_first():

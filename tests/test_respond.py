@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+from judgebench_files import CLAUDE_FILE, MISSING
 from test_systems import save_tiny_pair, write_system
 
 from latent_merge_nnsight.errors import LatentMergeError
@@ -20,13 +21,10 @@ from latent_merge_nnsight.systems.spec import System
 # character). These tests are about resuming and records, so they feed the questions whole, explicitly.
 respond = functools.partial(_respond, truncate="none")
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "judgebench"
-CLAUDE_FILE = DATA / "dataset=judgebench,response_model=claude-3-5-sonnet-20240620.jsonl"
-
 
 def test_the_shared_judgebench_copies_are_present():
     """Every test here reads them; a missing copy fails the run instead of skipping it."""
-    assert CLAUDE_FILE.is_file(), f"JudgeBench copies not found in {DATA} (shared/ must sit beside the repo)"
+    assert CLAUDE_FILE.is_file(), MISSING
 
 
 FIELDS = {

@@ -143,6 +143,15 @@ def test_search_arguments_are_checked_before_any_model_runs():
         analysis.search(None, None, trials=0)
 
 
+def test_a_study_extended_to_more_trials_runs_only_the_new_ones(pair, tmp_path):
+    first = analysis.search(*pair, trials=6, space=SPACE, out=tmp_path, **SMALL)
+    more = analysis.search(*pair, trials=9, space=SPACE, out=tmp_path, **SMALL)
+    assert (first.n_evaluated, more.n_evaluated) == (6, 3)
+    assert list(more.trials["trial"]) == list(range(9))
+    pd.testing.assert_frame_equal(more.trials.iloc[:6].reset_index(drop=True), first.trials)  # kept as run
+    assert analysis.search(*pair, trials=9, space=SPACE, out=tmp_path, **SMALL).n_evaluated == 0
+
+
 def test_resuming_with_other_settings_is_refused(pair, tmp_path):
     base, ft = pair
     analysis.search(base, ft, trials=1, space=SPACE, out=tmp_path, **SMALL)

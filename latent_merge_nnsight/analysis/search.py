@@ -43,7 +43,9 @@ from latent_merge_nnsight.ops import get_op
 from latent_merge_nnsight.recipe import Recipe
 
 # optuna (the `search` extra) is imported inside functions only: the package works without it.
-__all__ = ["GAINED", "SKILLS", "SearchResult", "SearchSpace", "metric_names", "search", "task_metrics"]
+__all__ = [
+    "GAINED", "SKILLS", "SearchResult", "SearchSpace", "metric_names", "search", "skill_kept", "task_metrics",
+]  # fmt: skip
 
 SKILLS: tuple[str, ...] = ("knowledge", "math", "coding")
 """The toy-task categories whose mean accuracy is "skill" (what a merge should keep of the base)."""
@@ -58,12 +60,19 @@ def metric_names() -> tuple[str, ...]:
     return (*SKILLS, GAINED, *DERIVED)
 
 
+def skill_kept(skill: float, base_skill: float | None) -> float:
+    """*Skill kept*, the one definition (`lmn search`, the demo's report and figures, the notebooks):
+    skill (mean accuracy over `SKILLS`) / the base's skill on the same examples; nan without a base skill.
+    1 keeps all of the base's skill; above 1 is more than the base had."""
+    return skill / base_skill if base_skill else math.nan
+
+
 def task_metrics(accuracy: Mapping[str, float], base_skill: float | None) -> dict[str, float]:
     """The search metrics from accuracies per category (`base_skill`: the base's skill on the same
     examples, for `skill_kept`; None gives `skill_kept = nan`)."""
     acc = {c: float(accuracy[c]) for c in (*SKILLS, GAINED) if c in accuracy}
     skill = sum(acc[c] for c in SKILLS if c in acc) / max(1, sum(c in acc for c in SKILLS))
-    kept = skill / base_skill if base_skill else math.nan
+    kept = skill_kept(skill, base_skill)
     return acc | {
         "skill": skill,
         "skill_kept": kept,
@@ -239,7 +248,8 @@ def search(
         n_search, n_test: toy-task questions per category in the search and the (disjoint) test split.
         seed: the sampler's seed; data_seed: the seed of the questions.
         sampler: "tpe" (Optuna's TPESampler) or "random".
-        startup_trials: TPE's random start-up trials (default: a third of `trials`, between 2 and 10).
+        startup_trials: TPE's random start-up trials (default: those of the study being resumed, else a
+            third of `trials`, between 2 and 10; so a study extended to more trials keeps its own).
         out: folder for study.db, trials.csv, pareto.csv/.md/.png, winner.yaml, system.yaml, result.json.
         storage: an Optuna storage URL or SQLite file path (default: OUT/study.db; neither: in memory).
         study_name: the study's name in the storage.
@@ -268,14 +278,13 @@ def search(
         return {c: r["accuracy"] for c, r in evaluate(base, model_sources, recipe, examples).items()}
 
     base_search = task_metrics(accuracies(None, search_set), None)
-    if startup_trials is None:
-        startup_trials = min(10, max(2, trials // 3))
     settings = {
         "target": target, "constraints": constraints, "space": dataclasses.asdict(space),
         "n_search": n_search, "n_test": n_test, "seed": seed, "data_seed": data_seed, "sampler": sampler,
         "startup_trials": startup_trials, "base": model_info(base).name,
     }  # fmt: skip
-    study = _open_study(optuna, url, study_name, settings)
+    # start-up trials: given, else the stored study's (so `trials` can grow), else a third of `trials`
+    study = _open_study(optuna, url, study_name, settings, default_startup=min(10, max(2, trials // 3)))
 
     def objective(trial: Any) -> float:
         return _run_trial(trial, space, lambda r: accuracies(r, search_set), base_search, constraints, target)
@@ -373,9 +382,12 @@ def _check_search(
             raise LatentMergeError(f"pareto names {metric!r}; expected two of: {', '.join(names)}")
 
 
-def _open_study(optuna: Any, url: str | None, study_name: str, settings: dict[str, Any]) -> Any:
+def _open_study(
+    optuna: Any, url: str | None, study_name: str, settings: dict[str, Any], default_startup: int
+) -> Any:
     """The study in `url` (created, or resumed after checking it ran with the same `settings`), with
-    trials a dead process left running failed and queued again."""
+    trials a dead process left running failed and queued again. `settings["startup_trials"]` None is
+    set here: the stored study's, else `default_startup`."""
 
     def make_sampler(sampler_seed: int) -> Any:
         if settings["sampler"] == "tpe":
@@ -389,13 +401,14 @@ def _open_study(optuna: Any, url: str | None, study_name: str, settings: dict[st
         study_name=study_name,
         load_if_exists=True,
         direction="maximize",
-        sampler=make_sampler(seed),
+        sampler=optuna.samplers.RandomSampler(seed=seed),  # replaced below, once the settings are known
     )
-    existing = len(study.get_trials(deepcopy=False))
-    if existing:
-        # a resumed study: its sampler continues from a seed of its own, so that it does not propose the
-        # first trials' parameters again (still deterministic for a given seed and history)
-        study.sampler = make_sampler(seed + existing)
+    if settings["startup_trials"] is None:
+        stored = study.user_attrs.get("settings") or {}
+        settings["startup_trials"] = stored.get("startup_trials", default_startup)
+    # a resumed study's sampler continues from a seed of its own, so that it does not propose the first
+    # trials' parameters again (still deterministic for a given seed and history)
+    study.sampler = make_sampler(seed + len(study.get_trials(deepcopy=False)))
     _check_settings(study, json.loads(json.dumps(settings)), url or "memory")
     State = optuna.trial.TrialState
     for t in study.get_trials(deepcopy=False, states=(State.RUNNING,)):

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from latent_merge_nnsight.analysis.pareto import dominates, pareto_figure, pareto_front
-from latent_merge_nnsight.analysis.search import GAINED, SKILLS
+from latent_merge_nnsight.analysis.search import GAINED, SKILLS, skill_kept
 
 # matplotlib (and `analysis.plots`, which imports it) loads inside the figure functions only, as in
 # `analysis`: the tables and the report need none of it.
@@ -65,8 +65,9 @@ def _present(v: Any) -> bool:
 
 
 def mean_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per evaluated setup: its accuracy per category, the mean, skill kept, reasoning, the
-    balanced score (skill + reasoning) / 2, and the mean norm ratio and source weight over categories."""
+    """One row per evaluated setup: its accuracy per category, the mean, skill, skill kept (skill / the
+    base's skill, `analysis.search.skill_kept`), reasoning, the balanced score (skill + reasoning) / 2, and
+    the mean norm ratio and source weight over categories."""
     df = df.copy()
     for col in ("site", "schedule", "norm_ratio", "source_weight"):
         if col not in df.columns:
@@ -83,6 +84,9 @@ def mean_table(df: pd.DataFrame) -> pd.DataFrame:
     wide["skill"] = wide[[c for c in SKILLS if c in wide.columns]].mean(axis=1)
     wide["gained"] = wide[GAINED] if GAINED in wide.columns else float("nan")
     wide["balanced"] = (wide["skill"] + wide["gained"]) / 2
+    base = wide.loc[wide["system"] == "base", "skill"]
+    base_skill = float(base.iloc[0]) if len(base) else None
+    wide["skill_kept"] = [skill_kept(float(v), base_skill) for v in wide["skill"]]
     return wide
 
 
@@ -147,7 +151,7 @@ class _Writer:
 
 
 def _point(row: pd.Series) -> str:
-    return f"`{row['label']}` (reasoning {_fmt(row['gained'])}, skill kept {_fmt(row['skill'])})"
+    return f"`{row['label']}` (reasoning {_fmt(row['gained'])}, skill kept {_fmt(row['skill_kept'])})"
 
 
 def _transition_findings(
@@ -196,7 +200,7 @@ def _norm_and_ensemble_findings(
     ens = best_row(wide, fam["logit ensemble"])
     top_latent = best_row(wide, live)
     if ens is not None and top_latent is not None:
-        e, t = (ens["skill"], ens["gained"]), (top_latent["skill"], top_latent["gained"])
+        e, t = (ens["skill_kept"], ens["gained"]), (top_latent["skill"], top_latent["gained"])
         verdict = (
             "dominates" if dominates(e, t) else "is dominated by" if dominates(t, e) else "does not dominate"
         )
@@ -291,7 +295,8 @@ def _intro(
         + (f"({meta['cpu_seconds']:.0f} s of CPU time) " if "cpu_seconds" in meta else "")
         + f"on {meta['threads']} CPU thread(s){' (quick run)' if meta.get('quick') else ''}, engine "
         f"`{meta['engine']}`. Latent merges: positions `last` (delta: all tokens). *Skill* = mean accuracy "
-        f'over {", ".join(SKILLS)}; *balanced* = (skill + {GAINED}) / 2, the score "best" refers to.\n\n'
+        f"over {', '.join(SKILLS)}; *skill kept* = skill / the base's skill (as in `lmn search`); "
+        f'*balanced* = (skill + {GAINED}) / 2, the score "best" refers to.\n\n'
     )
     found = _findings(wide, meta, fam)
     if found:
@@ -387,18 +392,18 @@ def _trade_off(w: _Writer, wide: pd.DataFrame, fam: dict[str, pd.Series]) -> Non
             "every family are in the figure below.\n\n"
         )
         shares = (0.9, 0.75, 0.5)
-        w.add("| family | " + " | ".join(f"skill >= {s:g} x base" for s in shares) + " | Pareto front |\n")
+        w.add("| family | " + " | ".join(f"skill kept >= {s:g}" for s in shares) + " | Pareto front |\n")
         w.add("|---|" + "---|" * (len(shares) + 1) + "\n")
         for name, mask in fam.items():
             if not mask.any():
                 continue
             cells = []
             for s in shares:
-                ok = wide[mask & (wide["skill"] >= s * float(base_row["skill"]) - 1e-9)]
+                ok = wide[mask & (wide["skill_kept"] >= s - 1e-9)]
                 top = None if ok.empty else ok.loc[ok["gained"].idxmax()]
                 cells.append("-" if top is None else f"{_fmt(top['gained'])} ({_config(top)})")
-            front = pareto_front(wide[mask], "skill", "gained")
-            pts = ", ".join(f"{_fmt(r.skill)}/{_fmt(r.gained)}" for r in front.itertuples())
+            front = pareto_front(wide[mask], "skill_kept", "gained")
+            pts = ", ".join(f"{_fmt(r.skill_kept)}/{_fmt(r.gained)}" for r in front.itertuples())
             w.add(f"| {name} | " + " | ".join(cells) + f" | {pts} |\n")
 
 
@@ -506,17 +511,20 @@ def _references(wide: pd.DataFrame) -> pd.DataFrame:
     return ends.assign(name=ends["system"])
 
 
+SKILL_KEPT_LABEL = f"skill kept (skill / the base's skill; skill = mean acc. {', '.join(SKILLS)})"
+
+
 def _pareto(wide: pd.DataFrame, n_layers: int, path: Path) -> Path:
     fam = {name: wide[mask] for name, mask in families(wide, n_layers).items() if mask.any()}
     pareto_figure(
         fam,
-        "skill",
+        "skill_kept",
         "gained",
         references=_references(wide),
         label="name",
         path=path,
         title="Skill kept vs reasoning: every family's Pareto front (up and right is better)",
-        xlabel=f"skill kept (mean acc. {', '.join(SKILLS)})",
+        xlabel=SKILL_KEPT_LABEL,
         ylabel=f"{GAINED} accuracy",
     )
     return path
@@ -541,11 +549,13 @@ def _tradeoff_figure(wide: pd.DataFrame, n_layers: int, path: Path) -> Path:
     )
     cmap = colormaps["viridis"]
     for ax, op in zip(axes, ops, strict=True):
-        ax.plot(ens["skill"], ens["gained"], ":", color="grey", marker=".", label="logit ensemble")
+        ax.plot(ens["skill_kept"], ens["gained"], ":", color="grey", marker=".", label="logit ensemble")
         weights = wide[(wide["system"] == "weight") & (wide["op"] == op)].sort_values("alpha")
         if not weights.empty:
             curve = pd.concat([ends.iloc[:1], weights, ends.iloc[1:]])
-            ax.plot(curve["skill"], curve["gained"], "-s", color="tab:red", lw=2, ms=5, label=f"weight {op}")
+            ax.plot(
+                curve["skill_kept"], curve["gained"], "-s", color="tab:red", lw=2, ms=5, label=f"weight {op}"
+            )
         for i, (site, layer) in enumerate(curves):
             cells = wide[single & (wide["op"] == op) & (wide["site"] == site) & (wide["layer"] == layer)]
             if cells.empty or (site == "post" and layer != last):
@@ -554,18 +564,18 @@ def _tradeoff_figure(wide: pd.DataFrame, n_layers: int, path: Path) -> Path:
             is_post = site == "post"
             colour = "black" if is_post else cmap(i / max(1, len(curves) - 1) * 0.85)
             ax.plot(
-                cells["skill"], cells["gained"], "--" if is_post else "-", marker="o", ms=3, color=colour,
-                label=f"latent {site} L={layer}",
+                cells["skill_kept"], cells["gained"], "--" if is_post else "-", marker="o", ms=3,
+                color=colour, label=f"latent {site} L={layer}",
             )  # fmt: skip
         for _, row in ends.iterrows():
-            ax.plot(row["skill"], row["gained"], "*", ms=14, color="gold", mec="black", zorder=5)
+            ax.plot(row["skill_kept"], row["gained"], "*", ms=14, color="gold", mec="black", zorder=5)
             ax.annotate(
-                row["system"], (row["skill"], row["gained"]), xytext=(5, 5), textcoords="offset points"
+                row["system"], (row["skill_kept"], row["gained"]), xytext=(5, 5), textcoords="offset points"
             )
         ax.set_title(f"{op}: latent vs weight" if op in WEIGHT_OPS else f"{op} steering")
-        ax.set_xlabel(f"skill kept (mean acc. {', '.join(SKILLS)})")
+        ax.set_xlabel(SKILL_KEPT_LABEL)
         ax.set_ylabel(f"{GAINED} accuracy")
-        ax.set_xlim(-0.03, 1.03)
+        ax.set_xlim(-0.03, max(1.03, float(wide["skill_kept"].max()) + 0.03))
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, loc="lower left")
@@ -611,21 +621,22 @@ def _bars_figure(wide: pd.DataFrame, n_layers: int, path: Path) -> Path:
     return path
 
 
-def _heatmaps(df: pd.DataFrame, out: Path) -> dict[str, Path]:
-    """Layer x alpha heatmaps of the single-layer site-`pre` merges on the coarse alpha grid."""
+def heatmap_figures(df: pd.DataFrame, out: Path | None = None) -> dict[str, Any]:
+    """Layer x alpha heatmaps of the single-layer site-`pre` merges (written to OUT/NAME.png when `out` is
+    given): one panel per op the grid ran, one column per alpha (or delta strength) it ran, refined alphas
+    included (a cell the grid did not run is blank); the mean over the categories, and reasoning."""
     from latent_merge_nnsight.analysis.plots import heatmaps
 
     pre = df[(df["system"] != "latent") | ((df["site"] == "pre") & df["schedule"].isna())]
-    alphas = pre.loc[pre["system"] == "latent"].groupby("alpha")["layer"].nunique()
-    coarse = alphas[alphas == alphas.max()].index
-    pre = pre[(pre["system"] != "latent") | pre["alpha"].isin(coarse)]
     long = pre.assign(metric="accuracy", value=pre["accuracy"])
-    paths = {}
-    for name, category in (("heatmap_mean", None), ("heatmap_reasoning", GAINED)):
-        path = out / f"{name}.png"
-        heatmaps(long, "accuracy", category=category, path=path)
-        paths[name] = path
-    return paths
+    return {
+        name: heatmaps(long, "accuracy", category=category, path=None if out is None else out / f"{name}.png")
+        for name, category in (("heatmap_mean", None), ("heatmap_reasoning", GAINED))
+    }
+
+
+def _heatmaps(df: pd.DataFrame, out: Path) -> dict[str, Path]:
+    return {name: out / f"{name}.png" for name in heatmap_figures(df, out)}
 
 
 def write_figures(df: pd.DataFrame, wide: pd.DataFrame, n_layers: int, out: Path) -> dict[str, Path]:

@@ -72,7 +72,7 @@ from latent_merge_nnsight.evaluation.tasks import (
 from latent_merge_nnsight.generation import generate, release_engine
 from latent_merge_nnsight.generation.prefix import share_prompt_states
 from latent_merge_nnsight.inputs import encode
-from latent_merge_nnsight.models import load, model_info
+from latent_merge_nnsight.models import load, model_info, quiet_hf_progress
 from latent_merge_nnsight.ops import regmean_beta
 from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.zoo import ZOO, zoo_path
@@ -435,20 +435,6 @@ def _refined(
 
 
 @contextlib.contextmanager
-def _quiet_hf() -> Iterator[None]:
-    """Hide transformers' per-load progress bars while the demo's own bar runs."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
 def _threads(n: int | None) -> Iterator[None]:
     old = torch.get_num_threads()
     if n is not None:
@@ -591,7 +577,7 @@ def _run_grid(
     texts: dict[str, dict[str, list[str]]] = {}
     probe = NormProbe()
     encoded: dict[tuple, Any] = {}
-    with _threads(threads), _quiet_hf(), contextlib.ExitStack() as shared:
+    with _threads(threads), quiet_hf_progress(), contextlib.ExitStack() as shared:
         base_model = load(base)
         ft_model = load(source)
         # every setup prefills the same prompts: the pair's unmerged blocks are computed once
@@ -604,11 +590,11 @@ def _run_grid(
         eval_sets = _eval_sets(grid.n_per_category, grid.seed)
         calibration = _calibration(base_model.tokenizer, grid.n_calibration, grid.seed)
         systems = list(_systems(base_model, ft_model, (base, source), grid, n_layers, calibration))
-        bar = tqdm(
-            total=len(systems), desc="lmn demo", unit="setup", disable=not progress, dynamic_ncols=True
-        )
 
-        def run(specs: list[_System]) -> None:
+        def run(specs: list[_System], desc: str) -> None:
+            # one bar per phase, each with its total from the start (the finer alphas are known only
+            # after the grid has run)
+            bar = tqdm(total=len(specs), desc=desc, unit="setup", disable=not progress, dynamic_ncols=True)
             for spec in specs:
                 bar.set_postfix_str(spec.label, refresh=False)
                 t0 = time.perf_counter()
@@ -627,16 +613,14 @@ def _run_grid(
                     )  # fmt: skip
                     texts.setdefault(spec.label, {})[category] = outs
                 bar.update()
+            bar.close()
 
-        run(systems)
+        run(systems, "lmn demo: grid")
         base_reasoning = next(
             r["accuracy"] for r in rows if r["system"] == "base" and r["category"] == GAINED
         )
         finer = _refined(rows, base_model, ft_model, grid, base_reasoning, last)
-        bar.total = len(systems) + len(finer)
-        bar.refresh()
-        run(finer)
-        bar.close()
+        run(finer, "lmn demo: finer alphas")
         release_engine(base_model)
         release_engine(ft_model)
     return _GridRun(rows, texts, eval_sets, grid, n_layers, len(finer))

@@ -45,7 +45,9 @@ def _group_summary(
         ]
     )
     a, b, t, inv, failed = (int(x) for x in per_pair.sum(0))
-    both = [e["verdicts"] for e in members if set(ORDERS) <= e["verdicts"].keys()]
+    both = [  # pairs judged in both orders (a failed request is no judgment)
+        v for e in members if set(ORDERS) <= (v := e["verdicts"]).keys() and "failed" not in v.values()
+    ]
     agree = sum(1 for v in both if v["AB"] in ("A", "B", "tie") and v["AB"] == v["BA"])
     ci = _bootstrap(per_pair[:, 0], per_pair[:, 1], per_pair[:, 2], n_boot, seed, confidence)
     return {
@@ -78,7 +80,8 @@ def summarize(
     context).
     ``win_rate_no_ties`` = A/(A+B); ``win_rate_ties_half`` = (A + tie/2)/(A+B+tie); invalid judgments
     count in neither. ``order_consistency`` is the fraction of pairs judged in both orders whose two
-    (mapped-back, valid) verdicts agree. CIs resample pairs (``n_boot`` times, numpy seeded by ``seed``).
+    (mapped-back, valid) verdicts agree (a failed request is no judgment; a statistic over no judgment
+    is None, written null). CIs resample pairs (``n_boot`` times, numpy seeded by ``seed``).
     """
     if not 0 < confidence < 1:
         raise LatentMergeError(f"confidence={confidence} must be in (0, 1)")

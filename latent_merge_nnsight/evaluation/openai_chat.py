@@ -53,6 +53,24 @@ def _api_key(api_key_env: str, base_url: str | None) -> str:
     )
 
 
+def _error_text(exc: Exception) -> str:
+    """The server's own message when its error body has one (e.g. the prompt's and the context's token
+    counts), else the exception's text."""
+    body = getattr(exc, "body", None)
+    message = body.get("message") if isinstance(body, dict) else None
+    return message if isinstance(message, str) and message else str(exc)
+
+
+def _hint(status: int | None) -> str:
+    """What to check for a request that failed with `status`: the request itself for a refusal of its
+    content (400/413/422, e.g. a prompt over the judge's context), the connection settings otherwise."""
+    if status in (400, 413, 422):
+        return "the endpoint refused this request itself (its size or content), not the connection"
+    if status in (401, 403):
+        return "check the key in --api-key-env"
+    return "check --base-url, --judge-model and the key in --api-key-env"
+
+
 def _retry_after(exc: Exception) -> float | None:
     response = getattr(exc, "response", None)
     value = response.headers.get("retry-after") if response is not None else None
@@ -166,11 +184,10 @@ class OpenAIChat:
                 status = getattr(exc, "status_code", None)
                 if not self._retryable(exc) or attempt == self.max_retries:
                     tried = f"after {attempt + 1} attempt{'s' if attempt else ''}"
-                    detail = self._scrub(str(exc))[:300]  # a server may echo the key
+                    detail = self._scrub(_error_text(exc))[:400]  # a server may echo the key
                     raise JudgeRequestError(
                         f"judge request to {self.base_url or 'api.openai.com'} (model {self.judge_model!r}) "
-                        f"failed {tried}: {type(exc).__name__} (status {status}): {detail}; check "
-                        "--base-url, --judge-model and the key in --api-key-env",
+                        f"failed {tried}: {type(exc).__name__} (status {status}): {detail}; {_hint(status)}",
                         status,
                     ) from None  # the SDK exception may hold an echoed key; its text is scrubbed above
                 delay = self.backoff(attempt, exc)

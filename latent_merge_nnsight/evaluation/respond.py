@@ -25,6 +25,7 @@ from typing import Any
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.judgebench import HF_DATASET, JudgePair, load_judgebench
 from latent_merge_nnsight.jsonl import read_resumable
+from latent_merge_nnsight.systems.fit import check_truncate, fit_chats
 from latent_merge_nnsight.systems.loaded import LoadedSystem, load_system
 from latent_merge_nnsight.systems.spec import System
 
@@ -118,41 +119,14 @@ def _row(pair: JudgePair, system: str, response: str, completion: Any) -> dict[s
     }
 
 
-TRUNCATE: tuple[str, ...] = ("error", "left", "none")
-
-
 def _fit_to_context(
     loaded: Any, questions: list[str], config: System, truncate: str
 ) -> dict[str, tuple[str, int]]:
     """``{question: (the text to ask, tokens cut from its start)}``; refuses (``truncate="error"``) or
     cuts (``"left"``) questions whose prompt leaves less than ``max_new_tokens`` of the context."""
-    context = getattr(loaded, "context_length", None)
-    out = {q: (q, 0) for q in questions}
-    if truncate == "none" or context is None or not questions:
-        return out
-    budget = config.sampling.max_new_tokens
-    room = context - budget
-    lengths = {q: loaded.count_prompt_tokens([{"role": "user", "content": q}]) for q in questions}
-    long = [q for q in questions if lengths[q] > room]
-    if not long:
-        return out
-    if truncate == "error" or room < 1:
-        raise LatentMergeError(
-            f"{len(long)} of {len(questions)} questions do not fit the model's context of {context} tokens "
-            f"with max_new_tokens={budget} after them (the longest prompt has {max(lengths.values())} "
-            "tokens); pass truncate='left' (--truncate left) to cut their start, or truncate='none' "
-            "(--truncate none) to feed them whole past the context"
-        )
-    tokenizer = loaded.tokenizer
-    for q in long:
-        ids = tokenizer(q, add_special_tokens=False)["input_ids"]
-        cut = lengths[q] - room
-        text = tokenizer.decode(ids[cut:])
-        while loaded.count_prompt_tokens([{"role": "user", "content": text}]) > room and cut < len(ids):
-            cut += 1  # a re-encoded cut can merge into more tokens than it had
-            text = tokenizer.decode(ids[cut:])
-        out[q] = (text, cut)
-    return out
+    chats = [[{"role": "user", "content": q}] for q in questions]
+    fitted = fit_chats(loaded, chats, config.sampling.max_new_tokens, truncate, "questions")
+    return {q: (chat[-1]["content"], cut) for q, (chat, cut) in zip(questions, fitted, strict=True)}
 
 
 def respond(
@@ -229,10 +203,7 @@ def _check_arguments(limit: Any, batch_size: Any, truncate: Any) -> None:
         raise LatentMergeError(
             f"batch_size={batch_size!r}; expected an int >= 1", param="batch_size", value=batch_size
         )
-    if truncate not in TRUNCATE:
-        raise LatentMergeError(
-            f"truncate={truncate!r}; expected one of {TRUNCATE}", param="truncate", value=truncate
-        )
+    check_truncate(truncate)
 
 
 def _system_config(system: Any) -> System:

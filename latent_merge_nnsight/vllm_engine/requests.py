@@ -153,7 +153,16 @@ def parse_request(value: Any, export: Export) -> RequestRecipe:
         alphas = dict.fromkeys(export.layers, raw["alpha"])
     extrapolate = raw.get("allow_extrapolation", False) or bool(export.recipe.get("allow_extrapolation"))
     for layer, a in alphas.items():
-        check_alpha(a, spec, allow_extrapolation=extrapolate, what=f"{KEY}.layers[{layer}]")
+        try:
+            check_alpha(a, spec, allow_extrapolation=extrapolate, what=f"{KEY}.layers[{layer}]")
+        except LatentMergeError as e:  # name what a request can carry, not the Python keyword
+            hint = f'add "allow_extrapolation": true to the request\'s {KEY} value'
+            raise LatentMergeError(
+                str(e).replace("pass allow_extrapolation=True", hint),
+                param=e.param,
+                value=e.value,
+                expected=e.expected,
+            ) from None
     return RequestRecipe(spec.name, tuple(sorted(alphas.items())), raw.get("merge_from"))
 
 

@@ -50,6 +50,7 @@ from latent_merge_nnsight.evaluation.tasks import (
     evaluate_model,
     sample_example,
 )
+from latent_merge_nnsight.models import quiet_hf_progress
 from latent_merge_nnsight.zoo.tokenizer import build_tokenizer
 
 IGNORE = -100
@@ -404,7 +405,8 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         bf16=not args.fp32,
     )
-    infos = train_pair(args.out, args.seed, args.threads, not args.no_progress, config, args.eval_n)
+    with quiet_hf_progress(args.no_progress):  # --no-progress: transformers' shard-writing bars too
+        infos = train_pair(args.out, args.seed, args.threads, not args.no_progress, config, args.eval_n)
     for name, info in infos.items():
         print(name, f"{info['train_seconds']} s", json.dumps(info.get("eval", {}).get("accuracy", {})))
     return 0
