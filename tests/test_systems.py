@@ -410,7 +410,7 @@ def test_local_system_judges_judgebench_pairs_with_resumable_cache(single, tmp_p
     cache = tmp_path / "judge-cache.jsonl"
     calls = single.generate_calls
     records = judgebench_accuracy_system(
-        pairs, single, template, cache_path=cache, batch_size=4, progress=False
+        pairs, single, template, cache_path=cache, batch_size=4, progress=False, truncate="none"
     )
     assert single.generate_calls - calls == 1  # 4 judgments (2 pairs x 2 orders) in one batch
     assert [r["pair_id"] for r in records] == ["q1", "q2"]
@@ -427,7 +427,7 @@ def test_local_system_judges_judgebench_pairs_with_resumable_cache(single, tmp_p
     # a rerun reads every judgment from the cache: the model is not called again
     calls = single.generate_calls
     again = judgebench_accuracy_system(
-        pairs, single, template, cache_path=cache, batch_size=4, progress=False
+        pairs, single, template, cache_path=cache, batch_size=4, progress=False, truncate="none"
     )
     assert single.generate_calls == calls and again == records
     # other sampling settings are another judge in the cache, not a cache hit
