@@ -14,6 +14,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.nouns import Prompts, Tokenizer
 
 __all__ = ["Batch", "check_context", "encode", "is_chat"]
 
@@ -72,8 +73,8 @@ def _from_tensors(input_ids: Any, attention_mask: Any) -> Batch:
 
 
 def encode(
-    tokenizer: Any,
-    prompts: Any = None,
+    tokenizer: Tokenizer,
+    prompts: Prompts | None = None,
     *,
     input_ids: Any = None,
     attention_mask: Any = None,
@@ -123,7 +124,7 @@ def encode(
     return _tokenize(tokenizer, texts, templated, padding_side)
 
 
-def _texts(tokenizer: Any, prompts: Sequence[Any], chat: bool | None) -> tuple[list[str], bool]:
+def _texts(tokenizer: Tokenizer, prompts: Sequence[Any], chat: bool | None) -> tuple[list[str], bool]:
     """Each prompt as the text to tokenize (chats through the chat template), and whether any was
     templated (the template already holds the special tokens)."""
     texts: list[str] = []
@@ -148,7 +149,7 @@ def _texts(tokenizer: Any, prompts: Sequence[Any], chat: bool | None) -> tuple[l
     return texts, templated
 
 
-def _tokenize(tokenizer: Any, texts: list[str], templated: bool, padding_side: str | None) -> Batch:
+def _tokenize(tokenizer: Tokenizer, texts: list[str], templated: bool, padding_side: str | None) -> Batch:
     """The texts tokenized and padded on `padding_side` (default: the tokenizer's own side)."""
     side = padding_side or getattr(tokenizer, "padding_side", "left") or "left"
     if tokenizer.pad_token_id is None:

@@ -297,7 +297,7 @@ def _shell(ref: str, dtype: str) -> Any:
     return load(ref, dtype=dtype, up_to_layer=0)
 
 
-def _token_counter(tokenizer: Any) -> Callable[[str, bool], int]:
+def _token_counter(tokenizer: Tokenizer) -> Callable[[str, bool], int]:
     """A token-counting function over a private copy of the tokenizer's backend (rebuilt from its JSON,
     so counting never touches the padding state that batched encoding sets on the shared tokenizer)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
