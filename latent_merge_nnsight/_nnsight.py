@@ -23,6 +23,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from latent_merge_nnsight.nouns import Model, Tokenizer
+
 
 def _mounted_names() -> set[str]:
     """Public names on `object` itself: Python defines none, so every one is a mount (nnsight's `save`)."""
@@ -89,7 +91,7 @@ def unwrap(obj: Any) -> Any:
     return getattr(obj, "_module", obj)
 
 
-def transformers_model(hf_model: Any, tokenizer: Any) -> Any:
+def transformers_model(hf_model: Any, tokenizer: Tokenizer) -> Any:
     """nnsight's wrapper of an in-memory HF causal LM (`TransformersModel`)."""
     from nnsight.modeling.transformers import TransformersModel
 
@@ -121,18 +123,18 @@ def traced_roots(who: str) -> list[Any] | None:
     return [e for e in mediator.interleaver.envoys.values() if getattr(e, "path", None) == "model"]
 
 
-def is_traceable(model: Any) -> bool:
+def is_traceable(model: Model) -> bool:
     """Whether `model` is an nnsight model (it has an interleaver, so it can be traced)."""
     return hasattr(model, "interleaver")
 
 
-def model_generate(model: Any, *args: Any, **kwargs: Any) -> Any:
+def model_generate(model: Model, *args: Any, **kwargs: Any) -> Any:
     """The model class's own `generate` (the HF call a traced generation runs), without the tracing
     decorator nnsight puts around it."""
     return type(model).generate.__wrapped__(model, *args, **kwargs)
 
 
-def is_interleaving(model: Any) -> bool:
+def is_interleaving(model: Model) -> bool:
     """Whether `model` (an nnsight model) is inside a running trace now."""
     return bool(getattr(getattr(model, "interleaver", None), "interleaving", False))
 

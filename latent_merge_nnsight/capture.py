@@ -15,6 +15,7 @@ from torch import Tensor
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.inputs import Batch, encode
 from latent_merge_nnsight.models import hf_module, model_info
+from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.sites import Site, check_layer, check_site, get_layers, read_resid, site_name
 
 __all__ = ["Capture", "capture"]
@@ -110,7 +111,7 @@ class Capture:
         )
 
 
-def _check_layers(layers: Iterable[int] | int, model: Any) -> list[int]:
+def _check_layers(layers: Iterable[int] | int, model: Model) -> list[int]:
     info = model_info(model)
     if isinstance(layers, int):
         layers = [layers]
@@ -122,7 +123,7 @@ def _check_layers(layers: Iterable[int] | int, model: Any) -> list[int]:
     return layers
 
 
-def run_to_layers(model: Any, batch: Batch, layers: list[int], site: Site) -> dict[int, Tensor]:
+def run_to_layers(model: Model, batch: Batch, layers: list[int], site: Site) -> dict[int, Tensor]:
     """One traced forward that clones the residual at each layer and stops after the highest one."""
     blocks = get_layers(model)
     saved: dict[int, Tensor] = {}
@@ -135,7 +136,7 @@ def run_to_layers(model: Any, batch: Batch, layers: list[int], site: Site) -> di
 
 
 def capture(
-    model: Any,
+    model: Model,
     inputs: Any = None,
     layers: Iterable[int] | int = (),
     *,

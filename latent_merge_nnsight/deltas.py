@@ -14,6 +14,7 @@ from latent_merge_nnsight.capture import _check_layers, read_tagged, run_to_laye
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.inputs import Batch, encode
 from latent_merge_nnsight.models import check_compatible, hf_module
+from latent_merge_nnsight.nouns import Model, Prompts
 from latent_merge_nnsight.sites import Site, check_site
 
 __all__ = ["Deltas", "compute_deltas"]
@@ -52,9 +53,9 @@ class Deltas:
 
 
 def compute_deltas(
-    base: Any,
-    source: Any,
-    prompts: Any,
+    base: Model,
+    source: Model,
+    prompts: Prompts,
     layers: Iterable[int] | int,
     *,
     site: Site = "pre",

@@ -15,6 +15,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.nouns import Prompts, Tokenizer
 
 __all__ = ["Batch", "check_context", "encode", "is_chat", "is_token_ids"]
 
@@ -83,8 +84,8 @@ def _from_tensors(input_ids: Any, attention_mask: Any) -> Batch:
 
 
 def encode(
-    tokenizer: Any,
-    prompts: Any = None,
+    tokenizer: Tokenizer,
+    prompts: Prompts | None = None,
     *,
     input_ids: Any = None,
     attention_mask: Any = None,
@@ -136,7 +137,7 @@ def encode(
     return _tokenize(tokenizer, texts, templated, padding_side)
 
 
-def _id_rows(tokenizer: Any, prompts: Sequence[Any], chat: bool | None, padding_side: str | None) -> Batch:
+def _id_rows(tokenizer: Tokenizer, prompts: Sequence[Any], chat: bool | None, padding_side: str | None) -> Batch:
     """A batch some of whose prompts are token ids: those rows as given, the others tokenized as `encode`
     tokenizes them alone (a chat without added special tokens, a raw string with them), padded."""
     rows: list[list[int]] = []
@@ -163,7 +164,7 @@ def _id_rows(tokenizer: Any, prompts: Sequence[Any], chat: bool | None, padding_
     return _from_tensors(ids, mask)
 
 
-def _texts(tokenizer: Any, prompts: Sequence[Any], chat: bool | None) -> tuple[list[str], bool]:
+def _texts(tokenizer: Tokenizer, prompts: Sequence[Any], chat: bool | None) -> tuple[list[str], bool]:
     """Each prompt as the text to tokenize (chats through the chat template), and whether any was
     templated (the template already holds the special tokens)."""
     texts: list[str] = []
@@ -188,7 +189,7 @@ def _texts(tokenizer: Any, prompts: Sequence[Any], chat: bool | None) -> tuple[l
     return texts, templated
 
 
-def _tokenize(tokenizer: Any, texts: list[str], templated: bool, padding_side: str | None) -> Batch:
+def _tokenize(tokenizer: Tokenizer, texts: list[str], templated: bool, padding_side: str | None) -> Batch:
     """The texts tokenized and padded on `padding_side` (default: the tokenizer's own side)."""
     side = padding_side or getattr(tokenizer, "padding_side", "left") or "left"
     if tokenizer.pad_token_id is None:

@@ -14,6 +14,7 @@ from latent_merge_nnsight._nnsight import invoke_rows
 from latent_merge_nnsight.capture import Capture
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import active_model, last_inputs, last_past_length, model_info
+from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.ops import OpSpec, check_alpha, get_op
 from latent_merge_nnsight.plan import Plan, merge_plan
 from latent_merge_nnsight.positions import Positions, check_positions, position_mask
@@ -40,7 +41,7 @@ def _source_tensor(source: Any, layer: int, site: Site, index: str) -> Tensor:
     )
 
 
-def _current_mask(model: Any, hidden: Tensor, sources: list[Any]) -> tuple[Tensor, bool, Tensor | None]:
+def _current_mask(model: Model, hidden: Tensor, sources: list[Any]) -> tuple[Tensor, bool, Tensor | None]:
     """This forward's token mask `[batch, pos]`, whether it is a decode step, and its ids."""
     batch, pos = hidden.shape[:2]
     recorded = last_inputs(model)
@@ -90,7 +91,7 @@ def merge_into(
     *,
     positions: Positions | None = None,
     site: Site = "pre",
-    model: Any = None,
+    model: Model | None = None,
     allow_extrapolation: bool = False,
     **params: Any,
 ) -> Float[Tensor, "batch pos d_model"] | None:
@@ -147,7 +148,9 @@ def merge_into(
     return apply_plan(plan, layer, sources, model)
 
 
-def apply_plan(plan: Plan, layer: int, sources: list[Any], model: Any) -> Float[Tensor, "batch pos d_model"]:
+def apply_plan(
+    plan: Plan, layer: int, sources: list[Any], model: Model
+) -> Float[Tensor, "batch pos d_model"]:
     """Mix `sources` into the traced `model` at `layer` as `plan` says (everything already checked).
 
     Reads the residual at the plan's site, finds this forward's real tokens, mixes with `Plan.apply`

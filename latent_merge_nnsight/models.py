@@ -28,6 +28,7 @@ from torch import nn
 
 from latent_merge_nnsight._nnsight import is_wrapped, traced_roots, transformers_model, unwrap
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.nouns import Model, Tokenizer
 from latent_merge_nnsight.sites import architecture, get_layers, n_layers
 from latent_merge_nnsight.zoo import ZOO, zoo_path
 
@@ -90,7 +91,7 @@ def _record_inputs(module: nn.Module, args: tuple, kwargs: dict) -> None:
     _LAST_INPUTS[module] = (ids, kwargs.get("attention_mask"), _past_length(kwargs))
 
 
-def hf_module(model: Any) -> nn.Module:
+def hf_module(model: Model) -> nn.Module:
     """The Hugging Face module under an nnsight wrapper (or the module itself)."""
     module = unwrap(model)
     if not isinstance(module, nn.Module):
@@ -98,19 +99,19 @@ def hf_module(model: Any) -> nn.Module:
     return module
 
 
-def last_inputs(model: Any) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+def last_inputs(model: Model) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
     """The (input_ids, attention_mask) of the latest forward, if the model was wrapped by this package."""
     recorded = _LAST_INPUTS.get(hf_module(model))
     return None if recorded is None else recorded[:2]
 
 
-def last_past_length(model: Any) -> int:
+def last_past_length(model: Model) -> int:
     """Tokens already cached before the latest forward (0 for a prompt forward or an unwrapped model)."""
     recorded = _LAST_INPUTS.get(hf_module(model))
     return 0 if recorded is None else int(recorded[2])
 
 
-def model_info(model: Any) -> ModelInfo:
+def model_info(model: Model) -> ModelInfo:
     """The `ModelInfo` of a wrapped model (built on the fly for a foreign one)."""
     module = hf_module(model)
     info = _INFOS.get(module)
@@ -120,7 +121,7 @@ def model_info(model: Any) -> ModelInfo:
     return info
 
 
-def wrap(hf_model: nn.Module, tokenizer: Any = None, *, name: str | None = None) -> Any:
+def wrap(hf_model: nn.Module, tokenizer: Tokenizer | None = None, *, name: str | None = None) -> Any:
     """Wrap an in-memory HF causal LM (and its tokenizer) as an nnsight model, with no hub access.
 
     nnsight sets the tokenizer's `padding_side` to "left" and gives it a pad token if it has none.
@@ -280,7 +281,7 @@ def load(
     quantization: Any = None,
     up_to_layer: int | None = None,
     keep_head: bool = False,
-    tokenizer: Any = None,
+    tokenizer: Tokenizer | None = None,
     progress: bool = False,
     **hf_kwargs: Any,
 ) -> Any:
@@ -364,7 +365,7 @@ def _drop_head(module: nn.Module) -> None:
     module.set_output_embeddings(DroppedHead(head.in_features, head.out_features))
 
 
-def truncate(model: Any, up_to_layer: int, *, keep_head: bool = False) -> Any:
+def truncate(model: Model, up_to_layer: int, *, keep_head: bool = False) -> Any:
     """Drop the decoder blocks above `up_to_layer` from an in-memory model (frees their memory), and its
     untied LM head unless `keep_head` (the engines never use a cut source's head).
 
@@ -402,11 +403,11 @@ class Compatibility:
         )
 
 
-def _vocab(tokenizer: Any) -> dict[str, int] | None:
+def _vocab(tokenizer: Tokenizer) -> dict[str, int] | None:
     return None if tokenizer is None else tokenizer.get_vocab()
 
 
-def check_compatible(base: Any, source: Any) -> Compatibility:
+def check_compatible(base: Model, source: Model) -> Compatibility:
     """Check that `source` can be merged into `base`: same hidden size, same vocabulary.
 
     Raises `LatentMergeError` naming both values on a mismatch; returns the shared sizes and layer counts.

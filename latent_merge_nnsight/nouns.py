@@ -8,20 +8,25 @@
 
 `Sources` and `RecipeLike` (which name the package's own `Deltas`, `Recipe` and `Ensemble`) live in
 `latent_merge_nnsight.plan`, beside the code that resolves them. This module imports nothing of the
-package, so any module may use it (the aliases are strings: no torch or nnsight import at run time).
+package, so any module may use it; `Model` and `Tokenizer` are `Any` at run time (no torch, nnsight or
+transformers import here) and the classes they name for a type checker.
 """
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+__all__ = ["Chat", "Model", "Prompts", "Tokenizer"]
 
 if TYPE_CHECKING:
     from nnsight import LanguageModel
     from torch import nn
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["Chat", "Model", "Prompts", "Tokenizer"]
+    Model: TypeAlias = LanguageModel | nn.Module
+    Tokenizer: TypeAlias = PreTrainedTokenizerBase
+else:
+    Model = Any
+    Tokenizer = Any
 
-Model: TypeAlias = "LanguageModel | nn.Module"
 Chat: TypeAlias = list[dict[str, str]]
 Prompts: TypeAlias = str | Sequence[str] | Chat | Sequence[Chat]
-Tokenizer: TypeAlias = "PreTrainedTokenizerBase"

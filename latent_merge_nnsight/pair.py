@@ -32,6 +32,8 @@ from latent_merge_nnsight.generation.live import LiveSource
 from latent_merge_nnsight.generation.loop import prepare_run
 from latent_merge_nnsight.generation.nnsight import PairTracer, open_trace
 from latent_merge_nnsight.models import check_compatible, model_info
+from latent_merge_nnsight.nouns import Model, Prompts
+from latent_merge_nnsight.plan import Sources
 
 __all__ = ["LiveSource", "Pair", "PairTracer", "pair"]
 
@@ -46,7 +48,12 @@ class Pair:
     """
 
     def __init__(
-        self, base: Any, sources: Any, *, up_to_layer: int | None = None, cuda_graphs: bool | None = None
+        self,
+        base: Model,
+        sources: Sources,
+        *,
+        up_to_layer: int | None = None,
+        cuda_graphs: bool | None = None,
     ):
         if not is_traceable(base):
             raise LatentMergeError(
@@ -72,7 +79,7 @@ class Pair:
     def __repr__(self) -> str:
         return f"Pair(base={model_info(self.base).name}, sources={self.sources})"
 
-    def generate(self, prompts: Any = None, *, max_new_tokens: int, **options: Any) -> PairTracer:
+    def generate(self, prompts: Prompts | None = None, *, max_new_tokens: int, **options: Any) -> PairTracer:
         """Open a generation trace of the base with the sources in lockstep (use in a `with` block).
 
         Takes the prompt and sampling/stopping arguments of `lmn.generate` (`input_ids`, `attention_mask`,
@@ -84,7 +91,9 @@ class Pair:
         return open_trace(self.base, self.sources, run)
 
 
-def pair(base: Any, sources: Any, *, up_to_layer: int | None = None, cuda_graphs: bool | None = None) -> Pair:
+def pair(
+    base: Model, sources: Sources, *, up_to_layer: int | None = None, cuda_graphs: bool | None = None
+) -> Pair:
     """Pair a base model with one source model (or a list, for RegMean) for lockstep generation traces.
 
     Inside `with pair.generate(...)`, `pair.ft` (or `pair.sources`) is the sources' live state, to pass

@@ -15,7 +15,7 @@ block loop), the nnsight engine (`generation.nnsight`, through `merge.apply_plan
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import torch
 from jaxtyping import Bool, Float
@@ -26,12 +26,15 @@ from latent_merge_nnsight.deltas import Deltas
 from latent_merge_nnsight.ensemble import Ensemble, mix_logits
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import check_compatible, hf_module, model_info
+from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.ops import OpSpec, get_op, regmean_beta, source_weights
 from latent_merge_nnsight.positions import Positions, check_positions, position_mask
 from latent_merge_nnsight.recipe import Recipe
 
 __all__ = [
     "Plan",
+    "RecipeLike",
+    "Sources",
     "device_of",
     "load_recipe_deltas",
     "merge_plan",
@@ -41,6 +44,13 @@ __all__ = [
 ]
 
 Mode = Literal["base", "merge", "ensemble"]
+
+Sources: TypeAlias = Model | Sequence[Model] | Deltas | str | Path | None
+"""What `lmn.generate` and `resolve_plan` take as sources: a model, models (RegMean), steering `Deltas`
+(or a file of them), or None (the base alone)."""
+RecipeLike: TypeAlias = Recipe | Ensemble | None
+"""What `lmn.generate` and `resolve_plan` take as a recipe: a latent merge or steering `Recipe`, a logit
+`Ensemble`, or None (the base alone)."""
 
 
 @dataclass
@@ -69,7 +79,7 @@ class Plan:
     deltas: dict[int, Tensor] | None = None
     ensemble: Ensemble | None = None
     allow_extrapolation: bool = False
-    recipe: Any = None
+    recipe: RecipeLike = None
 
     @property
     def merges(self) -> list[tuple[int, float | None]]:
@@ -169,7 +179,7 @@ def _is_model(obj: Any) -> bool:
     return isinstance(unwrap(obj), nn.Module)
 
 
-def _source_list(sources: Any) -> list[Any]:
+def _source_list(sources: Sources) -> list[Any]:
     if sources is None:
         return []
     if isinstance(sources, (Deltas, str, Path)) or _is_model(sources):
@@ -266,7 +276,7 @@ def merge_plan(
 
 
 def resolve_plan(
-    base: Any, sources: Any, recipe: Any, *, weights_on_disk: bool = False
+    base: Model, sources: Sources, recipe: RecipeLike, *, weights_on_disk: bool = False
 ) -> tuple[Plan, list[Any]]:
     """Check `(base, sources, recipe)` and return the plan and the source models to run with the base.
 
@@ -299,13 +309,13 @@ def resolve_plan(
     return plan, given
 
 
-def _depth(model: Any, weights_on_disk: bool) -> int:
+def _depth(model: Model, weights_on_disk: bool) -> int:
     info = model_info(model)
     return info.full_n_layers if weights_on_disk else info.n_layers
 
 
 def _ensemble_plan(
-    base: Any, given: list[Any], ensemble: Ensemble, weights_on_disk: bool
+    base: Model, given: list[Any], ensemble: Ensemble, weights_on_disk: bool
 ) -> tuple[Plan, list[Any]]:
     models = [s for s in given if _is_model(s)]
     if len(given) != 1 or len(models) != 1:
@@ -322,7 +332,7 @@ def _ensemble_plan(
 
 
 def _delta_vectors(
-    base: Any, recipe: Recipe, given: list[Any], spec: OpSpec, alphas: dict[int, float | None]
+    base: Model, recipe: Recipe, given: list[Any], spec: OpSpec, alphas: dict[int, float | None]
 ) -> dict[int, Tensor]:
     """The steering vector of each recipe layer, checked and on the base's device."""
     deltas = _load_deltas(recipe, given, spec)
@@ -354,7 +364,7 @@ def check_source_count(spec: OpSpec, plan: Plan, n: int, got: str) -> None:
         raise LatentMergeError(f"recipe weights has {len(weights)} entries for {n} sources; expected {n}")
 
 
-def _check_sources(base: Any, given: list[Any], spec: OpSpec, plan: Plan, weights_on_disk: bool) -> None:
+def _check_sources(base: Model, given: list[Any], spec: OpSpec, plan: Plan, weights_on_disk: bool) -> None:
     """Live sources: models, as many as the op takes, compatible, and deep enough for every layer."""
     bad = [type(s).__name__ for s in given if not _is_model(s)]
     if bad:
@@ -382,6 +392,6 @@ def _check_sources(base: Any, given: list[Any], spec: OpSpec, plan: Plan, weight
                 )
 
 
-def device_of(model: Any) -> torch.device:
+def device_of(model: Model) -> torch.device:
     """The device of the model's first parameter."""
     return next(hf_module(model).parameters()).device

@@ -34,6 +34,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from latent_merge_nnsight.nouns import Tokenizer
 from latent_merge_nnsight.sampling_rules import SAMPLERS, SAMPLING_SETTINGS, check_sampling
 
 __all__ = [
@@ -157,7 +158,7 @@ class Tracker:
         max_new_tokens: int,
         eos_ids: Sequence[int] = (),
         stop: Sequence[str] = (),
-        tokenizer: Any = None,
+        tokenizer: Tokenizer | None = None,
     ):
         self.n_rows = n_rows
         self.max_new_tokens = max_new_tokens

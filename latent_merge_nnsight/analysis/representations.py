@@ -32,7 +32,8 @@ from latent_merge_nnsight.inputs import Batch, encode
 from latent_merge_nnsight.merge import apply_plan
 from latent_merge_nnsight.metrics import linear_cka, midness
 from latent_merge_nnsight.models import check_compatible, hf_module, model_info
-from latent_merge_nnsight.plan import Plan, load_recipe_deltas, recipe_plan
+from latent_merge_nnsight.nouns import Model, Prompts
+from latent_merge_nnsight.plan import Plan, Sources, load_recipe_deltas, recipe_plan
 from latent_merge_nnsight.positions import last_real_index, position_mask
 from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.sites import get_layers, site_name
@@ -77,7 +78,7 @@ def as_recipe(recipe: Any, what: str = "recipe") -> Recipe:
     )
 
 
-def as_model_list(sources: Any, what: str = "sources") -> list[Any]:
+def as_model_list(sources: Sources, what: str = "sources") -> list[Any]:
     """One model or a sequence of models as a non-empty list."""
     if isinstance(sources, (list, tuple)):
         models = list(sources)
@@ -94,11 +95,11 @@ def as_model_list(sources: Any, what: str = "sources") -> list[Any]:
     return models
 
 
-def model_device(model: Any) -> torch.device:
+def model_device(model: Model) -> torch.device:
     return next(hf_module(model).parameters()).device
 
 
-def hidden_states(model: Any, batch: Batch, indices: Sequence[int]) -> dict[int, Float[Tensor, "b p d"]]:
+def hidden_states(model: Model, batch: Batch, indices: Sequence[int]) -> dict[int, Float[Tensor, "b p d"]]:
     """Residual stream at HF `hidden_states` indices (see the module docstring), in one traced forward.
 
     Index l < n_layers is read entering block l, index n_layers leaving the last block; the forward stops
@@ -135,7 +136,7 @@ def _source_index(layer: int, site: str) -> int:
 
 
 def _merged_hidden_states(
-    base: Any,
+    base: Model,
     batch: Batch,
     indices: Sequence[int],
     plan: Plan,
@@ -235,10 +236,10 @@ def _layerwise_cka(x: Tensor, y: Tensor, debiased: bool) -> list[float]:
 
 
 def representations(
-    base: Any,
-    sources: Any,
+    base: Model,
+    sources: Sources,
     recipe: Any,
-    prompts: Any,
+    prompts: Prompts,
     layers: Sequence[int] | Literal["all", "affected"] = "all",
     weight_merged: Any = None,
     *,
@@ -306,7 +307,7 @@ def representations(
     return df
 
 
-def _weight_models(base: Any, srcs: list[Any], weight_merged: Any) -> dict[str, Any]:
+def _weight_models(base: Model, srcs: list[Any], weight_merged: Any) -> dict[str, Any]:
     """The weight-merged models by label, every model checked compatible with the base."""
     weights: dict[str, Any]
     if weight_merged is None:
@@ -326,7 +327,7 @@ def _weight_models(base: Any, srcs: list[Any], weight_merged: Any) -> dict[str, 
 
 
 def _check_depths(
-    base: Any, srcs: list[Any], weights: dict[str, Any], plan: Plan, indices: list[int]
+    base: Model, srcs: list[Any], weights: dict[str, Any], plan: Plan, indices: list[int]
 ) -> None:
     """Every model holds the layers the analysis reads from it."""
     n = model_info(base).n_layers
@@ -352,7 +353,7 @@ def _check_depths(
 class _Models:
     """What `representations` runs on each chunk: the base, its sources, the weight merges, the plan."""
 
-    base: Any
+    base: Model
     srcs: list[Any]
     weights: dict[str, Any]
     plan: Plan

@@ -35,7 +35,9 @@ from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generation.run import release_engine
 from latent_merge_nnsight.jsonl import read_resumable
 from latent_merge_nnsight.models import check_compatible, model_info
+from latent_merge_nnsight.nouns import Model, Prompts
 from latent_merge_nnsight.ops import check_alpha, get_op
+from latent_merge_nnsight.plan import Sources
 from latent_merge_nnsight.positions import check_positions
 from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.sites import check_layer, check_site
@@ -82,7 +84,7 @@ def _non_empty(name: str, values: Any) -> list[Any]:
 
 
 def _check_grid(
-    base: Any, ops: Any, layers: Any, alphas: Any, op_params: Mapping[str, Any], allow_extrapolation: bool
+    base: Model, ops: Any, layers: Any, alphas: Any, op_params: Mapping[str, Any], allow_extrapolation: bool
 ) -> tuple[list[str], list[int], list[float]]:
     ops = _non_empty("ops", ops)
     layers = _non_empty("layers", layers)
@@ -230,7 +232,7 @@ def _cell_recipes(
 
 
 def _cell_run(
-    cell: _Cell, base: Any, srcs: list[Any], models: dict[str, Any], recipes: dict[tuple, Recipe]
+    cell: _Cell, base: Model, srcs: list[Any], models: dict[str, Any], recipes: dict[tuple, Recipe]
 ) -> tuple[Any, list[Any], Recipe | None]:
     """What a cell evaluates: (model, its sources, its recipe or None)."""
     if cell.system == "base":
@@ -243,14 +245,14 @@ def _cell_run(
 
 
 def sweep(
-    base: Any,
-    sources: Any,
+    base: Model,
+    sources: Sources,
     *,
     ops: Sequence[str],
     layers: Sequence[int],
     alphas: Sequence[float],
     evaluate: Evaluate,
-    prompts: Any,
+    prompts: Prompts,
     out: str | Path | None = None,
     site: Literal["pre", "post"] = "pre",
     positions: Any = None,
@@ -346,7 +348,7 @@ def _sweep_positions(positions: Any) -> Any:
 
 
 def _check_others(
-    base: Any, baselines: Sequence[str], models: Mapping[str, Any] | None
+    base: Model, baselines: Sequence[str], models: Mapping[str, Any] | None
 ) -> tuple[list[str], dict[str, Any]]:
     """The baselines (known names) and the extra models (unreserved labels, compatible with `base`)."""
     baselines = list(baselines)
@@ -376,7 +378,7 @@ def _run_cell(
     cell: _Cell,
     evaluate: Evaluate,
     run: tuple[Any, Any, Any],
-    prompts: Any,
+    prompts: Prompts,
     fingerprint: str,
     path: Path | None,
 ) -> dict[str, Any]:

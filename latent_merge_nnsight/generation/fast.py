@@ -28,6 +28,7 @@ from latent_merge_nnsight.generation.prefix import PromptReuse
 from latent_merge_nnsight.generation.stack import Biases, KVCache, Stack, mask_positions, plain_forwards
 from latent_merge_nnsight.generation.stepper import Stepper
 from latent_merge_nnsight.models import hf_module
+from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.plan import Plan
 from latent_merge_nnsight.positions import position_mask
 
@@ -310,7 +311,7 @@ _KEPT = "_lmn_kept_engine"
 """Attribute of the base's HF module holding the engine kept by `generate(..., keep_engine=True)`."""
 
 
-def release_engine(base: Any) -> bool:
+def release_engine(base: Model) -> bool:
     """Free the engine kept on `base` by `generate(..., keep_engine=True)` (its caches, graphs and its
     hold on the sources). Returns whether there was one."""
     kept = hf_module(base).__dict__.pop(_KEPT, None)
@@ -319,7 +320,9 @@ def release_engine(base: Any) -> bool:
     return kept is not None
 
 
-def _engine_for(base: Any, sources: list[Any], plan: Plan, run: Run, options: dict[str, Any]) -> PairedEngine:
+def _engine_for(
+    base: Model, sources: list[Model], plan: Plan, run: Run, options: dict[str, Any]
+) -> PairedEngine:
     """A fresh engine, or the one kept by the previous call made ready for this run.
 
     A kept engine serves any batch up to its own size. When only its size or capacity is too small, the
@@ -345,7 +348,7 @@ def _engine_for(base: Any, sources: list[Any], plan: Plan, run: Run, options: di
 
 
 def run_fast(
-    base: Any, sources: list[Any], plan: Plan, run: Run, options: dict[str, Any]
+    base: Model, sources: list[Model], plan: Plan, run: Run, options: dict[str, Any]
 ) -> GenerationResult:
     ids, mask = run.batch.input_ids, run.batch.attention_mask
     n_rows = ids.shape[0]

@@ -8,8 +8,6 @@ graph); this class only follows the base's recorded inputs and serves the states
 run without nnsight's controllers, so the trace never sees their calls (the base can be its own source).
 """
 
-from typing import Any
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -20,6 +18,7 @@ from latent_merge_nnsight.generation.graphs import FixedStep, StepGraphs
 from latent_merge_nnsight.generation.stack import KVCache, Stack, mask_positions
 from latent_merge_nnsight.generation.stepper import Stepper
 from latent_merge_nnsight.models import last_inputs, model_info
+from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.sites import Site, check_layer, check_site, get_layers, read_resid
 
 __all__ = ["LiveSource"]
@@ -43,8 +42,8 @@ class LiveSource:
 
     def __init__(
         self,
-        base: Any,
-        model: Any,
+        base: Model,
+        model: Model,
         *,
         up_to_layer: int | None = None,
         cuda_graphs: bool | None = None,

@@ -22,7 +22,8 @@ from torch import Tensor
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.inputs import Batch, check_context, encode
 from latent_merge_nnsight.models import hf_module, model_info
-from latent_merge_nnsight.plan import Plan, device_of
+from latent_merge_nnsight.nouns import Model, Prompts, Tokenizer
+from latent_merge_nnsight.plan import Plan, RecipeLike, device_of
 from latent_merge_nnsight.sampling import Sampler, SamplingConfig, Tracker
 from latent_merge_nnsight.sampling_rules import check_sampling
 
@@ -61,7 +62,7 @@ class GenerationResult:
     texts: list[str]
     finish_reasons: list[str]
     engine: str
-    recipe: Any = None
+    recipe: RecipeLike = None
     info: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -87,7 +88,7 @@ class Run:
     tracker: Tracker
     max_new_tokens: int
     pad_id: int
-    recipe: Any = None
+    recipe: RecipeLike = None
     plan: Plan | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -140,7 +141,7 @@ def left_align(batch: Batch) -> Batch:
     return Batch(batch.input_ids.gather(1, order), batch.attention_mask.gather(1, order))
 
 
-def _eos_ids(model: Any, tokenizer: Any, eos_token_id: Any, ignore_eos: bool) -> list[int]:
+def _eos_ids(model: Model, tokenizer: Tokenizer, eos_token_id: Any, ignore_eos: bool) -> list[int]:
     if ignore_eos:
         return []
     if eos_token_id is not None:
@@ -159,7 +160,7 @@ def _eos_ids(model: Any, tokenizer: Any, eos_token_id: Any, ignore_eos: bool) ->
     return found
 
 
-def _pad_id(model: Any, tokenizer: Any, eos: list[int]) -> int:
+def _pad_id(model: Model, tokenizer: Tokenizer, eos: list[int]) -> int:
     for value in (
         getattr(tokenizer, "pad_token_id", None),
         getattr(getattr(hf_module(model), "generation_config", None), "pad_token_id", None),
@@ -169,7 +170,7 @@ def _pad_id(model: Any, tokenizer: Any, eos: list[int]) -> int:
     return eos[0] if eos else 0
 
 
-def _check_stop(stop: Any, tokenizer: Any) -> list[str]:
+def _check_stop(stop: Any, tokenizer: Tokenizer) -> list[str]:
     if stop is None:
         return []
     items = [stop] if isinstance(stop, str) else stop
@@ -184,7 +185,7 @@ def _check_stop(stop: Any, tokenizer: Any) -> list[str]:
     return list(items)
 
 
-def _chat_default(chat: Any, tokenizer: Any) -> bool:
+def _chat_default(chat: Any, tokenizer: Tokenizer) -> bool:
     """`chat=None` means: apply the chat template when the tokenizer has one."""
     if chat not in (None, True, False):
         raise LatentMergeError(
@@ -194,8 +195,8 @@ def _chat_default(chat: Any, tokenizer: Any) -> bool:
 
 
 def prepare_run(
-    base: Any,
-    prompts: Any = None,
+    base: Model,
+    prompts: Prompts | None = None,
     *,
     max_new_tokens: Any,
     input_ids: Any = None,
@@ -205,7 +206,7 @@ def prepare_run(
     eos_token_id: Any = None,
     ignore_eos: bool = False,
     num_beams: int = 1,
-    tokenizer: Any = None,
+    tokenizer: Tokenizer | None = None,
     chat: bool | None = None,
     **sampling: Any,
 ) -> Run:

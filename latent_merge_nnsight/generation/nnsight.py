@@ -29,6 +29,7 @@ from latent_merge_nnsight.generation.loop import GenerationResult, Run
 from latent_merge_nnsight.inputs import Batch
 from latent_merge_nnsight.merge import apply_plan
 from latent_merge_nnsight.models import hf_module
+from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.plan import Plan
 from latent_merge_nnsight.sampling import Tracker
 
@@ -78,7 +79,7 @@ def _neutral_config(hf: Any, pad_id: int) -> GenerationConfig:
     )
 
 
-def _run_generate(base: Any, pad_id: int, *args: Any, **kwargs: Any) -> Any:
+def _run_generate(base: Model, pad_id: int, *args: Any, **kwargs: Any) -> Any:
     """nnsight's own `generate` under a neutral generation config (restored afterwards)."""
     hf = hf_module(base)
     saved = hf.generation_config
@@ -107,7 +108,7 @@ class PairTracer(tracer_class()):  # type: ignore[misc]
                 self.generation = self._lmn_finish(ok=ok)
 
 
-def _generate_kwargs(base: Any, live: list[LiveSource], run: Run) -> dict[str, Any]:
+def _generate_kwargs(base: Model, live: list[LiveSource], run: Run) -> dict[str, Any]:
     """What a trace of `base.generate` needs to use the package's sampler and stopping."""
     batch: Batch = run.batch
     for s in live:
@@ -134,7 +135,7 @@ def _finish_sources(run: Any, live: list[LiveSource]) -> None:
         s.reset()
 
 
-def open_trace(base: Any, live: list[LiveSource], run: Run) -> PairTracer:
+def open_trace(base: Model, live: list[LiveSource], run: Run) -> PairTracer:
     """A `PairTracer` over `base.generate` with the package's sampler and stopping (not yet entered)."""
     tracer = base.trace(tracer_cls=PairTracer, **_generate_kwargs(base, live, run))
 
@@ -147,7 +148,7 @@ def open_trace(base: Any, live: list[LiveSource], run: Run) -> PairTracer:
 
 
 def run_nnsight(
-    base: Any, sources: list[Any], plan: Plan, run: Run, options: dict[str, Any]
+    base: Model, sources: list[Model], plan: Plan, run: Run, options: dict[str, Any]
 ) -> GenerationResult:
     """Run `plan` through nnsight's `base.generate`: one trace with the plan's merges at every step (the
     `engine="nnsight"` path); without merges (base alone, ensemble) the same call runs untraced.

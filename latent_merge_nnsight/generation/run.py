@@ -34,8 +34,9 @@ from latent_merge_nnsight.generation.loop import GenerationResult, prepare_run
 from latent_merge_nnsight.generation.nnsight import run_nnsight
 from latent_merge_nnsight.generation.stack import fast_support
 from latent_merge_nnsight.models import model_info
+from latent_merge_nnsight.nouns import Model, Prompts, Tokenizer
 from latent_merge_nnsight.ops import get_op
-from latent_merge_nnsight.plan import Plan, resolve_plan
+from latent_merge_nnsight.plan import Plan, RecipeLike, Sources, resolve_plan
 from latent_merge_nnsight.recipe import Recipe
 
 __all__ = ["ENGINES", "GenerationResult", "generate", "release_engine"]
@@ -45,7 +46,7 @@ ENGINES = ("auto", "fast", "nnsight", "vllm")
 # ----------------------------------------------------------------------------------------------------
 
 
-def _pick_engine(engine: str, base: Any, sources: list[Any], plan: Plan) -> str:
+def _pick_engine(engine: str, base: Model, sources: list[Model], plan: Plan) -> str:
     if engine not in ENGINES:
         raise LatentMergeError(
             f"engine={engine!r}; expected one of: {', '.join(ENGINES)}", param="engine", value=engine
@@ -83,7 +84,7 @@ def _pick_engine(engine: str, base: Any, sources: list[Any], plan: Plan) -> str:
     return engine
 
 
-def _check_merge_happens(sources: Any, recipe: Any) -> None:
+def _check_merge_happens(sources: Sources, recipe: RecipeLike) -> None:
     """A latent-merge recipe with no source would silently generate the base's own text: refuse it."""
     if not isinstance(recipe, Recipe) or get_op(recipe.op).static_source:
         return
@@ -95,10 +96,10 @@ def _check_merge_happens(sources: Any, recipe: Any) -> None:
 
 
 def generate(
-    base: Any,
-    sources: Any = None,
-    prompts: Any = None,
-    recipe: Any = None,
+    base: Model,
+    sources: Sources = None,
+    prompts: Prompts | None = None,
+    recipe: RecipeLike = None,
     *,
     max_new_tokens: int,
     input_ids: Any = None,
@@ -117,7 +118,7 @@ def generate(
     cuda_graphs: bool | None = None,
     keep_engine: bool = False,
     compile_step: bool = False,
-    tokenizer: Any = None,
+    tokenizer: Tokenizer | None = None,
     chat: bool | None = None,
     sampler: str = "default",
     logprobs: int | None = None,

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from latent_merge_nnsight._nnsight import plain_forwards
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import hf_module
+from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.sites import Architecture, registered, resolve_path
 
 __all__ = [
@@ -57,7 +58,7 @@ def layer_windows(config: Any, n_layers: int) -> list[int | None]:
     return [window] * n_layers
 
 
-def fast_support(model: Any) -> str | None:
+def fast_support(model: Model) -> str | None:
     """None when `Stack` can run `model`; otherwise the reason it cannot (for error messages and `auto`)."""
     hf = hf_module(model)
     config = hf.config
@@ -222,7 +223,7 @@ class Stack:
     not exist here.
     """
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Model):
         reason = fast_support(model)
         if reason is not None:
             raise LatentMergeError(reason)

@@ -28,6 +28,7 @@ from latent_merge_nnsight.deltas import Deltas
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generation.loop import GenerationResult, Run
 from latent_merge_nnsight.models import hf_module, model_info
+from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.plan import Plan, recipe_plan
 from latent_merge_nnsight.vllm_engine import require_vllm
 from latent_merge_nnsight.vllm_engine.export import Export, check_export, write_export
@@ -78,7 +79,7 @@ def shutdown() -> None:
 atexit.register(shutdown)
 
 
-def _ref(model: Any, what: str) -> str:
+def _ref(model: Model, what: str) -> str:
     """Where the model came from (a folder, a zoo name or a hub id): vLLM reads its weights from there."""
     name = model_info(model).name
     if name == type(hf_module(model)).__name__:
@@ -89,7 +90,7 @@ def _ref(model: Any, what: str) -> str:
     return name
 
 
-def _dtype(model: Any) -> str:
+def _dtype(model: Model) -> str:
     return str(next(hf_module(model).parameters()).dtype).removeprefix("torch.")
 
 
@@ -127,7 +128,7 @@ def _engine(wanted: Export, dtype: str, max_model_len: int | None) -> tuple[Any,
     return llm, wanted
 
 
-def _wanted(base: Any, sources: list[Any], plan: Plan, scratch: list[Path]) -> Export:
+def _wanted(base: Model, sources: list[Model], plan: Plan, scratch: list[Path]) -> Export:
     """The export that runs `plan`: the models by where they came from, the recipe (steering vectors
     given as a `Deltas` go through a file in `scratch`)."""
     if plan.mode == "ensemble":
@@ -163,7 +164,7 @@ def _request(plan: Plan, export: Export) -> dict[str, Any] | None:
 
 
 def run_vllm(
-    base: Any, sources: list[Any], plan: Plan, run: Run, options: dict[str, Any]
+    base: Model, sources: list[Model], plan: Plan, run: Run, options: dict[str, Any]
 ) -> GenerationResult:
     """Run `plan` on vLLM (see the module docstring): `lmn.generate(..., engine="vllm")`'s executor.
 
