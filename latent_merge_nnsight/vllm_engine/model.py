@@ -20,7 +20,8 @@ Which tokens mix, and with which alpha: vLLM's token batch is the requests' sche
 order under Model Runner V2 (`runner_v2.py` hands over its position -> slot map). `requests.TABLE` gives
 each request's prompt length and recipe, so each token gets its alpha per layer as a tensor. Positions
 "last" select the tokens at or after a request's last prompt token (its position `prompt_len - 1`, then
-every generated token), which holds whatever chunk of the prompt this step runs and whatever a prefix-cache hit skipped.
+every generated token), which holds whatever chunk of the prompt this step runs and whatever a
+prefix-cache hit skipped.
 """
 
 import dataclasses
