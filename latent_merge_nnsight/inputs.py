@@ -137,7 +137,9 @@ def encode(
     return _tokenize(tokenizer, texts, templated, padding_side)
 
 
-def _id_rows(tokenizer: Tokenizer, prompts: Sequence[Any], chat: bool | None, padding_side: str | None) -> Batch:
+def _id_rows(
+    tokenizer: Tokenizer, prompts: Sequence[Any], chat: bool | None, padding_side: str | None
+) -> Batch:
     """A batch some of whose prompts are token ids: those rows as given, the others tokenized as `encode`
     tokenizes them alone (a chat without added special tokens, a raw string with them), padded."""
     rows: list[list[int]] = []

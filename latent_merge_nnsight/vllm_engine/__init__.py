@@ -7,8 +7,9 @@
   highest merged layer, built from vLLM's own layer classes, mixing through `Plan.apply`;
 - `mix_op.py`: the mix as the custom op `vllm::latent_merge_mix` (so the model compiles and piecewise CUDA
   graphs split around it) and the model's config hook (cudagraph mode);
-- `requests.py`: per-request recipes (`SamplingParams.extra_args["latent_merge"]`, the OpenAI `extra_body`)
-  and the logits-processor plugin that tells the model which request each token belongs to;
+- `requests.py`: per-request recipes (`SamplingParams.extra_args["latent_merge"]`, the OpenAI `extra_body`),
+  the table of requests the model reads, and the model's logits processor (front-end checks; V1 rows);
+- `runner_v2.py`: Model Runner V2's state for the model (request slots, each step's batch order);
 - `plugin.py`: `register()`, vLLM's `vllm.general_plugins` entry point;
 - `run.py`: `run_vllm`, the executor of `lmn.generate(..., engine="vllm")` (and of `backend: vllm` systems).
 

@@ -67,14 +67,16 @@ class LatentMergeConfig:
 
     @staticmethod
     def verify_and_update_config(vllm_config: Any) -> None:
-        """Note the export for the front end's request checks. No full CUDA graphs: they would capture
+        """Note the export for the front end's request checks and list the model's logits processor
+        (`requests.attach_processor`). No full CUDA graphs: they would capture
         the mix with the batch of capture time; piecewise graphs split around the op (the model adds it
         to the splitting ops)."""
         from vllm.config import CompilationMode, CUDAGraphMode
 
-        from latent_merge_nnsight.vllm_engine.requests import note_export
+        from latent_merge_nnsight.vllm_engine.requests import attach_processor, note_export
 
         note_export(vllm_config)  # so the front end checks requests against the export
+        attach_processor(vllm_config)  # this model's own logits processor, never a global plugin
         cc = vllm_config.compilation_config
         mode = cc.cudagraph_mode
         if cc.mode is not None and cc.mode != CompilationMode.VLLM_COMPILE:

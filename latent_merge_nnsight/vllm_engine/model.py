@@ -15,12 +15,14 @@ custom op `vllm::latent_merge_mix` (`mix_op.py`), opaque to dynamo and a splitti
 graphs, so the graph traced once holds nothing of any batch. The op runs eagerly every forward; the first
 merged site of a forward builds its per-token tensors (`_mix`), the others reuse them (`mix_now`).
 
-Which tokens mix, and with which alpha: vLLM's token batch is the requests' scheduled tokens back to back,
-in persistent-batch order (`query_start_loc` gives the boundaries). `requests.TABLE` gives each row's
-prompt length and recipe, so each token gets its alpha per layer as a tensor. Positions "last" select the
-tokens at or after a request's last prompt token (its position `prompt_len - 1`, then every generated
-token), which holds whatever chunk of the prompt this step runs and whatever a prefix-cache hit skipped;
-a request's `merge_from` moves that first merged position (prompt logprobs scored as generation merges).
+Which tokens mix, and with which alpha: vLLM's token batch is the requests' scheduled tokens back to back
+(`query_start_loc` gives the boundaries), in persistent-batch order under the V1 runner and in each step's
+order under Model Runner V2 (`runner_v2.py` hands over its position -> slot map). `requests.TABLE` gives
+each request's prompt length and recipe, so each token gets its alpha per layer as a tensor. Positions
+"last" select the tokens at or after a request's last prompt token (its position `prompt_len - 1`, then
+every generated token), which holds whatever chunk of the prompt this step runs and whatever a
+prefix-cache hit skipped; a request's `merge_from` moves that first merged position (prompt logprobs
+scored as generation merges).
 """
 
 import dataclasses
@@ -278,6 +280,17 @@ class LatentMergeForCausalLM(nn.Module):
         return _Mix(plans)
 
     # ------------------------------------------------------------------------------------------------
+    # Model Runner V2: request slots
+
+    @staticmethod
+    def get_model_state_cls() -> type:
+        """V2's model state for this model: it keeps `TABLE` by request slot and hands over each step's
+        batch position -> slot map (`runner_v2.py`; the V1 runner never asks)."""
+        from latent_merge_nnsight.vllm_engine.runner_v2 import LatentMergeModelState
+
+        return LatentMergeModelState
+
+    # ------------------------------------------------------------------------------------------------
     # vLLM's model interface
 
     def embed_input_ids(self, input_ids: Tensor) -> Tensor:
@@ -389,14 +402,14 @@ class LatentMergeForCausalLM(nn.Module):
 def _request_rows(
     n_reqs: int, exported_op: str, exported: list[float], every: bool
 ) -> tuple[list[str], list[int], list[int], list[list[float]]]:
-    """Per request of the persistent batch (`TABLE.rows`): (the ops in use, the export's first, then each
+    """Per request of this step's batch (`TABLE.row`): (the ops in use, the export's first, then each
     request's first merged position, index into those ops and alphas per merged layer). The first merged
     position is the request's ``merge_from``, else 0 for positions "all" (``every``), else its last prompt
     token's (then every generated token)."""
     ops = [exported_op]
     first, op_id, alphas = [], [], []
     for r in range(n_reqs):
-        row = TABLE.rows.get(r)
+        row = TABLE.row(r)  # V1: row r of the persistent batch; V2: the slot of batch position r
         if row is None:
             first.append(2**62)  # a padding row: never mixed
             op_id.append(0)

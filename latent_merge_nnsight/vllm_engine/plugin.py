@@ -2,7 +2,9 @@
 
 Declared in pyproject.toml under `vllm.general_plugins`, so every vLLM process (the server, the engine
 core, each worker) runs it at start-up: `vllm serve OUT_DIR` and `vllm.LLM(OUT_DIR)` need no user code.
-The `vllm.logits_processors` entry point (`requests.LatentMergeRequests`) is declared beside it.
+No `vllm.logits_processors` entry point: vLLM loads those for every model (and Model Runner V2 refuses
+V1-interface ones), so the config hook lists `requests.LatentMergeRequests` in our model's own
+`logits_processors` instead.
 """
 
 from latent_merge_nnsight.vllm_engine import ARCHITECTURE

@@ -18,9 +18,15 @@ export's.
 The front end refuses a request its export cannot run (`FRONT`, `check_front`, run by
 `LatentMergeRequests.validate_params`); every front-end process builds its own vLLM config, so each knows
 the export (`vllm serve --api-server-count N`: each API server), and one that does not refuses.
-vLLM tells the model nothing about requests, so a logits processor (`LatentMergeRequests`, a
-`vllm.logits_processors` plugin that does nothing for other models) keeps, for each row of vLLM's
-persistent batch, the request's prompt length and recipe; the model turns that into per-token alphas.
+vLLM tells the model nothing about requests, so `TABLE` keeps each request's prompt length and recipe:
+- under the V1 model runner, keyed by its row of the persistent batch, kept in step by the logits
+  processor `LatentMergeRequests` (its `update_state`); the token batch is in row order;
+- under Model Runner V2 (vLLM's default on GPUs), keyed by its persistent request slot, kept by the
+  model's V2 state (`runner_v2.LatentMergeModelState`: `add_request`, `remove_request`), which also hands
+  over each step's batch position -> slot map (`idx_mapping`) before the forward.
+The model turns that into per-token alphas. `LatentMergeRequests` implements both runners' logits-processor
+interfaces and leaves the logits alone; it is no global plugin: the config hook lists it in our model's
+own `logits_processors` (`attach_processor`), so vLLM never loads it for another model.
 """
 
 import hashlib
@@ -41,6 +47,7 @@ __all__ = [
     "TABLE",
     "RequestRecipe",
     "RequestTable",
+    "attach_processor",
     "cache_salt",
     "check_front",
     "parse_request",
@@ -210,12 +217,63 @@ class Row:
 
 
 class RequestTable:
-    """Batch row -> `Row`, kept in step with vLLM's persistent batch by `LatentMergeRequests`."""
+    """Request -> `Row`: by persistent-batch row (V1 runner, `update`) or by request slot with this step's
+    batch position -> slot map (Model Runner V2: `add_slot`, `remove_request`, `set_order`)."""
 
     def __init__(self) -> None:
         self.rows: dict[int, Row] = {}
         self.export: Export | None = None
         self.active = False
+        self.slot_of: dict[str, int] = {}  # V2: request id -> slot
+        self.order: Any = None  # V2: this step's batch position -> slot (None: no real batch)
+        self.v2 = False
+
+    def reset(self, export: Export | None, *, v2: bool) -> None:
+        """Start empty for an engine running `export` (None: not a latent-merge model)."""
+        self.rows.clear()
+        self.slot_of.clear()
+        self.export, self.active, self.v2, self.order = export, export is not None, v2, None
+
+    def recipe(self, params: Any) -> RequestRecipe | None:
+        """The request's own recipe from its sampling parameters (None: the export's)."""
+        raw = (getattr(params, "extra_args", None) or {}).get(KEY)
+        if raw is None or self.export is None:
+            return None
+        try:
+            return parse_request(raw, self.export)
+        except LatentMergeError as e:  # the front end refuses these; never stop the engine
+            _log().warning("request runs the export's recipe: %s", e)
+            return None
+
+    def row(self, position: int) -> Row | None:
+        """The row of the request at `position` of this step's batch (None: a padding request)."""
+        if not self.v2:
+            return self.rows.get(position)
+        if self.order is None or position >= len(self.order):
+            return None
+        return self.rows.get(int(self.order[position]))
+
+    # V2: slots, and the step's batch order
+
+    def add_slot(self, slot: int, req_id: str, prompt_len: int, params: Any) -> None:
+        """A request (new, or re-filled after preemption with its partial output) takes `slot`; whatever
+        the slot held before is replaced."""
+        self.slot_of[req_id] = slot
+        self.rows[slot] = Row(prompt_len, self.recipe(params))
+
+    def remove_request(self, req_id: str) -> None:
+        """A request finished or was preempted: its slot is free."""
+        slot = self.slot_of.pop(req_id, None)
+        if slot is not None:
+            self.rows.pop(slot, None)
+
+    def set_order(self, idx_mapping: Any, req_ids: Any = ()) -> None:
+        """This step's batch position -> slot (V2's `InputBatch.idx_mapping_np`, `req_ids` its requests).
+        None, or a batch of requests never added (V2's dummy batches), mixes nothing."""
+        real = idx_mapping is not None and all(r in self.slot_of for r in req_ids)
+        self.order = [int(i) for i in idx_mapping] if real else None
+
+    # V1: the persistent batch's rows
 
     def update(self, batch_update: Any) -> None:
         """Apply one `BatchUpdate` (removed, then added, then moved, as vLLM orders them)."""
@@ -224,14 +282,8 @@ class RequestTable:
         for index in batch_update.removed:
             self.rows.pop(index, None)
         for index, params, prompt_ids, _ in batch_update.added:
-            raw = (getattr(params, "extra_args", None) or {}).get(KEY)
-            recipe = None
-            if raw is not None and self.export is not None:
-                try:
-                    recipe = parse_request(raw, self.export)
-                except LatentMergeError as e:  # the front end refuses these; never stop the engine
-                    _log().warning("request runs the export's recipe: %s", e)
-            self.rows[index] = Row(len(prompt_ids) if prompt_ids is not None else -1, recipe)
+            prompt_len = len(prompt_ids) if prompt_ids is not None else -1
+            self.rows[index] = Row(prompt_len, self.recipe(params))
         for a, b, direction in batch_update.moved:
             if direction.name == "SWAP":
                 ra, rb = self.rows.pop(a, None), self.rows.pop(b, None)
@@ -291,37 +343,77 @@ def check_front(sampling_params: Any) -> None:
         raise ValueError(str(e)) from None
 
 
-def _logits_processor_class() -> type:
-    # vllm is imported here only: this module stays importable without vLLM (an optional dependency)
-    from vllm.v1.sample.logits_processor import LogitsProcessor
+PROCESSOR = f"{__name__}:LatentMergeRequests"
+"""The logits processor as vLLM's `logits_processors` lists it (a class path, loaded in each process)."""
 
-    class LatentMergeRequests(LogitsProcessor):
-        """Keeps `TABLE` in step with the persistent batch; leaves the logits alone."""
+
+def attach_processor(vllm_config: Any) -> None:
+    """List `LatentMergeRequests` in this model's `logits_processors` (the config hook runs this for our
+    architecture only), so each front end checks requests with it and each worker builds it, under
+    either model runner; other models never load it."""
+    model_config = vllm_config.model_config
+    listed = list(model_config.logits_processors or [])
+    if PROCESSOR not in listed:
+        model_config.logits_processors = [*listed, PROCESSOR]
+
+
+def _interfaces() -> tuple[type, ...]:
+    """vLLM's logits-processor base classes: the V1 runner's, and Model Runner V2's where vLLM has it."""
+    # vllm is imported here only: this module stays importable without vLLM (an optional dependency)
+    from vllm.v1.sample.logits_processor import LogitsProcessor as V1
+
+    try:
+        from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2
+    except ImportError:  # a vLLM without Model Runner V2's custom logits processors
+        return (V1,)
+    return (V1, V2)
+
+
+def _logits_processor_class() -> type:
+    class LatentMergeRequests(*_interfaces()):  # type: ignore[misc]
+        """Checks requests at the front end (`validate_params`: a bad recipe is a 400) and, under the V1
+        runner, keeps `TABLE` in step with the persistent batch. Never changes the logits.
+
+        One class for both runners' interfaces: V1 builds it as `(vllm_config, device, is_pin_memory)`
+        and calls `update_state` / `apply(logits)`; V2 builds it as `(vllm_config, req_states)` and calls
+        `add_request` / `apply_staged_writes` / `apply(logits, ctx)` (V2's slots are kept by the model's
+        V2 state, which also sees each step's batch order before the forward)."""
 
         @classmethod
         def validate_params(cls, sampling_params: Any) -> None:
             check_front(sampling_params)
 
-        def __init__(self, vllm_config: Any, device: Any, is_pin_memory: bool) -> None:
-            hf = vllm_config.model_config.hf_config
-            TABLE.active = ARCHITECTURE in (getattr(hf, "architectures", None) or [])
-            TABLE.rows.clear()
-            TABLE.export = read_export(hf.latent_merge) if TABLE.active else None
+        def __init__(self, vllm_config: Any, *runner_args: Any) -> None:
+            self.v1 = len(runner_args) == 2  # (device, is_pin_memory); V2 passes (req_states,)
+            if self.v1:
+                hf = vllm_config.model_config.hf_config
+                ours = ARCHITECTURE in (getattr(hf, "architectures", None) or [])
+                TABLE.reset(read_export(hf.latent_merge) if ours else None, v2=False)
 
+        # the V1 runner
         def is_argmax_invariant(self) -> bool:
             return True
 
         def update_state(self, batch_update: Any) -> None:
-            if TABLE.active:
+            if TABLE.active and not TABLE.v2:
                 TABLE.update(batch_update)
 
-        def apply(self, logits: Any) -> Any:
+        # Model Runner V2
+        def add_request(self, req_idx: int, sampling_params: Any) -> bool:
+            return False  # never changes this request's logits
+
+        def apply_staged_writes(self) -> None:
+            return None
+
+        # both
+        def apply(self, logits: Any, ctx: Any = None) -> Any:
             return logits
 
+    LatentMergeRequests.__qualname__ = "LatentMergeRequests"
     return LatentMergeRequests
 
 
-def __getattr__(name: str) -> Any:  # the class needs vLLM: built on first use (the plugin entry point)
+def __getattr__(name: str) -> Any:  # the class needs vLLM: built on first use (by vLLM's loader)
     if name == "LatentMergeRequests":
         cls = _logits_processor_class()
         globals()[name] = cls
