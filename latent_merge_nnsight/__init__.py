@@ -30,6 +30,8 @@ if TYPE_CHECKING:
     from latent_merge_nnsight.deltas import compute_deltas as compute_deltas
     from latent_merge_nnsight.generate import GenerationResult as GenerationResult
     from latent_merge_nnsight.generate import generate as generate
+    from latent_merge_nnsight.generation.score import ScoreResult as ScoreResult
+    from latent_merge_nnsight.generation.score import score as score
     from latent_merge_nnsight.merge import merge_into as merge_into
     from latent_merge_nnsight.models import check_compatible as check_compatible
     from latent_merge_nnsight.models import load as load
@@ -61,6 +63,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "register_op": ("latent_merge_nnsight.ops", "register_op"),
     "pair": ("latent_merge_nnsight.pair", "pair"),
     "Recipe": ("latent_merge_nnsight.recipe", "Recipe"),
+    "ScoreResult": ("latent_merge_nnsight.generation.score", "ScoreResult"),
+    "score": ("latent_merge_nnsight.generation.score", "score"),
     "register_architecture": ("latent_merge_nnsight.sites", "register_architecture"),
 }
 
@@ -99,6 +103,7 @@ __all__ = [
     "GenerationResult",
     "LatentMergeError",
     "Recipe",
+    "ScoreResult",
     "capture",
     "check_compatible",
     "compute_deltas",
@@ -110,6 +115,7 @@ __all__ = [
     "register_architecture",
     "register_op",
     "representations",
+    "score",
     "sweep",
     "wrap",
 ]
