@@ -212,7 +212,7 @@ class LoadedSystem:
         """The answer texts for `prompts` (see `complete` for finish reasons and token counts)."""
         return [c.text for c in self.complete(prompts, **overrides)]
 
-    def _setup(self) -> tuple[Any, Any]:
+    def generation_setup(self) -> tuple[Any, Any]:
         """The `sources` and `recipe` that `lmn.generate` / `lmn.score` take for this system's kind."""
         kind = self.config.kind
         if kind == "ensemble":
@@ -230,7 +230,7 @@ class LoadedSystem:
                 f"system {self.name!r} has backend vllm: its models here are shells without weights; "
                 "score it with backend hf"
             )
-        return (self.base, *self._setup())
+        return (self.base, *self.generation_setup())
 
     def score(self, contexts: Any, continuations: Any, **kwargs: Any) -> Any:
         """`lmn.score` of (context, continuation) rows under this system, one call at a time."""
@@ -243,7 +243,7 @@ class LoadedSystem:
         kwargs = sampling.generate_kwargs()
         if self.config.engine is not None:
             kwargs["engine"] = self.config.engine
-        sources, recipe = self._setup()
+        sources, recipe = self.generation_setup()
         if self.config.backend == "vllm":
             # imported here: vllm_engine.run needs vLLM, an optional dependency
             from latent_merge_nnsight.vllm_engine.run import generate_vllm
