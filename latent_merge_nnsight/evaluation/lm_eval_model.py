@@ -182,6 +182,18 @@ class LatentMergeLM(TemplateLM):
         config = self.system.config
         self._engine = "vllm" if config.backend == "vllm" else (config.engine or "auto")
 
+    @classmethod
+    def create_from_arg_string(
+        cls, arg_string: str, additional_config: dict | None = None
+    ) -> "LatentMergeLM":
+        """lm-eval's `--model_args` string (`source=` may repeat), plus its batch size and device."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        args = parse_model_args(arg_string)
+        device = extra.pop("device", None)  # lm-eval's --device: the models' device_map unless model_args say
+        if device is not None and "device" not in args:
+            args["device"] = device
+        return cls(**args, **extra)
+
     # ------------------------------------------------------------------------------------------------
     # what lm-eval reads
 
