@@ -9,6 +9,8 @@ of the pairs lm-eval tokenized and differ from the base's.
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,3 +177,57 @@ def test_chat_template_hooks_use_the_tokenizer(tasks):
 def test_bad_model_args_are_named(args, match):
     with pytest.raises(LatentMergeError, match=match):
         LatentMergeLM.create_from_arg_string(args)
+
+
+# ------------------------------------------------------------------------------------------- lmn eval
+
+
+def lmn_eval(*args: str, cwd: Path = ROOT, prelude: str = "") -> subprocess.CompletedProcess:
+    code = (
+        prelude
+        + "import sys; from latent_merge_nnsight.cli import main; raise SystemExit(main(sys.argv[1:]))"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, "eval", *args], capture_output=True, text=True, cwd=cwd, timeout=900
+    )
+
+
+def test_lmn_eval_writes_lm_evals_results_with_the_tasks_metrics(tmp_path):
+    out = tmp_path / "out"
+    proc = lmn_eval(
+        str(SYSTEMS / "toy-latent-slerp.yaml"), "--tasks", "toy_qa_mc,toy_qa_gen", "--limit", "4",
+        "--include-path", str(ROOT / "examples" / "lm_eval_tasks"), "--batch-size", "4",
+        "--output-path", str(out), "--log-samples", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [results_file] = list(out.glob("toy-latent-slerp/results_*.json"))
+    results = json.loads(results_file.read_text())
+    assert 0.0 <= results["results"]["toy_qa_mc"]["acc,none"] <= 1.0
+    assert 0.0 <= results["results"]["toy_qa_gen"]["exact_match,answer"] <= 1.0
+    assert results["n-samples"]["toy_qa_mc"]["effective"] == 4
+    samples = [
+        json.loads(line) for f in out.glob("toy-latent-slerp/samples_toy_qa_mc_*.jsonl") for line in f.open()
+    ]
+    assert len(samples) == 4 and all(len(s["resps"]) == 3 for s in samples)  # three choices each
+    assert "toy_qa_mc" in proc.stdout and "acc" in proc.stdout  # lm-eval's table
+
+
+@pytest.mark.parametrize(
+    "args, prelude, match",
+    [
+        (["--tasks", "no_such_task"], "", "lmn eval: error: --tasks: unknown task(s) ['no_such_task']"),
+        (
+            ["--tasks", "toy_qa_mc"],
+            "__import__('sys').modules['lm_eval'] = None; ",
+            "lmn eval: error: lm-eval is not installed; install the extra: "
+            "pip install 'latent_merge_nnsight[lmeval]'",
+        ),
+        (["--tasks", ","], "", "lmn eval: error: --tasks ',' names no task"),
+        (["--tasks", "toy_qa_mc", "--log-samples"], "", "lmn eval: error: --log-samples needs --output-path"),
+    ],
+)
+def test_lmn_eval_errors_are_one_line_naming_the_flag(args, prelude, match):
+    proc = lmn_eval(str(SYSTEMS / "toy-base.yaml"), *args, prelude=prelude)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(match), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
