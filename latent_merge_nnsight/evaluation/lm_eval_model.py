@@ -38,23 +38,20 @@ from lm_eval.models.utils import (
     postprocess_generated_text,
     resolve_max_length,
 )
-from pydantic import ValidationError
 from tqdm import tqdm
 
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.evaluation.system_args import system_from_args
 from latent_merge_nnsight.generation import generate
 from latent_merge_nnsight.generation.score import score
 from latent_merge_nnsight.models import hf_module
 from latent_merge_nnsight.plan import device_of
-from latent_merge_nnsight.recipe import Recipe
-from latent_merge_nnsight.systems import LoadedSystem, System
-from latent_merge_nnsight.systems.spec import explain_errors
+from latent_merge_nnsight.systems import LoadedSystem
 
-__all__ = ["LatentMergeLM", "parse_model_args", "system_from_args"]
+__all__ = ["LatentMergeLM", "parse_model_args"]
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "fast", "nnsight", "vllm")
 SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "seed")
 DEFAULT_BATCH_SIZE = 16
 """Rows per forward when lm-eval asks for `batch_size=auto` (no probing for the largest that fits)."""
@@ -76,56 +73,6 @@ def parse_model_args(arg_string: str) -> dict[str, Any]:
         else:
             out[key] = lm_utils.handle_arg_string(value)
     return out
-
-
-def system_from_args(
-    system: str | Path | None = None,
-    base: str | None = None,
-    source: str | Sequence[str] | None = None,
-    recipe: str | Path | None = None,
-    *,
-    engine: str | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
-) -> System:
-    """The `System` that `model_args` name: a YAML file, or a base, sources and a recipe file."""
-    sources = [source] if isinstance(source, str) else list(source or [])
-    if system is not None:
-        if base is not None or sources or recipe is not None:
-            raise LatentMergeError("model_args: give system=PATH, or base=, source= and recipe=, not both")
-        config = System.from_file(system)
-    elif base is not None:
-        if sources and recipe is None:
-            raise LatentMergeError("model_args: source= needs recipe=PATH (a recipe YAML) to merge with")
-        try:
-            config = System(
-                name=f"{base}+{'+'.join(sources)}" if sources else str(base),
-                kind="latent" if sources else "single",
-                base=str(base),
-                sources=sources,
-                recipe=Recipe.from_file(recipe) if sources else None,
-            )
-        except ValidationError as exc:
-            raise LatentMergeError(f"model_args do not make a system:\n{explain_errors(exc)}") from None
-    else:
-        raise LatentMergeError("model_args: expected system=PATH (a system YAML) or base=MODEL")
-    update: dict[str, Any] = {}
-    if engine is not None:
-        if engine not in ENGINES:
-            raise LatentMergeError(f"model_args engine={engine!r}; expected one of {', '.join(ENGINES)}")
-        update = {"backend": "vllm"} if engine == "vllm" else {"engine": engine}
-    if dtype is not None:
-        update["dtype"] = str(dtype)
-    if device is not None:
-        update["device_map"] = str(device)
-    if not update:
-        return config
-    try:  # validated again, and keeping the YAML's directory for relative paths
-        merged = System.model_validate(config.model_dump() | update)
-    except ValidationError as exc:
-        raise LatentMergeError(f"model_args:\n{explain_errors(exc)}") from None
-    merged._base_dir = config._base_dir
-    return merged
 
 
 def _batch_size(value: Any) -> int:
