@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from latent_merge_nnsight.ensemble import Ensemble as Ensemble
     from latent_merge_nnsight.generation import GenerationResult as GenerationResult
     from latent_merge_nnsight.generation import generate as generate
+    from latent_merge_nnsight.generation.score import ScoreResult as ScoreResult
+    from latent_merge_nnsight.generation.score import score as score
     from latent_merge_nnsight.merge import merge_into as merge_into
     from latent_merge_nnsight.models import check_compatible as check_compatible
     from latent_merge_nnsight.models import load as load
@@ -63,6 +65,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "register_op": ("latent_merge_nnsight.ops", "register_op"),
     "pair": ("latent_merge_nnsight.pair", "pair"),
     "Recipe": ("latent_merge_nnsight.recipe", "Recipe"),
+    "ScoreResult": ("latent_merge_nnsight.generation.score", "ScoreResult"),
+    "score": ("latent_merge_nnsight.generation.score", "score"),
     "register_architecture": ("latent_merge_nnsight.sites", "register_architecture"),
 }
 
@@ -108,6 +112,7 @@ __all__ = [
     "GenerationResult",
     "LatentMergeError",
     "Recipe",
+    "ScoreResult",
     "capture",
     "check_compatible",
     "compute_deltas",
@@ -119,6 +124,7 @@ __all__ = [
     "register_architecture",
     "register_op",
     "representations",
+    "score",
     "sweep",
     "wrap",
 ]

@@ -912,6 +912,14 @@ def _add_serve_command(sub: Any) -> None:
     )
 
 
+def _add_eval_command(sub: Any) -> None:
+    """`lmn eval` (its flags and handler live in `cli_eval`)."""
+    from latent_merge_nnsight.cli_eval import EVAL_FLAG_WORDS, add_eval_arguments, cmd_eval
+
+    help = "lm-evaluation-harness tasks on a system (needs the lmeval extra)"
+    add_eval_arguments(add_command(sub, "eval", cmd_eval, help, flag_words=EVAL_FLAG_WORDS), POSITIVE)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lmn", description="Latent merging of LLMs in representation space, as nnsight interventions."
@@ -931,6 +939,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_command(sub)
     _add_export_command(sub)
     _add_serve_command(sub)
+    _add_eval_command(sub)
     return parser
 
 

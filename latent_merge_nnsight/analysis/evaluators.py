@@ -27,6 +27,7 @@ from latent_merge_nnsight.deltas import Deltas, compute_deltas
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.tasks import MAX_NEW_TOKENS, Example, accuracy, chat_messages
 from latent_merge_nnsight.generation.run import generate
+from latent_merge_nnsight.generation.score import score
 from latent_merge_nnsight.inputs import Batch, encode
 from latent_merge_nnsight.merge import apply_plan
 from latent_merge_nnsight.models import model_info
@@ -64,8 +65,9 @@ class Perplexity:
     """Evaluator: token-level negative log-likelihood and perplexity of given texts under a (merged) model.
 
     Use as `sweep(..., evaluate=Perplexity(), prompts=texts)`; the texts are scored whole (every real
-    token after the first), teacher-forced. The merge is applied with the recipe's `Plan`
-    (`merge.apply_plan`) in an nnsight trace.
+    token after the first), teacher-forced, by `lmn.score` (the model alone, and merges without prefix
+    reuse); with prefix reuse, or explicit positions or steering deltas, the merge is applied with the
+    recipe's `Plan` (`merge.apply_plan`) in an nnsight trace (the same numbers, to float rounding).
     Positions: the recipe's, or "all" when the recipe leaves them unset: teacher forcing stands in for
     generation, where lockstep merging mixes every new token (with the paper's "last", only the final
     position would change, and its prediction is not scored).
@@ -104,25 +106,21 @@ class Perplexity:
     def __call__(
         self, model: Any, sources: Sequence[Any], recipe: Recipe | None, prompts: Any
     ) -> dict[str, float]:
-        chunks = self._chunks(model, prompts)
-        total, count = 0.0, 0
         if recipe is None:
-            for chunk in chunks:
-                c = chunk.to(model_device(model))
-                with torch.no_grad(), model.trace(input_ids=c.input_ids, attention_mask=c.attention_mask):
-                    logits = model.output.logits.save()  # the forward's own: soft-capped where the model caps
-                s, k = _nll_sums(logits, c.input_ids, c.attention_mask)
-                total, count = total + s, count + k
-            return self._result(total, count)
-
+            return self._scored(model, None, None, prompts)
         recipe = as_recipe(recipe)
         srcs = list(sources)
         plan = recipe_plan(recipe, model_info(model).n_layers, positions="all")  # teacher-forced: every token
         if not srcs and not (plan.op.static_source and recipe.deltas):
             raise LatentMergeError(f"sources is empty; recipe op {recipe.op!r} needs a source model")
         layers = sorted(plan.alphas)
-        prefix = self._get_prefix(model, srcs, recipe, prompts, chunks, layers)
         reuse = self.reuse_prefix and len(layers) == 1 and layers[0] > 0
+        if not reuse and not plan.op.static_source and isinstance(plan.positions, str):
+            # "last" and "all" merge every scored token alike (the context is the first token)
+            return self._scored(model, srcs if len(srcs) > 1 else srcs[0], recipe, prompts)
+        chunks = self._chunks(model, prompts)
+        total, count = 0.0, 0
+        prefix = self._get_prefix(model, srcs, recipe, prompts, chunks, layers)
         blocks = get_layers(model)
         for i, chunk in enumerate(chunks):
             c = chunk.to(model_device(model))
@@ -137,6 +135,21 @@ class Perplexity:
             s, k = _nll_sums(logits, c.input_ids, c.attention_mask)
             total, count = total + s, count + k
         return self._result(total, count)
+
+    def _scored(self, model: Any, sources: Any, recipe: Recipe | None, texts: Any) -> dict[str, float]:
+        """Every token after each text's first, scored by `lmn.score` (the one scoring path)."""
+        batch = encode(getattr(model, "tokenizer", None), texts, padding_side=self.padding_side)  # type: ignore[arg-type]
+        rows = [
+            ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)
+        ]
+        rows = [r for r in rows if len(r) > 1]
+        if not rows:
+            return self._result(0.0, 0)
+        got = score(
+            model, sources, [r[:1] for r in rows], [r[1:] for r in rows], recipe,
+            batch_size=self.batch_size, padding_side=self.padding_side,
+        )  # fmt: skip
+        return self._result(-sum(got.totals), sum(len(r) - 1 for r in rows))
 
     @staticmethod
     def _result(total: float, count: int) -> dict[str, float]:

@@ -14,7 +14,9 @@
   architecture registry of `latent_merge_nnsight.sites`;
 - `prefix.py`: `share_prompt_states`, opt-in reuse of the unmerged prompt blocks between fast-engine
   calls on the same prompts (a grid of merges, e.g. the demo);
-- `graphs.py`: fixed-shape steps captured as CUDA graphs (eager stand-ins off CUDA).
+- `graphs.py`: fixed-shape steps captured as CUDA graphs (eager stand-ins off CUDA);
+- `score.py`: `lmn.score`, teacher-forced log-probabilities of continuations, merged where generation
+  would have merged, run on the fast engine's paired stepper (`PairedEngine.score_states`).
 """
 
 from latent_merge_nnsight.generation.fast import release_engine as release_engine

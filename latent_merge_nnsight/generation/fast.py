@@ -181,6 +181,25 @@ class PairedEngine:
         row's last position (base, and the source's for the ensemble). With `reuse` (a prefill), each
         model reads back its blocks below `reuse.skip` instead of running them and stores the unmerged
         blocks it runs."""
+        self._run_blocks(ids, positions, kv_mask, start, select, merge, reuse)
+        base, sources = self.steppers[0], self.steppers[1:]
+        logits = base.logits()
+        if self.plan.mode == "ensemble":
+            return logits, sources[0].logits().to(logits.device)
+        return logits, None
+
+    def _run_blocks(
+        self,
+        ids: Int[Tensor, "batch new"],
+        positions: Int[Tensor, "batch new"],
+        kv_mask: Int[Tensor, "batch slots"],
+        start: "int | Tensor",
+        select: Bool[Tensor, "batch new"] | None,
+        merge: bool,
+        reuse: PromptReuse | None = None,
+    ) -> None:
+        """Both models' blocks over `ids` with the merge in between; each stepper's `h` is its residual
+        after its last block, at every position (`_forward` takes the last; `score_states` all)."""
         steppers = self.steppers
         base, sources = steppers[0], steppers[1:]
         for stepper, bias in zip(steppers, self._biases(kv_mask, start, ids.shape[1]), strict=True):
@@ -198,10 +217,20 @@ class PairedEngine:
                         reuse.keep(m, i, stepper.h)
             if merge and i in self.post:
                 base.h = self.plan.apply(i, "post", base.h, [s.h for s in sources], select)
-        logits = base.logits()
-        if self.plan.mode == "ensemble":
-            return logits, sources[0].logits().to(logits.device)
-        return logits, None
+
+    def score_states(
+        self, ids: Int[Tensor, "batch seq"], mask: Int[Tensor, "batch seq"], select: Bool[Tensor, "batch seq"]
+    ) -> tuple[Float[Tensor, "batch seq d_model"], Float[Tensor, "batch seq d_model"] | None]:
+        """Teacher forcing (`lmn.score`): both models over whole rows (any padding) in one forward,
+        merged where `select` says; the base's final residual at every position, and the source's for
+        the logit ensemble (turn them into logits with each stack's `logits`)."""
+        rows, width = ids.shape
+        self.rows = rows
+        for cache in self.caches:
+            cache.begin(width)
+        self._run_blocks(ids, mask_positions(mask), mask, 0, select, bool(select.any()))
+        base, sources = self.steppers[0], self.steppers[1:]
+        return base.h, sources[0].h if self.plan.mode == "ensemble" else None
 
     # ------------------------------------------------------------------------------------------------
     # prefill and decode

@@ -10,7 +10,7 @@ teacher-forced forward merges at every position ``>= merge_from`` with the recip
 op. Positions ``"all"`` need no ``merge_from`` (every position merges, as in generation); ``"last"`` and
 explicit indices without it are refused (`echo_merge_from`).
 
-`score_echo` runs one row at a time through `systems.logprobs`' teacher-forced forward (the seam where a
+`score_echo` runs one row at a time through a teacher-forced forward (`_row_logits`) (the seam where a
 stepper-based scorer can take over) and, with one new token asked for, picks it from the scored
 distribution of the last prompt position with the request's sampling, so the reported logprob is that of
 the distribution it was drawn from.
@@ -24,11 +24,16 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from latent_merge_nnsight.capture import capture
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generation.loop import prepare_run
 from latent_merge_nnsight.inputs import is_token_ids
+from latent_merge_nnsight.merge import merge_into
+from latent_merge_nnsight.models import hf_module, model_info
+from latent_merge_nnsight.ops import get_op
+from latent_merge_nnsight.positions import position_mask
 from latent_merge_nnsight.systems.batching import Completion, TokenLogprob
-from latent_merge_nnsight.systems.logprobs import _row_logits, supports_logprobs
+from latent_merge_nnsight.systems.logprobs import supports_logprobs
 
 __all__ = ["check_echo", "echo_merge_from", "merge_from_mask", "score_echo"]
 
@@ -150,3 +155,53 @@ def _token_logprobs(tokenizer: Any, tokens: list[int], logp: Tensor, top: int) -
         )
         for i, token in enumerate(tokens[1:])
     )
+
+
+def _merge_mask(n_prompt: int, n_total: int, positions: Any) -> torch.Tensor:
+    """[1, n_total] bool: where generation merged for a row of ``n_prompt`` prompt tokens."""
+    prompt = position_mask(torch.ones(1, n_prompt, dtype=torch.long), positions)
+    rest = torch.full((1, n_total - n_prompt), isinstance(positions, str), dtype=torch.bool)
+    return torch.cat([prompt, rest], dim=1)
+
+
+def _row_logits(loaded: Any, ids: torch.Tensor, n_prompt: int, select: Any = None) -> torch.Tensor:
+    """[seq, vocab] float32 logits of one unpadded row under the system's merge (at ``select``, a
+    [1, seq] bool mask, when given; else where generation merged)."""
+    base = loaded.base
+    device = next(hf_module(base).parameters()).device
+    ids = ids[None].to(device)
+    mask = torch.ones_like(ids)
+    recipe = loaded.config.recipe if loaded.config.kind == "latent" else None
+    with torch.no_grad():
+        if recipe is None:
+            with base.trace(input_ids=ids, attention_mask=mask):
+                logits = base.output.logits.save()
+            return logits[0].float()
+        spec = get_op(recipe.op)
+        alphas = recipe.layer_alphas(model_info(base).n_layers)
+        layers = sorted(alphas)
+        if select is None:
+            select = _merge_mask(n_prompt, ids.shape[1], recipe.resolved_positions())
+        select = select.to(device)
+        if spec.static_source:
+            source: Any = loaded.sources[0]
+        else:
+            caps = [
+                capture(s, input_ids=ids, attention_mask=mask, layers=layers, site=recipe.site)
+                for s in loaded.sources
+            ]
+            source = caps if spec.multi_source else caps[0]
+        with base.trace(input_ids=ids, attention_mask=mask):
+            for layer in layers:
+                merge_into(
+                    layer=layer,
+                    source=source,
+                    op=spec,
+                    alpha=alphas[layer],
+                    positions=select,
+                    site=recipe.site,
+                    allow_extrapolation=recipe.allow_extrapolation,
+                    **recipe.op_params(),
+                )
+            logits = base.output.logits.save()
+    return logits[0].float()

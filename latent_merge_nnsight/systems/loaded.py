@@ -28,6 +28,7 @@ from latent_merge_nnsight._nnsight import is_wrapped
 from latent_merge_nnsight.baselines.weights import merge_weights
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generation import generate
+from latent_merge_nnsight.generation.score import score
 from latent_merge_nnsight.inputs import is_chat, is_token_ids
 from latent_merge_nnsight.models import hf_module, load, model_info
 from latent_merge_nnsight.systems.batching import Completion, SystemCompleteFn, TokenLogprob
@@ -244,21 +245,38 @@ class LoadedSystem:
                 self, prompts, top=top, max_new_tokens=budget, merge_from=merge_from, sampling=kwargs
             )
 
+    def generation_setup(self) -> tuple[Any, Any]:
+        """The `sources` and `recipe` that `lmn.generate` / `lmn.score` take for this system's kind."""
+        kind = self.config.kind
+        if kind == "ensemble":
+            assert self.config.ensemble is not None
+            return self.sources[0], self.config.ensemble.build()
+        if kind == "latent":
+            return (self.sources[0] if len(self.sources) == 1 else self.sources), self.config.recipe
+        return None, None
+
+    def scoring_setup(self) -> tuple[Any, Any, Any]:
+        """(base, sources, recipe) for `lmn.score(system, ...)`: teacher-forced scoring as this system
+        generates (a `backend: vllm` system holds no weights here to score with)."""
+        if self.config.backend == "vllm":
+            raise LatentMergeError(
+                f"system {self.name!r} has backend vllm: its models here are shells without weights; "
+                "score it with backend hf"
+            )
+        return (self.base, *self.generation_setup())
+
+    def score(self, contexts: Any, continuations: Any, **kwargs: Any) -> Any:
+        """`lmn.score` of (context, continuation) rows under this system, one call at a time."""
+        with self._lock:
+            return score(self, None, contexts, continuations, None, **kwargs)
+
     def _generate(self, prompts: list[Any], sampling: SamplingSpec, top: int | None = None) -> Any:
         """One `lmn.generate` call in this system's mode (on vLLM for backend vllm, which also reports
         the ``top`` logprobs of each token when asked)."""
         kwargs = sampling.generate_kwargs() | {"chat": False}  # strings as they are: chats are templated
         if self.config.engine is not None:
             kwargs["engine"] = self.config.engine
-        kind = self.config.kind
-        sources: Any = None
-        recipe: Any = None
-        if kind == "ensemble":
-            assert self.config.ensemble is not None
-            sources, recipe = self.sources[0], self.config.ensemble.build()
-        elif kind == "latent":
-            sources = self.sources[0] if len(self.sources) == 1 else self.sources
-            recipe = self.config.recipe
+        sources, recipe = self.generation_setup()
         if self.config.backend == "vllm":
             # vLLM reads the weights from disk; the shells give the tokenizer, limits and provenance
             kwargs.update(engine="vllm", logprobs=top)
