@@ -26,6 +26,7 @@ from inspect_ai.tool import ToolChoice, ToolInfo
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.system_args import system_from_args
 from latent_merge_nnsight.systems import Batcher, LoadedSystem
+from latent_merge_nnsight.systems.loaded import load_system
 
 __all__ = ["LatentMergeAPI"]
 
@@ -55,7 +56,7 @@ class LatentMergeAPI(ModelAPI):
                 f"{sorted(known | {'max_batch_size'})}"
             )
         config_ = system_from_args(model_name, **{k: model_args[k] for k in known if k in model_args})
-        self.system: LoadedSystem = config_.load()
+        self.system: LoadedSystem = load_system(config_)
         self.max_batch_size = batch
         self._batcher: Batcher | None = None
 

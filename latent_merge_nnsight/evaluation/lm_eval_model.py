@@ -47,6 +47,7 @@ from latent_merge_nnsight.generation.score import score
 from latent_merge_nnsight.models import hf_module
 from latent_merge_nnsight.plan import device_of
 from latent_merge_nnsight.systems import LoadedSystem
+from latent_merge_nnsight.systems.loaded import load_system
 
 __all__ = ["LatentMergeLM", "parse_model_args"]
 
@@ -119,7 +120,7 @@ class LatentMergeLM(TemplateLM):
             self.system = system
         else:
             config = system_from_args(system, base, source, recipe, engine=engine, dtype=dtype, device=device)
-            self.system = config.load()
+            self.system = load_system(config)
         self.tokenizer = self.system.tokenizer
         self._device = device_of(self.system.base)
         self._batch_size = _batch_size(batch_size)

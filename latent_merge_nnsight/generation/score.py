@@ -236,7 +236,7 @@ def score(
 
     Arguments:
         base: the model that generates (from `lmn.load` / `lmn.wrap`), or a loaded system
-            (`System.load()`, any kind but `backend: vllm`: then `sources` and `recipe` are the system's).
+            (`load_system(...)`, any kind but `backend: vllm`: then `sources` and `recipe` are the system's).
         sources: as for `lmn.generate`: a source model, a list (RegMean), `Deltas`, or None.
         contexts: per row, a string (tokenized with the tokenizer's special tokens, as `lmn.generate`
             with `chat=False` does) or token ids; at least one token each.
