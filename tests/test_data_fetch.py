@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 import pytest
-from judgebench_files import DATA, vanilla_copy
+from judgebench_files import DATA, MISSING, vanilla_copy
 from serve_load import env, lmn
 
 from latent_merge_nnsight.errors import LatentMergeError
@@ -50,6 +50,7 @@ def test_fetch_keeps_only_files_whose_hash_matches(tmp_path):
 
 
 def test_the_pinned_hashes_are_the_shared_copies_and_the_cli_checks_a_folder(tmp_path):
+    assert all((DATA / f.path).is_file() for f in JUDGEBENCH_FILES[:4]), MISSING
     folder = tmp_path / "jb"
     for f in JUDGEBENCH_FILES:
         (folder / f.path).parent.mkdir(parents=True, exist_ok=True)
