@@ -8,8 +8,8 @@ import importlib
 
 import pytest
 import torch
-from tiny import pair
 from tiny import generate_raw as generate
+from tiny import pair
 
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight.errors import LatentMergeError
