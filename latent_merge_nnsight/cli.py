@@ -412,6 +412,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         site=args.site,
         resume=not args.fresh,
         progress=not args.no_progress,
+        max_batch=args.max_batch,
     )
     df.to_csv(out / "results.csv", index=False)
     analysis.heatmaps(df, metric, path=out / f"heatmap_{metric}.png")
@@ -639,6 +640,13 @@ def _add_sweep_command(sub: Any) -> None:
     p.add_argument("--out", default="runs/sweep", help="folder for sweep.jsonl, results.csv and heatmaps")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming OUT/sweep.jsonl")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--max-batch",
+        type=POSITIVE,
+        default=None,
+        help="rows (cells x questions) per engine pass: cells run together as per-row recipes "
+        "(default: the evaluator's batch size, 64)",
+    )
 
 
 def _add_search_command(sub: Any) -> None:
