@@ -77,6 +77,8 @@ def _pick_engine(engine: str, base: Any, sources: list[Any], plan: Plan) -> str:
 
 def _check_merge_happens(sources: Any, recipe: Any) -> None:
     """A latent-merge recipe with no source would silently generate the base's own text: refuse it."""
+    if isinstance(recipe, (list, tuple)):
+        recipe = next((r for r in recipe if isinstance(r, Recipe)), None)
     if not isinstance(recipe, Recipe) or get_op(recipe.op).static_source:
         return
     if sources is None or (isinstance(sources, (list, tuple)) and not sources):
@@ -123,7 +125,10 @@ def generate(
         prompts: a string, list of strings, chat(s) (the chat template is applied), or token ids. A plain
             string is sent as one user message through the tokenizer's chat template when the tokenizer
             has one (see `chat`).
-        recipe: an `lmn.Recipe` (latent merge or delta steering), an `Ensemble` (logit ensemble), or None.
+        recipe: an `lmn.Recipe` (latent merge or delta steering), an `Ensemble` (logit ensemble), None,
+            or a list with one recipe (or None: base alone) per prompt. Per-row recipes may differ in op,
+            layers, alphas, site and positions and run in one pass; they share `sources`, so each takes
+            a live-source op (not `delta`). Row i's tokens equal a call with recipe[i] alone.
         max_new_tokens: new tokens per row at most (>= 1).
         input_ids, attention_mask: token ids (and mask; left or right padding) instead of prompts.
         padding_side: how to pad text prompts of different lengths ("left" or "right").
@@ -185,6 +190,12 @@ def generate(
         chat=chat,
         sampler=sampler,
     )
+    rows = run.batch.input_ids.shape[0]
+    if isinstance(recipe, (list, tuple)) and len(recipe) != rows:
+        raise LatentMergeError(
+            f"recipe is a list of {len(recipe)} recipes for {rows} prompts; expected one recipe (or None) "
+            "per prompt, or a single recipe for all"
+        )
     plan, models = resolve_plan(base, sources, recipe, weights_on_disk=engine == "vllm")
     chosen = _pick_engine(engine, base, models, plan)
     run.recipe, run.plan = plan.recipe, plan
