@@ -232,7 +232,7 @@ class Plan:
     def _rows_on_device(self, device: torch.device, dtype: torch.dtype, n_sources: int) -> "Plan":
         params = dict(self.params)
         if params.get("weights") is not None:
-            params["weights"] = regmean_weights(params["weights"], n_sources).to(device)
+            params["weights"] = source_weights(params["weights"], n_sources).to(device)
         alphas = {layer: a.to(device=device, dtype=dtype, copy=True) for layer, a in self.alphas.items()}
         return replace(self, alphas=alphas, params=params)
 

@@ -115,6 +115,7 @@ def generate(
     chat: bool | None = None,
     sampler: str = "default",
     logprobs: int | None = None,
+    on_step: Any = None,
 ) -> GenerationResult:
     """Generate from `base` with `sources` merged in lockstep according to `recipe`.
 
@@ -161,6 +162,9 @@ def generate(
         logprobs: engine="vllm" only: also report each new token's logprob and its `logprobs` most likely
             alternatives (vLLM's raw logprobs of the merged model) in `result.info["logprobs"]`, per row
             and token `(logprob, ((token_id, logprob), ...))`.
+        on_step: a step hook, called as each step's tokens are chosen (`generation.loop.Run.on_step`:
+            ``on_step(run, rows, tokens)`` may return rows to end now); engine="vllm" does not call it
+            (vLLM generates the whole batch before its tokens come back).
 
     Everything is checked before any forward runs; a bad argument raises `LatentMergeError`.
     """
@@ -198,7 +202,7 @@ def generate(
         )
     plan, models = resolve_plan(base, sources, recipe, weights_on_disk=engine == "vllm")
     chosen = _pick_engine(engine, base, models, plan)
-    run.recipe, run.plan = plan.recipe, plan
+    run.recipe, run.plan, run.on_step = plan.recipe, plan, on_step
     if plan.live_sources and chosen != "vllm":  # (vLLM runs its export's source blocks)
         run.info["source_blocks_per_step"] = [plan.source_blocks(model_info(m).n_layers) for m in models]
     options = dict(cuda_graphs=cuda_graphs, keep_engine=keep_engine, compile_step=compile_step)

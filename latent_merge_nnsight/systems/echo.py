@@ -93,11 +93,12 @@ def score_echo(
     max_new_tokens: int,
     merge_from: int | None,
     sampling: dict[str, Any],
+    recipes: Sequence[Any] | None = None,
 ) -> list[Completion]:
     """One echo `Completion` per prompt (a raw string or token ids): its text is the prompt's text plus
     the new token's; its ``logprobs`` (when ``top`` is not None) cover every prompt token (the first has
     none) and the new one, each with its ``top`` alternatives. ``sampling`` holds `prepare_run`'s sampling
-    and stop arguments."""
+    and stop arguments; ``recipes`` (one per prompt) score each prompt under a request's own recipe."""
     start = check_echo(loaded, top, max_new_tokens, merge_from)
     tokenizer = loaded.tokenizer
     out = []
@@ -112,7 +113,8 @@ def score_echo(
             raise LatentMergeError(
                 f"{MERGE_FROM}={start} is past prompt {i}'s {n} tokens; expected 0 <= merge_from < {n}"
             )
-        logp = torch.log_softmax(_scored_logits(loaded, ids, start), dim=-1).cpu()
+        recipe = None if recipes is None else recipes[i]
+        logp = torch.log_softmax(_scored_logits(loaded, ids, start, recipe), dim=-1).cpu()
         new: list[int] = []
         reason, new_text = "length", ""
         if max_new_tokens == 1:
@@ -126,10 +128,11 @@ def score_echo(
     return out
 
 
-def _scored_logits(loaded: Any, ids: Tensor, merge_from: int) -> Tensor:
-    """[pos, vocab] logits of one teacher-forced row merged at positions >= ``merge_from`` (the seam: a
-    stepper-based scorer, `lmn.score`, can replace this one call)."""
-    return _row_logits(loaded, ids, ids.shape[0], merge_from_mask(ids.shape[0], merge_from))
+def _scored_logits(loaded: Any, ids: Tensor, merge_from: int, recipe: Any = None) -> Tensor:
+    """[pos, vocab] logits of one teacher-forced row merged at positions >= ``merge_from`` (under
+    ``recipe``, a request's own, when given; the seam: a stepper-based scorer, `lmn.score`, can replace
+    this one call)."""
+    return _row_logits(loaded, ids, ids.shape[0], merge_from_mask(ids.shape[0], merge_from), recipe)
 
 
 def _token_logprobs(tokenizer: Any, tokens: list[int], logp: Tensor, top: int) -> tuple[TokenLogprob, ...]:

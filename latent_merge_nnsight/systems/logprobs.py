@@ -42,14 +42,18 @@ def _merge_mask(n_prompt: int, n_total: int, positions: Any) -> torch.Tensor:
     return torch.cat([prompt, rest], dim=1)
 
 
-def _row_logits(loaded: Any, ids: torch.Tensor, n_prompt: int, select: Any = None) -> torch.Tensor:
-    """[seq, vocab] float32 logits of one unpadded row under the system's merge (at ``select``, a
-    [1, seq] bool mask, when given; else where generation merged)."""
+def _row_logits(
+    loaded: Any, ids: torch.Tensor, n_prompt: int, select: Any = None, recipe: Any = None
+) -> torch.Tensor:
+    """[seq, vocab] float32 logits of one unpadded row under the system's merge, or under ``recipe`` (a
+    request's own, `LoadedSystem.request_recipe`) when given (at ``select``, a [1, seq] bool mask, when
+    given; else where generation merged)."""
     base = loaded.base
     device = next(hf_module(base).parameters()).device
     ids = ids[None].to(device)
     mask = torch.ones_like(ids)
-    recipe = loaded.config.recipe if loaded.config.kind == "latent" else None
+    if recipe is None:
+        recipe = loaded.config.recipe if loaded.config.kind == "latent" else None
     with torch.no_grad():
         if recipe is None:
             with base.trace(input_ids=ids, attention_mask=mask):
@@ -85,10 +89,12 @@ def _row_logits(loaded: Any, ids: torch.Tensor, n_prompt: int, select: Any = Non
     return logits[0].float()
 
 
-def _scored_rows(loaded: Any, result: Any, top: int) -> list[list[tuple[float, tuple[Any, ...]]]]:
+def _scored_rows(
+    loaded: Any, result: Any, top: int, recipes: list[Any] | None = None
+) -> list[list[tuple[float, tuple[Any, ...]]]]:
     """Per row, per new token: (its logprob, its ``top`` alternatives as (token id, logprob) pairs, most
-    likely first). vLLM reports them while it generates (`result.info["logprobs"]`, backend vllm); our
-    engines' rows are scored here."""
+    likely first), each row under its own recipe when ``recipes`` is given. vLLM reports them while it
+    generates (`result.info["logprobs"]`, backend vllm); our engines' rows are scored here."""
     carried = result.info.get("logprobs")
     if carried is not None:
         return carried
@@ -106,7 +112,9 @@ def _scored_rows(loaded: Any, result: Any, top: int) -> list[list[tuple[float, t
         prompt = result.sequences[row, :width][result.attention_mask[row, :width].bool()]
         ids = torch.cat([prompt, torch.tensor(new, dtype=prompt.dtype)])
         n = prompt.shape[0]
-        logp = torch.log_softmax(_row_logits(loaded, ids, n)[n - 1 : n - 1 + len(new)], dim=-1).cpu()
+        recipe = None if recipes is None else recipes[row]
+        logits = _row_logits(loaded, ids, n, recipe=recipe)[n - 1 : n - 1 + len(new)]
+        logp = torch.log_softmax(logits, dim=-1).cpu()
         chosen = logp[torch.arange(len(new)), torch.tensor(new)].tolist()
         values, indices = torch.topk(logp, min(top, logp.shape[-1]), dim=-1)
         out.append(
@@ -118,8 +126,11 @@ def _scored_rows(loaded: Any, result: Any, top: int) -> list[list[tuple[float, t
     return out
 
 
-def token_logprobs(loaded: Any, result: Any, top: int) -> list[tuple[Any, ...]]:
-    """One tuple of `TokenLogprob` per row of a `GenerationResult` (``top`` alternatives each)."""
+def token_logprobs(
+    loaded: Any, result: Any, top: int, recipes: list[Any] | None = None
+) -> list[tuple[Any, ...]]:
+    """One tuple of `TokenLogprob` per row of a `GenerationResult` (``top`` alternatives each; each row
+    scored under its own recipe when ``recipes`` holds one per row)."""
     if not supports_logprobs(loaded.config):
         raise LatentMergeError(
             f"logprobs: system {loaded.name!r} (kind {loaded.config.kind!r}) cannot report logprobs; "
@@ -127,7 +138,7 @@ def token_logprobs(loaded: Any, result: Any, top: int) -> list[tuple[Any, ...]]:
         )
     tokenizer = loaded.tokenizer
     out = []
-    for new, scored in zip(result.tokens, _scored_rows(loaded, result, top), strict=True):
+    for new, scored in zip(result.tokens, _scored_rows(loaded, result, top, recipes), strict=True):
         out.append(
             tuple(
                 TokenLogprob(
