@@ -13,9 +13,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 from serve_load import start_serve
 
 import latent_merge_nnsight as lmn
+from latent_merge_nnsight.models import hf_module
 from latent_merge_nnsight.systems.batching import Batcher, Completion
 
 SYSTEMS = Path(__file__).resolve().parents[1] / "examples" / "systems"
@@ -38,7 +40,7 @@ def served(tmp_path_factory):
     log = tmp_path_factory.mktemp("steps") / "steps.log"
     launcher = [sys.executable, str(STEPS), str(log), "0"]
     flags = ("--max-batch-size", "16", "--max-wait-ms", "600")
-    with start_serve(SYSTEMS / f"{MODEL}.yaml", *flags, launcher=launcher) as (proc, url):
+    with start_serve(SYSTEMS / f"{MODEL}.yaml", *flags, launcher=launcher, timeout=600) as (proc, url):
         yield url, log
 
 
@@ -180,3 +182,33 @@ def test_the_batcher_runs_requests_with_different_recipes_as_one_call_with_a_rec
     out = asyncio.run(main())
     assert [c.text for c in out] == ["p0", "p1", "p2"]
     assert system.calls == [(["p0", "p1", "p2"], recipes)]
+
+
+def _base_logprobs(base, ids: list[int]) -> list[float]:
+    """log p(token i | tokens before it) under the base alone, a plain forward (i >= 1)."""
+    with torch.no_grad():
+        logits = hf_module(base)(torch.tensor([ids])).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
+
+
+def test_echo_and_logprobs_score_under_the_requests_own_alphas(served, toy):
+    url, _ = served
+    base, _ = toy
+    prompt = PROMPTS[1]
+    ids = base.tokenizer(prompt)["input_ids"]
+    reference = _base_logprobs(base, ids)
+    scored = {}
+    for name, lm in (("alpha 0", {"alpha": 0, "merge_from": 2}), ("system", {"merge_from": 2})):
+        r = complete(url, prompt, max_tokens=0, echo=True, logprobs=0, latent_merge=lm)
+        assert r.status_code == 200, r.text
+        scored[name] = r.json()["choices"][0]["logprobs"]["token_logprobs"]
+        assert scored[name][0] is None and len(scored[name]) == len(ids)
+    assert max(abs(a - b) for a, b in zip(scored["alpha 0"][1:], reference, strict=True)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(scored["system"][1:], reference, strict=True)) > 1e-3
+    # the logprobs of generated tokens, scored under the request's recipe (alpha 0: the base's)
+    r = complete(url, prompt, logprobs=0, latent_merge={"alpha": 0}).json()["choices"][0]
+    new = lmn.generate(base, None, [prompt], max_new_tokens=N_NEW, chat=False).tokens[0]
+    assert r["text"] == base.tokenizer.decode(new, skip_special_tokens=True)
+    expected = _base_logprobs(base, ids + new)[len(ids) - 1 :]
+    assert max(abs(a - b) for a, b in zip(r["logprobs"]["token_logprobs"], expected, strict=True)) < 1e-4

@@ -32,7 +32,7 @@ def served(tmp_path_factory):
     )
     log = root / "steps.log"
     launcher = [sys.executable, str(STEPS), str(log), "0.05"]
-    with start_serve(system, "--max-wait-ms", "400", launcher=launcher) as (proc, url):
+    with start_serve(system, "--max-wait-ms", "400", launcher=launcher, timeout=600) as (proc, url):
         yield url, log
 
 
