@@ -39,7 +39,7 @@ SETUPS = [
 def served(tmp_path_factory):
     log = tmp_path_factory.mktemp("steps") / "steps.log"
     launcher = [sys.executable, str(STEPS), str(log), "0"]
-    flags = ("--max-batch-size", "16", "--max-wait-ms", "600")
+    flags = ("--max-batch-size", "16", "--max-wait-ms", "1500")
     with start_serve(SYSTEMS / f"{MODEL}.yaml", *flags, launcher=launcher, timeout=600) as (proc, url):
         yield url, log
 
