@@ -10,8 +10,8 @@ from test_serve import ReverseSystem
 from transformers import AutoModelForCausalLM
 
 import latent_merge_nnsight as lmn
-from latent_merge_nnsight.systems.loaded import load_system
 from latent_merge_nnsight.serve import start_server
+from latent_merge_nnsight.systems.loaded import load_system
 from latent_merge_nnsight.zoo import zoo_path
 
 SYSTEMS = Path(__file__).resolve().parents[1] / "examples" / "systems"

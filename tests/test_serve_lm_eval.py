@@ -26,8 +26,8 @@ from lm_eval.models.openai_completions import LocalCompletionsAPI  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from reference import hidden_states, merged_logits  # noqa: E402
 
-from latent_merge_nnsight.systems.loaded import load_system  # noqa: E402
 from latent_merge_nnsight.serve import start_server  # noqa: E402
+from latent_merge_nnsight.systems.loaded import load_system  # noqa: E402
 from latent_merge_nnsight.zoo import zoo_path  # noqa: E402
 
 SYSTEMS = Path(__file__).resolve().parents[1] / "examples" / "systems"
