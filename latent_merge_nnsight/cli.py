@@ -435,6 +435,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         allow_extrapolation=args.allow_extrapolation,
         resume=not args.fresh,
         progress=not args.no_progress,
+        max_batch=args.max_batch,
     )
     df.to_csv(out / "results.csv", index=False)
     analysis.heatmaps(df, metric, path=out / f"heatmap_{metric}.png")
@@ -467,6 +468,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         base, sources, trials=args.trials, target=args.target, constraints=dict(args.min), space=space,
         n_search=args.n_search, n_test=args.n_test, seed=args.seed, data_seed=args.data_seed,
         out=args.out, storage=args.storage, study_name=args.study_name, progress=not args.no_progress,
+        parallel_trials=args.parallel_trials,
     )  # fmt: skip
     print(Path(result.paths["pareto_md"]).read_text())
     shown = ", ".join(f"{k} {v:.3f}" for k, v in result.test.items())
@@ -720,6 +722,13 @@ def _add_sweep_command(sub: Any) -> None:
     p.add_argument("--out", default="runs/sweep", help="folder for sweep.jsonl, results.csv and heatmaps")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming OUT/sweep.jsonl")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--max-batch",
+        type=POSITIVE,
+        default=None,
+        help="rows (cells x questions) per engine pass: cells run together as per-row recipes "
+        "(default: the evaluator's batch size, 64)",
+    )
 
 
 def _add_search_command(sub: Any) -> None:
@@ -755,6 +764,10 @@ def _add_search_command(sub: Any) -> None:
     p.add_argument("--out", default="runs/search", help="folder for study.db, tables, figure and winner")
     p.add_argument("--storage", default=None, help="Optuna storage URL or SQLite file (default OUT/study.db)")
     p.add_argument("--study-name", default="lmn-search", help="study name inside the storage")
+    p.add_argument(
+        "--parallel-trials", type=POSITIVE, default=1, metavar="K",
+        help="trials asked of Optuna at once and evaluated in one pass (per-row recipes)",
+    )  # fmt: skip
     p.add_argument("--dtype", default="auto", help="model dtype")
     p.add_argument("--device-map", default=None, help="transformers device_map")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

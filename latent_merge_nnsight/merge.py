@@ -17,7 +17,7 @@ from latent_merge_nnsight.models import active_model, last_inputs, last_past_len
 from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.ops import OpSpec, check_alpha, get_op
 from latent_merge_nnsight.plan import Plan, merge_plan
-from latent_merge_nnsight.positions import Positions, check_positions, position_mask
+from latent_merge_nnsight.positions import Positions, check_positions
 from latent_merge_nnsight.sites import Site, check_layer, check_site, get_layers, read_resid, write_resid
 
 __all__ = ["ResidSource", "apply_plan", "merge_into"]
@@ -149,16 +149,18 @@ def merge_into(
 
 
 def apply_plan(
-    plan: Plan, layer: int, sources: list[Any], model: Model
+    plan: Plan, layer: int, sources: list[Any], model: Model, site: Site | None = None
 ) -> Float[Tensor, "batch pos d_model"]:
-    """Mix `sources` into the traced `model` at `layer` as `plan` says (everything already checked).
+    """Mix `sources` into the traced `model` at (`layer`, `site`) as `plan` says (everything already
+    checked); `site` defaults to the plan's (a per-row plan names it: `Plan.sites`).
 
     Reads the residual at the plan's site, finds this forward's real tokens, mixes with `Plan.apply`
     where the plan's positions select them, and writes the result back. `merge_into` (one call in a
     trace) and the nnsight engine (every merged layer of every step) both end here. `sources` are
     `ResidSource`s or tensors, one per source; none when the plan steers with its own deltas.
     """
-    site, multi = plan.site, plan.op.multi_source
+    site = plan.site if site is None else site
+    multi = any(p.op.multi_source for p in plan.groups or [plan])
     index = lambda i: f"[{i}]" if multi else ""  # noqa: E731
     tensors = [_source_tensor(s, layer, site, index(i)) for i, s in enumerate(sources)]
     block = get_layers(model)[layer]
@@ -167,7 +169,7 @@ def apply_plan(
     for i, s in enumerate(sources):
         if isinstance(s, Capture):
             _check_capture_tokens(s, ids, decoding, index(i))
-    static = plan.op.static_source
+    static = not plan.groups and plan.op.static_source
     for i, t in enumerate(tensors):
         if not (t.shape == hidden.shape if not static else t.shape[-1] == hidden.shape[-1]):
             raise LatentMergeError(
@@ -175,8 +177,8 @@ def apply_plan(
                 f"{tuple(hidden.shape)} like the base residual"
                 + (" (or a [d_model] vector)" if static else "")
             )
-    select = position_mask(mask, plan.positions, decoding=decoding)
-    if plan.alphas[layer] == 0 or not bool(select.any()):
+    select = plan.select(mask, decoding)
+    if (not plan.groups and plan.alphas[layer] == 0) or not bool(select.any()):
         return hidden
     new = plan.apply(layer, site, hidden, tensors, select)
     write_resid(block, site, new)

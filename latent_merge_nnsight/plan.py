@@ -10,6 +10,14 @@ Every executor then runs the same plan and mixes through `Plan.apply(layer, site
 `merge_into` (one layer, in a trace), the fast engine (`generation.fast`, at each merged layer of its
 block loop), the nnsight engine (`generation.nnsight`, through `merge.apply_plan`) and `analysis/`.
 `Plan.next_logits` is the logit ensemble's mix, used by the loop's choose-next step.
+
+Per-row recipes (`recipe=[r0, r1, ...]`, one per prompt: `rows_plan`) resolve to one plan whose
+`groups` are sub-plans, one per distinct (op, site, positions, params). A group's `alphas` map each of
+its layers to a `[rows]` tensor: row r's alpha there, 0 for a row of another group or one that does not
+merge at that layer (such rows keep the base residual bit for bit: the mix is masked by `alpha != 0`).
+`Plan.apply` then mixes every row by its own recipe in one call per group (no loop over rows); the
+engines ask the plan where it merges (`sites`), where it selects (`select`), and drop finished rows from
+its tensors with the cache (`keep_rows`).
 """
 
 from collections.abc import Sequence
@@ -18,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from latent_merge_nnsight._nnsight import unwrap
@@ -41,6 +49,7 @@ __all__ = [
     "recipe_deltas_path",
     "recipe_plan",
     "resolve_plan",
+    "rows_plan",
 ]
 
 Mode = Literal["base", "merge", "ensemble"]
@@ -67,7 +76,10 @@ class Plan:
         deltas: steering vectors per layer for a static-source op (delta).
         ensemble: the logit-ensemble spec (mode "ensemble").
         allow_extrapolation: alphas outside [0, 1] were allowed by the recipe.
-        recipe: what the user passed, for the result's record.
+        recipe: what the user passed, for the result's record (a list for per-row recipes).
+        groups: per-row recipes (`rows_plan`): one merge sub-plan per distinct (op, site, positions,
+            params), whose `alphas` are `[rows]` tensors (0 where a row does not merge). Empty for a
+            plan of one recipe, whose fields above say it all.
     """
 
     mode: Mode
@@ -80,15 +92,30 @@ class Plan:
     ensemble: Ensemble | None = None
     allow_extrapolation: bool = False
     recipe: RecipeLike = None
+    groups: list["Plan"] = field(default_factory=list)
 
     @property
     def merges(self) -> list[tuple[int, float | None]]:
-        """(layer, alpha) in execution order, without the no-op alpha=0 layers."""
-        return [(layer, a) for layer, a in sorted(self.alphas.items()) if a != 0]
+        """(layer, alpha) in execution order, without the no-op alpha=0 layers (a per-row group's layers
+        all stay: their alphas are `[rows]` tensors)."""
+        return [(layer, a) for layer, a in sorted(self.alphas.items()) if isinstance(a, Tensor) or a != 0]
+
+    def sites(self) -> list[tuple[int, str]]:
+        """(layer, site) pairs this plan merges at, in forward order (a layer's "pre" before its "post").
+        A per-row plan lists every layer one of its rows names (rows not merging there have alpha 0)."""
+        if self.mode != "merge":
+            return []
+        if self.groups:
+            found = {(layer, g.site) for g in self.groups for layer in g.alphas}
+        else:
+            found = {(layer, self.site) for layer, _ in self.merges}
+        return sorted(found, key=lambda ls: (ls[0], ls[1] == "post"))
 
     @property
     def live_sources(self) -> bool:
         """Whether source models run alongside the base."""
+        if self.groups:
+            return True  # per-row plans take live-source ops only (`rows_plan`)
         return self.mode == "ensemble" or (
             self.mode == "merge" and self.op is not None and not self.op.static_source
         )
@@ -97,8 +124,17 @@ class Plan:
     def merges_while_decoding(self) -> bool:
         """Whether decode steps merge too: "last" and "all" select every new token; explicit prompt
         positions select none (those merges happen at the prompt step only)."""
+        if self.groups:
+            return any(g.merges_while_decoding for g in self.groups)
         probe = position_mask(torch.ones(1, 1, dtype=torch.long), self.positions, decoding=True)
         return bool(probe.all())
+
+    def select(self, mask: Int[Tensor, "batch pos"], decoding: bool) -> Bool[Tensor, "*groups batch pos"]:
+        """The positions of a forward (its token `mask`) this plan merges at: `[batch, pos]`, or for a
+        per-row plan one such mask per group, stacked `[groups, batch, pos]`."""
+        if self.groups:
+            return torch.stack([position_mask(mask, g.positions, decoding=decoding) for g in self.groups])
+        return position_mask(mask, self.positions, decoding=decoding)
 
     def source_blocks(self, source_layers: int, *, listed: bool = False) -> int:
         """Blocks each source runs per step: up to the highest merged layer, or all for the ensemble (the
@@ -108,6 +144,9 @@ class Plan:
         take any alphas at those layers (a vLLM export, a source loaded `up_to_layer` for a recipe)."""
         if self.mode == "ensemble":
             return source_layers
+        if self.groups:
+            deepest = [g.source_blocks(source_layers, listed=True) for g in self.groups]
+            return max(deepest, default=0)
         layers = list(self.alphas) if listed else [layer for layer, _ in self.merges]
         if not self.live_sources or not layers:
             return 0
@@ -125,7 +164,17 @@ class Plan:
 
         `hs` holds one residual per source (any device; ignored when the plan steers with `deltas`);
         `select=None` mixes every position. A site or layer the plan does not merge returns `hb` itself.
+        A per-row plan takes `select` from `Plan.select` (one mask per group), or None on a decode step
+        (every new token of the groups that merge while decoding); each row mixes by its own alpha.
         """
+        if self.groups:
+            for g, group in enumerate(self.groups):
+                if site != group.site or layer not in group.alphas:
+                    continue
+                if select is None and not group.merges_while_decoding:
+                    continue
+                hb = group._mix_rows(layer, hb, hs, None if select is None else select[g])
+            return hb
         if self.mode != "merge" or site != self.site or layer not in self.alphas:
             return hb
         if self.deltas is not None:
@@ -136,6 +185,30 @@ class Plan:
             src = hs[0].to(hb.device)
         merged = self.op(hb, src, self.alphas[layer], **self.params)
         return merged if select is None else torch.where(select[..., None], merged, hb)
+
+    def _mix_rows(
+        self,
+        layer: int,
+        hb: Float[Tensor, "batch pos d_model"],
+        hs: Sequence[Float[Tensor, "batch pos d_model"]],
+        select: Bool[Tensor, "batch pos"] | None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """One group of a per-row plan at `layer`: each row mixed by its own alpha (`[rows]`, the first
+        `batch` entries: a fast engine moves the rows still running to the front), rows at alpha 0 and
+        unselected positions left as `hb` bit for bit (whatever the op returns at alpha 0)."""
+        alpha = self.alphas[layer][: hb.shape[0]]
+        src = torch.stack([h.to(hb.device) for h in hs]) if self.op.multi_source else hs[0].to(hb.device)
+        merged = self.op(hb, src, alpha[:, None], **self.params)
+        keep = (alpha != 0)[:, None]
+        keep = keep if select is None else keep & select
+        return torch.where(keep[..., None], merged, hb)
+
+    def keep_rows(self, index: Int[Tensor, " keep"]) -> None:
+        """Keep the per-row tensors of rows `index` only, moved to the front in place (the fast engine
+        drops finished rows; a captured step keeps reading the same buffers)."""
+        for group in self.groups:
+            for alpha in group.alphas.values():
+                alpha[: len(index)] = alpha.index_select(0, index.to(alpha.device))
 
     def next_logits(
         self,
@@ -153,6 +226,8 @@ class Plan:
         """A copy for a fixed-shape (CUDA graph) step: alphas as device scalars of the compute dtype,
         the deltas copied, RegMean weights normalised once on the host. A kept engine writes the next
         run's alphas and deltas into these tensors (`refill`) without a new capture."""
+        if self.groups:  # per-row alphas: copies on the device, refilled in place by a kept engine
+            return replace(self, groups=[g._rows_on_device(device, dtype, n_sources) for g in self.groups])
         scalar = lambda a: None if a is None else torch.tensor(a, dtype=dtype, device=device)  # noqa: E731
         params = dict(self.params)
         if params.get("weights") is not None:  # checked on the host, once: no sync in the step
@@ -164,8 +239,33 @@ class Plan:
             params=params,
         )
 
+    def _rows_on_device(self, device: torch.device, dtype: torch.dtype, n_sources: int) -> "Plan":
+        params = dict(self.params)
+        if params.get("weights") is not None:
+            params["weights"] = source_weights(params["weights"], n_sources).to(device)
+        alphas = {layer: a.to(device=device, dtype=dtype, copy=True) for layer, a in self.alphas.items()}
+        return replace(self, alphas=alphas, params=params)
+
+    def layout(self) -> tuple:
+        """What a fixed-shape step of this plan depends on besides its alpha and delta values (which
+        `refill` swaps): the mode, op, site, positions, which layers merge, the params."""
+        if self.groups:
+            return ("rows", *(g.layout() for g in self.groups))
+        alphas = tuple((layer, a is None) for layer, a in self.merges) if self.mode == "merge" else ()
+        deltas = None if self.deltas is None else tuple((k, tuple(v.shape)) for k, v in self.deltas.items())
+        params = tuple(sorted((k, repr(v)) for k, v in self.params.items()))
+        op = None if self.op is None else self.op.name
+        return (self.mode, op, self.site, repr(self.positions), alphas, deltas, params)
+
     def refill(self, other: "Plan") -> None:
         """Write `other`'s alphas and deltas (a plan of the same layout) into this `on_device` copy."""
+        if self.groups:  # per-row: the new rows' alphas first, zero for rows this run does not have
+            for mine, theirs in zip(self.groups, other.groups, strict=True):
+                for layer, alpha in mine.alphas.items():
+                    new = theirs.alphas[layer]
+                    alpha[: len(new)].copy_(new)
+                    alpha[len(new) :].zero_()
+            return
         new = dict(other.merges)
         for layer, value in self.alphas.items():
             if value is not None:
@@ -254,6 +354,58 @@ def recipe_plan(recipe: Recipe, n_layers: int, *, positions: Positions | None = 
     )
 
 
+def rows_plan(recipes: Sequence[Any], n_layers: int) -> Plan:
+    """Per-row recipes (one per prompt; None: that row is the base alone) as one plan for a model of
+    `n_layers` blocks: a group per distinct (op, site, positions, params), its alphas `[rows]` float64
+    tensors (0 where a row does not merge). Rows may differ in op, layers, alphas, site and positions;
+    they share the sources, so every row must take live sources (no `delta`, no Ensemble) and name the
+    same `sources`. The plan's mode is "base" when no row merges."""
+    rows = len(recipes)
+    if rows == 0:
+        raise LatentMergeError("recipe=[] is empty; expected one recipe (or None) per prompt")
+    plans: list[Plan | None] = []
+    for i, recipe in enumerate(recipes):
+        if recipe is None:
+            plans.append(None)
+            continue
+        if not isinstance(recipe, Recipe):
+            raise LatentMergeError(
+                f"recipe[{i}] has type {type(recipe).__name__}; per-row recipes are lmn.Recipe objects "
+                "(or None for the base alone); a logit ensemble runs one recipe per call"
+            )
+        plan = recipe_plan(recipe, n_layers)
+        if not plan.live_sources:
+            raise LatentMergeError(
+                f"recipe[{i}] has op {recipe.op!r}, which steers with static vectors; per-row recipes "
+                "share live source models, so every row takes a live-source op (lerp, slerp, regmean, ...);"
+                f" run the {recipe.op!r} rows in a call of their own"
+            )
+        plans.append(plan)
+    named = {tuple(r.sources) for r in recipes if r is not None and r.sources is not None}
+    if len(named) > 1:
+        raise LatentMergeError(
+            f"recipe rows name different sources {sorted(named)}; per-row recipes share the sources of "
+            "one call: run rows with other sources in a call of their own"
+        )
+    groups: dict[tuple, list[tuple[int, Plan]]] = {}
+    for i, plan in enumerate(plans):
+        if plan is not None:
+            key = (plan.op.name, plan.site, repr(plan.positions), repr(sorted(plan.params.items())))
+            groups.setdefault(key, []).append((i, plan))
+    if not groups:
+        return Plan(mode="base", recipe=list(recipes))
+    out = []
+    for members in groups.values():
+        first = members[0][1]
+        layers = sorted({layer for _, plan in members for layer in plan.alphas})
+        alphas = {layer: torch.zeros(rows, dtype=torch.float64) for layer in layers}
+        for i, plan in members:
+            for layer, a in plan.alphas.items():
+                alphas[layer][i] = 0.5 if a is None else a  # None: the live ops' own default
+        out.append(replace(first, alphas=alphas, recipe=None))
+    return Plan(mode="merge", recipe=list(recipes), groups=out)
+
+
 def merge_plan(
     op: OpSpec,
     alphas: dict[int, float | None],
@@ -293,10 +445,17 @@ def resolve_plan(
         return Plan(mode="base", recipe=None), []
     if isinstance(recipe, Ensemble):
         return _ensemble_plan(base, given, recipe, weights_on_disk)
+    if isinstance(recipe, (list, tuple)):
+        plan = rows_plan(recipe, _depth(base, weights_on_disk))
+        if plan.mode == "base" or not given:
+            return Plan(mode="base", recipe=list(recipe)), []
+        for group in plan.groups:
+            _check_sources(base, given, group.op, group, weights_on_disk)
+        return plan, given
     if not isinstance(recipe, Recipe):
         raise LatentMergeError(
-            f"recipe has type {type(recipe).__name__}; expected an lmn.Recipe, an Ensemble, "
-            "or None (base alone)"
+            f"recipe has type {type(recipe).__name__}; expected an lmn.Recipe, an Ensemble, a list of "
+            "recipes (one per prompt), or None (base alone)"
         )
     plan = recipe_plan(recipe, _depth(base, weights_on_disk))
     spec, alphas = plan.op, plan.alphas

@@ -49,11 +49,14 @@ def rss_kib(pid: int) -> int:
 
 
 @contextmanager
-def start_serve(system: Path, *flags: str, timeout: float = 120.0) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`lmn serve SYSTEM FLAGS` on 127.0.0.1; yields (the process, its base URL ending in /v1)."""
+def start_serve(
+    system: Path, *flags: str, timeout: float = 120.0, launcher: list[str] | None = None
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`lmn serve SYSTEM FLAGS` on 127.0.0.1; yields (the process, its base URL ending in /v1).
+    ``launcher`` runs it instead of `lmn` (its arguments then start with ``serve``: `serve_steps.py`)."""
     port = free_port()
     proc = subprocess.Popen(
-        lmn("serve", str(system), "--port", str(port), *flags),
+        (launcher or lmn()) + ["serve", str(system), "--port", str(port), *flags],
         env=env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -8,12 +8,12 @@ token; "all": every token; explicit indices: those context positions only). floa
 
 import pytest
 import torch
-from latent_merge_nnsight.ensemble import Ensemble
 from reference import block, hidden_states, ref_op
 from reference_generate import ensemble_generate, lockstep_generate
 from tiny import pair
 
 import latent_merge_nnsight as lmn
+from latent_merge_nnsight.ensemble import Ensemble
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import hf_module
 

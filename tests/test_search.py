@@ -1,6 +1,7 @@
 """`lmn search` / `analysis.search` on the shipped toy pair with a budget of a few trials: determinism,
 a real SIGKILL and resume, the written winner reproducing its test-split score, unmet constraints."""
 
+import json
 import os
 import signal
 import sqlite3
@@ -45,12 +46,15 @@ def test_search_is_deterministic_with_a_seed(pair, searched, tmp_path):
     assert first.trials["setup"].nunique() == 3  # three different proposals, not one repeated
 
 
-def test_killed_search_resumes_exactly_the_remaining_trials(pair, tmp_path):
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_killed_search_resumes_exactly_the_remaining_trials(pair, tmp_path, parallel):
     """SIGKILL `lmn search` after k finished trials, resume in-process: k + the rest = the budget, no
-    finished trial is evaluated again, and a trial cut off mid-run is run again with its parameters."""
+    finished trial is evaluated again, and a trial cut off mid-run is run again with its parameters (with
+    `--parallel-trials 4`, trials asked together and not all told when the kill comes)."""
     base, ft = pair
     out, total = tmp_path / "killed", 5
     args = ["--trials", str(total), "--n-search", "2", "--n-test", "3", "--layers", "3", "4", "5"]
+    args += ["--parallel-trials", str(parallel)]
     cmd = [sys.executable, "-m", "latent_merge_nnsight.cli", "search", "--base", "toy-base",
            "--source", "toy-reasoner", "--out", str(out), "--no-progress", *args]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -84,7 +88,7 @@ def test_killed_search_resumes_exactly_the_remaining_trials(pair, tmp_path):
     assert 2 <= len(finished) < total
 
     result = analysis.search(base, ft, trials=total, space=analysis.SearchSpace(layers=(3, 4, 5)),
-                             out=out, **SMALL)  # fmt: skip
+                             out=out, parallel_trials=parallel, **SMALL)  # fmt: skip
     assert result.n_evaluated == total - len(finished)
     after = optuna.load_study(study_name="lmn-search", storage=f"sqlite:///{db.resolve()}").get_trials()
     complete = [t for t in after if t.state.name == "COMPLETE"]
@@ -97,6 +101,27 @@ def test_killed_search_resumes_exactly_the_remaining_trials(pair, tmp_path):
     for params in cut:  # the cut-off trial is not lost: what it had drawn ran to completion after the resume
         assert any(all(t.params.get(k) == v for k, v in params.items()) for t in new), params
     assert all(t.state.name in ("COMPLETE", "FAIL") for t in after)
+
+
+def test_parallel_trials_score_each_trial_as_its_own_evaluation(pair, tmp_path):
+    """Trials asked together and scored in one pass get the metrics their recipe gets alone."""
+    base, ft = pair
+    result = analysis.search(
+        base, ft, trials=4, seed=3, space=SPACE, out=tmp_path, parallel_trials=4, **SMALL
+    )
+    assert result.n_evaluated == 4 and result.trials["setup"].nunique() == 4
+    from latent_merge_nnsight.analysis.search import _splits, task_metrics
+
+    search_set, _ = _splits(SMALL["n_search"], SMALL["n_test"], 0)
+    evaluate = analysis.TaskAccuracy()
+    base_skill = task_metrics(
+        {c: r["accuracy"] for c, r in evaluate(base, None, None, search_set).items()}, None
+    )["skill"]
+    for _, row in result.trials.iterrows():
+        recipe = lmn.Recipe.model_validate(json.loads(row["recipe"]))
+        alone = {c: r["accuracy"] for c, r in evaluate(base, [ft], recipe, search_set).items()}
+        metrics = task_metrics(alone, base_skill)
+        assert all(row[c] == metrics[c] for c in CATEGORIES), (row["trial"], metrics)
 
 
 def test_written_recipe_reproduces_the_test_split_score(pair, searched):

@@ -352,3 +352,75 @@ def test_task_accuracy_keeps_one_engine_across_cells_and_the_sweep_lets_it_go(mo
     reused = [r for _, r in kept]
     assert reused[:4] == [False, True, False, True] and all(reused[4:])
     assert generate_module._KEPT not in hf_module(base).__dict__
+
+
+# ----------------------------------------------------------------------------------------------------
+# many cells per pass (per-row recipes)
+
+
+class BatchRecorder(Recorder):
+    """A Recorder with a `batch` method: the sweep hands it several latent cells at once."""
+
+    def __init__(self, fail_on_batch: int | None = None):
+        super().__init__()
+        self.batches: list[int] = []
+        self.fail_on_batch = fail_on_batch
+
+    def batch(self, model, sources, recipes, prompts):
+        if self.fail_on_batch is not None and len(self.batches) + 1 == self.fail_on_batch:
+            raise RuntimeError("killed")
+        self.batches.append(len(recipes))
+        return [self(model, sources, r, prompts) for r in recipes]
+
+
+def test_a_batched_sweep_runs_max_batch_rows_a_pass_and_resumes_after_a_kill(models, tmp_path):
+    base, ft = models
+    out = tmp_path / "sweep.jsonl"
+    # 4 prompts, at most 20 rows a pass: 5 cells a pass, the 12 cells in passes of 5, 5, 2
+    first = BatchRecorder(fail_on_batch=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        sweep(base, ft, **GRID, evaluate=first, prompts=TEXTS, out=out, progress=False, max_batch=20)
+    assert first.batches == [5] and len(out.read_text().splitlines()) == 1 + 5
+    second = BatchRecorder()
+    df = sweep(base, ft, **GRID, evaluate=second, prompts=TEXTS, out=out, progress=False, max_batch=20)
+    assert second.batches == [5, 2]
+    assert not set(cell_keys(first.calls)) & set(cell_keys(second.calls))
+    assert df.equals(sweep(base, ft, **GRID, evaluate=Recorder(), prompts=TEXTS, progress=False))
+    with pytest.raises(LatentMergeError, match=r"max_batch=0; expected an int >= 1"):
+        sweep(base, ft, **GRID, evaluate=second, prompts=TEXTS, progress=False, max_batch=0)
+
+
+def test_task_accuracy_of_many_cells_in_one_pass_equals_one_cell_at_a_time(monkeypatch):
+    """float64 toy pair: every (cell, question) gets the text it gets when the cell runs alone, and the
+    whole grid runs as one pass per category."""
+    import importlib
+
+    from latent_merge_nnsight.evaluation.tasks import make_eval_set
+
+    evaluators = importlib.import_module("latent_merge_nnsight.analysis.evaluators")
+    base, ft = lmn.load("toy-base", dtype="float64"), lmn.load("toy-reasoner", dtype="float64")
+    examples = make_eval_set("math", 3, seed=5) + make_eval_set("reasoning", 3, seed=5)
+    grid = dict(ops=["lerp", "slerp"], layers=[2, 3], alphas=[0.3, 0.9], prompts=examples, progress=False)
+
+    def run(max_batch: int) -> tuple[dict, int, object]:
+        texts: dict = {}
+        calls = []
+
+        def recording(model, sources, chats, recipe, **kwargs):
+            out = lmn.generate(model, sources, chats, recipe, **kwargs)
+            calls.append(len(chats))
+            rows = recipe if isinstance(recipe, list) else [recipe] * len(chats)
+            for r, chat, text in zip(rows, chats, out.texts, strict=True):
+                texts[(None if r is None else r.to_json(), json.dumps(chat))] = text
+            return out
+
+        monkeypatch.setattr(evaluators, "generate", recording)
+        df = sweep(base, ft, **grid, evaluate=TaskAccuracy(max_new_tokens=10), max_batch=max_batch)
+        return texts, len(calls), df
+
+    alone, alone_calls, alone_df = run(max_batch=1)
+    together, together_calls, together_df = run(max_batch=64)
+    assert together == alone
+    assert len(set(alone.values())) > 6  # the cells do answer differently
+    assert alone_calls == 2 * (1 + 8) and together_calls == 2 * 2  # base alone, then one pass per category
+    assert together_df.equals(alone_df)

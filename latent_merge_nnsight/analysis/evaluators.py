@@ -218,6 +218,14 @@ class Perplexity:
         return self._prefix
 
 
+def _by_category(examples: list[Example]) -> dict[str, list[int]]:
+    """Example indices by category, in first-seen order (a category's rows share a token budget)."""
+    by_category: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_category.setdefault(ex.category, []).append(i)
+    return by_category
+
+
 class TaskAccuracy:
     """Evaluator for the toy tasks: greedy exact-match accuracy per category, generated with `lmn.generate`.
 
@@ -230,6 +238,11 @@ class TaskAccuracy:
     With the fast engine on CUDA the engine (its caches and captured decode steps) is kept on the model
     from call to call (`generate(..., keep_engine=True)`), so a sweep over alphas captures once per layer
     and op; `sweep` lets it go when it ends (`generation.release_engine`).
+
+    `batch(model, sources, recipes, prompts)` scores several systems on the same prompts at once: every
+    (recipe, prompt) is one row of per-row recipes (`lmn.generate(recipe=[...])`), up to `batch_size` rows
+    a pass, so a grid of alphas costs a few passes instead of one per cell (`sweep` and `lmn search` call
+    it). Each system's result equals its own call's (token for token in float64).
     """
 
     def __init__(self, *, max_new_tokens: int | None = None, batch_size: int = 64, engine: str = "auto"):
@@ -247,9 +260,42 @@ class TaskAccuracy:
     def __repr__(self) -> str:
         return f"TaskAccuracy(max_new_tokens={self.max_new_tokens}, batch_size={self.batch_size})"
 
-    def __call__(
-        self, model: Any, sources: Sequence[Any], recipe: Recipe | None, prompts: Any
-    ) -> dict[str, Any]:
+    def batch(
+        self, model: Any, sources: Sequence[Any], recipes: Sequence[Recipe | None], prompts: Any
+    ) -> list[dict[str, Any]]:
+        """`[self(model, sources, r, prompts) for r in recipes]`, with the live-source recipes (and None)
+        run together as per-row recipes; steering (`delta`) recipes run one call each."""
+        recipes = [None if r is None else as_recipe(r) for r in recipes]
+        examples, chats = self._examples(prompts)
+        results: list[dict[str, Any] | None] = [None] * len(recipes)
+        together = [j for j, r in enumerate(recipes) if r is None or not get_op(r.op).static_source]
+        for j, r in enumerate(recipes):
+            if j not in together:
+                results[j] = self(model, sources, r, prompts)
+        merging = any(recipes[j] is not None for j in together)
+        outputs = [[""] * len(examples) for _ in together]
+        for category, idx in _by_category(examples).items():
+            budget = self.max_new_tokens or MAX_NEW_TOKENS.get(category, 64)
+            pairs = [(k, i) for k in range(len(together)) for i in idx]  # system-major
+            for start in range(0, len(pairs), self.batch_size):
+                chunk = pairs[start : start + self.batch_size]
+                result = generate(
+                    model,
+                    list(sources) if merging else None,
+                    [chats[i] for _, i in chunk],
+                    [recipes[together[k]] for k, _ in chunk],
+                    max_new_tokens=budget,
+                    engine=self.engine,
+                    keep_engine=True,
+                )
+                for (k, i), text in zip(chunk, result.texts, strict=True):
+                    outputs[k][i] = text
+        for k, j in enumerate(together):
+            results[j] = {c: {"accuracy": a} for c, a in accuracy(examples, outputs[k]).items()}
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _examples(prompts: Any) -> tuple[list[Example], list[Any]]:
         examples = list(prompts)
         if not examples:
             raise LatentMergeError("prompts=[] is empty; expected a list of evaluation.tasks.Example")
@@ -259,7 +305,12 @@ class TaskAccuracy:
                     f"prompts[{i}] has type {type(ex).__name__}; TaskAccuracy expects "
                     "evaluation.tasks.Example items (e.g. from tasks.make_eval_set)"
                 )
-        chats = [chat_messages(ex.prompt) for ex in examples]
+        return examples, [chat_messages(ex.prompt) for ex in examples]
+
+    def __call__(
+        self, model: Any, sources: Sequence[Any], recipe: Recipe | None, prompts: Any
+    ) -> dict[str, Any]:
+        examples, chats = self._examples(prompts)
         merge_sources: Any = None
         if recipe is not None:
             recipe = as_recipe(recipe)
@@ -267,10 +318,7 @@ class TaskAccuracy:
             if get_op(recipe.op).static_source:
                 merge_sources = self._steering(model, merge_sources, recipe, chats)
         outputs: list[str] = [""] * len(examples)
-        by_category: dict[str, list[int]] = {}
-        for i, ex in enumerate(examples):
-            by_category.setdefault(ex.category, []).append(i)
-        for category, idx in by_category.items():
+        for category, idx in _by_category(examples).items():
             budget = self.max_new_tokens or MAX_NEW_TOKENS.get(category, 64)
             for start in range(0, len(idx), self.batch_size):
                 rows = idx[start : start + self.batch_size]

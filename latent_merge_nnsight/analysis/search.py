@@ -236,6 +236,7 @@ def search(
     pareto: tuple[str, str] = ("skill_kept", GAINED),
     engine: str = "auto",
     progress: bool = True,
+    parallel_trials: int = 1,
 ) -> SearchResult:
     """Search merge schedules of `sources` into `base` for the highest `target` under `constraints`.
 
@@ -256,12 +257,17 @@ def search(
         pareto: the two metrics of the Pareto front (both maximised).
         engine: `lmn.generate` engine.
         progress: show a tqdm bar with the best feasible target so far.
+        parallel_trials: trials asked of Optuna at once (`study.ask()` K times) and evaluated in one
+            pass as per-row recipes (`TaskAccuracy.batch`); the same resume guarantees (a trial asked
+            but not told when the process died is run again).
 
     Raises `LatentMergeError` when no trial meets the constraints (after writing the trials table).
     """
     optuna = _import_optuna()
     constraints = dict(constraints or {})
     _check_search(target, constraints, trials, sampler, pareto)
+    if isinstance(parallel_trials, bool) or not isinstance(parallel_trials, int) or parallel_trials < 1:
+        raise LatentMergeError(f"parallel_trials={parallel_trials!r}; expected an int >= 1")
     n_layers = model_info(base).n_layers
     space = (space or SearchSpace()).check(n_layers)
     search_set, test_set = _splits(n_search, n_test, data_seed)
@@ -289,7 +295,25 @@ def search(
     def objective(trial: Any) -> float:
         return _run_trial(trial, space, lambda r: accuracies(r, search_set), base_search, constraints, target)
 
-    evaluated = _run_trials(study, objective, trials, target, constraints, progress)
+    def objectives(asked: list[Any]) -> list[float]:
+        recipes = [space.suggest(trial) for trial in asked]
+        scores = evaluate.batch(base, source_list, recipes, search_set)
+        return [
+            _run_trial(
+                trial,
+                space,
+                lambda _r, acc=acc: {c: x["accuracy"] for c, x in acc.items()},
+                base_search,
+                constraints,
+                target,
+                recipe,
+            )  # fmt: skip
+            for trial, recipe, acc in zip(asked, recipes, scores, strict=True)
+        ]
+
+    evaluated = _run_trials(
+        study, (objective, objectives, parallel_trials), trials, target, constraints, progress
+    )
     table, front, paths = _write_trials(study, constraints, pareto, base_search, out_dir)
     best = _best_feasible(study, constraints)
     if best is None:
@@ -323,9 +347,11 @@ def _run_trial(
     base_search: dict[str, float],
     constraints: Mapping[str, float],
     target: str,
+    recipe: Recipe | None = None,
 ) -> float:
-    """One trial: suggest a recipe, score it on the search split, record it; returns its target."""
-    recipe = space.suggest(trial)
+    """One trial: suggest a recipe (or take the one suggested already), score it on the search split,
+    record it; returns its target."""
+    recipe = space.suggest(trial) if recipe is None else recipe
     metrics = task_metrics(accuracies(recipe), base_search["skill"])
     trial.set_user_attr("recipe", recipe.to_dict())
     trial.set_user_attr("metrics", metrics)
@@ -421,7 +447,11 @@ def _open_study(
 def _run_trials(
     study: Any, objective: Any, trials: int, target: str, constraints: Mapping[str, float], progress: bool
 ) -> int:
-    """Run the trials the study lacks to reach `trials` complete ones; returns how many ran."""
+    """Run the trials the study lacks to reach `trials` complete ones; returns how many ran.
+
+    `objective` is `(one, many, k)`: with k > 1, k trials are asked at once and `many(trials)` scores
+    them together (one pass), then each is told its value; a failing pass fails its trials."""
+    objective, objectives, parallel = objective
     import optuna
     from tqdm.auto import tqdm
 
@@ -440,8 +470,20 @@ def _run_trials(
         bar.update()
 
     try:
-        if remaining:
+        if remaining and parallel == 1:
             study.optimize(objective, n_trials=remaining, callbacks=[report])
+        while remaining > 0 and parallel > 1:
+            asked = [study.ask() for _ in range(min(parallel, remaining))]
+            try:
+                values = objectives(asked)
+            except BaseException:
+                for trial in asked:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+            for trial, value in zip(asked, values, strict=True):
+                study.tell(trial, value)
+                report(study, study.trials[trial.number])
+            remaining -= len(asked)
     finally:
         bar.close()
     return evaluated[0]

@@ -14,6 +14,11 @@ rather than mixed in (pass `resume=False` to start it afresh).
 
 Ready-made evaluators (`Perplexity`, `TaskAccuracy`) live in `analysis.evaluators`; cells are visited
 layer by layer so that an evaluator can keep per-layer work between cells.
+
+**Many cells per pass.** An evaluator with a `batch(model, sources, recipes, prompts)` method (returning
+one result per recipe, e.g. `TaskAccuracy`) gets the latent cells several at a time: they share the
+sources, so they run as per-row recipes in one engine pass, up to `max_batch` rows (cells x prompts).
+A pass's cells are written when the pass ends; a kill loses at most that pass.
 """
 
 import dataclasses
@@ -262,6 +267,7 @@ def sweep(
     allow_extrapolation: bool = False,
     resume: bool = True,
     progress: bool = True,
+    max_batch: int | None = None,
 ) -> pd.DataFrame:
     """Evaluate every (op, layer, alpha) latent merge of `sources` into `base` with `evaluate`.
 
@@ -279,6 +285,8 @@ def sweep(
         models: more whole models evaluated alone, `{label: model}`, e.g. weight merges.
         resume: False starts `out` afresh instead of skipping its finished cells.
         progress: show a tqdm bar.
+        max_batch: rows (cells x prompts) per pass for an evaluator with a `batch` method (default: its
+            `batch_size`, else 64); 1 cell per call when fewer rows fit or the evaluator has no `batch`.
 
     Returns:
         A tidy DataFrame with `COLUMNS` (system, op, layer, alpha, category, metric, value), baselines
@@ -317,17 +325,21 @@ def sweep(
         }
     )
     path = Path(out) if out is not None else None
+    per_pass = _cells_per_pass(evaluate, prompts, max_batch)
     done = _open_done(path, resume, fingerprint)
     todo = [c for c in cells if c.key not in done]
     bar = _progress(len(cells), len(cells) - len(todo), progress, "sweep")
     try:
-        for cell in todo:
-            bar.set_postfix_str(cell.label(), refresh=False)
-            model, cell_sources, recipe = _cell_run(cell, base, srcs, models, recipes)
-            done[cell.key] = _run_cell(
-                cell, evaluate, (model, cell_sources, recipe), prompts, fingerprint, path
-            )
-            bar.update(1)
+        for group in _passes(todo, per_pass):
+            bar.set_postfix_str(group[0].label() + (f" (+{len(group) - 1})" if len(group) > 1 else ""))
+            if len(group) > 1:
+                records = _run_cells(group, evaluate, base, srcs, [recipes[c.key] for c in group], prompts)
+            else:
+                model, cell_sources, recipe = _cell_run(group[0], base, srcs, models, recipes)
+                records = [_run_cell(group[0], evaluate, (model, cell_sources, recipe), prompts)]
+            for cell, (results, elapsed) in zip(group, records, strict=True):
+                done[cell.key] = _record(cell, results, elapsed, fingerprint, path)
+            bar.update(len(group))
     finally:
         bar.close()
         for model in (base, *srcs, *models.values()):
@@ -374,25 +386,61 @@ def _open_done(path: Path | None, resume: bool, fingerprint: str) -> dict[tuple,
     return done
 
 
-def _run_cell(
-    cell: _Cell,
-    evaluate: Evaluate,
-    run: tuple[Any, Any, Any],
-    prompts: Prompts,
-    fingerprint: str,
-    path: Path | None,
-) -> dict[str, Any]:
-    """Evaluate one cell (`run`: model, sources, recipe) and append its record to `path` (synced)."""
+def _cells_per_pass(evaluate: Any, prompts: Any, max_batch: int | None) -> int:
+    """Latent cells per call of `evaluate.batch`: `max_batch` rows over the prompts' rows (1 without
+    a `batch` method)."""
+    if max_batch is not None and (
+        isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
+    ):
+        raise LatentMergeError(f"max_batch={max_batch!r}; expected an int >= 1 (rows per pass) or None")
+    if not callable(getattr(evaluate, "batch", None)):
+        return 1
+    rows = max_batch if max_batch is not None else getattr(evaluate, "batch_size", 64)
+    n_prompts = len(prompts) if isinstance(prompts, Sequence) and not isinstance(prompts, str) else 1
+    return max(1, rows // max(1, n_prompts))
+
+
+def _passes(todo: list[_Cell], per_pass: int) -> list[list[_Cell]]:
+    """The cells to run, one list per call: each baseline alone, latent cells `per_pass` at a time."""
+    out: list[list[_Cell]] = []
+    for cell in todo:
+        if cell.system == "latent" and out and out[-1][0].system == "latent" and len(out[-1]) < per_pass:
+            out[-1].append(cell)
+        else:
+            out.append([cell])
+    return out
+
+
+def _run_cells(
+    group: list[_Cell], evaluate: Any, base: Any, srcs: list[Any], recipes: list[Recipe], prompts: Any
+) -> list[tuple[Any, float]]:
+    """Latent cells evaluated together (`evaluate.batch`): one result per cell, the time shared."""
+    start = time.perf_counter()
+    results = list(evaluate.batch(base, srcs, recipes, prompts))
+    if len(results) != len(group):
+        raise LatentMergeError(
+            f"evaluate.batch returned {len(results)} results for {len(group)} recipes; expected one each"
+        )
+    elapsed = (time.perf_counter() - start) / len(group)
+    return [(r, elapsed) for r in results]
+
+
+def _run_cell(cell: _Cell, evaluate: Evaluate, run: tuple[Any, Any, Any], prompts: Any) -> tuple[Any, float]:
+    """Evaluate one cell (`run`: model, sources, recipe): its results and the time taken."""
     model, cell_sources, recipe = run
     start = time.perf_counter()
-    results = evaluate(model, cell_sources, recipe, prompts)
+    return evaluate(model, cell_sources, recipe, prompts), time.perf_counter() - start
+
+
+def _record(cell: _Cell, results: Any, elapsed: float, fingerprint: str, path: Path | None) -> dict[str, Any]:
+    """A cell's record, appended to `path` (synced)."""
     flat = _flatten(results, cell)
     record = {
         "format": _FORMAT,
         "fingerprint": fingerprint,
         "cell": dataclasses.asdict(cell),
         "results": [list(r) for r in flat],
-        "elapsed_s": round(time.perf_counter() - start, 6),
+        "elapsed_s": round(elapsed, 6),
     }
     if path is not None:
         with path.open("a", encoding="utf-8") as f:

@@ -30,7 +30,6 @@ from latent_merge_nnsight.generation.stepper import Stepper
 from latent_merge_nnsight.models import hf_module
 from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.plan import Plan
-from latent_merge_nnsight.positions import position_mask
 
 __all__ = ["PairedEngine", "release_engine", "run_fast"]
 
@@ -77,15 +76,15 @@ class PairedEngine:
         self.max_rows = batch
         self.kv_mask = torch.zeros(batch, capacity, dtype=torch.long, device=self.device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=self.device)
-        merged = [layer for layer, _ in plan.merges] if plan.mode == "merge" else []
-        self.pre = frozenset(merged if plan.site == "pre" else ())  # layers merged entering the block
-        self.post = frozenset(merged if plan.site == "post" else ())  # and leaving it
+        sites = plan.sites()
+        self.pre = frozenset(layer for layer, site in sites if site == "pre")  # merged entering the block
+        self.post = frozenset(layer for layer, site in sites if site == "post")  # and leaving it
         self.decode_merges = plan.merges_while_decoding
         use_graphs = self.device.type == "cuda" and (cuda_graphs is None or bool(cuda_graphs))
         self.fixed = FixedStep(self.device, use_graphs, static_step or compile_step, "the decode step")
         self.compiled = compile_step
         self._step_fn = torch.compile(self._graph_step, dynamic=False) if compile_step else self._graph_step
-        if self.static:  # alphas as device scalars, so a kept engine takes new alphas without a new capture
+        if self.static or plan.groups:  # alphas as device tensors: a kept engine refills them in place
             wd = torch.float64 if base.dtype == torch.float64 else torch.float32
             self.plan = plan.on_device(self.device, wd, len(self.sources))
         self.layout = self._layout(base, self.sources, plan)
@@ -116,12 +115,8 @@ class PairedEngine:
     def _layout(base: Stack, sources: list[Stack], plan: Plan) -> tuple:
         """What a captured step depends on besides the values of alphas and deltas (which `reuse` swaps)
         and the batch size (each size has its own graph)."""
-        alphas = tuple((layer, a is None) for layer, a in plan.merges) if plan.mode == "merge" else ()
-        deltas = None if plan.deltas is None else tuple((k, tuple(v.shape)) for k, v in plan.deltas.items())
-        params = tuple(sorted((k, repr(v)) for k, v in plan.params.items()))
-        op = None if plan.op is None else plan.op.name
         models = (id(base.hf), *(id(s.hf) for s in sources))
-        return (models, plan.mode, op, plan.site, repr(plan.positions), alphas, deltas, params)
+        return (models, *plan.layout())
 
     def same_layout(self, base: Stack, sources: list[Stack], plan: Plan, compile_step: bool) -> bool:
         """Whether a run of `plan` could reuse this engine's captured steps, given room enough."""
@@ -245,7 +240,7 @@ class PairedEngine:
         self.next_pos = mask.sum(dim=-1)
         for cache in self.caches:
             cache.begin(width)
-        select = position_mask(mask, self.plan.positions, decoding=False)
+        select = self.plan.select(mask, decoding=False)
         merge = bool(select.any())
         stacks = [s.stack for s in self.steppers]
         reuse = PromptReuse(stacks, self.caches, self._clean(merge), ids, mask)
@@ -281,6 +276,7 @@ class PairedEngine:
         if self.static and n > self.rows // 2:
             return False  # under graphs, shrink only when the batch halves (one capture per size)
         index = index.to(self.device)
+        self.plan.keep_rows(index)  # per-row alphas follow their rows
         for stepper in self.steppers:
             stepper.keep(index, in_place=self.static)
         if self.static:

@@ -6,12 +6,14 @@
     ... until run.tracker.all_done; then run.result(engine)
 
 `choose_next` is the one place a next token is chosen: the logit ensemble's mix (`Plan.next_logits`),
-the sampler (`lmn.sampling`), and the tracker that decides EOS / stop / length. The fast engine
+the sampler (`lmn.sampling`), the tracker that decides EOS / stop / length, and the optional step hook
+(`Run.on_step`: the tokens each row chose this step, as they are chosen; `lmn serve` streams them, and
+ends the rows of clients that went away: "abort", vLLM's word). The fast engine
 (`generation.fast`) calls it from its own decode loop, the nnsight engine (`generation.nnsight`) from a
 logits processor inside HF's `generate`.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,7 +51,7 @@ class GenerationResult:
         prompt_width: columns of `sequences` that belong to the (padded) prompt.
         tokens: the new token ids of each row (an EOS token that ended a row is included).
         texts: the new text of each row (EOS left out; cut just after the stop string that ended it).
-        finish_reasons: per row, "eos", "stop" or "length".
+        finish_reasons: per row, "eos", "stop" or "length" ("abort": a row the step hook ended).
         engine: which engine ran ("fast" or "nnsight").
         recipe: the recipe (or Ensemble, or None) that ran.
         info: details (cuda graphs used, KV cache bytes, source blocks per step).
@@ -91,6 +93,9 @@ class Run:
     recipe: RecipeLike = None
     plan: Plan | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    on_step: "Callable[[Run, list[int], list[int]], Iterable[int] | None] | None" = None
+    """Called after each step with (this run, the rows that took a token, their tokens); returns rows to
+    end now (finish reason "abort"), which the engines drop like any finished row. None: no cost."""
 
     def choose_next(
         self,
@@ -101,12 +106,29 @@ class Run:
         """The loop's one choice step, the same for every engine: mix the logits (the logit ensemble),
         sample the next tokens of `rows` (indices into the original batch), record them.
 
-        Returns the tokens and the rows that just finished (EOS, a stop string, or the length limit).
+        Returns the tokens and the rows that just finished (EOS, a stop string, the length limit, or the
+        step hook's "abort").
         """
         if self.plan is not None:
             logits = self.plan.next_logits(logits, source_logits, self.tracker.steps)
         tokens = self.sampler(logits, rows)
-        return tokens, self.tracker.push(rows, tokens)
+        if self.on_step is None:
+            return tokens, self.tracker.push(rows, tokens)
+        return tokens, self._hooked_push(rows, tokens)
+
+    def _hooked_push(self, rows: Int[Tensor, " rows"], tokens: Int[Tensor, " rows"]) -> list[int]:
+        """`Tracker.push`, then the step hook on the rows that took a token; rows it names end ("abort")."""
+        tracker = self.tracker
+        row_list, token_list = rows.tolist(), tokens.tolist()
+        took = [(r, t) for r, t in zip(row_list, token_list, strict=True) if tracker.reasons[r] is None]
+        finished = tracker.push(rows, tokens)
+        assert self.on_step is not None
+        ended = self.on_step(self, [r for r, _ in took], [t for _, t in took]) or ()
+        for row in ended:
+            if tracker.reasons[row] is None:
+                tracker.reasons[row] = "abort"
+                finished.append(row)
+        return finished
 
     def result(self, engine: str) -> GenerationResult:
         tracker, batch = self.tracker, self.batch

@@ -155,7 +155,7 @@ def run_nnsight(
     `options["cuda_graphs"]` captures the sources' decode steps on CUDA (the rest is the fast engine's)."""
     live = [LiveSource(base, m, cuda_graphs=options.get("cuda_graphs")) for m in sources]
     run.plan = plan
-    if plan.mode != "merge" or not plan.merges:
+    if not plan.sites():
         try:
             with torch.no_grad():
                 base.trace(trace=False, **_generate_kwargs(base, live, run))
@@ -172,6 +172,6 @@ def run_nnsight(
         warnings.filterwarnings("ignore", message=".*was never reached.*")
         with tracer:
             for _step in steps(tracer):
-                for layer, _alpha in plan.merges:
-                    apply_plan(plan, layer, [] if plan.deltas is not None else live, base)
+                for layer, site in plan.sites():
+                    apply_plan(plan, layer, [] if plan.deltas is not None else live, base, site=site)
     return tracer.generation

@@ -86,6 +86,8 @@ def _pick_engine(engine: str, base: Model, sources: list[Model], plan: Plan) -> 
 
 def _check_merge_happens(sources: Sources, recipe: RecipeLike) -> None:
     """A latent-merge recipe with no source would silently generate the base's own text: refuse it."""
+    if isinstance(recipe, (list, tuple)):
+        recipe = next((r for r in recipe if isinstance(r, Recipe)), None)
     if not isinstance(recipe, Recipe) or get_op(recipe.op).static_source:
         return
     if sources is None or (isinstance(sources, (list, tuple)) and not sources):
@@ -122,6 +124,7 @@ def generate(
     chat: bool | None = None,
     sampler: str = "default",
     logprobs: int | None = None,
+    on_step: Any = None,
 ) -> GenerationResult:
     """Generate from `base` with `sources` merged in lockstep according to `recipe`.
 
@@ -132,7 +135,10 @@ def generate(
         prompts: a string, list of strings, chat(s) (the chat template is applied), or token ids. A plain
             string is sent as one user message through the tokenizer's chat template when the tokenizer
             has one (see `chat`).
-        recipe: an `lmn.Recipe` (latent merge or delta steering), an `Ensemble` (logit ensemble), or None.
+        recipe: an `lmn.Recipe` (latent merge or delta steering), an `Ensemble` (logit ensemble), None,
+            or a list with one recipe (or None: base alone) per prompt. Per-row recipes may differ in op,
+            layers, alphas, site and positions and run in one pass; they share `sources`, so each takes
+            a live-source op (not `delta`). Row i's tokens equal a call with recipe[i] alone.
         max_new_tokens: new tokens per row at most (>= 1).
         input_ids, attention_mask: token ids (and mask; left or right padding) instead of prompts.
         padding_side: how to pad text prompts of different lengths ("left" or "right").
@@ -165,6 +171,9 @@ def generate(
         logprobs: engine="vllm" only: also report each new token's logprob and its `logprobs` most likely
             alternatives (vLLM's raw logprobs of the merged model) in `result.info["logprobs"]`, per row
             and token `(logprob, ((token_id, logprob), ...))`.
+        on_step: a step hook, called as each step's tokens are chosen (`generation.loop.Run.on_step`:
+            ``on_step(run, rows, tokens)`` may return rows to end now); engine="vllm" does not call it
+            (vLLM generates the whole batch before its tokens come back).
 
     Everything is checked before any forward runs; a bad argument raises `LatentMergeError`.
     """
@@ -196,9 +205,15 @@ def generate(
         chat=chat,
         sampler=sampler,
     )
+    rows = run.batch.input_ids.shape[0]
+    if isinstance(recipe, (list, tuple)) and len(recipe) != rows:
+        raise LatentMergeError(
+            f"recipe is a list of {len(recipe)} recipes for {rows} prompts; expected one recipe (or None) "
+            "per prompt, or a single recipe for all"
+        )
     plan, models = resolve_plan(base, sources, recipe, weights_on_disk=engine == "vllm")
     chosen = _pick_engine(engine, base, models, plan)
-    run.recipe, run.plan = plan.recipe, plan
+    run.recipe, run.plan, run.on_step = plan.recipe, plan, on_step
     if plan.live_sources and chosen != "vllm":  # (vLLM runs its export's source blocks)
         run.info["source_blocks_per_step"] = [plan.source_blocks(model_info(m).n_layers) for m in models]
     options = dict(cuda_graphs=cuda_graphs, keep_engine=keep_engine, compile_step=compile_step)

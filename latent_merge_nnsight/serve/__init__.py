@@ -13,17 +13,21 @@ Any OpenAI client or evaluation harness can query it::
 
 Requests that arrive together are batched: a `Batcher` collects them for a few milliseconds (up to
 ``max_batch_size``) and runs one `generate` call in the system's single generation thread; prompts are
-tokenised off the event loop. Every bad request gets an OpenAI-style error body
+tokenised off the event loop. A request may carry its own recipe as `vllm serve` takes it (``latent_merge``
+in ``vllm_xargs`` or the body: ``{"alpha": a}``, ``{"layers": {L: a}}``, ``"op"``; `request_recipe`),
+checked against the system's recipe; requests with different recipes share a batch, a row each.
+Every bad request gets an OpenAI-style error body
 ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status and ``param`` naming the field:
 malformed JSON, an unknown model, integers out of range (``max_tokens``, ``seed``, ``top_k``), a
 prompt over ``max_prompt_tokens``, ``max_tokens`` above ``max_tokens_limit`` or above what the model's
 context leaves after the prompt, a body over ``max_body_bytes`` (413). A failed generation is a 500 (in
 a stream: an error event, then ``data: [DONE]`` and a clean close); the server keeps serving either way.
-As in OpenAI's API, a stop sequence that ended the reply is left out of it. Streaming sends the finished
-answer as OpenAI chunk events: generation is batched, not token by token. With ``api_key`` (``--api-key``
-or ``LMN_API_KEY``) every ``/v1`` request needs ``Authorization: Bearer <key>`` (401 otherwise, compared
-in constant time); without one the server binds 127.0.0.1 unless told otherwise, and warns on any
-other address (IPv4 or IPv6).
+As in OpenAI's API, a stop sequence that ended the reply is left out of it. Streaming sends the answer
+token by token as OpenAI chunk events, as the generation loop chooses them (its step hook), holding back
+text that could still become a stop string; a client that hangs up frees its row at the next step.
+With ``api_key`` (``--api-key`` or ``LMN_API_KEY``) every ``/v1`` request needs ``Authorization: Bearer
+<key>`` (401 otherwise, compared in constant time); without one the server binds 127.0.0.1 unless told
+otherwise, and warns on any other address (IPv4 or IPv6).
 """
 
 from latent_merge_nnsight.serve.app import create_app as create_app

@@ -20,8 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.net import is_loopback
+from latent_merge_nnsight.request_recipe import KEY, check_request
 from latent_merge_nnsight.sampling import openai_finish_reason
-from latent_merge_nnsight.systems.batching import Batcher, Completion
+from latent_merge_nnsight.systems.batching import Batcher, Completion, without_stop
 from latent_merge_nnsight.systems.loaded import load_system
 from latent_merge_nnsight.systems.spec import System
 
@@ -82,6 +83,8 @@ class _Request(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stream: bool | None = False
     stream_options: _StreamOptions | None = None
+    latent_merge: str | dict[str, Any] | None = None
+    vllm_xargs: dict[str, Any] | None = None
 
 
 class ChatRequest(_Request):
@@ -102,8 +105,6 @@ class CompletionRequest(_Request):
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = False
     suffix: str | None = None
-    latent_merge: str | dict[str, Any] | None = None
-    vllm_xargs: dict[str, Any] | None = None
 
 
 _HARMLESS = frozenset({"user", "metadata", "store", "service_tier"})
@@ -314,48 +315,37 @@ def _prompt_list(request: CompletionRequest) -> list[str | list[int]]:
     return prompts  # type: ignore[return-value]
 
 
-def _merge_from(request: CompletionRequest) -> int | None:
-    """The request's ``latent_merge.merge_from`` (in ``vllm_xargs`` or the body; JSON text or an
-    object), the only per-request setting this server takes: it runs its system's own recipe."""
+def _latent_merge(request: _Request, system: Any) -> tuple[Any, int | None]:
+    """The request's ``latent_merge`` (in ``vllm_xargs`` or the body; JSON text or an object), vLLM's
+    per-request protocol (`request_recipe`): (its own recipe, by the system's `request_recipe`, or None;
+    its ``merge_from``, for echo). A bad form is a 400 naming the field."""
     extra = dict(request.vllm_xargs or {})
-    unknown = sorted(set(extra) - {"latent_merge"})
+    unknown = sorted(set(extra) - {KEY})
     if unknown:
         raise ApiError(
-            400, f"vllm_xargs keys {unknown} are not supported; expected latent_merge", param="vllm_xargs"
+            400, f"vllm_xargs keys {unknown} are not supported; expected {KEY}", param="vllm_xargs"
         )
-    given = [v for v in (request.latent_merge, extra.get("latent_merge")) if v is not None]
+    given = [v for v in (request.latent_merge, extra.get(KEY)) if v is not None]
     if not given:
-        return None
+        return None, None
     if len(given) > 1:
-        raise ApiError(400, "give latent_merge once: in vllm_xargs or in the body", param="latent_merge")
-    raw = given[0]
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"latent_merge is not valid JSON ({e.msg})", param="latent_merge") from None
-    if not isinstance(raw, dict):
-        raise ApiError(400, 'latent_merge must be an object such as {"merge_from": 12}', param="latent_merge")
-    others = sorted(set(raw) - {"merge_from"})
-    if others:
+        raise ApiError(400, f"give {KEY} once: in vllm_xargs or in the body", param=KEY)
+    resolve = getattr(system, "request_recipe", None)
+    try:
+        raw = check_request(given[0])
+        recipe = None
+        if set(raw) - {"merge_from", "allow_extrapolation"}:  # alphas (and an op): the request's own recipe
+            if resolve is None:
+                raise LatentMergeError(f"{KEY}: this system takes no per-request recipe")
+            recipe = resolve(raw)
+    except LatentMergeError as exc:  # the message names the field (latent_merge.layers, .op, .alpha)
+        raise ApiError(400, str(exc), param=KEY, code="invalid_value") from None
+    merge_from = raw.get("merge_from")
+    if merge_from is not None and not getattr(request, "echo", False):
         raise ApiError(
-            400,
-            f"latent_merge keys {others} are not supported by lmn serve, which runs its system's own "
-            "recipe (per-request alphas and ops are vllm serve's); it takes merge_from",
-            param="latent_merge",
+            400, f"{KEY}.merge_from says where an echoed prompt's merge starts; it needs echo=true", param=KEY
         )
-    value = raw.get("merge_from")
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ApiError(
-            400, f"latent_merge.merge_from={value!r}; expected a token index >= 0", param="latent_merge"
-        )
-    if value is not None and not request.echo:
-        raise ApiError(
-            400,
-            "latent_merge.merge_from says where an echoed prompt's merge starts; it needs echo=true",
-            param="latent_merge",
-        )
-    return value
+    return recipe, merge_from
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -365,12 +355,8 @@ def _merge_from(request: CompletionRequest) -> int | None:
 
 def _without_stop(c: Completion, stops: Any) -> Completion:
     """OpenAI leaves the stop sequence out of the reply; `lmn.generate` keeps it at the end of the text."""
-    if c.finish_reason != "stop":
-        return c
-    for stop in stops:
-        if stop and c.text.endswith(stop):
-            return dataclasses.replace(c, text=c.text[: -len(stop)])
-    return c
+    text = without_stop(c.text, c.finish_reason, stops)
+    return c if text == c.text else dataclasses.replace(c, text=text)
 
 
 def _usage(cs: list[Completion]) -> dict[str, int]:
@@ -452,47 +438,6 @@ def _body(
 
 def _sse(data: Any) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-def _sse_events(
-    kind: str,
-    cid: str,
-    created: int,
-    model: str,
-    cs: list[Completion],
-    include_usage: bool,
-    openai_words: bool = False,
-) -> list[str]:
-    """The finished answers as OpenAI stream chunks (role, text, finish reason, usage), then [DONE]
-    (one answer for chat; one per prompt, by ``index``, for text completions)."""
-
-    def chunk(choice: dict[str, Any] | None) -> dict[str, Any]:
-        return {
-            "id": cid,
-            "object": _CHUNK[kind],
-            "created": created,
-            "model": model,
-            "choices": [choice] if choice is not None else [],
-        }
-
-    if kind == "chat":
-        c = cs[0]
-        finish = _finish(c, openai_words)
-        events = [chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None})]  # fmt: skip
-        if c.text:
-            events.append(chunk({"index": 0, "delta": {"content": c.text}, "logprobs": _chat_logprobs(c),
-                                 "finish_reason": None}))  # fmt: skip
-        events.append(chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish}))
-    else:
-        events = []
-        for i, c in enumerate(cs):
-            lp, finish = _text_logprobs(c), _finish(c, openai_words)
-            events.append(chunk({"index": i, "text": c.text, "logprobs": lp, "finish_reason": None}))
-            events.append(chunk({"index": i, "text": "", "logprobs": None, "finish_reason": finish}))
-    if include_usage:
-        events.append({**chunk(None), "usage": _usage(cs)})
-    return [_sse(e) for e in events] + [_sse("[DONE]")]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -705,8 +650,9 @@ class _Limits:
 
 async def _prepare(
     request: Any, schema: type[_Request], system: Any, limits: _Limits
-) -> tuple[Any, list[Any], dict[str, Any]]:
-    """Validate a request: (the parsed body, its prompts for the system, the generation params)."""
+) -> tuple[Any, list[Any], dict[str, Any], Any]:
+    """Validate a request: (the parsed body, its prompts for the system, the generation params, its own
+    recipe or None)."""
     try:
         body = schema.model_validate_json(await _read_body(request, limits.max_body_bytes))
     except ValidationError as exc:
@@ -717,7 +663,7 @@ async def _prepare(
     overrides = _overrides(body)
     budget_param, budget = _max_new_tokens(body)
     echo = isinstance(body, CompletionRequest) and bool(body.echo)
-    merge_from = _merge_from(body) if isinstance(body, CompletionRequest) else None
+    recipe, merge_from = _latent_merge(body, system)
     if budget == 0 and not echo:
         raise ApiError(
             400,
@@ -739,7 +685,7 @@ async def _prepare(
     _add_logprobs(overrides, system, body)
     if echo:
         _add_echo(overrides, system, budget, merge_from, counts)
-    return body, prompts, overrides
+    return body, prompts, overrides, recipe
 
 
 def _add_echo(
@@ -769,33 +715,83 @@ def _add_echo(
         overrides["merge_from"] = merge_from
 
 
-async def _submit_all(batcher: Batcher, prompts: list[Any], params: dict[str, Any]) -> list[Completion]:
+async def _submit_all(
+    batcher: Batcher, prompts: list[Any], params: dict[str, Any], recipe: Any
+) -> list[Completion]:
     """Every prompt of a request through the batcher (they may share a batch)."""
-    return list(await asyncio.gather(*(batcher.submit(p, params) for p in prompts)))
+    return list(await asyncio.gather(*(batcher.submit(p, params, recipe) for p in prompts)))
 
 
 async def _events(
     batcher: Batcher,
     prompts: list[Any],
     params: dict[str, Any],
+    recipe: Any,
     ids: tuple[str, str, int, str],
     include_usage: bool,
     openai_words: bool,
 ) -> AsyncIterator[str]:
-    """The server-sent events of one streamed completion; `ids` is (kind, id, created, model name)."""
+    """The server-sent events of one streamed completion (`ids`: kind, id, created, model name): each
+    prompt's text as the batcher decodes it (`Batcher.stream`; one choice per prompt, by ``index``), what
+    is left of it and its finish reason when it ends, the usage, then [DONE]. Closing the stream (the
+    client went away) ends its rows at the next step."""
     kind, cid, created, name = ids
-    # Headers are out before generation runs: a failure is an error event, then a clean end.
-    try:
-        completions = await _submit_all(batcher, prompts, params)
-    except Exception as exc:
-        logger.exception("generation failed (stream)")
-        yield _sse(_generation_error(exc).body())
-        yield _sse("[DONE]")
-        return
     stops = params.get("stop", ())
-    answers = [_without_stop(c, stops) for c in completions]
-    for event in _sse_events(kind, cid, created, name, answers, include_usage, openai_words):
-        yield event
+    merged: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(i: int, prompt: Any) -> None:
+        try:
+            async for item in batcher.stream(prompt, params, recipe):
+                merged.put_nowait((i, item))
+        except Exception as exc:
+            merged.put_nowait((i, exc))
+
+    def chunk(choice: dict[str, Any] | None, **extra: Any) -> str:
+        choices = [choice] if choice is not None else []
+        head = {"id": cid, "object": _CHUNK[kind], "created": created, "model": name}
+        return _sse(head | {"choices": choices} | extra)
+
+    def piece(i: int, text: str, logprobs: Any = None) -> str:
+        if kind == "chat":
+            return chunk(
+                {"index": i, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}
+            )
+        return chunk({"index": i, "text": text, "logprobs": logprobs, "finish_reason": None})
+
+    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prompts)]
+    sent, answers = [""] * len(prompts), [None] * len(prompts)
+    try:
+        if kind == "chat":  # Headers are out before generation runs: a failure is an error event
+            yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None})  # fmt: skip
+        while any(a is None for a in answers):
+            i, item = await merged.get()
+            if isinstance(item, Exception):
+                logger.error("generation failed (stream)", exc_info=item)
+                yield _sse(_generation_error(item).body())
+                yield _sse("[DONE]")
+                return
+            if isinstance(item, str):
+                sent[i] += item
+                yield piece(i, item)
+                continue
+            c = answers[i] = _without_stop(item, stops)
+            if not c.text.startswith(sent[i]):
+                logger.warning("streamed text %r is not a prefix of the answer %r", sent[i], c.text)
+            rest = c.text[len(sent[i]) :] if c.text.startswith(sent[i]) else ""
+            if rest or c.logprobs is not None:
+                yield piece(i, rest, (_chat_logprobs if kind == "chat" else _text_logprobs)(c))
+            finish = _finish(c, openai_words)
+            if kind == "chat":
+                yield chunk({"index": i, "delta": {}, "logprobs": None, "finish_reason": finish})
+            else:
+                yield chunk({"index": i, "text": "", "logprobs": None, "finish_reason": finish})
+        if include_usage:
+            yield chunk(None, usage=_usage([a for a in answers if a is not None]))
+        yield _sse("[DONE]")
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _add_completion_routes(
@@ -809,20 +805,21 @@ def _add_completion_routes(
     name = system.name
 
     async def answer(kind: str, request: Request, schema: type[_Request]) -> Any:
-        body, prompts, params = await _prepare(request, schema, system, limits)
+        body, prompts, params, recipe = await _prepare(request, schema, system, limits)
         stops = params.get("stop", ())
         cid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
         created = int(time.time())
         if not body.stream:
             try:
-                completions = await _submit_all(batcher, prompts, params)
+                completions = await _submit_all(batcher, prompts, params, recipe)
             except Exception as exc:
                 logger.exception("generation failed")
                 raise _generation_error(exc) from None
             answers = [_without_stop(c, stops) for c in completions]
             return _body(kind, cid, created, name, answers, openai_words)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _events(batcher, prompts, params, (kind, cid, created, name), include_usage, openai_words)
+        ids = (kind, cid, created, name)
+        events = _events(batcher, prompts, params, recipe, ids, include_usage, openai_words)
         return StreamingResponse(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )

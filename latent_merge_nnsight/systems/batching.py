@@ -2,22 +2,26 @@
 
 `Batcher` lives in one event loop: after the first waiting request it gathers more for up to
 ``max_wait_ms`` (or until ``max_batch_size``), groups them by sampling parameters (one `generate`
-call takes one set) and runs each group in the system's single generation thread, so an nnsight model
-is never traced from two threads. `SystemCompleteFn` wraps a loaded system as the async
-``messages -> text`` callable a judge takes; `Completion` is what one request gets back.
+call takes one set; requests with their own recipes share a group: the call gets one recipe per row)
+and runs each group in the system's single generation thread, so an nnsight model is never traced from
+two threads. A streamed request (`Batcher.stream`) gets its text as the generation loop's step hook
+decodes it (`_StreamHook`, for a system with ``streams_tokens``), held back while it could still grow
+into a stop string; its row ends at the next step once its client stops listening.
+`SystemCompleteFn` wraps a loaded system as the async ``messages -> text`` callable a judge takes;
+`Completion` is what one request gets back.
 """
 
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from latent_merge_nnsight.errors import LatentMergeError
 
-__all__ = ["BatchStats", "Batcher", "Completion", "SystemCompleteFn", "TokenLogprob"]
+__all__ = ["BatchStats", "Batcher", "Completion", "SystemCompleteFn", "TokenLogprob", "without_stop"]
 
 
 @dataclass(frozen=True)
@@ -43,11 +47,88 @@ class Completion:
     logprobs: tuple[TokenLogprob, ...] | None = None
 
 
+def without_stop(text: str, finish_reason: str, stops: Sequence[str]) -> str:
+    """The text OpenAI sends: without the stop string that ended it (`lmn.generate` keeps it at the end)."""
+    if finish_reason == "stop":
+        for stop in stops:
+            if stop and text.endswith(stop):
+                return text[: -len(stop)]
+    return text
+
+
+def settled(text: str, stops: Sequence[str]) -> int:
+    """How much of a running row's text can be sent: all but a trailing unfinished character (U+FFFD
+    while its bytes are split across tokens) and any tail that could still grow into a stop string."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    cut = end
+    for stop in stops:
+        at = text.find(stop, 0, end)
+        if at != -1:
+            cut = min(cut, at)
+        for k in range(min(len(stop) - 1, end), 0, -1):
+            if text.endswith(stop[:k], 0, end):
+                cut = min(cut, end - k)
+                break
+    return cut
+
+
 @dataclass
 class _Request:
     prompt: Any
     params: dict[str, Any]
     future: "asyncio.Future[Completion]"
+    recipe: Any = None  # the request's own recipe (None: the system's)
+    deltas: "asyncio.Queue[Any] | None" = None  # streamed: text pieces, then its Completion (or an error)
+    gone: bool = False  # a streamed request whose client stopped listening: its row ends at the next step
+    answered: bool = False  # a streamed request whose Completion went out at the step its row finished
+
+    def wanted(self) -> bool:
+        return not self.gone if self.deltas is not None else not self.future.done()
+
+    def fail(self, exc: Exception) -> None:
+        if self.deltas is not None:
+            self.deltas.put_nowait(exc)
+        elif not self.future.done():
+            self.future.set_exception(exc)
+
+    def answer(self, completion: Completion) -> None:
+        if self.deltas is not None:
+            if not self.answered:
+                self.deltas.put_nowait(completion)
+        elif not self.future.done():
+            self.future.set_result(completion)
+
+
+class _StreamHook:
+    """The generation loop's step hook (`generation.loop.Run.on_step`) for a batch with streamed rows, in
+    the generation thread: each streamed row's new text as it is decoded (`settled`), its `Completion`
+    at the step it finishes; returns the rows whose clients went away (they end now)."""
+
+    def __init__(self, group: list[_Request], loop: asyncio.AbstractEventLoop) -> None:
+        self.group, self.loop = group, loop
+        self.sent = [0] * len(group)
+
+    def __call__(self, run: Any, rows: list[int], tokens: list[int]) -> list[int]:
+        tracker = run.tracker
+        for row in rows:
+            request = self.group[row]
+            if request.deltas is None or request.gone:
+                continue
+            reason = tracker.reasons[row]
+            if reason is not None:
+                prompt_tokens = int(run.batch.attention_mask[row].sum())
+                completion = Completion(tracker.text(row), reason, prompt_tokens, len(tracker.tokens[row]))
+                request.answered = True
+                self.loop.call_soon_threadsafe(request.deltas.put_nowait, completion)
+                continue
+            text = tracker.tokenizer.decode(tracker.tokens[row], skip_special_tokens=True)
+            end = settled(text, tracker.stop)
+            if end > self.sent[row]:
+                self.loop.call_soon_threadsafe(request.deltas.put_nowait, text[self.sent[row] : end])
+                self.sent[row] = end
+        return [i for i, r in enumerate(self.group) if r.gone and tracker.reasons[i] is None]
 
 
 @dataclass
@@ -107,13 +188,41 @@ class Batcher:
         self._queue = asyncio.Queue()
         self._task = self.loop.create_task(self._work())
 
-    async def submit(self, prompt: Any, params: Mapping[str, Any] | None = None) -> Completion:
-        """Queue one prompt with its sampling overrides; wait for its `Completion`."""
+    def _request(self, prompt: Any, params: Mapping[str, Any] | None, recipe: Any, stream: bool) -> _Request:
         if self._queue is None or self.loop is not asyncio.get_running_loop():
             raise LatentMergeError("Batcher.submit called before start() in this event loop")
-        future: asyncio.Future[Completion] = self.loop.create_future()
-        await self._queue.put(_Request(prompt, dict(params or {}), future))
-        return await future
+        deltas: asyncio.Queue[Any] | None = asyncio.Queue() if stream else None
+        return _Request(prompt, dict(params or {}), self.loop.create_future(), recipe, deltas)
+
+    async def submit(
+        self, prompt: Any, params: Mapping[str, Any] | None = None, recipe: Any = None
+    ) -> Completion:
+        """Queue one prompt with its sampling overrides (and its own recipe: None for the system's); wait
+        for its `Completion`."""
+        request = self._request(prompt, params, recipe, stream=False)
+        assert self._queue is not None
+        await self._queue.put(request)
+        return await request.future
+
+    async def stream(
+        self, prompt: Any, params: Mapping[str, Any] | None = None, recipe: Any = None
+    ) -> AsyncIterator[str | Completion]:
+        """Like `submit`, yielding the answer's text in pieces as they are decoded (never a piece of a
+        stop string; all of it at the end for a system without ``streams_tokens``), then its
+        `Completion` (whose text holds the whole answer). Leaving early ends the row at the next step."""
+        request = self._request(prompt, params, recipe, stream=True)
+        assert self._queue is not None and request.deltas is not None
+        await self._queue.put(request)
+        try:
+            while True:
+                item = await request.deltas.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if isinstance(item, Completion):
+                    return
+        finally:
+            request.gone = True
 
     async def close(self) -> None:
         """Stop collecting; requests still queued fail with `LatentMergeError`."""
@@ -122,9 +231,7 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         while self._queue is not None and not self._queue.empty():
-            request = self._queue.get_nowait()
-            if not request.future.done():
-                request.future.set_exception(LatentMergeError("the batcher was closed"))
+            self._queue.get_nowait().fail(LatentMergeError("the batcher was closed"))
         if self._own_executor is not None:
             self._own_executor.shutdown(wait=False)
 
@@ -148,26 +255,33 @@ class Batcher:
             for request in batch:
                 groups.setdefault(json.dumps(request.params, sort_keys=True), []).append(request)
             for group in groups.values():
-                live = [r for r in group if not r.future.done()]  # a cancelled caller needs no answer
+                live = [r for r in group if r.wanted()]  # a cancelled caller needs no answer
                 if live:
                     await self._run(live)
 
     async def _run(self, group: list[_Request]) -> None:
         """One `complete` call for the group; any failure goes to every caller, never kills the loop."""
         prompts, params = [r.prompt for r in group], group[0].params
+        kwargs = dict(params)
+        if any(r.recipe is not None for r in group):
+            kwargs["recipes"] = [r.recipe for r in group]
+        hooked = getattr(self.system, "streams_tokens", False) and not (
+            "logprobs" in params or "echo" in params
+        )
+        if hooked and any(r.deltas is not None for r in group):
+            assert self.loop is not None
+            kwargs["on_step"] = _StreamHook(group, self.loop)
         self.stats.batch_sizes.append(len(group))
         try:
-            results = await self._in_worker(lambda: self.system.complete(prompts, **params))
+            results = await self._in_worker(lambda: self.system.complete(prompts, **kwargs))
             if len(results) != len(group):
                 raise RuntimeError(f"the system returned {len(results)} completions for {len(group)} prompts")
         except Exception as exc:
             for r in group:
-                if not r.future.done():
-                    r.future.set_exception(exc)
+                r.fail(exc)
             return
         for r, result in zip(group, results, strict=True):
-            if not r.future.done():
-                r.future.set_result(result)
+            r.answer(result)
 
 
 class SystemCompleteFn:

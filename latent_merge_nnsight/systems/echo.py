@@ -98,11 +98,12 @@ def score_echo(
     max_new_tokens: int,
     merge_from: int | None,
     sampling: dict[str, Any],
+    recipes: Sequence[Any] | None = None,
 ) -> list[Completion]:
     """One echo `Completion` per prompt (a raw string or token ids): its text is the prompt's text plus
     the new token's; its ``logprobs`` (when ``top`` is not None) cover every prompt token (the first has
     none) and the new one, each with its ``top`` alternatives. ``sampling`` holds `prepare_run`'s sampling
-    and stop arguments."""
+    and stop arguments; ``recipes`` (one per prompt) score each prompt under a request's own recipe."""
     start = check_echo(loaded, top, max_new_tokens, merge_from)
     tokenizer = loaded.tokenizer
     out = []
@@ -117,7 +118,8 @@ def score_echo(
             raise LatentMergeError(
                 f"{MERGE_FROM}={start} is past prompt {i}'s {n} tokens; expected 0 <= merge_from < {n}"
             )
-        logp = torch.log_softmax(_scored_logits(loaded, ids, start), dim=-1).cpu()
+        recipe = None if recipes is None else recipes[i]
+        logp = torch.log_softmax(_scored_logits(loaded, ids, start, recipe), dim=-1).cpu()
         new: list[int] = []
         reason, new_text = "length", ""
         if max_new_tokens == 1:
@@ -131,10 +133,11 @@ def score_echo(
     return out
 
 
-def _scored_logits(loaded: Any, ids: Tensor, merge_from: int) -> Tensor:
-    """[pos, vocab] logits of one teacher-forced row merged at positions >= ``merge_from`` (the seam: a
-    stepper-based scorer, `lmn.score`, can replace this one call)."""
-    return _row_logits(loaded, ids, ids.shape[0], merge_from_mask(ids.shape[0], merge_from))
+def _scored_logits(loaded: Any, ids: Tensor, merge_from: int, recipe: Any = None) -> Tensor:
+    """[pos, vocab] logits of one teacher-forced row merged at positions >= ``merge_from`` (under
+    ``recipe``, a request's own, when given; the seam: a stepper-based scorer, `lmn.score`, can replace
+    this one call)."""
+    return _row_logits(loaded, ids, ids.shape[0], merge_from_mask(ids.shape[0], merge_from), recipe)
 
 
 def _token_logprobs(tokenizer: Any, tokens: list[int], logp: Tensor, top: int) -> tuple[TokenLogprob, ...]:
@@ -164,14 +167,18 @@ def _merge_mask(n_prompt: int, n_total: int, positions: Any) -> torch.Tensor:
     return torch.cat([prompt, rest], dim=1)
 
 
-def _row_logits(loaded: Any, ids: torch.Tensor, n_prompt: int, select: Any = None) -> torch.Tensor:
-    """[seq, vocab] float32 logits of one unpadded row under the system's merge (at ``select``, a
-    [1, seq] bool mask, when given; else where generation merged)."""
+def _row_logits(
+    loaded: Any, ids: torch.Tensor, n_prompt: int, select: Any = None, recipe: Any = None
+) -> torch.Tensor:
+    """[seq, vocab] float32 logits of one unpadded row under the system's merge, or under ``recipe`` (a
+    request's own, `LoadedSystem.request_recipe`) when given (at ``select``, a [1, seq] bool mask, when
+    given; else where generation merged)."""
     base = loaded.base
     device = next(hf_module(base).parameters()).device
     ids = ids[None].to(device)
     mask = torch.ones_like(ids)
-    recipe = loaded.config.recipe if loaded.config.kind == "latent" else None
+    if recipe is None:
+        recipe = loaded.config.recipe if loaded.config.kind == "latent" else None
     with torch.no_grad():
         if recipe is None:
             with base.trace(input_ids=ids, attention_mask=mask):

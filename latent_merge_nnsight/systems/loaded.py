@@ -31,6 +31,9 @@ from latent_merge_nnsight.generation import generate
 from latent_merge_nnsight.generation.score import score
 from latent_merge_nnsight.inputs import is_chat, is_token_ids
 from latent_merge_nnsight.models import hf_module, load, model_info
+from latent_merge_nnsight.ops import get_op
+from latent_merge_nnsight.recipe import Recipe
+from latent_merge_nnsight.request_recipe import KEY, as_recipe, resolve_request
 from latent_merge_nnsight.systems.batching import Completion, SystemCompleteFn, TokenLogprob
 from latent_merge_nnsight.systems.echo import check_echo, score_echo
 from latent_merge_nnsight.systems.logprobs import supports_logprobs, token_logprobs
@@ -84,6 +87,9 @@ class LoadedSystem:
         sources: the source models (latent and ensemble kinds).
         tokenizer: the base model's tokenizer.
     """
+
+    streams_tokens = True
+    """`complete` takes the generation loop's step hook (``on_step``), so `lmn serve` streams tokens."""
 
     def __init__(self, config: System) -> None:
         self.config = config
@@ -189,16 +195,48 @@ class LoadedSystem:
                 f"sampling overrides are invalid:\n{explain_errors(exc)}", param=str(loc[0]) if loc else None
             ) from None
 
+    def request_recipe(self, value: Any) -> Recipe | None:
+        """A request's own recipe (vLLM's per-request ``latent_merge``: `request_recipe`): the system's
+        recipe with the request's op and alphas, or None when the value sets neither (``merge_from``
+        alone). A `LatentMergeError` naming the field for a layer the system does not merge, an alpha out
+        of the op's range, an op of another kind, or a system without a live-source latent merge."""
+        recipe = self.config.recipe if self.config.kind == "latent" else None
+        if recipe is None:
+            raise LatentMergeError(
+                f"{KEY}: system {self.name!r} (kind {self.config.kind!r}) has no latent merge to set "
+                "alphas for; per-request recipes need a latent system"
+            )
+        if get_op(recipe.op).static_source:
+            raise LatentMergeError(
+                f"{KEY}: system {self.name!r} steers with static vectors (op {recipe.op!r}); lmn serve runs "
+                "per-request recipes on live sources (one pass shares them); serve its export with "
+                "`vllm serve` for per-request steering alphas"
+            )
+        layers = sorted(recipe.layer_alphas(model_info(self.base).full_n_layers))
+        return as_recipe(
+            resolve_request(value, recipe.to_dict(), layers, len(self.sources), holder="system"), recipe
+        )
+
     def check_echo(self, logprobs: int | None, max_new_tokens: int, merge_from: int | None) -> None:
         """Whether `complete(..., echo=True)` can serve these arguments (`systems.echo.check_echo`)."""
         check_echo(self, logprobs, max_new_tokens, merge_from)
 
-    def complete(self, prompts: Sequence[Any], **overrides: Any) -> list[Completion]:
+    def complete(
+        self,
+        prompts: Sequence[Any],
+        *,
+        recipes: Sequence[Recipe | None] | None = None,
+        on_step: Callable[..., Any] | None = None,
+        **overrides: Any,
+    ) -> list[Completion]:
         """Generate one answer per prompt (strings are used as is, chats get the chat template, token-id
         lists are the tokens themselves).
 
         ``overrides`` replace the system's sampling settings for this call (``max_new_tokens``,
         ``temperature``, ``seed``, ``stop``, ...). Thread-safe: calls run one at a time.
+        ``recipes`` (one per prompt; None: the system's own) run each row with its request's recipe
+        (`request_recipe`) in the same pass. ``on_step`` is the generation loop's step hook
+        (`generation.loop.Run.on_step`: each row's token as it is chosen; not called for echo).
         ``echo=True`` scores the prompts instead (`systems.echo.score_echo`: ``max_new_tokens`` 0 or 1,
         the merge from ``merge_from``).
         """
@@ -209,13 +247,14 @@ class LoadedSystem:
         prompts = list(prompts)
         if not prompts:
             return []
+        rows = self._row_recipes(recipes, len(prompts))
         top = overrides.pop("logprobs", None)  # alternatives per token (0: the chosen one), or None
         if overrides.pop("echo", False):
-            return self._echo(prompts, top, overrides)
+            return self._echo(prompts, top, overrides, rows)
         sampling = self.sampling(**overrides)
         with self._lock:
             self.generate_calls += 1
-            result = self._generate(prompts, sampling, top)
+            result = self._generate(prompts, sampling, top, rows, on_step)
         texts, reasons = list(result.texts), list(result.finish_reasons)
         if len(texts) != len(prompts) or len(reasons) != len(prompts):
             raise RuntimeError(f"generate returned {len(texts)} texts for {len(prompts)} prompts")
@@ -225,24 +264,43 @@ class LoadedSystem:
         logprobs: list[Any] = [None] * len(prompts)
         if top is not None:
             with self._lock:
-                logprobs = token_logprobs(self, result, top)
+                logprobs = token_logprobs(self, result, top, rows)
         return [
             Completion(t, r, int(p), n, lp)
             for t, r, p, n, lp in zip(texts, reasons, prompt_tokens, new_tokens, logprobs, strict=True)
         ]
 
+    def _row_recipes(self, recipes: Sequence[Any] | None, n: int) -> list[Recipe] | None:
+        """Each row's recipe (the system's where a row names none), or None when no row names one."""
+        if recipes is None or all(r is None for r in recipes):
+            return None
+        if len(recipes) != n or self.config.kind != "latent" or self.config.recipe is None:
+            raise LatentMergeError(
+                f"recipes: {len(recipes)} per-row recipes for {n} prompts on system {self.name!r} (kind "
+                f"{self.config.kind!r}); expected one per prompt, on a latent system"
+            )
+        return [self.config.recipe if r is None else r for r in recipes]
+
     def generate(self, prompts: Sequence[Any], **overrides: Any) -> list[str]:
         """The answer texts for `prompts` (see `complete` for finish reasons and token counts)."""
         return [c.text for c in self.complete(prompts, **overrides)]
 
-    def _echo(self, prompts: list[Any], top: int | None, overrides: dict[str, Any]) -> list[Completion]:
+    def _echo(
+        self, prompts: list[Any], top: int | None, overrides: dict[str, Any], rows: list[Recipe] | None
+    ) -> list[Completion]:
         merge_from = overrides.pop("merge_from", None)
         budget = overrides.pop("max_new_tokens", 1)
         kwargs = self.sampling(**overrides).generate_kwargs()
         kwargs.pop("max_new_tokens")
         with self._lock:
             return score_echo(
-                self, prompts, top=top, max_new_tokens=budget, merge_from=merge_from, sampling=kwargs
+                self,
+                prompts,
+                top=top,
+                max_new_tokens=budget,
+                merge_from=merge_from,
+                sampling=kwargs,
+                recipes=rows,
             )
 
     def generation_setup(self) -> tuple[Any, Any]:
@@ -270,13 +328,24 @@ class LoadedSystem:
         with self._lock:
             return score(self, None, contexts, continuations, None, **kwargs)
 
-    def _generate(self, prompts: list[Any], sampling: SamplingSpec, top: int | None = None) -> Any:
+    def _generate(
+        self,
+        prompts: list[Any],
+        sampling: SamplingSpec,
+        top: int | None = None,
+        rows: list[Recipe] | None = None,
+        on_step: Callable[..., Any] | None = None,
+    ) -> Any:
         """One `lmn.generate` call in this system's mode (on vLLM for backend vllm, which also reports
-        the ``top`` logprobs of each token when asked)."""
+        the ``top`` logprobs of each token when asked), with per-row recipes when ``rows`` is given."""
         kwargs = sampling.generate_kwargs() | {"chat": False}  # strings as they are: chats are templated
+        if on_step is not None:
+            kwargs["on_step"] = on_step
         if self.config.engine is not None:
             kwargs["engine"] = self.config.engine
         sources, recipe = self.generation_setup()
+        if rows is not None and self.config.kind == "latent":
+            recipe = rows
         if self.config.backend == "vllm":
             # vLLM reads the weights from disk; the shells give the tokenizer, limits and provenance
             kwargs.update(engine="vllm", logprobs=top)

@@ -29,10 +29,13 @@ def supports_logprobs(config: Any) -> bool:
     return not get_op(config.recipe.op).static_source or config.recipe.deltas is not None
 
 
-def _scored_rows(loaded: Any, result: Any, top: int) -> list[list[tuple[float, tuple[Any, ...]]]]:
+def _scored_rows(
+    loaded: Any, result: Any, top: int, recipes: list[Any] | None = None
+) -> list[list[tuple[float, tuple[Any, ...]]]]:
     """Per row, per new token: (its logprob, its ``top`` alternatives as (token id, logprob) pairs, most
     likely first). vLLM reports them while it generates (`result.info["logprobs"]`, backend vllm); our
-    engines' rows are scored here, in one `lmn.score` call."""
+    engines' rows are scored here, in one `lmn.score` call (rows with their own recipes, ``recipes``,
+    one call per distinct recipe)."""
     carried = result.info.get("logprobs")
     if carried is not None:
         return carried
@@ -49,14 +52,20 @@ def _scored_rows(loaded: Any, result: Any, top: int) -> list[list[tuple[float, t
     if scored:
         single = loaded.config.kind in ("single", "weight")
         base, sources, recipe = (loaded.base, None, None) if single else loaded.scoring_setup()
-        got = score(base, sources, prompts, news, recipe, top=top)
-        for k, row in enumerate(scored):
-            out[row] = list(zip(got.logprobs[k], got.top[k], strict=True))
+        own = [recipe if recipes is None or recipes[row] is None else recipes[row] for row in scored]
+        for each in _distinct(own):
+            ks = [k for k, r in enumerate(own) if r is each]
+            got = score(base, sources, [prompts[k] for k in ks], [news[k] for k in ks], each, top=top)
+            for j, k in enumerate(ks):
+                out[scored[k]] = list(zip(got.logprobs[j], got.top[j], strict=True))
     return out
 
 
-def token_logprobs(loaded: Any, result: Any, top: int) -> list[tuple[Any, ...]]:
-    """One tuple of `TokenLogprob` per row of a `GenerationResult` (``top`` alternatives each)."""
+def token_logprobs(
+    loaded: Any, result: Any, top: int, recipes: list[Any] | None = None
+) -> list[tuple[Any, ...]]:
+    """One tuple of `TokenLogprob` per row of a `GenerationResult` (``top`` alternatives each; each row
+    scored under its own recipe when ``recipes`` holds one per row)."""
     if not supports_logprobs(loaded.config):
         raise LatentMergeError(
             f"logprobs: system {loaded.name!r} (kind {loaded.config.kind!r}) cannot report logprobs; "
@@ -64,7 +73,7 @@ def token_logprobs(loaded: Any, result: Any, top: int) -> list[tuple[Any, ...]]:
         )
     tokenizer = loaded.tokenizer
     out = []
-    for new, scored in zip(result.tokens, _scored_rows(loaded, result, top), strict=True):
+    for new, scored in zip(result.tokens, _scored_rows(loaded, result, top, recipes), strict=True):
         out.append(
             tuple(
                 TokenLogprob(
@@ -75,4 +84,13 @@ def token_logprobs(loaded: Any, result: Any, top: int) -> list[tuple[Any, ...]]:
                 for token, (chosen, alternatives) in zip(new, scored, strict=True)
             )
         )
+    return out
+
+
+def _distinct(recipes: list[Any]) -> list[Any]:
+    """The distinct recipe objects among ``recipes``, in first-seen order."""
+    out: list[Any] = []
+    for r in recipes:
+        if not any(r is o for o in out):
+            out.append(r)
     return out

@@ -30,15 +30,13 @@ own `logits_processors` (`attach_processor`), so vLLM never loads it for another
 """
 
 import hashlib
-import json
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.ops import check_alpha, get_op
+from latent_merge_nnsight.request_recipe import KEY, RequestRecipe, check_request, resolve_request
 from latent_merge_nnsight.vllm_engine import ARCHITECTURE
 from latent_merge_nnsight.vllm_engine.export import Export, read_export
 
@@ -50,127 +48,16 @@ __all__ = [
     "attach_processor",
     "cache_salt",
     "check_front",
+    "check_request",
     "parse_request",
     "request_args",
 ]
 
-KEY = "latent_merge"
-"""The `SamplingParams.extra_args` key of a per-request recipe."""
-
-
-@dataclass(frozen=True)
-class RequestRecipe:
-    """A request's recipe resolved against an export: the op and an alpha for every exported layer."""
-
-    op: str
-    alphas: tuple[tuple[int, float], ...]  # empty: the export's own alphas (a request with merge_from alone)
-    merge_from: int | None = None  # the first merged position (None: the export's positions)
-
-    def key(self) -> str:
-        return json.dumps([self.op, list(self.alphas), self.merge_from])
-
-
-def _raw(value: Any) -> dict[str, Any]:
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise LatentMergeError(
-                f"{KEY}: not valid JSON ({e.msg}); expected a mapping such as {{'alpha': 0.3}}"
-            ) from None
-    if not isinstance(value, Mapping):
-        raise LatentMergeError(
-            f"{KEY} has type {type(value).__name__}; expected a mapping such as {{'alpha': 0.3}}"
-        )
-    unknown = sorted(set(value) - {"alpha", "alphas", "layers", "op", "allow_extrapolation", "merge_from"})
-    if unknown:
-        raise LatentMergeError(
-            f"{KEY}: unknown keys {unknown}; expected some of alpha, layers (or alphas), op, "
-            "allow_extrapolation, merge_from"
-        )
-    return dict(value)
-
-
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise LatentMergeError(f"{KEY}.{what}={value!r} must be a finite number")
-    return float(value)
-
-
-def check_request(value: Any) -> dict[str, Any]:
-    """The checks that need no export (`parse_request` runs these first): keys, types, op name."""
-    raw = _raw(value)
-    if "alpha" in raw and ("layers" in raw or "alphas" in raw):
-        raise LatentMergeError(f"{KEY}: give alpha (every exported layer) or layers, not both")
-    if "layers" in raw and "alphas" in raw:
-        raise LatentMergeError(f"{KEY}: give layers or alphas (the same thing), not both")
-    mapping = raw.get("layers", raw.get("alphas"))
-    if mapping is not None:
-        if not isinstance(mapping, Mapping) or not mapping:
-            raise LatentMergeError(f"{KEY}.layers={mapping!r}; expected a non-empty mapping layer -> alpha")
-        out = {}
-        for k, a in mapping.items():
-            try:
-                layer = int(k)
-            except (TypeError, ValueError):
-                raise LatentMergeError(f"{KEY}.layers has key {k!r}; expected layer numbers") from None
-            out[layer] = _number(a, f"layers[{layer}]")
-        raw["layers"] = out
-        raw.pop("alphas", None)
-    elif "alpha" in raw:
-        raw["alpha"] = _number(raw["alpha"], "alpha")
-    elif "merge_from" not in raw or "op" in raw:
-        raise LatentMergeError(f"{KEY}: give alpha (every exported layer) or layers {{layer: alpha}}")
-    start = raw.get("merge_from")
-    if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
-        raise LatentMergeError(f"{KEY}.merge_from={start!r}; expected a token index >= 0")
-    if "op" in raw:
-        get_op(raw["op"])  # unknown op: names the registered ones
-    if not isinstance(raw.get("allow_extrapolation", False), bool):
-        raise LatentMergeError(f"{KEY}.allow_extrapolation must be true or false")
-    return raw
-
 
 def parse_request(value: Any, export: Export) -> RequestRecipe:
-    """A request's `latent_merge` value checked against the export it runs on."""
-    raw = check_request(value)
-    if export.recipe is None:
-        raise LatentMergeError(f"{KEY}: this export runs the base alone; it has no merge to set alphas for")
-    exported = get_op(export.recipe["op"])
-    spec = get_op(raw.get("op", exported.name))
-    if spec.static_source != exported.static_source:
-        kind = "steering (delta) export" if exported.static_source else "live-source export"
-        raise LatentMergeError(
-            f"{KEY}.op={spec.name!r} cannot run on this {kind} (its op is {exported.name!r})"
-        )
-    if len(export.sources) > 1 and not spec.multi_source:
-        raise LatentMergeError(
-            f"{KEY}.op={spec.name!r} takes one source; this export has {len(export.sources)} (use regmean)"
-        )
-    if "layers" not in raw and "alpha" not in raw:  # merge_from alone: the export's alphas and op
-        return RequestRecipe(exported.name, (), raw.get("merge_from"))
-    if "layers" in raw:
-        bad = sorted(set(raw["layers"]) - set(export.layers))
-        if bad:
-            raise LatentMergeError(
-                f"{KEY}.layers {bad} are not exported; this export merges layers {export.layers}"
-            )
-        alphas = {layer: raw["layers"].get(layer, 0.0) for layer in export.layers}
-    else:
-        alphas = dict.fromkeys(export.layers, raw["alpha"])
-    extrapolate = raw.get("allow_extrapolation", False) or bool(export.recipe.get("allow_extrapolation"))
-    for layer, a in alphas.items():
-        try:
-            check_alpha(a, spec, allow_extrapolation=extrapolate, what=f"{KEY}.layers[{layer}]")
-        except LatentMergeError as e:  # name what a request can carry, not the Python keyword
-            hint = f'add "allow_extrapolation": true to the request\'s {KEY} value'
-            raise LatentMergeError(
-                str(e).replace("pass allow_extrapolation=True", hint),
-                param=e.param,
-                value=e.value,
-                expected=e.expected,
-            ) from None
-    return RequestRecipe(spec.name, tuple(sorted(alphas.items())), raw.get("merge_from"))
+    """A request's `latent_merge` value checked against the export it runs on (the checks themselves are
+    `request_recipe.resolve_request`'s, which `lmn serve` runs against its system)."""
+    return resolve_request(value, export.recipe, export.layers, len(export.sources), holder="export")
 
 
 def check_prompt_logprobs(export: Export, recipe: RequestRecipe | None) -> None:

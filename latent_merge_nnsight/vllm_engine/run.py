@@ -8,6 +8,11 @@ layers among the exported ones) reuses it with per-request alphas, so a sweep ov
 vLLM once. vLLM's tokens are replayed through the run's tracker, so EOS, stop strings, lengths and texts
 are decided as for every engine.
 
+Per-row recipes (`recipe=[...]`, a plan with `groups`) run in the same way: the export merges every layer
+a row names, and each row's recipe goes with its request as `latent_merge` (its op and alphas; alpha 0
+for a row without a recipe). vLLM's requests share the export's site, positions and op parameters, so
+rows differing in those are refused here.
+
 `configure(**llm_kwargs)` sets `vllm.LLM` arguments for engines started afterwards (e.g.
 `max_num_batched_tokens`, `enable_prefix_caching`, `tensor_parallel_size`); `shutdown()` stops the kept
 engine. The engine runs in this process (no `if __name__ == "__main__":` needed) unless
@@ -30,6 +35,7 @@ from latent_merge_nnsight.generation.loop import GenerationResult, Run
 from latent_merge_nnsight.models import hf_module, model_info
 from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.plan import Plan, recipe_plan
+from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.vllm_engine import require_vllm
 from latent_merge_nnsight.vllm_engine.export import Export, check_export, write_export
 from latent_merge_nnsight.vllm_engine.requests import KEY, cache_salt, parse_request
@@ -136,7 +142,7 @@ def _wanted(base: Model, sources: list[Model], plan: Plan, scratch: list[Path]) 
             "engine='vllm' runs an lmn.Recipe (latent merge or delta steering) or None (the base alone); "
             f"got {type(plan.recipe).__name__} (the logit ensemble runs on engine='fast' or 'nnsight')"
         )
-    recipe = plan.recipe if plan.mode == "merge" else None
+    recipe = _rows_export_recipe(plan) if plan.groups else plan.recipe if plan.mode == "merge" else None
     if recipe is not None and plan.deltas is not None and recipe.deltas is None:  # a Deltas: via a file
         path = Path(tempfile.mkdtemp(prefix="lmn-deltas-")) / "deltas.safetensors"
         Deltas(dict(plan.deltas), site=plan.site).save(path)
@@ -144,6 +150,34 @@ def _wanted(base: Model, sources: list[Model], plan: Plan, scratch: list[Path]) 
         recipe = recipe.model_copy(update={"deltas": str(path)})
     refs = [_ref(s, f"sources[{i}]") for i, s in enumerate(sources)]
     return check_export(_ref(base, "base"), refs, recipe)
+
+
+def _rows_export_recipe(plan: Plan) -> Recipe:
+    """The one recipe an export runs for per-row recipes: every layer a row names, at the site,
+    positions and op parameters the rows share (refused when they differ)."""
+    shared = {(g.site, repr(g.positions), repr(sorted(g.params.items()))) for g in plan.groups}
+    if len(shared) > 1:
+        raise LatentMergeError(
+            "recipe: engine='vllm' runs per-row recipes that share site, positions and op parameters "
+            f"(a request sets only its op and alphas); these rows differ: {sorted(shared)}; use engine="
+            "'fast' or 'nnsight', or one call per site/positions"
+        )
+    first = next(r for r in plan.recipe if r is not None)
+    layers = sorted({layer for g in plan.groups for layer in g.alphas})
+    return first.model_copy(update={"layers": dict.fromkeys(layers, 0.5), "alpha": None, "lam": None})
+
+
+def _row_requests(plan: Plan, export: Export) -> list[dict[str, Any]]:
+    """Each row's own `latent_merge` request: its op and alphas (alpha 0: a row without a recipe)."""
+    out = []
+    for recipe in plan.recipe:
+        if recipe is None:
+            out.append({"alpha": 0.0})
+            continue
+        row = recipe_plan(recipe, export.n_layers)
+        layers = {layer: 0.5 if a is None else a for layer, a in row.alphas.items()}
+        out.append({"layers": layers, "op": row.op.name, "allow_extrapolation": row.allow_extrapolation})
+    return out
 
 
 def _request(plan: Plan, export: Export) -> dict[str, Any] | None:
@@ -185,10 +219,15 @@ def run_vllm(
     finally:
         for folder in scratch:
             shutil.rmtree(folder, ignore_errors=True)
-    request = _request(plan, export)
-    salt = cache_salt(parse_request(request, export)) if request is not None else None
-    params = _sampling(run, request, logprobs)
-    outputs = llm.generate(_prompts(run, salt), params, use_tqdm=False)
+    if plan.groups:
+        requests: list[dict[str, Any] | None] = list(_row_requests(plan, export))
+        request: Any = requests
+    else:
+        request = _request(plan, export)
+        requests = [request] * run.batch.input_ids.shape[0]
+    salts = [cache_salt(parse_request(r, export)) if r is not None else None for r in requests]
+    params = [_sampling(run, r, logprobs) for r in requests]
+    outputs = llm.generate(_prompts(run, salts), params, use_tqdm=False)
     _replay(run, [list(o.outputs[0].token_ids) for o in outputs])
     run.info.update(vllm_request=request, vllm_export_layers=export.layers)
     if logprobs is not None:
@@ -199,10 +238,10 @@ def run_vllm(
     return run.result("vllm")
 
 
-def _prompts(run: Any, salt: str | None) -> list[dict[str, Any]]:
+def _prompts(run: Any, salts: list[str | None]) -> list[dict[str, Any]]:
     ids, mask = run.batch.input_ids.cpu(), run.batch.attention_mask.cpu()
     out = []
-    for row, m in zip(ids, mask, strict=True):
+    for row, m, salt in zip(ids, mask, salts, strict=True):
         prompt: dict[str, Any] = {"prompt_token_ids": row[m.bool()].tolist()}
         if salt is not None:
             prompt["cache_salt"] = salt
