@@ -45,7 +45,7 @@ def models_for(preset: str, device: torch.device) -> tuple[Any, Any, int, int | 
         return base, ft, TOY_LAYER, None
     shape = bench_decode.PRESETS[preset]
     base = bench_decode.build(shape, device, seed=0)
-    ft = bench_decode.build(shape, device, seed=1, n_layers=shape["layer"])  # only up to the merge layer
+    ft = bench_decode.build(shape, device, seed=1, n_layers=shape["layer"] + 1)  # up to the merge layer
     return base, ft, shape["layer"], shape["vocab_size"]
 
 
