@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
 import beartype  # noqa: E402, F401  (before nnsight, as in the tests)
 from reference_generate import lockstep_generate  # noqa: E402
@@ -196,6 +196,45 @@ def main() -> None:
             out[arch] = graphs.tokens[0]
         return out
 
+    def row_recipes() -> dict:
+        """Per-row recipes (ops, layers, alphas, sites, positions; rows finishing early) under graphs equal
+        the eager step and the nnsight engine; a kept engine takes new row alphas without a capture."""
+        rows = [
+            lmn.Recipe(op="slerp", layers={1: 0.3, 2: 0.6}),
+            lmn.Recipe(op="lerp", layers={2: 0.5}, site="post"),
+            None,
+            lmn.Recipe(op="slerp", layers={2: 0.5}, positions="all"),
+        ]
+        free = generate(base, ft, PROMPTS, rows, max_new_tokens=N_NEW, ignore_eos=True)
+        kw = dict(max_new_tokens=N_NEW, eos_token_id=free.tokens[0][2])
+        graphs = generate(base, ft, PROMPTS, rows, keep_engine=True, **kw)
+        eager = generate(base, ft, PROMPTS, rows, cuda_graphs=False, **kw)
+        traced = generate(base, ft, PROMPTS, rows, engine="nnsight", **kw)
+        assert graphs.info["cuda_graphs"] or not on_gpu, graphs.info.get("cuda_graph_error")
+        assert graphs.tokens == eager.tokens == traced.tokens, (graphs.tokens, eager.tokens, traced.tokens)
+        other = [rows[0].model_copy(update={"layers": {1: 0.9, 2: 0.1}}), rows[1], rows[3], None]
+        again = generate(base, ft, PROMPTS, other, keep_engine=True, **kw)
+        assert again.info["engine_reused"] or not on_gpu
+        assert again.tokens == generate(base, ft, PROMPTS, other, cuda_graphs=False, **kw).tokens
+        lmn.generation.run.release_engine(base)
+        return {"lengths": [len(t) for t in graphs.tokens]}
+
+    def rows_throughput() -> dict:
+        """16 prompts x 8 alphas in one call against 8 calls of 16 prompts: decode tokens/s (Qwen2.5-7B
+        shapes, random weights, on the GPU; the tiny shapes in a CPU dry run). Goal on a GPU: >= 4x."""
+        import bench_rows
+
+        preset = "qwen2.5-7b" if on_gpu else "tiny"
+        big, src, layer, vocab = bench_rows.models_for(preset, dev)
+        prompts = bench_rows.make_prompts(16 if on_gpu else 2, vocab, 64 if on_gpu else 8, dev)
+        alphas, new, repeats = (8, 64, 2) if on_gpu else (2, 2, 1)  # the dry run only checks it runs
+        out = bench_rows.compare(big, src, layer, prompts, alphas, new, repeats)
+        del big, src
+        gc.collect()
+        return out
+
+    check("per-row recipes under graphs (== eager == nnsight; kept engine, new row alphas)", row_recipes)
+    check("16 prompts x 8 alphas in one call vs 8 calls (decode tokens/s)", rows_throughput)
     check("rows finishing early (batch shrinks under graphs)", rows_finish_early)
     check("kept engine reused with new alphas and a smaller batch", kept_engine_reused)
     check("50 (fast) + 20 (nnsight) generations leave GPU memory flat", memory_flat)

@@ -104,7 +104,8 @@ def merge_into(
             for steering ops), `Deltas`, or a list of these for a multi-source op (RegMean).
         op: a registered op name (`lerp`, `slerp`, `regmean`, `delta`, or one of yours).
         alpha: weight of the source side: 0 leaves the base bit-identical, 1 takes the source. Defaults to
-            0.5 (1.0 for `delta`). Must lie in [0, 1] unless `allow_extrapolation=True`.
+            0.5 (1.0 for `delta`). Must lie in [0, 1] unless `allow_extrapolation=True`. A list gives one
+            alpha per row of the batch (a per-row plan: each row mixed by its own, rows at 0 untouched).
         positions: "last" (default for most ops), "all" (default for `delta`), real-token indices, a slice,
             or a boolean mask; see `lmn.positions`. Pad positions are never mixed.
         model: the traced model; found from the active trace when omitted.
@@ -118,7 +119,16 @@ def merge_into(
         model = active_model()
     info = model_info(model)
     check_layer(layer, info.n_layers, model_name=info.name)
-    check_alpha(alpha, spec, allow_extrapolation=allow_extrapolation)
+    per_row = isinstance(alpha, (list, tuple))
+    for i, a in enumerate(alpha if per_row else [alpha]):
+        check_alpha(
+            a, spec, allow_extrapolation=allow_extrapolation, what=f"alpha[{i}]" if per_row else "alpha"
+        )
+    if per_row and (not alpha or spec.static_source or any(a is None for a in alpha)):
+        raise LatentMergeError(
+            f"alpha={alpha!r}: per-row alphas are numbers, one per row, for a live-source op "
+            f"(op {spec.name!r})"
+        )
     positions = check_positions(positions if positions is not None else spec.default_positions)
     unknown = sorted(set(params) - set(spec.params))
     if unknown:
@@ -139,12 +149,14 @@ def merge_into(
         sources = [source]
     plan = merge_plan(
         spec,
-        {layer: alpha},
+        {layer: torch.tensor(alpha, dtype=torch.float64) if per_row else alpha},
         site=site,
         positions=positions,
         params=params,
         allow_extrapolation=allow_extrapolation,
     )
+    if per_row:
+        plan = Plan(mode="merge", groups=[plan])
     return apply_plan(plan, layer, sources, model)
 
 
@@ -176,6 +188,13 @@ def apply_plan(
                 f"source{index(i)} has shape {tuple(t.shape)} at layer {layer}; expected "
                 f"{tuple(hidden.shape)} like the base residual"
                 + (" (or a [d_model] vector)" if static else "")
+            )
+    for group in plan.groups:
+        rows = {len(a) for a in group.alphas.values()}
+        if rows != {hidden.shape[0]}:
+            raise LatentMergeError(
+                f"alpha has {sorted(rows)} per-row values for a batch of {hidden.shape[0]} rows at layer "
+                f"{layer}; expected one alpha per row"
             )
     select = plan.select(mask, decoding)
     if (not plan.groups and plan.alphas[layer] == 0) or not bool(select.any()):

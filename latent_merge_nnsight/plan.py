@@ -354,12 +354,15 @@ def recipe_plan(recipe: Recipe, n_layers: int, *, positions: Positions | None = 
     )
 
 
-def rows_plan(recipes: Sequence[Any], n_layers: int) -> Plan:
+def rows_plan(recipes: Sequence[Any], n_layers: int, *, positions: Positions | None = None) -> Plan:
     """Per-row recipes (one per prompt; None: that row is the base alone) as one plan for a model of
-    `n_layers` blocks: a group per distinct (op, site, positions, params), its alphas `[rows]` float64
-    tensors (0 where a row does not merge). Rows may differ in op, layers, alphas, site and positions;
-    they share the sources, so every row must take live sources (no `delta`, no Ensemble) and name the
-    same `sources`. The plan's mode is "base" when no row merges."""
+    `n_layers` blocks (`positions`: for rows whose recipe gives none, as in `recipe_plan`).
+
+    One group per distinct (op, site, positions, params), its alphas `[rows]` float64 tensors (0 where
+    a row does not merge). Rows may differ in op, layers, alphas, site and positions; they share the
+    sources, so every row must take live sources (no `delta`, no Ensemble) and name the same `sources`.
+    The plan's mode is "base" when no row merges. Executors: `Plan.sites` (where to mix, in forward
+    order), `Plan.select` (per-group position masks), `Plan.apply`, `merge.apply_plan`."""
     rows = len(recipes)
     if rows == 0:
         raise LatentMergeError("recipe=[] is empty; expected one recipe (or None) per prompt")
@@ -373,7 +376,7 @@ def rows_plan(recipes: Sequence[Any], n_layers: int) -> Plan:
                 f"recipe[{i}] has type {type(recipe).__name__}; per-row recipes are lmn.Recipe objects "
                 "(or None for the base alone); a logit ensemble runs one recipe per call"
             )
-        plan = recipe_plan(recipe, n_layers)
+        plan = recipe_plan(recipe, n_layers, positions=positions)
         if not plan.live_sources:
             raise LatentMergeError(
                 f"recipe[{i}] has op {recipe.op!r}, which steers with static vectors; per-row recipes "

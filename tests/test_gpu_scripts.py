@@ -51,3 +51,16 @@ def test_bench_decode_measures_every_method_it_is_given(tmp_path):
         assert ops[(m, 1)] == ops[(m, 2)] > 0, m
     assert ops[("hook_loop", 2)] == 2 * ops[("hook_loop", 1)]
     assert ops[("hf_eager", 1)] < ops[("fast", 1)] < ops[("hook_loop", 1)]
+
+
+def test_bench_rows_times_one_call_against_separate_calls(tmp_path):
+    out = tmp_path / "rows.json"
+    small = ["--preset", "tiny", "--prompts", "2", "--alphas", "3", "--new", "3", "--repeats", "1"]
+    proc = _run("benchmarks/bench_rows.py", *small, "--device", "cpu", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())["result"]
+    assert result["rows"] == 6 and result["alphas"] == [0.3333, 0.6667, 1.0]
+    for side in ("one_call", "separate_calls"):
+        assert result[side]["cpu_s"] > 0 and result[side]["wall_s"] > 0
+    equal, rows = result["rows_with_equal_tokens"].split("/")
+    assert int(rows) == 6 and 0 <= int(equal) <= 6

@@ -160,3 +160,25 @@ def test_row_recipes_that_cannot_share_a_pass_are_refused(models):
     named = [slerp.model_copy(update={"sources": [s]}) for s in ("ft-a", "ft-b")]
     with pytest.raises(LatentMergeError, match=r"recipe rows name different sources"):
         generate(base, ft, PROMPTS[:2], named, **kw)
+
+
+def test_merge_into_takes_one_alpha_per_row(models):
+    """`merge_into(alpha=[...])` in a trace: each row mixed by its own alpha, equal to separate traces."""
+    base, ft = models
+    prompts = ["hello there", "hi", "what is up"]
+    captured = lmn.capture(ft, prompts, layers=[2])
+    alphas = [0.2, 0.0, 0.9]
+
+    def logits(alpha):
+        with torch.no_grad(), base.trace(prompts):
+            lmn.merge_into(layer=2, source=captured, op="slerp", alpha=alpha)
+            out = base.lm_head.output.save()
+        return out
+
+    together = logits(alphas)
+    for row, a in enumerate(alphas):
+        assert torch.equal(together[row], logits(a)[row])
+    with pytest.raises(LatentMergeError, match=r"alpha has \[2\] per-row values for a batch of 3 rows"):
+        logits([0.5, 0.5])
+    with pytest.raises(LatentMergeError, match=r"alpha\[1\]=1.5 is outside \[0, 1\]"):
+        logits([0.5, 1.5, 0.0])

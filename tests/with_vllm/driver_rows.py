@@ -18,11 +18,11 @@ from latent_merge_nnsight.vllm_engine import run as vrun  # noqa: E402
 NEW = 10
 
 RECIPES = [
-    lmn.Recipe(op="slerp", layers={2: 0.7}),
-    lmn.Recipe(op="lerp", layers={3: 0.8}),
+    lmn.Recipe(op="slerp", layers={3: 1.0, 4: 1.0}),
+    lmn.Recipe(op="lerp", layers={4: 1.0}),
     None,
-    lmn.Recipe(op="slerp", layers={2: 0.3, 3: 0.6}),
     lmn.Recipe(op="lerp", layers={2: 0.0}),
+    lmn.Recipe(op="slerp", layers={2: 0.5, 3: 0.9}),
 ]
 
 
