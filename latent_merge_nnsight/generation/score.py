@@ -17,6 +17,10 @@ model are the base alone. The numbers are those of the distribution each token w
 temperature 1, so a continuation that greedy `lmn.generate` produced scores as the sum of that
 generation's log-probabilities and is greedy at every token.
 
+`recipe` may also be a list, one recipe (or None: the base alone) per row, as for `lmn.generate`: the
+rows share the sources and one forward mixes each row by its own op, layers, alphas, site and positions
+(`plan.rows_plan`); row i scores as a call with `recipe[i]` alone.
+
 Rows run in batches (padded left or right, any lengths) through the fast engine's paired stepper
 (`generation.fast.PairedEngine.score_states`): both models in lockstep over the whole row in one forward,
 each source only up to its deepest merged layer (`Plan.source_blocks`). One teacher-forced forward equals
@@ -25,7 +29,7 @@ the positions before it, merged the same way.
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -38,7 +42,6 @@ from latent_merge_nnsight.generation.run import _check_merge_happens
 from latent_merge_nnsight.generation.stack import Stack, fast_support
 from latent_merge_nnsight.models import hf_module, model_info
 from latent_merge_nnsight.plan import Plan, resolve_plan
-from latent_merge_nnsight.positions import position_mask
 
 __all__ = ["ScoreResult", "score"]
 
@@ -56,7 +59,7 @@ class ScoreResult:
         greedy: whether each continuation token was the most likely next token (the greedy choice).
         top: per token, the `top` most likely tokens as (token id, logprob), most likely first (empty
             tuples when `top=0`).
-        recipe: the recipe (or Ensemble, or None) that scored.
+        recipe: the recipe (or Ensemble, or None, or the list of per-row recipes) that scored.
     """
 
     tokens: list[list[int]]
@@ -130,6 +133,14 @@ def _check_rows(base: Any, contexts: list[list[int]], continuations: list[list[i
             )
 
 
+def _check_recipe_rows(recipe: Any, rows: int) -> None:
+    if isinstance(recipe, (list, tuple)) and len(recipe) != rows:
+        raise LatentMergeError(
+            f"recipe is a list of {len(recipe)} recipes for {rows} rows; expected one recipe (or None) per "
+            "row, or a single recipe for all"
+        )
+
+
 def _check_engine(base: Any, models: list[Any], plan: Plan) -> None:
     info = model_info(base)
     if info.truncated:
@@ -143,7 +154,7 @@ def _check_engine(base: Any, models: list[Any], plan: Plan) -> None:
             raise LatentMergeError(
                 f"lmn.score runs on the block-by-block engine, which cannot run this model: {reason}"
             )
-    if isinstance(plan.positions, Tensor):
+    if any(isinstance(p.positions, Tensor) for p in (plan.groups or [plan])):
         raise LatentMergeError(
             "lmn.score takes positions 'last', 'all', a list of indices or a slice; a boolean mask over a "
             "forward's raw positions does not say which tokens of each row it means"
@@ -152,10 +163,11 @@ def _check_engine(base: Any, models: list[Any], plan: Plan) -> None:
 
 def _merge_rows(
     plan: Plan, contexts: list[list[int]], continuations: list[list[int]]
-) -> list[Bool[Tensor, " seq"]]:
+) -> list[Bool[Tensor, "*groups seq"]]:
     """Per row, where generation would have merged: context positions as the recipe selects them (on
     the batch of contexts, as a generation's prompt batch), then every continuation token for
-    "last"/"all", none for explicit positions."""
+    "last"/"all", none for explicit positions. A per-row plan gets one such mask per group, `[groups,
+    seq]` (`Plan.select`; a row outside a group has alpha 0 there, so its mask there mixes nothing)."""
     if plan.mode != "merge":
         return [
             torch.zeros(len(c) + len(n), dtype=torch.bool)
@@ -165,12 +177,32 @@ def _merge_rows(
     mask = torch.zeros(len(contexts), width, dtype=torch.long)
     for i, ctx in enumerate(contexts):
         mask[i, : len(ctx)] = 1
-    prompt = position_mask(mask, plan.positions)
-    decoding = plan.merges_while_decoding
-    return [
-        torch.cat([prompt[i, : len(ctx)], torch.full((len(cont),), decoding, dtype=torch.bool)])
-        for i, (ctx, cont) in enumerate(zip(contexts, continuations, strict=True))
-    ]
+    groups = plan.groups or [plan]
+    prompt = plan.select(mask, decoding=False).reshape(len(groups), *mask.shape)
+    decoding = torch.tensor([g.merges_while_decoding for g in groups])
+    out = []
+    for i, (ctx, cont) in enumerate(zip(contexts, continuations, strict=True)):
+        row = torch.cat([prompt[:, i, : len(ctx)], decoding[:, None].expand(-1, len(cont))], dim=-1)
+        out.append(row if plan.groups else row[0])
+    return out
+
+
+def _batch_plan(plan: Plan, batch: "_Batch") -> tuple[Plan, Bool[Tensor, "*groups b seq"]]:
+    """The plan and merge mask of one batch: a per-row plan cut to the batch's rows (their alphas, in
+    batch order), without the layers and groups where none of them merges (so a batch of base rows runs
+    no source; alpha 0 leaves a row's states bit for bit as they were); any other plan as is."""
+    if not plan.groups:
+        return plan, batch.select
+    index = torch.tensor(batch.rows)
+    groups, kept = [], []
+    for g, group in enumerate(plan.groups):
+        alphas = {layer: a[index] for layer, a in group.alphas.items() if bool(a[index].any())}
+        if alphas:
+            groups.append(replace(group, alphas=alphas))
+            kept.append(g)
+    if not groups:
+        return Plan(mode="base", recipe=plan.recipe), batch.select[:0]
+    return replace(plan, groups=groups), batch.select[kept]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -182,7 +214,7 @@ class _Batch:
     rows: list[int]
     ids: Int[Tensor, "b seq"]
     mask: Int[Tensor, "b seq"]
-    select: Bool[Tensor, "b seq"]
+    select: Bool[Tensor, "*groups b seq"]
     starts: list[int]  # column of each row's first real token
 
 
@@ -190,14 +222,15 @@ def _pad(rows: list[int], seqs: list[list[int]], selects: list[Tensor], side: st
     width = max(len(seqs[r]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
-    select = torch.zeros(len(rows), width, dtype=torch.bool)
+    lead = selects[rows[0]].shape[:-1]
+    select = torch.zeros(*lead, len(rows), width, dtype=torch.bool)
     starts = []
     for j, r in enumerate(rows):
         n = len(seqs[r])
         start = width - n if side == "left" else 0
         ids[j, start : start + n] = torch.tensor(seqs[r], dtype=torch.long)
         mask[j, start : start + n] = 1
-        select[j, start : start + n] = selects[r]
+        select[..., j, start : start + n] = selects[r]
         starts.append(start)
     return _Batch(rows, ids, mask, select, starts)
 
@@ -242,7 +275,10 @@ def score(
             with `chat=False` does) or token ids; at least one token each.
         continuations: per row, a string (tokenized without special tokens) or token ids; at least one
             token each. Pass ids to score exactly the tokens a generation produced.
-        recipe: an `lmn.Recipe`, an `Ensemble`, or None (the base alone).
+        recipe: an `lmn.Recipe`, an `Ensemble`, None (the base alone), or a list with one recipe (or
+            None) per row: rows may differ in op, layers, alphas, site and positions and share `sources`,
+            so each takes a live-source op (not `delta`, not an `Ensemble`); row i scores as a call with
+            `recipe[i]` alone.
         batch_size: rows per forward (rows are grouped by length; results come back in the given order).
         padding_side: "right" or "left" (the numbers do not depend on it, to float rounding).
         top: also report the `top` most likely tokens at each continuation position.
@@ -270,6 +306,7 @@ def score(
     ctx = _ids(tokenizer, contexts, "contexts", special=True)
     cont = _ids(tokenizer, continuations, "continuations", special=False)
     _check_rows(base, ctx, cont)
+    _check_recipe_rows(recipe, len(ctx))
     selects = _merge_rows(plan, ctx, cont)
     seqs = [c + n for c, n in zip(ctx, cont, strict=True)]
     pad_id = getattr(tokenizer, "pad_token_id", None)
@@ -284,12 +321,13 @@ def score(
     wd = torch.float64 if stacks[0].dtype == torch.float64 else torch.float32
     for b in range(0, n, batch_size):
         batch = _pad(order[b : b + batch_size], seqs, selects, padding_side, pad_id)
+        batch_plan, select = _batch_plan(plan, batch)
         engine = PairedEngine(
-            stacks[0], stacks[1:], plan, len(batch.rows), batch.ids.shape[1], cuda_graphs=False
+            stacks[0], stacks[1:], batch_plan, len(batch.rows), batch.ids.shape[1], cuda_graphs=False
         )
         device = engine.device
         with torch.inference_mode(), engine.plain():
-            hb, hs = engine.score_states(batch.ids.to(device), batch.mask.to(device), batch.select.to(device))
+            hb, hs = engine.score_states(batch.ids.to(device), batch.mask.to(device), select.to(device))
             for j, r in enumerate(batch.rows):
                 first = batch.starts[j] + len(ctx[r])  # column of the first continuation token
                 cols = torch.arange(first - 1, first - 1 + len(cont[r]), device=device)
