@@ -4,11 +4,14 @@ alphas, site and positions, left and right padding, any batch size; a row at alp
 base alone; the refusals name `recipe`. The single-recipe calls are themselves checked against a
 plain-hook reference in tests/test_score.py."""
 
+from pathlib import Path
+
 import pytest
 from tiny import pair
 
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.systems import load_system, logprobs
 
 CONTEXTS = ["the cat", "a", "hello there, how", "xy", "merge me", "one more row", "q", "last one here"]
 CONTINUATIONS = [" sat down", "bc", " are you", "z", " now!", " to score", " r s", "!"]
@@ -119,3 +122,31 @@ def test_row_recipes_that_cannot_share_a_pass_are_refused_naming_recipe(models):
         lmn.score(base, ft, ctx, cont, [])
     with pytest.raises(LatentMergeError, match=r"recipe merges with op 'slerp'.*sources=None"):
         lmn.score(base, None, ctx, cont, [slerp, None])
+
+
+def test_a_systems_per_request_logprobs_come_from_one_score_call_with_a_recipe_per_row(monkeypatch):
+    """`LoadedSystem.complete(..., recipes=..., logprobs=k)`: every row's logprobs equal its own recipe's
+    `lmn.score` of the tokens it generated, and all rows are scored in one call."""
+    system = load_system(
+        Path(__file__).resolve().parents[1] / "examples" / "systems" / "toy-latent-slerp.yaml"
+    )
+    calls = []
+
+    def recorded(*args, **kwargs):
+        calls.append(args)
+        return lmn.score(*args, **kwargs)
+
+    monkeypatch.setattr(logprobs, "score", recorded)
+    prompts = ["Compute 76+34.", "The list: a, b, c,", "Q: 2+2?"]
+    recipes = [lmn.Recipe(op="slerp", layers={3: 0.0}), None, lmn.Recipe(op="lerp", layers={3: 0.9})]
+    out = system.complete(prompts, recipes=recipes, logprobs=2, max_new_tokens=6)
+    assert len(calls) == 1
+    base, sources, contexts, news, rows = calls[0]
+    assert rows == [recipes[0], system.config.recipe, recipes[2]]
+    for i, recipe in enumerate(rows):
+        one = lmn.score(base, sources, [contexts[i]], [news[i]], recipe, top=2)
+        got = [t.logprob for t in out[i].logprobs]
+        assert max(abs(a - b) for a, b in zip(got, one.logprobs[0], strict=True)) < 1e-4, i
+        assert [[alt for alt, _ in t.top] for t in out[i].logprobs] == [
+            [system.tokenizer.decode([tok]) for tok, _ in alts] for alts in one.top[0]
+        ]

@@ -34,8 +34,8 @@ def _scored_rows(
 ) -> list[list[tuple[float, tuple[Any, ...]]]]:
     """Per row, per new token: (its logprob, its ``top`` alternatives as (token id, logprob) pairs, most
     likely first). vLLM reports them while it generates (`result.info["logprobs"]`, backend vllm); our
-    engines' rows are scored here, in one `lmn.score` call (rows with their own recipes, ``recipes``,
-    one call per distinct recipe)."""
+    engines' rows are scored here, in one `lmn.score` call (rows with their own recipes, ``recipes``, as
+    per-row recipes of that call)."""
     carried = result.info.get("logprobs")
     if carried is not None:
         return carried
@@ -53,11 +53,10 @@ def _scored_rows(
         single = loaded.config.kind in ("single", "weight")
         base, sources, recipe = (loaded.base, None, None) if single else loaded.scoring_setup()
         own = [recipe if recipes is None or recipes[row] is None else recipes[row] for row in scored]
-        for each in _distinct(own):
-            ks = [k for k, r in enumerate(own) if r is each]
-            got = score(base, sources, [prompts[k] for k in ks], [news[k] for k in ks], each, top=top)
-            for j, k in enumerate(ks):
-                out[scored[k]] = list(zip(got.logprobs[j], got.top[j], strict=True))
+        rows = own[0] if all(r is own[0] for r in own) else own  # one recipe for all: a plain call
+        got = score(base, sources, prompts, news, rows, top=top)
+        for k, row in enumerate(scored):
+            out[row] = list(zip(got.logprobs[k], got.top[k], strict=True))
     return out
 
 
@@ -84,13 +83,4 @@ def token_logprobs(
                 for token, (chosen, alternatives) in zip(new, scored, strict=True)
             )
         )
-    return out
-
-
-def _distinct(recipes: list[Any]) -> list[Any]:
-    """The distinct recipe objects among ``recipes``, in first-seen order."""
-    out: list[Any] = []
-    for r in recipes:
-        if not any(r is o for o in out):
-            out.append(r)
     return out
