@@ -45,6 +45,15 @@ def steps(log: Path) -> list[tuple[float, int]]:
     return [(float(t), int(n)) for t, n in (line.split() for line in log.read_text().splitlines())]
 
 
+def settled_steps(log: Path, n: int, wait: float = 20.0) -> list[tuple[float, int]]:
+    """`steps(log)` once it holds `n` steps (or after `wait` s): the server logs a step after its hook has
+    sent the step's chunks, so a client can hold the last chunk before the last line is written."""
+    deadline = time.time() + wait
+    while len(ran := steps(log)) < n and time.time() < deadline:
+        time.sleep(0.05)
+    return ran
+
+
 def streamed(url: str, api: str, **params) -> tuple[list[str], list[float], str | None]:
     """(each chunk's text, when it arrived, the finish reason) of one streamed request."""
     c = client(url)
@@ -80,7 +89,7 @@ def test_a_32_token_answer_arrives_in_chunks_as_its_tokens_are_chosen(served, ap
     assert (reason, n) == ("length", N_NEW)
     log.write_text("")
     texts, times, streamed_reason = streamed(url, api, max_tokens=N_NEW, temperature=0)
-    ran = steps(log)
+    ran = settled_steps(log, N_NEW)
     assert len(ran) == N_NEW and all(rows == 1 for _, rows in ran)  # one step per token, this row alone
     assert "".join(texts) == whole and streamed_reason == "length"
     assert len(texts) > 8
@@ -126,7 +135,7 @@ def test_a_client_that_hangs_up_frees_its_row_at_the_next_step(served):
     hung_up = time.time()
     listener.join(timeout=120)
     assert kept["text"] == whole  # the other row went on to its end
-    ran = steps(log)
+    ran = settled_steps(log, N_NEW)
     assert max(rows for _, rows in ran) == 2  # both requests were rows of one batch
     both_after = [t for t, rows in ran if rows == 2 and t > hung_up]
     assert len(both_after) <= 2, both_after  # the hung-up row ran at most the step in flight and one more
