@@ -9,12 +9,17 @@ from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.vllm_engine.mix_op import OP, LatentMergeConfig
 from latent_merge_nnsight.vllm_engine.model import _check_graphs
+from latent_merge_nnsight.vllm_engine.requests import PROCESSOR
 
 
 def hooked(mode, graphs) -> CompilationConfig:
     cc = CompilationConfig()
     cc.mode, cc.cudagraph_mode = mode, graphs
-    LatentMergeConfig.verify_and_update_config(SimpleNamespace(compilation_config=cc))
+    model_config = SimpleNamespace(logits_processors=None)
+    LatentMergeConfig.verify_and_update_config(
+        SimpleNamespace(compilation_config=cc, model_config=model_config)
+    )
+    assert model_config.logits_processors == [PROCESSOR]  # the hook also lists the model's own processor
     return cc
 
 
