@@ -31,7 +31,6 @@ from latent_merge_nnsight.inputs import is_token_ids
 from latent_merge_nnsight.merge import merge_into
 from latent_merge_nnsight.models import hf_module, model_info
 from latent_merge_nnsight.ops import get_op
-from latent_merge_nnsight.positions import position_mask
 from latent_merge_nnsight.systems.batching import Completion, TokenLogprob
 from latent_merge_nnsight.systems.logprobs import supports_logprobs
 
@@ -137,7 +136,7 @@ def _scored_logits(loaded: Any, ids: Tensor, merge_from: int, recipe: Any = None
     """[pos, vocab] logits of one teacher-forced row merged at positions >= ``merge_from`` (under
     ``recipe``, a request's own, when given; the seam: a stepper-based scorer, `lmn.score`, can replace
     this one call)."""
-    return _row_logits(loaded, ids, ids.shape[0], merge_from_mask(ids.shape[0], merge_from), recipe)
+    return _row_logits(loaded, ids, merge_from_mask(ids.shape[0], merge_from), recipe)
 
 
 def _token_logprobs(tokenizer: Any, tokens: list[int], logp: Tensor, top: int) -> tuple[TokenLogprob, ...]:
@@ -160,19 +159,11 @@ def _token_logprobs(tokenizer: Any, tokens: list[int], logp: Tensor, top: int) -
     )
 
 
-def _merge_mask(n_prompt: int, n_total: int, positions: Any) -> torch.Tensor:
-    """[1, n_total] bool: where generation merged for a row of ``n_prompt`` prompt tokens."""
-    prompt = position_mask(torch.ones(1, n_prompt, dtype=torch.long), positions)
-    rest = torch.full((1, n_total - n_prompt), isinstance(positions, str), dtype=torch.bool)
-    return torch.cat([prompt, rest], dim=1)
-
-
 def _row_logits(
-    loaded: Any, ids: torch.Tensor, n_prompt: int, select: Any = None, recipe: Any = None
+    loaded: Any, ids: torch.Tensor, select: Bool[Tensor, "1 pos"], recipe: Any = None
 ) -> torch.Tensor:
-    """[seq, vocab] float32 logits of one unpadded row under the system's merge, or under ``recipe`` (a
-    request's own, `LoadedSystem.request_recipe`) when given (at ``select``, a [1, seq] bool mask, when
-    given; else where generation merged)."""
+    """[seq, vocab] float32 logits of one unpadded row merged at ``select`` with the system's recipe's
+    layers, alphas and op, or with ``recipe``'s (a request's own, `LoadedSystem.request_recipe`)."""
     base = loaded.base
     device = next(hf_module(base).parameters()).device
     ids = ids[None].to(device)
@@ -187,8 +178,6 @@ def _row_logits(
         spec = get_op(recipe.op)
         alphas = recipe.layer_alphas(model_info(base).n_layers)
         layers = sorted(alphas)
-        if select is None:
-            select = _merge_mask(n_prompt, ids.shape[1], recipe.resolved_positions())
         select = select.to(device)
         if spec.static_source:
             source: Any = loaded.sources[0]
