@@ -293,28 +293,43 @@ def delta(
 
 
 def check_weight(
-    value: Any, *, allow_extrapolation: bool = False, what: str = "alpha", op: str | None = None
+    value: Any,
+    *,
+    allow_extrapolation: bool = False,
+    what: str = "alpha",
+    op: str | None = None,
+    extrapolate_hint: str = "pass allow_extrapolation=True",
 ) -> float:
     """A mixing weight (an op's alpha, a weight merge's, a logit ensemble's): finite, and in [0, 1] unless
-    extrapolating. `op` names the op in the message. Returns it as a float."""
+    extrapolating. `op` names the op in the message; `extrapolate_hint` says how the caller's user allows
+    extrapolation (a request names its own key). Returns it as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise LatentMergeError(f"{what}={value!r} must be a finite number")
     if not allow_extrapolation and not 0.0 <= value <= 1.0:
         for_op = "" if op is None else f" for op {op!r}"
         raise LatentMergeError(
             f"{what}={value} is outside [0, 1]{for_op} (0 keeps the base, 1 takes the source); "
-            "pass allow_extrapolation=True to extrapolate"
+            f"{extrapolate_hint} to extrapolate"
         )
     return float(value)
 
 
 def check_alpha(
-    alpha: Any, op: "str | OpSpec", *, allow_extrapolation: bool = False, what: str = "alpha"
+    alpha: Any,
+    op: "str | OpSpec",
+    *,
+    allow_extrapolation: bool = False,
+    what: str = "alpha",
+    extrapolate_hint: str = "pass allow_extrapolation=True",
 ) -> None:
     """Validate an alpha for `op` (None passes): `check_weight`, except that steering ops
     (`static_source`, e.g. delta) take any finite strength."""
     spec = get_op(op)
     if alpha is not None:
         check_weight(
-            alpha, allow_extrapolation=allow_extrapolation or spec.static_source, what=what, op=spec.name
+            alpha,
+            allow_extrapolation=allow_extrapolation or spec.static_source,
+            what=what,
+            op=spec.name,
+            extrapolate_hint=extrapolate_hint,
         )

@@ -144,17 +144,11 @@ def resolve_request(
         alphas = {layer: raw["layers"].get(layer, 0.0) for layer in layers}
     else:
         alphas = dict.fromkeys(layers, raw["alpha"])
+    hint = f'add "allow_extrapolation": true to the request\'s {KEY} value'  # what a request can carry
     for layer, a in alphas.items():
-        try:
-            check_alpha(a, spec, allow_extrapolation=extrapolate, what=f"{KEY}.layers[{layer}]")
-        except LatentMergeError as e:  # name what a request can carry, not the Python keyword
-            hint = f'add "allow_extrapolation": true to the request\'s {KEY} value'
-            raise LatentMergeError(
-                str(e).replace("pass allow_extrapolation=True", hint),
-                param=e.param,
-                value=e.value,
-                expected=e.expected,
-            ) from None
+        check_alpha(
+            a, spec, allow_extrapolation=extrapolate, what=f"{KEY}.layers[{layer}]", extrapolate_hint=hint
+        )
     return RequestRecipe(spec.name, tuple(sorted(alphas.items())), raw.get("merge_from"), extrapolate)
 
 
