@@ -11,8 +11,8 @@
     analysis.heatmaps(df, "nll", path="runs/nll.png")
 
 - `representations`, `summarize`: Experiment B (how merged states relate to base and FT per layer).
-- `sweep`, `best_cells`, evaluators `Perplexity` and `TaskAccuracy`: Experiment C (quality over the grid),
-  resumable from a JSONL file.
+- `sweep`, `best_cells`, evaluators `Perplexity`, `TaskAccuracy` and `LmEvalTasks` (lm-eval tasks, with
+  `prompts=None`): Experiment C (quality over the grid), resumable from a JSONL file.
 - `search`, `SearchSpace`: an Optuna search of merge schedules under constraints, resumable from SQLite;
   `pareto_front`, `pareto_figure`: the trade-off of two metrics as a table and one figure.
 - `heatmaps`, `geometry_curves`, `category_bars`: matplotlib figures of both, optionally saved as PNG.
@@ -33,6 +33,7 @@ from latent_merge_nnsight.analysis.sweep import best_cells as best_cells
 from latent_merge_nnsight.analysis.sweep import sweep as sweep
 
 if TYPE_CHECKING:
+    from latent_merge_nnsight.analysis.lm_eval_tasks import LmEvalTasks as LmEvalTasks
     from latent_merge_nnsight.analysis.plots import category_bars as category_bars
     from latent_merge_nnsight.analysis.plots import geometry_curves as geometry_curves
     from latent_merge_nnsight.analysis.plots import heatmaps as heatmaps
@@ -42,15 +43,21 @@ _PLOTS = ("category_bars", "geometry_curves", "heatmaps", "system_labels")
 
 
 def __getattr__(name: str) -> Any:
-    """The plot functions load matplotlib on first use, so `import latent_merge_nnsight` stays light."""
+    """The plot functions load matplotlib on first use, and `LmEvalTasks` its module (which needs the
+    `lmeval` extra only when an evaluator is made), so `import latent_merge_nnsight` stays light."""
     if name in _PLOTS:
         from latent_merge_nnsight.analysis import plots
 
         return getattr(plots, name)
+    if name == "LmEvalTasks":
+        from latent_merge_nnsight.analysis.lm_eval_tasks import LmEvalTasks
+
+        return LmEvalTasks
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
+    "LmEvalTasks",
     "Perplexity",
     "SearchResult",
     "SearchSpace",

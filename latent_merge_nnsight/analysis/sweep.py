@@ -19,6 +19,11 @@ layer by layer so that an evaluator can keep per-layer work between cells.
 one result per recipe, e.g. `TaskAccuracy`) gets the latent cells several at a time: they share the
 sources, so they run as per-row recipes in one engine pass, up to `max_batch` rows (cells x prompts).
 A pass's cells are written when the pass ends; a kill loses at most that pass.
+
+**Evaluators with their own data.** An evaluator whose `needs_prompts` is False (e.g. `LmEvalTasks`, which
+reads the documents of lm-eval tasks) runs with `prompts=None`; then a cell is one row of a pass, so
+`max_batch` counts cells (default: the evaluator's `batch_size`). An evaluator's `settings` (a dict, when
+it has one) join the fingerprint, so a results file of other settings (other tasks, limits) is refused.
 """
 
 import dataclasses
@@ -29,7 +34,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 import torch
@@ -43,13 +48,23 @@ from latent_merge_nnsight.models import check_compatible, model_info
 from latent_merge_nnsight.nouns import Model, Prompts
 from latent_merge_nnsight.ops import check_alpha, get_op
 from latent_merge_nnsight.plan import Sources
-from latent_merge_nnsight.positions import check_positions
+from latent_merge_nnsight.positions import Positions, check_positions
 from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.sites import check_layer, check_site
 
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
 __all__ = ["COLUMNS", "best_cells", "sweep"]
 
-Evaluate = Callable[[Any, list[Any], Recipe | None, Any], Mapping[str, Any]]
+EvalData = Prompts | Sequence[object] | None
+"""What an evaluator reads (texts, chats, task examples), passed through unchanged; None for one with its
+own data."""
+Results = Mapping[str, object]
+"""An evaluator's `{metric: number}` or `{category: {metric: number}}`."""
+Evaluate = Callable[[Model, list[Model], Recipe | None, EvalData], Results]
+Record = dict[str, Any]
+"""A cell's JSON record in the results file."""
 
 COLUMNS: tuple[str, ...] = ("system", "op", "layer", "alpha", "category", "metric", "value")
 """Columns of the sweep table: one row per (cell, category, metric). `category` is "all" for metrics
@@ -79,7 +94,7 @@ class _Cell:
         return f"{self.op} L{self.layer} a={self.alpha:g}"
 
 
-def _non_empty(name: str, values: Any) -> list[Any]:
+def _non_empty(name: str, values: object) -> list[Any]:
     if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
         values = [values]
     values = list(values)
@@ -89,7 +104,12 @@ def _non_empty(name: str, values: Any) -> list[Any]:
 
 
 def _check_grid(
-    base: Model, ops: Any, layers: Any, alphas: Any, op_params: Mapping[str, Any], allow_extrapolation: bool
+    base: Model,
+    ops: Sequence[str],
+    layers: Sequence[int],
+    alphas: Sequence[float],
+    op_params: Mapping[str, object],
+    allow_extrapolation: bool,
 ) -> tuple[list[str], list[int], list[float]]:
     ops = _non_empty("ops", ops)
     layers = _non_empty("layers", layers)
@@ -123,7 +143,7 @@ def _check_grid(
 # --------------------------------------------------------------------------------------- the results
 
 
-def _jsonable(obj: Any) -> Any:
+def _jsonable(obj: object) -> Any:
     """A JSON-serialisable stand-in for prompts and parameters (tensors by content hash)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {"__dataclass__": type(obj).__name__, **dataclasses.asdict(obj)}
@@ -142,17 +162,17 @@ def _jsonable(obj: Any) -> Any:
     return repr(obj)
 
 
-def _evaluate_name(evaluate: Any) -> str:
+def _evaluate_name(evaluate: Evaluate) -> str:
     name = getattr(evaluate, "__qualname__", None) or type(evaluate).__qualname__
     return f"{getattr(evaluate, '__module__', '') or type(evaluate).__module__}.{name}"
 
 
-def fingerprint_of(config: Mapping[str, Any]) -> str:
+def fingerprint_of(config: Mapping[str, object]) -> str:
     text = json.dumps(_jsonable(config), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-def _flatten(results: Any, cell: _Cell) -> list[tuple[str, str, float]]:
+def _flatten(results: object, cell: _Cell) -> list[tuple[str, str, float]]:
     """`{metric: v}` / `{category: {metric: v}}` -> [(category, metric, value)], checked."""
     if not isinstance(results, Mapping) or not results:
         raise LatentMergeError(
@@ -175,9 +195,9 @@ def _flatten(results: Any, cell: _Cell) -> list[tuple[str, str, float]]:
     return out
 
 
-def _read_done(path: Path, fingerprint: str) -> dict[tuple, dict[str, Any]]:
+def _read_done(path: Path, fingerprint: str) -> dict[tuple, Record]:
     """Finished cells in a results file; a torn last line (from a kill mid-write) is cut off."""
-    done: dict[tuple, dict[str, Any]] = {}
+    done: dict[tuple, Record] = {}
     if not path.exists():
         return done
     for _, record in read_resumable(path):
@@ -196,7 +216,7 @@ def _read_done(path: Path, fingerprint: str) -> dict[tuple, dict[str, Any]]:
     return done
 
 
-def _progress(total: int, initial: int, enabled: bool, desc: str) -> Any:
+def _progress(total: int, initial: int, enabled: bool, desc: str) -> "tqdm":
     with warnings.catch_warnings():  # tqdm.auto warns when ipywidgets is missing and falls back to text
         warnings.simplefilter("ignore")
         from tqdm.auto import tqdm
@@ -207,9 +227,9 @@ def _cell_recipes(
     ops: list[str],
     layers: list[int],
     alphas: list[float],
-    op_params: dict[str, Any],
+    op_params: dict[str, object],
     site: str,
-    positions: Any,
+    positions: Positions | None,
     allow_extrapolation: bool,
 ) -> dict[tuple, Recipe]:
     """One Recipe per latent cell (by cell key, in grid order), validated up front so a bad combination
@@ -237,8 +257,8 @@ def _cell_recipes(
 
 
 def _cell_run(
-    cell: _Cell, base: Model, srcs: list[Any], models: dict[str, Any], recipes: dict[tuple, Recipe]
-) -> tuple[Any, list[Any], Recipe | None]:
+    cell: _Cell, base: Model, srcs: list[Model], models: dict[str, Model], recipes: dict[tuple, Recipe]
+) -> tuple[Model, list[Model], Recipe | None]:
     """What a cell evaluates: (model, its sources, its recipe or None)."""
     if cell.system == "base":
         return base, srcs, None
@@ -257,13 +277,13 @@ def sweep(
     layers: Sequence[int],
     alphas: Sequence[float],
     evaluate: Evaluate,
-    prompts: Prompts,
+    prompts: EvalData = None,
     out: str | Path | None = None,
     site: Literal["pre", "post"] = "pre",
-    positions: Any = None,
-    op_params: Mapping[str, Any] | None = None,
+    positions: Positions | None = None,
+    op_params: Mapping[str, object] | None = None,
     baselines: Sequence[str] = ("base",),
-    models: Mapping[str, Any] | None = None,
+    models: Mapping[str, Model] | None = None,
     allow_extrapolation: bool = False,
     resume: bool = True,
     progress: bool = True,
@@ -275,9 +295,10 @@ def sweep(
         base, sources: nnsight models (`sources`: one model or a list, for RegMean).
         ops, layers, alphas: the grid; each cell is `Recipe(op=op, layers={layer: alpha}, site, positions)`.
         evaluate: `evaluate(model, sources, recipe, prompts)` returning `{metric: number}` or
-            `{category: {metric: number}}`; `recipe=None` means "the model alone". `Perplexity()` and
-            `TaskAccuracy()` are ready-made ones.
+            `{category: {metric: number}}`; `recipe=None` means "the model alone". `Perplexity()`,
+            `TaskAccuracy()` and `LmEvalTasks([...])` are ready-made ones.
         prompts: whatever `evaluate` takes (texts, chats, task examples); it is passed through unchanged.
+            None for an evaluator with its own data (`needs_prompts = False`, e.g. `LmEvalTasks`).
         out: a JSONL file to append finished cells to and to resume from (see the module docstring).
         site, positions: the recipe's site and positions (positions None: the op's default).
         op_params: extra recipe fields for the ops, e.g. `{"weights": [0.7, 0.3]}` for regmean.
@@ -285,8 +306,9 @@ def sweep(
         models: more whole models evaluated alone, `{label: model}`, e.g. weight merges.
         resume: False starts `out` afresh instead of skipping its finished cells.
         progress: show a tqdm bar.
-        max_batch: rows (cells x prompts) per pass for an evaluator with a `batch` method (default: its
-            `batch_size`, else 64); 1 cell per call when fewer rows fit or the evaluator has no `batch`.
+        max_batch: rows (cells x prompts; cells with `prompts=None`) per pass for an evaluator with a
+            `batch` method (default: its `batch_size`, else 64); 1 cell per call when fewer rows fit or
+            the evaluator has no `batch`.
 
     Returns:
         A tidy DataFrame with `COLUMNS` (system, op, layer, alpha, category, metric, value), baselines
@@ -304,16 +326,17 @@ def sweep(
     op_params = dict(op_params or {})
     ops_, layers_, alphas_ = _check_grid(base, ops, layers, alphas, op_params, allow_extrapolation)
     baselines, models = _check_others(base, baselines, models)
-    if isinstance(prompts, Sequence) and not isinstance(prompts, str) and len(prompts) == 0:
-        raise LatentMergeError("prompts=[] is empty; expected at least one prompt")
+    _check_prompts(evaluate, prompts)
 
     # One Recipe per cell, validated up front so a bad combination fails before any work.
     recipes = _cell_recipes(ops_, layers_, alphas_, op_params, site, positions, allow_extrapolation)
     cells = [_Cell(b) for b in dict.fromkeys(baselines)] + [_Cell(label) for label in models]
     cells += [_Cell("latent", *key[1:]) for key in recipes]
 
+    settings = getattr(evaluate, "settings", None)
     fingerprint = fingerprint_of(
         {
+            **({"evaluate_settings": settings} if isinstance(settings, Mapping) else {}),
             "prompts": prompts,
             "evaluate": _evaluate_name(evaluate),
             "site": site,
@@ -347,7 +370,24 @@ def sweep(
     return _table(cells, done, fingerprint, site)
 
 
-def _sweep_positions(positions: Any) -> Any:
+def _check_prompts(evaluate: Evaluate, prompts: EvalData) -> None:
+    """Prompts for an evaluator that reads them (non-empty), none for one with its own data."""
+    needs = getattr(evaluate, "needs_prompts", True)
+    if prompts is None and needs:
+        raise LatentMergeError(
+            f"prompts=None, but evaluate={evaluate!r} needs prompts (texts, chats or task examples); "
+            "only an evaluator with its own data (needs_prompts = False, e.g. LmEvalTasks) runs without"
+        )
+    if prompts is not None and not needs:
+        raise LatentMergeError(
+            f"prompts has type {type(prompts).__name__}, but evaluate={evaluate!r} brings its own data "
+            "(needs_prompts = False); pass prompts=None"
+        )
+    if isinstance(prompts, Sequence) and not isinstance(prompts, str) and len(prompts) == 0:
+        raise LatentMergeError("prompts=[] is empty; expected at least one prompt")
+
+
+def _sweep_positions(positions: Positions | None) -> Positions | None:
     """The sweep's positions, checked: one a Recipe can hold (None: the op's default)."""
     if positions is not None:
         positions = check_positions(positions)
@@ -360,8 +400,8 @@ def _sweep_positions(positions: Any) -> Any:
 
 
 def _check_others(
-    base: Model, baselines: Sequence[str], models: Mapping[str, Any] | None
-) -> tuple[list[str], dict[str, Any]]:
+    base: Model, baselines: Sequence[str], models: Mapping[str, Model] | None
+) -> tuple[list[str], dict[str, Model]]:
     """The baselines (known names) and the extra models (unreserved labels, compatible with `base`)."""
     baselines = list(baselines)
     for i, b in enumerate(baselines):
@@ -375,9 +415,9 @@ def _check_others(
     return baselines, models
 
 
-def _open_done(path: Path | None, resume: bool, fingerprint: str) -> dict[tuple, dict[str, Any]]:
+def _open_done(path: Path | None, resume: bool, fingerprint: str) -> dict[tuple, Record]:
     """The cells `path` already holds for this fingerprint (none when not resuming: the file goes)."""
-    done: dict[tuple, dict[str, Any]] = {}
+    done: dict[tuple, Record] = {}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not resume and path.exists():
@@ -386,9 +426,9 @@ def _open_done(path: Path | None, resume: bool, fingerprint: str) -> dict[tuple,
     return done
 
 
-def _cells_per_pass(evaluate: Any, prompts: Any, max_batch: int | None) -> int:
-    """Latent cells per call of `evaluate.batch`: `max_batch` rows over the prompts' rows (1 without
-    a `batch` method)."""
+def _cells_per_pass(evaluate: Evaluate, prompts: EvalData, max_batch: int | None) -> int:
+    """Latent cells per call of `evaluate.batch`: `max_batch` rows over the prompts' rows (a cell is
+    one row with `prompts=None`; 1 cell without a `batch` method)."""
     if max_batch is not None and (
         isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1
     ):
@@ -412,11 +452,16 @@ def _passes(todo: list[_Cell], per_pass: int) -> list[list[_Cell]]:
 
 
 def _run_cells(
-    group: list[_Cell], evaluate: Any, base: Any, srcs: list[Any], recipes: list[Recipe], prompts: Any
-) -> list[tuple[Any, float]]:
+    group: list[_Cell],
+    evaluate: Evaluate,
+    base: Model,
+    srcs: list[Model],
+    recipes: list[Recipe],
+    prompts: EvalData,
+) -> list[tuple[Results, float]]:
     """Latent cells evaluated together (`evaluate.batch`): one result per cell, the time shared."""
     start = time.perf_counter()
-    results = list(evaluate.batch(base, srcs, recipes, prompts))
+    results = list(evaluate.batch(base, srcs, recipes, prompts))  # type: ignore[attr-defined]
     if len(results) != len(group):
         raise LatentMergeError(
             f"evaluate.batch returned {len(results)} results for {len(group)} recipes; expected one each"
@@ -425,14 +470,16 @@ def _run_cells(
     return [(r, elapsed) for r in results]
 
 
-def _run_cell(cell: _Cell, evaluate: Evaluate, run: tuple[Any, Any, Any], prompts: Any) -> tuple[Any, float]:
+def _run_cell(
+    cell: _Cell, evaluate: Evaluate, run: tuple[Model, list[Model], Recipe | None], prompts: EvalData
+) -> tuple[Results, float]:
     """Evaluate one cell (`run`: model, sources, recipe): its results and the time taken."""
     model, cell_sources, recipe = run
     start = time.perf_counter()
     return evaluate(model, cell_sources, recipe, prompts), time.perf_counter() - start
 
 
-def _record(cell: _Cell, results: Any, elapsed: float, fingerprint: str, path: Path | None) -> dict[str, Any]:
+def _record(cell: _Cell, results: Results, elapsed: float, fingerprint: str, path: Path | None) -> Record:
     """A cell's record, appended to `path` (synced)."""
     flat = _flatten(results, cell)
     record = {
@@ -450,9 +497,7 @@ def _record(cell: _Cell, results: Any, elapsed: float, fingerprint: str, path: P
     return record
 
 
-def _table(
-    cells: list[_Cell], done: dict[tuple, dict[str, Any]], fingerprint: str, site: str
-) -> pd.DataFrame:
+def _table(cells: list[_Cell], done: dict[tuple, Record], fingerprint: str, site: str) -> pd.DataFrame:
     """The tidy table of every cell's results, in cell order."""
     rows = []
     for cell in cells:
