@@ -31,8 +31,9 @@ from latent_merge_nnsight.generation.score import score
 from latent_merge_nnsight.inputs import Batch, encode
 from latent_merge_nnsight.merge import apply_plan
 from latent_merge_nnsight.models import model_info
+from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.ops import get_op
-from latent_merge_nnsight.plan import load_recipe_deltas, recipe_plan
+from latent_merge_nnsight.plan import Sources, load_recipe_deltas, recipe_plan
 from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.sites import get_layers
 
@@ -77,6 +78,11 @@ class Perplexity:
     base's blocks below the layer (nnsight `skip`, fed the cached residual) and runs no source forward.
     `reuse_prefix=False` runs everything per call (same numbers, to float rounding).
 
+    `batch(model, sources, recipes, prompts)` scores several systems on the same texts (what `sweep`
+    calls): the recipes `lmn.score` can mix per row (live-source ops at positions "last", "all" or unset,
+    and None) and that prefix reuse does not take run together, one row per (recipe, text), in one
+    `lmn.score` call; the rest one call each. Each result equals its own call's (to float rounding).
+
     Returns `{"nll": mean nats per token, "perplexity": exp(nll), "n_tokens": count}`.
     """
 
@@ -95,7 +101,7 @@ class Perplexity:
     def __repr__(self) -> str:
         return f"Perplexity(batch_size={self.batch_size}, reuse_prefix={self.reuse_prefix})"
 
-    def _chunks(self, model: Any, texts: Any) -> list[Batch]:
+    def _chunks(self, model: Model, texts: Sequence[str]) -> list[Batch]:
         batch = encode(getattr(model, "tokenizer", None), texts, padding_side=self.padding_side)  # type: ignore[arg-type]
         ids, mask = batch.input_ids, batch.attention_mask
         return [
@@ -103,8 +109,41 @@ class Perplexity:
             for i in range(0, ids.shape[0], self.batch_size)
         ]
 
+    def batch(
+        self, model: Model, sources: Sequence[Model], recipes: Sequence[Recipe | None], prompts: Sequence[str]
+    ) -> list[dict[str, float]]:
+        """`[self(model, sources, r, prompts) for r in recipes]`, the per-row recipes in one `lmn.score`."""
+        rows = [None if r is None else as_recipe(r) for r in recipes]
+        together = [j for j, r in enumerate(rows) if self._per_row(r, model)]
+        results = [
+            self(model, sources, r, prompts) if j not in together else None for j, r in enumerate(rows)
+        ]
+        if together:
+            texts = self._token_rows(model, prompts)
+            srcs = list(sources)
+            merging = any(rows[j] is not None for j in together)
+            got = score(
+                model, (srcs if len(srcs) > 1 else srcs[0]) if merging and srcs else None,
+                [r[:1] for _ in together for r in texts], [r[1:] for _ in together for r in texts],
+                [rows[j] for j in together for _ in texts],
+                batch_size=self.batch_size, padding_side=self.padding_side,
+            )  # fmt: skip
+            n, count = len(texts), sum(len(r) - 1 for r in texts)
+            for k, j in enumerate(together):
+                results[j] = self._result(-sum(got.totals[k * n : (k + 1) * n]), count)
+        return results  # type: ignore[return-value]
+
+    def _per_row(self, recipe: Recipe | None, model: Model) -> bool:
+        """Whether `recipe` scores as one row of a per-row `lmn.score` call (as `__call__`'s score path)."""
+        if recipe is None:
+            return True
+        if get_op(recipe.op).static_source or not isinstance(recipe.resolved_positions(), str):
+            return False
+        layers = sorted(recipe.layer_alphas(model_info(model).n_layers))
+        return not (self.reuse_prefix and len(layers) == 1 and layers[0] > 0)
+
     def __call__(
-        self, model: Any, sources: Sequence[Any], recipe: Recipe | None, prompts: Any
+        self, model: Model, sources: Sequence[Model], recipe: Recipe | None, prompts: Sequence[str]
     ) -> dict[str, float]:
         if recipe is None:
             return self._scored(model, None, None, prompts)
@@ -136,15 +175,22 @@ class Perplexity:
             total, count = total + s, count + k
         return self._result(total, count)
 
-    def _scored(self, model: Any, sources: Any, recipe: Recipe | None, texts: Any) -> dict[str, float]:
-        """Every token after each text's first, scored by `lmn.score` (the one scoring path)."""
+    def _token_rows(self, model: Model, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids, those with a token pair to score (none: the error `_result` raises)."""
         batch = encode(getattr(model, "tokenizer", None), texts, padding_side=self.padding_side)  # type: ignore[arg-type]
         rows = [
             ids[mask.bool()].tolist() for ids, mask in zip(batch.input_ids, batch.attention_mask, strict=True)
         ]
         rows = [r for r in rows if len(r) > 1]
         if not rows:
-            return self._result(0.0, 0)
+            self._result(0.0, 0)
+        return rows
+
+    def _scored(
+        self, model: Model, sources: Sources, recipe: Recipe | None, texts: Sequence[str]
+    ) -> dict[str, float]:
+        """Every token after each text's first, scored by `lmn.score` (the one scoring path)."""
+        rows = self._token_rows(model, texts)
         got = score(
             model, sources, [r[:1] for r in rows], [r[1:] for r in rows], recipe,
             batch_size=self.batch_size, padding_side=self.padding_side,
@@ -161,7 +207,13 @@ class Perplexity:
         return {"nll": nll, "perplexity": math.exp(nll), "n_tokens": float(count)}
 
     def _get_prefix(
-        self, model: Any, srcs: list[Any], recipe: Recipe, texts: Any, chunks: list[Batch], layers: list[int]
+        self,
+        model: Model,
+        srcs: list[Model],
+        recipe: Recipe,
+        texts: Sequence[str],
+        chunks: list[Batch],
+        layers: list[int],
     ) -> _Prefix:
         spec = get_op(recipe.op)
         key = (
