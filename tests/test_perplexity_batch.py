@@ -1,4 +1,4 @@
-"""`Perplexity.batch`: several recipes scored on the same texts in one `lmn.score` call equal one call each."""
+"""`Perplexity.batch`: recipes scored on the same texts in one `lmn.score` call equal one call each."""
 
 import pytest
 from tiny import pair
