@@ -11,7 +11,6 @@ into one `generate` call). Messages go through the tokenizer's chat template; In
 """
 
 import asyncio
-from typing import Any
 
 from inspect_ai.model import (
     ChatMessage,
@@ -43,7 +42,7 @@ class LatentMergeAPI(ModelAPI):
         base_url: str | None = None,
         api_key: str | None = None,
         config: GenerateConfig | None = None,
-        **model_args: Any,
+        **model_args: str | int | float | bool,
     ) -> None:
         config = config if config is not None else GenerateConfig()
         super().__init__(model_name=model_name, base_url=base_url, api_key=api_key, config=config)
@@ -90,9 +89,9 @@ class LatentMergeAPI(ModelAPI):
         return output
 
 
-def _sampling(config: GenerateConfig) -> dict[str, Any]:
+def _sampling(config: GenerateConfig) -> dict[str, object]:
     """Inspect's generation settings as `LoadedSystem.complete` overrides (unset: the system's own)."""
-    out: dict[str, Any] = {}
+    out: dict[str, object] = {}
     if config.max_tokens is not None:
         out["max_new_tokens"] = config.max_tokens
     if config.temperature is not None:
