@@ -12,8 +12,9 @@ short by a kill is dropped and its cell recomputed. Each line records a fingerpr
 (prompts, evaluate, site, positions, op params, model names); a file written for other inputs is refused
 rather than mixed in (pass `resume=False` to start it afresh).
 
-Ready-made evaluators (`Perplexity`, `TaskAccuracy`) live in `analysis.evaluators`; cells are visited
-layer by layer so that an evaluator can keep per-layer work between cells.
+Ready-made evaluators (`Perplexity`, `TaskAccuracy`) live in `analysis.evaluators`, and `LmEvalTasks`
+(lm-eval tasks) in `analysis.lm_eval_tasks`; cells are visited layer by layer so that an evaluator can
+keep per-layer work between cells.
 
 **Many cells per pass.** An evaluator with a `batch(model, sources, recipes, prompts)` method (returning
 one result per recipe, e.g. `TaskAccuracy`) gets the latent cells several at a time: they share the
