@@ -169,3 +169,21 @@ def test_the_package_and_analysis_import_no_lm_eval_until_an_evaluator_is_made()
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_from_models_needs_a_recipe_and_use_recipe_names_its_range(toy64):
+    base, ft = toy64
+    with pytest.raises(LatentMergeError, match=r"recipes=\[\] is empty"):
+        lm_eval_model.LatentMergeLM.from_models(base, ft, [])
+    lm = lm_eval_model.LatentMergeLM.from_models(base, ft, [None, lmn.Recipe(op="lerp", layers={2: 0.5})])
+    with pytest.raises(LatentMergeError, match=r"k=2; expected an int in \[0, 1\]"):
+        lm.use_recipe(2)
+    # the two recipes' answers to one request come from one lmn.score call; recipe 0 is the base alone
+    request = [(None, [5, 6, 7], [8, 9])]
+    lm.use_recipe(1)
+    merged = lm._loglikelihood_tokens(request)
+    lm.use_recipe(0)
+    alone = lm._loglikelihood_tokens(request)
+    assert alone[0][0] == pytest.approx(lmn.score(base, None, [[5, 6, 7]], [[8, 9]]).totals[0], abs=1e-12)
+    want = lmn.score(base, ft, [[5, 6, 7]], [[8, 9]], lmn.Recipe(op="lerp", layers={2: 0.5}))
+    assert merged[0][0] == pytest.approx(want.totals[0], abs=1e-12) and merged != alone
