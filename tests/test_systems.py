@@ -13,7 +13,9 @@ import yaml
 from tiny import hf_pair, make_tokenizer
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation.judgebench import JudgePair, load_template, official_accuracy
+from latent_merge_nnsight.evaluation.judgebench.data import JudgePair
+from latent_merge_nnsight.evaluation.judgebench.official import official_accuracy
+from latent_merge_nnsight.evaluation.judgebench.templates import load_template
 from latent_merge_nnsight.inputs import encode
 from latent_merge_nnsight.models import model_info
 from latent_merge_nnsight.recipe import Recipe

@@ -19,14 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation.judgebench import (
-    CATEGORIES,
-    JudgePair,
-    Template,
-    category_of,
-    read_jsonl,
-    verdict_to_decision,
-)
+from latent_merge_nnsight.evaluation.judgebench.data import CATEGORIES, JudgePair, category_of, read_jsonl
+from latent_merge_nnsight.evaluation.judgebench.official import verdict_to_decision
+from latent_merge_nnsight.evaluation.judgebench.templates import Template
 from latent_merge_nnsight.evaluation.openai_chat import JudgeRequestError, Messages, OpenAIChat, SleepFn
 from latent_merge_nnsight.jsonl import read_resumable
 

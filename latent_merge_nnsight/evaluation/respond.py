@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation.judgebench import HF_DATASET, JudgePair, load_judgebench
+from latent_merge_nnsight.evaluation.judgebench.data import HF_DATASET, JudgePair, load_judgebench
 from latent_merge_nnsight.jsonl import read_resumable
 from latent_merge_nnsight.systems.fit import check_truncate, fit_chats
 from latent_merge_nnsight.systems.loaded import LoadedSystem, load_system
