@@ -23,7 +23,8 @@ def test_submodules_import_without_cycles():
         "errors",
         "inputs",
         "models",
-        "capture",
+        "residuals",
+        "lockstep",
         "merge",
         "recipe",
         "deltas",
@@ -45,6 +46,19 @@ def test_bottom_modules_import_nothing_of_the_package_but_errors():
                 and node.module.startswith("latent_merge_nnsight")
             ):
                 assert node.module == "latent_merge_nnsight.errors", (mod, node.module)
+
+
+def test_no_public_name_is_also_a_submodule_so_the_attribute_is_always_the_public_object():
+    """`lmn.capture` and `lmn.pair` are functions; were a submodule named so, importing it would rebind the
+    package attribute to the module (Python sets it on import) and `lmn.capture(...)` would fail."""
+    import pkgutil
+
+    submodules = {m.name for m in pkgutil.iter_modules(lmn.__path__)}
+    assert {"residuals", "lockstep", "metrics", "ops"} <= submodules
+    assert set(lmn.__all__) & submodules == set()
+    assert lmn.capture.__module__ == "latent_merge_nnsight.residuals" and callable(lmn.capture)
+    assert lmn.pair.__module__ == "latent_merge_nnsight.lockstep" and callable(lmn.pair)
+    assert type(lmn) is type(ast)  # a plain module: no class swapped in to guard an attribute
 
 
 def test_errors_are_value_errors():

@@ -1,4 +1,4 @@
-"""Capture residual states of a model with one nnsight trace."""
+"""`lmn.capture(model, prompts, layers)`: the residual states of a model, captured with one nnsight trace."""
 
 import json
 from collections.abc import Iterable
