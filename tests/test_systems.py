@@ -221,6 +221,27 @@ def test_source_up_to_layer_is_the_recipes_highest_layer(recipe, truncate, n_lay
     assert system.source_up_to_layer(n_layers) == expected
 
 
+@pytest.mark.parametrize("site", ["pre", "post"])
+def test_source_up_to_layer_is_the_depth_the_plan_accepts_and_no_shallower(site):
+    """A source loaded to `source_up_to_layer` passes the plan's check and holds the blocks the plan
+    runs; one layer less is refused naming the recipe layer."""
+    from tiny import pair
+
+    from latent_merge_nnsight.models import model_info, truncate
+    from latent_merge_nnsight.plan import resolve_plan
+
+    recipe = {"op": "slerp", "layers": {1: 0.0, 2: 0.5}, "site": site}
+    system = System(name="s", kind="latent", base="m", sources=["f"], recipe=recipe)
+    up = system.source_up_to_layer(4)
+    assert up == 2
+    base, ft = pair(n_layers=4)
+    plan, _ = resolve_plan(base, truncate(ft, up), system.recipe)
+    assert plan.source_blocks(model_info(ft).n_layers) <= up + 1 == model_info(ft).n_layers
+    with pytest.raises(LatentMergeError, match="recipe layer 2 is past source") as caught:
+        resolve_plan(base, truncate(ft, up - 1), system.recipe)
+    assert caught.value.param == "layers"
+
+
 def test_temperature_zero_means_greedy():
     kwargs = SamplingSpec(do_sample=True, temperature=0.0).generate_kwargs()
     assert kwargs["do_sample"] is False and kwargs["temperature"] == 1.0
