@@ -87,7 +87,7 @@ class SamplingSpec(BaseModel):
 
     @field_validator("max_new_tokens", "temperature", "top_p", "top_k", "seed")
     @classmethod
-    def _the_sampling_rule(cls, value: Any, info: ValidationInfo) -> Any:
+    def _the_sampling_rule(cls, value: float | None, info: ValidationInfo) -> float | None:
         """The one rule per setting (`sampling_rules.check_sampling`), as `lmn.generate` and the CLI."""
         return check_sampling(info.field_name, value)
 
@@ -252,7 +252,7 @@ class System(BaseModel):
     # ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: Any, *, where: str = "system") -> "System":
+    def from_dict(cls, data: object, *, where: str = "system") -> "System":
         """Validate a mapping; errors name the field, the value received and what is expected."""
         if not isinstance(data, Mapping):
             raise LatentMergeError(f"{where}: a system must be a mapping, got {type(data).__name__}")
