@@ -15,8 +15,6 @@ use (a module `__getattr__`), so `import latent_merge_nnsight` and `lmn --help` 
 
 import importlib
 import pkgutil
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 from latent_merge_nnsight import _nnsight  # noqa: F401  (first: anyio must survive nnsight's .save mount)
@@ -25,8 +23,6 @@ from latent_merge_nnsight.errors import LatentMergeError as LatentMergeError
 if TYPE_CHECKING:
     from latent_merge_nnsight.analysis import representations as representations
     from latent_merge_nnsight.analysis import sweep as sweep
-    from latent_merge_nnsight.capture import Capture as Capture
-    from latent_merge_nnsight.capture import capture as capture
     from latent_merge_nnsight.deltas import Deltas as Deltas
     from latent_merge_nnsight.deltas import compute_deltas as compute_deltas
     from latent_merge_nnsight.ensemble import Ensemble as Ensemble
@@ -34,14 +30,16 @@ if TYPE_CHECKING:
     from latent_merge_nnsight.generation import generate as generate
     from latent_merge_nnsight.generation.score import ScoreResult as ScoreResult
     from latent_merge_nnsight.generation.score import score as score
+    from latent_merge_nnsight.lockstep import pair as pair
     from latent_merge_nnsight.merge import merge_into as merge_into
     from latent_merge_nnsight.models import check_compatible as check_compatible
     from latent_merge_nnsight.models import load as load
     from latent_merge_nnsight.models import wrap as wrap
     from latent_merge_nnsight.ops import list_ops as list_ops
     from latent_merge_nnsight.ops import register_op as register_op
-    from latent_merge_nnsight.pair import pair as pair
     from latent_merge_nnsight.recipe import Recipe as Recipe
+    from latent_merge_nnsight.residuals import Capture as Capture
+    from latent_merge_nnsight.residuals import capture as capture
     from latent_merge_nnsight.sites import register_architecture as register_architecture
 
 __version__ = "0.1.0"
@@ -51,8 +49,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "representations": ("latent_merge_nnsight.analysis", "representations"),
     "sweep": ("latent_merge_nnsight.analysis", "sweep"),
     "Ensemble": ("latent_merge_nnsight.ensemble", "Ensemble"),
-    "Capture": ("latent_merge_nnsight.capture", "Capture"),
-    "capture": ("latent_merge_nnsight.capture", "capture"),
+    "Capture": ("latent_merge_nnsight.residuals", "Capture"),
+    "capture": ("latent_merge_nnsight.residuals", "capture"),
     "Deltas": ("latent_merge_nnsight.deltas", "Deltas"),
     "compute_deltas": ("latent_merge_nnsight.deltas", "compute_deltas"),
     "GenerationResult": ("latent_merge_nnsight.generation", "GenerationResult"),
@@ -63,7 +61,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "wrap": ("latent_merge_nnsight.models", "wrap"),
     "list_ops": ("latent_merge_nnsight.ops", "list_ops"),
     "register_op": ("latent_merge_nnsight.ops", "register_op"),
-    "pair": ("latent_merge_nnsight.pair", "pair"),
+    "pair": ("latent_merge_nnsight.lockstep", "pair"),
     "Recipe": ("latent_merge_nnsight.recipe", "Recipe"),
     "ScoreResult": ("latent_merge_nnsight.generation.score", "ScoreResult"),
     "score": ("latent_merge_nnsight.generation.score", "score"),
@@ -89,20 +87,6 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY, *_SUBMODULES})
-
-
-class _Package(types.ModuleType):
-    """Keeps a public function bound when the submodule of the same name is imported: `lmn.capture` and
-    `lmn.pair` are functions of the modules `capture` and `pair`, and importing such a module (which the
-    package itself does) makes Python set the package's attribute to the module; the function stays."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _LAZY.get(name, ("", ""))[0] == value.__name__:
-            value = getattr(value, _LAZY[name][1])
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 __all__ = [

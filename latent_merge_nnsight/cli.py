@@ -288,7 +288,7 @@ def cmd_respond(args: argparse.Namespace) -> int:
     from latent_merge_nnsight.evaluation.respond import respond
 
     if args.data is None:
-        from latent_merge_nnsight.evaluation.judgebench import HF_DATASET
+        from latent_merge_nnsight.evaluation.judgebench.data import HF_DATASET
         from latent_merge_nnsight.models import hub_unreachable
 
         reason = hub_unreachable(HF_DATASET, f"data/{args.split}-00000-of-00001.jsonl", repo_type="dataset")
@@ -315,7 +315,7 @@ def cmd_respond(args: argparse.Namespace) -> int:
 def cmd_judge(args: argparse.Namespace) -> int:
     from latent_merge_nnsight.evaluation.judge import judge_pairs_sync, load_comparisons
     from latent_merge_nnsight.evaluation.judge_summary import summarize, write_report
-    from latent_merge_nnsight.evaluation.judgebench import load_template
+    from latent_merge_nnsight.evaluation.judgebench.templates import load_template
 
     comparisons = load_comparisons(args.a, args.b, on_missing=args.on_missing)
     judgments = judge_pairs_sync(
@@ -350,12 +350,9 @@ def cmd_judge(args: argparse.Namespace) -> int:
 
 
 def cmd_judgebench_accuracy(args: argparse.Namespace) -> int:
-    from latent_merge_nnsight.evaluation.judgebench import (
-        load_judgebench,
-        load_template,
-        official_accuracy,
-        write_official_outputs,
-    )
+    from latent_merge_nnsight.evaluation.judgebench.data import load_judgebench
+    from latent_merge_nnsight.evaluation.judgebench.official import official_accuracy, write_official_outputs
+    from latent_merge_nnsight.evaluation.judgebench.templates import load_template
 
     pairs = load_judgebench(args.split, args.data)
     if args.limit:
@@ -395,7 +392,7 @@ def cmd_judgebench_accuracy(args: argparse.Namespace) -> int:
 
 
 def cmd_judgebench_score(args: argparse.Namespace) -> int:
-    from latent_merge_nnsight.evaluation.judgebench import load_official_outputs, official_accuracy
+    from latent_merge_nnsight.evaluation.judgebench.official import load_official_outputs, official_accuracy
 
     _print_json(official_accuracy(load_official_outputs(args.outputs)))
     return 0
@@ -479,7 +476,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from latent_merge_nnsight.evaluation.judgebench_data import fetch_judgebench, verify_judgebench
+    from latent_merge_nnsight.evaluation.judgebench.data import fetch_judgebench, verify_judgebench
 
     fetched = fetch_judgebench(args.dir)
     problems = verify_judgebench(args.dir)

@@ -10,11 +10,11 @@ from jaxtyping import Float
 from safetensors.torch import save_file
 from torch import Tensor
 
-from latent_merge_nnsight.capture import _check_layers, read_tagged, run_to_layers
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.inputs import Batch, encode
 from latent_merge_nnsight.models import check_compatible, hf_module
 from latent_merge_nnsight.nouns import Model, Prompts
+from latent_merge_nnsight.residuals import _check_layers, read_tagged, run_to_layers
 from latent_merge_nnsight.sites import Site, check_site
 
 __all__ = ["Deltas", "compute_deltas"]

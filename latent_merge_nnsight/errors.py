@@ -1,8 +1,6 @@
 """The one exception type the package raises for bad input."""
 
-from typing import Any
-
-_UNSET: Any = object()
+_UNSET = object()
 
 
 class LatentMergeError(ValueError):
@@ -15,7 +13,7 @@ class LatentMergeError(ValueError):
     """
 
     def __init__(
-        self, message: str, *, param: str | None = None, value: Any = _UNSET, expected: str | None = None
+        self, message: str, *, param: str | None = None, value: object = _UNSET, expected: str | None = None
     ) -> None:
         super().__init__(message)
         self.param = param

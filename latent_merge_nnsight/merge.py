@@ -11,13 +11,13 @@ from jaxtyping import Float
 from torch import Tensor
 
 from latent_merge_nnsight._nnsight import invoke_rows
-from latent_merge_nnsight.capture import Capture
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import active_model, last_inputs, last_past_length, model_info
 from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.ops import OpSpec, check_alpha, get_op
 from latent_merge_nnsight.plan import Plan, merge_plan
 from latent_merge_nnsight.positions import Positions, check_positions
+from latent_merge_nnsight.residuals import Capture
 from latent_merge_nnsight.sites import Site, check_layer, check_site, get_layers, read_resid, write_resid
 
 __all__ = ["ResidSource", "apply_plan", "merge_into"]

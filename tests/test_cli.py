@@ -105,7 +105,7 @@ def test_help_and_argument_errors_do_not_import_torch(argv):
 
 
 def test_importing_a_submodule_keeps_the_public_function():
-    code = "import latent_merge_nnsight as l, latent_merge_nnsight.pair, latent_merge_nnsight.capture; "
+    code = "import latent_merge_nnsight as l, latent_merge_nnsight.lockstep, latent_merge_nnsight.residuals; "
     code += "print(l.pair.__name__, l.capture.__name__, callable(l.generate))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["pair", "capture", "True"], out.stderr

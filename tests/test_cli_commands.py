@@ -102,7 +102,9 @@ def test_respond_writes_what_the_api_writes(tmp_path, system_file, short_judgebe
 
 def test_judgebench_accuracy_with_a_judge_system_scores_as_the_api(tmp_path, system_file, short_judgebench):
     from latent_merge_nnsight.evaluation.judge_system import judgebench_accuracy_system
-    from latent_merge_nnsight.evaluation.judgebench import load_judgebench, load_template, official_accuracy
+    from latent_merge_nnsight.evaluation.judgebench.data import load_judgebench
+    from latent_merge_nnsight.evaluation.judgebench.official import official_accuracy
+    from latent_merge_nnsight.evaluation.judgebench.templates import load_template
 
     out = tmp_path / "official.jsonl"
     stdout = lmn_cli("judgebench-accuracy", "--judge-system", str(system_file), "--template", "pairwise_abc",

@@ -212,7 +212,7 @@ def test_judge_http_failure_is_a_one_line_error(tmp_path, capsys, monkeypatch):
 def test_judge_killed_mid_run_resumes_to_the_uninterrupted_summary(tmp_path):
     from latent_merge_nnsight.evaluation.judge import judge_pairs_sync, load_comparisons
     from latent_merge_nnsight.evaluation.judge_summary import summarize
-    from latent_merge_nnsight.evaluation.judgebench import load_template
+    from latent_merge_nnsight.evaluation.judgebench.templates import load_template
 
     a, b = write_responses(tmp_path, 12)
     with LoopbackServer(judge_reply) as server:  # the uninterrupted run, in this process

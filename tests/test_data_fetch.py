@@ -12,7 +12,7 @@ from judgebench_files import DATA, MISSING, vanilla_copy
 from serve_load import env, lmn
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation.judgebench_data import (
+from latent_merge_nnsight.evaluation.judgebench.data import (
     JUDGEBENCH_FILES,
     DataFile,
     fetch_judgebench,

@@ -27,13 +27,9 @@ from latent_merge_nnsight.evaluation.judge import (
     load_judgments,
 )
 from latent_merge_nnsight.evaluation.judge_summary import markdown_table, summarize, write_report
-from latent_merge_nnsight.evaluation.judgebench import (
-    JudgePair,
-    Template,
-    load_judgebench,
-    load_template,
-    official_accuracy,
-)
+from latent_merge_nnsight.evaluation.judgebench.data import JudgePair, load_judgebench
+from latent_merge_nnsight.evaluation.judgebench.official import official_accuracy
+from latent_merge_nnsight.evaluation.judgebench.templates import Template, load_template
 
 SECRET = "sk-test-DO-NOT-LEAK-4f1c9e"
 TEMPLATE = load_template("pairwise_abc")

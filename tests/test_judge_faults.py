@@ -10,20 +10,17 @@ from loopback_server import LoopbackServer, completion, error
 from test_judge import FAST, GPT_FILE, SECRET, TEMPLATE, good_script, make_comparisons
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation import judgebench
 from latent_merge_nnsight.evaluation.judge import (
     JudgeRequestError,
     judge_pairs_sync,
     judgebench_accuracy_openai,
 )
 from latent_merge_nnsight.evaluation.judge_summary import summarize, write_report
-from latent_merge_nnsight.evaluation.judgebench import (
-    Template,
-    load_judgebench,
-    load_template,
-    vanilla_prompt,
-    write_official_outputs,
-)
+from latent_merge_nnsight.evaluation.judgebench import vanilla
+from latent_merge_nnsight.evaluation.judgebench.data import load_judgebench
+from latent_merge_nnsight.evaluation.judgebench.official import write_official_outputs
+from latent_merge_nnsight.evaluation.judgebench.templates import Template, load_template
+from latent_merge_nnsight.evaluation.judgebench.vanilla import vanilla_prompt
 
 PROMPTS_MD = GPT_FILE.parent / "PROMPTS.md"
 
@@ -156,10 +153,10 @@ def vanilla_text() -> str:
 
 
 def test_vanilla_from_a_local_copy_matches_the_pinned_hash(monkeypatch):
-    monkeypatch.setenv(judgebench.VANILLA_ENV, str(PROMPTS_MD))
+    monkeypatch.setenv(vanilla.VANILLA_ENV, str(PROMPTS_MD))
     template = load_template("vanilla")
     assert template.parser == "output_ab" and template.syntax == "jinja"
-    assert hashlib.sha256(template.text.encode()).hexdigest() == judgebench.VANILLA_SHA256
+    assert hashlib.sha256(template.text.encode()).hexdigest() == vanilla.VANILLA_SHA256
     shown = template.render("Q?", "one", "two")
     assert (
         shown.startswith("You are a helpful assistant") and "# Output (a):\none\n# Output (b):\ntwo" in shown
@@ -175,12 +172,12 @@ def test_vanilla_copy_with_another_hash_is_refused(tmp_path):
 
 
 def test_vanilla_is_fetched_once_checked_and_cached(tmp_path, monkeypatch, caplog):
-    monkeypatch.delenv(judgebench.VANILLA_ENV, raising=False)
+    monkeypatch.delenv(vanilla.VANILLA_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     body = vanilla_text()
     with LoopbackServer(lambda r, i: (200, body)) as server:
         served = server.base_url.removesuffix("/v1")
-        monkeypatch.setattr(judgebench, "VANILLA_URL", served + "/v1/chat/completions")  # POST-only server
+        monkeypatch.setattr(vanilla, "VANILLA_URL", served + "/v1/chat/completions")  # POST-only server
 
         import urllib.request
 
@@ -195,7 +192,7 @@ def test_vanilla_is_fetched_once_checked_and_cached(tmp_path, monkeypatch, caplo
         assert len(server.requests) == 1
         assert (
             "fetched JudgeBench's vanilla prompt" in caplog.text
-            and judgebench.VANILLA_COMMIT[:12] in caplog.text
+            and vanilla.VANILLA_COMMIT[:12] in caplog.text
         )
         assert vanilla_prompt() == body and len(server.requests) == 1  # from the cache now
     cached = list((tmp_path / "cache").rglob("*.jinja2"))
@@ -206,9 +203,9 @@ def test_vanilla_is_fetched_once_checked_and_cached(tmp_path, monkeypatch, caplo
 
 
 def test_vanilla_without_network_is_one_clear_error(tmp_path, monkeypatch):
-    monkeypatch.delenv(judgebench.VANILLA_ENV, raising=False)
-    monkeypatch.setattr(judgebench, "VANILLA_URL", "http://127.0.0.1:9/unreachable")
-    with pytest.raises(LatentMergeError, match=judgebench.VANILLA_ENV):
+    monkeypatch.delenv(vanilla.VANILLA_ENV, raising=False)
+    monkeypatch.setattr(vanilla, "VANILLA_URL", "http://127.0.0.1:9/unreachable")
+    with pytest.raises(LatentMergeError, match=vanilla.VANILLA_ENV):
         vanilla_prompt(cache_dir=tmp_path)
 
 

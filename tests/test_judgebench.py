@@ -8,16 +8,16 @@ import pytest
 from judgebench_files import CLAUDE_FILE, DATA, GPT_FILE, MISSING, vanilla_copy
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation.judgebench import (
-    JudgePair,
+from latent_merge_nnsight.evaluation.judgebench.data import JudgePair, category_of, load_judgebench
+from latent_merge_nnsight.evaluation.judgebench.official import (
+    flip_decision,
+    load_official_outputs,
+    official_accuracy,
+)
+from latent_merge_nnsight.evaluation.judgebench.templates import (
     Template,
     builtin_templates,
-    category_of,
-    flip_decision,
-    load_judgebench,
-    load_official_outputs,
     load_template,
-    official_accuracy,
     parse_abc,
     parse_output_ab,
 )

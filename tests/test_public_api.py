@@ -23,7 +23,8 @@ def test_submodules_import_without_cycles():
         "errors",
         "inputs",
         "models",
-        "capture",
+        "residuals",
+        "lockstep",
         "merge",
         "recipe",
         "deltas",
@@ -45,6 +46,19 @@ def test_bottom_modules_import_nothing_of_the_package_but_errors():
                 and node.module.startswith("latent_merge_nnsight")
             ):
                 assert node.module == "latent_merge_nnsight.errors", (mod, node.module)
+
+
+def test_no_public_name_is_also_a_submodule_so_the_attribute_is_always_the_public_object():
+    """`lmn.capture` and `lmn.pair` are functions; were a submodule named so, importing it would rebind the
+    package attribute to the module (Python sets it on import) and `lmn.capture(...)` would fail."""
+    import pkgutil
+
+    submodules = {m.name for m in pkgutil.iter_modules(lmn.__path__)}
+    assert {"residuals", "lockstep", "metrics", "ops"} <= submodules
+    assert set(lmn.__all__) & submodules == set()
+    assert lmn.capture.__module__ == "latent_merge_nnsight.residuals" and callable(lmn.capture)
+    assert lmn.pair.__module__ == "latent_merge_nnsight.lockstep" and callable(lmn.pair)
+    assert type(lmn) is type(ast)  # a plain module: no class swapped in to guard an attribute
 
 
 def test_errors_are_value_errors():
@@ -152,3 +166,69 @@ def test_no_import_circle_even_through_lazy_and_type_checking_imports():
     run, vllm_run = "latent_merge_nnsight.generation.run", "latent_merge_nnsight.vllm_engine.run"
     assert vllm_run in graph[run] and vllm_run not in _import_graph()[run]
     assert _circles(graph) == []
+
+
+# The package's floors, bottom first: a module may import its own floor and those below it. A module
+# belongs to the floor of the longest prefix that names it (`zoo` is the registry of shipped checkpoints,
+# a noun; `zoo.train`, which trains them on the toy tasks, is a tool on the floor of the applications).
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("ground", ("errors", "nouns", "net", "_nnsight", "jsonl", "ops", "sites", "positions", "metrics",
+                "sampling_rules", "sampling", "zoo", "zoo.tokenizer", "baselines.regmean_math")),
+    ("models", ("inputs", "models", "residuals", "deltas", "ensemble", "recipe", "request_recipe",
+                "baselines")),
+    ("plan", ("plan", "merge")),
+    ("generation", ("generation", "lockstep", "vllm_engine")),
+    ("systems", ("systems",)),
+    ("evaluation", ("evaluation",)),
+    ("analysis", ("analysis",)),
+    ("applications", ("demo", "serve", "zoo.train")),
+    ("cli", ("cli", "cli_eval")),
+    ("package", ("",)),  # latent_merge_nnsight/__init__: the public names, resolved lazily
+)  # fmt: skip
+MAX_ARROWS_UP = 4
+
+
+def _floor(module: str, layers=LAYERS) -> int:
+    """The index in `layers` of the floor `module` (a dotted name under the package) belongs to."""
+    rel = module.removeprefix(PACKAGE.name).removeprefix(".")
+    best = (-1, -1)  # (floor, length of the prefix that placed it)
+    for i, (_, prefixes) in enumerate(layers):
+        for p in prefixes:
+            if (rel == p or (p and rel.startswith(p + "."))) and len(p) > best[1]:
+                best = (i, len(p))
+    return best[0]
+
+
+def _arrows_up(graph: dict[str, set[str]], layers=LAYERS) -> list[str]:
+    """Each import that goes from a lower floor to a higher one, as 'a (floor) -> b (floor)'."""
+    name = {i: n for i, (n, _) in enumerate(layers)}
+    return [
+        f"{m} ({name[_floor(m, layers)]}) -> {t} ({name[_floor(t, layers)]})"
+        for m in sorted(graph)
+        for t in sorted(graph[m])
+        if _floor(t, layers) > _floor(m, layers)
+    ]
+
+
+def test_the_arrow_count_finds_an_arrow_up_it_is_shown():
+    layers = (("low", ("a",)), ("high", ("b", "a.tool")))
+    graph = {"latent_merge_nnsight.a": {"latent_merge_nnsight.b"}, "latent_merge_nnsight.b": set()}
+    assert _arrows_up(graph, layers) == ["latent_merge_nnsight.a (low) -> latent_merge_nnsight.b (high)"]
+    graph = {"latent_merge_nnsight.b": {"latent_merge_nnsight.a"}, "latent_merge_nnsight.a.tool": set()}
+    assert _arrows_up(graph, layers) == []
+    assert _floor("latent_merge_nnsight.a.tool", layers) == 1
+    assert _floor("latent_merge_nnsight.a.x", layers) == 0 and _floor("latent_merge_nnsight.c", layers) == -1
+
+
+def test_imports_point_down_the_declared_floors():
+    """Every module sits on a declared floor, and at most MAX_ARROWS_UP imports (lazy and TYPE_CHECKING
+    ones included) go up from a lower floor to a higher one."""
+    graph = _import_graph(everywhere=True)
+    prefixes = [p for _, ps in LAYERS for p in ps]
+    assert len(prefixes) == len(set(prefixes)), "a prefix is declared on two floors"
+    rel = {m.removeprefix(PACKAGE.name).removeprefix(".") for m in graph}
+    for p in prefixes:
+        assert any(r == p or r.startswith(p + ".") for r in rel), f"no module is named by {p!r}"
+    assert [m for m in sorted(graph) if _floor(m) == -1] == [], "modules on no declared floor (add to LAYERS)"
+    arrows = _arrows_up(graph)
+    assert len(arrows) <= MAX_ARROWS_UP, f"{len(arrows)} imports go up a floor:\n" + "\n".join(arrows)

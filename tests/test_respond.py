@@ -10,7 +10,7 @@ from test_systems import save_tiny_pair, write_system
 
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.judge import load_comparisons, load_responses
-from latent_merge_nnsight.evaluation.judgebench import category_of
+from latent_merge_nnsight.evaluation.judgebench.data import category_of
 from latent_merge_nnsight.evaluation.respond import meta_path, read_responses
 from latent_merge_nnsight.evaluation.respond import respond as _respond
 from latent_merge_nnsight.sampling import FINISH_REASONS

@@ -581,7 +581,7 @@ def tiny_latent(tmp_path_factory):
 
 def test_judge_client_against_served_tiny_latent_system(tiny_latent, tmp_path):
     from latent_merge_nnsight.evaluation.judge import Comparison, judge_pairs_sync
-    from latent_merge_nnsight.evaluation.judgebench import load_template
+    from latent_merge_nnsight.evaluation.judgebench.templates import load_template
 
     template = load_template("pairwise_abc")
     comparisons = [

@@ -13,7 +13,9 @@ import yaml
 from tiny import hf_pair, make_tokenizer
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation.judgebench import JudgePair, load_template, official_accuracy
+from latent_merge_nnsight.evaluation.judgebench.data import JudgePair
+from latent_merge_nnsight.evaluation.judgebench.official import official_accuracy
+from latent_merge_nnsight.evaluation.judgebench.templates import load_template
 from latent_merge_nnsight.inputs import encode
 from latent_merge_nnsight.models import model_info
 from latent_merge_nnsight.recipe import Recipe
@@ -217,6 +219,27 @@ def test_source_up_to_layer_is_the_recipes_highest_layer(recipe, truncate, n_lay
         name="s", kind="latent", base="m", sources=["f"], recipe=recipe, truncate_sources=truncate
     )
     assert system.source_up_to_layer(n_layers) == expected
+
+
+@pytest.mark.parametrize("site", ["pre", "post"])
+def test_source_up_to_layer_is_the_depth_the_plan_accepts_and_no_shallower(site):
+    """A source loaded to `source_up_to_layer` passes the plan's check and holds the blocks the plan
+    runs; one layer less is refused naming the recipe layer."""
+    from tiny import pair
+
+    from latent_merge_nnsight.models import model_info, truncate
+    from latent_merge_nnsight.plan import resolve_plan
+
+    recipe = {"op": "slerp", "layers": {1: 0.0, 2: 0.5}, "site": site}
+    system = System(name="s", kind="latent", base="m", sources=["f"], recipe=recipe)
+    up = system.source_up_to_layer(4)
+    assert up == 2
+    base, ft = pair(n_layers=4)
+    plan, _ = resolve_plan(base, truncate(ft, up), system.recipe)
+    assert plan.source_blocks(model_info(ft).n_layers) <= up + 1 == model_info(ft).n_layers
+    with pytest.raises(LatentMergeError, match="recipe layer 2 is past source") as caught:
+        resolve_plan(base, truncate(ft, up - 1), system.recipe)
+    assert caught.value.param == "layers"
 
 
 def test_temperature_zero_means_greedy():

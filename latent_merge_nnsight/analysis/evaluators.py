@@ -22,7 +22,6 @@ from torch import Tensor
 
 from latent_merge_nnsight.analysis.representations import as_recipe, model_device
 from latent_merge_nnsight.analysis.sweep import fingerprint_of
-from latent_merge_nnsight.capture import Capture, capture
 from latent_merge_nnsight.deltas import Deltas, compute_deltas
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.tasks import MAX_NEW_TOKENS, Example, accuracy, chat_messages
@@ -35,6 +34,7 @@ from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.ops import get_op
 from latent_merge_nnsight.plan import Sources, load_recipe_deltas, recipe_plan
 from latent_merge_nnsight.recipe import Recipe
+from latent_merge_nnsight.residuals import Capture, capture
 from latent_merge_nnsight.sites import get_layers
 
 __all__ = ["Perplexity", "TaskAccuracy"]

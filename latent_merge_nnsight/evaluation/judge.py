@@ -10,23 +10,19 @@ is read from the environment and never logged or written.
 """
 
 import asyncio
+import functools
 import json
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation.judgebench import (
-    CATEGORIES,
-    JudgePair,
-    Template,
-    category_of,
-    read_jsonl,
-    verdict_to_decision,
-)
+from latent_merge_nnsight.evaluation.judgebench.data import CATEGORIES, JudgePair, category_of, read_jsonl
+from latent_merge_nnsight.evaluation.judgebench.official import verdict_to_decision
+from latent_merge_nnsight.evaluation.judgebench.templates import Template
 from latent_merge_nnsight.evaluation.openai_chat import JudgeRequestError, Messages, OpenAIChat, SleepFn
 from latent_merge_nnsight.jsonl import read_resumable
 
@@ -448,9 +444,27 @@ async def judge_pairs(
         await chat.aclose()
 
 
-def judge_pairs_sync(*args: Any, **kwargs: Any) -> list[Judgment]:
-    """`judge_pairs` for synchronous callers such as the CLI (runs its own event loop)."""
-    return asyncio.run(judge_pairs(*args, **kwargs))
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _blocking(fn: Callable[_P, Coroutine[Any, Any, _T]], name: str, doc: str) -> Callable[_P, _T]:
+    """`fn` for synchronous callers: each call runs it to the end in an event loop of its own (it keeps
+    `fn`'s signature, for type checkers and `help`)."""
+
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return asyncio.run(fn(*args, **kwargs))
+
+    run.__name__, run.__qualname__, run.__doc__ = name, name, doc
+    return run
+
+
+judge_pairs_sync = _blocking(
+    judge_pairs,
+    "judge_pairs_sync",
+    "`judge_pairs` for synchronous callers such as the CLI (runs its own event loop).",
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -519,9 +533,11 @@ async def judgebench_accuracy(
     return records
 
 
-def judgebench_accuracy_sync(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-    """`judgebench_accuracy` for synchronous callers with their own ``complete_fn``."""
-    return asyncio.run(judgebench_accuracy(*args, **kwargs))
+judgebench_accuracy_sync = _blocking(
+    judgebench_accuracy,
+    "judgebench_accuracy_sync",
+    "`judgebench_accuracy` for synchronous callers with their own ``complete_fn``.",
+)
 
 
 def judgebench_accuracy_openai(
@@ -536,7 +552,7 @@ def judgebench_accuracy_openai(
     concurrency: int = 8,
     progress: bool = True,
     retry_invalid: bool = False,
-    **client_kwargs: Any,
+    **client_kwargs: object,
 ) -> list[dict[str, Any]]:
     """Synchronous `judgebench_accuracy` with an `OpenAIChat` judge (``client_kwargs`` go to it).
 

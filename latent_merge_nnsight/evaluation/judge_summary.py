@@ -10,7 +10,7 @@ import numpy as np
 
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.judge import ORDERS, Judgment
-from latent_merge_nnsight.evaluation.judgebench import CATEGORIES
+from latent_merge_nnsight.evaluation.judgebench.data import CATEGORIES
 
 
 def _as_judgment(j: Judgment | Mapping[str, Any], i: int) -> Judgment:

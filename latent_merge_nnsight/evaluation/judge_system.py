@@ -7,7 +7,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from latent_merge_nnsight.evaluation.judge import judgebench_accuracy_sync
+from latent_merge_nnsight.evaluation.judge import CompleteFn, judgebench_accuracy_sync
+from latent_merge_nnsight.evaluation.judgebench.data import JudgePair
+from latent_merge_nnsight.evaluation.judgebench.templates import Template
+from latent_merge_nnsight.evaluation.openai_chat import Messages
 from latent_merge_nnsight.systems.fit import check_truncate, fit_chats
 from latent_merge_nnsight.systems.loaded import LoadedSystem, load_system
 from latent_merge_nnsight.systems.spec import System
@@ -23,9 +26,9 @@ def judge_model_id(system: "LoadedSystem", overrides: Mapping[str, Any] | None =
 
 
 def judgebench_accuracy_system(
-    pairs: Sequence[Any],
+    pairs: Sequence[JudgePair],
     system: "str | Path | System | LoadedSystem",
-    template: Any,
+    template: Template,
     *,
     cache_path: str | Path | None = None,
     batch_size: int = 8,
@@ -33,7 +36,7 @@ def judgebench_accuracy_system(
     progress: bool = True,
     retry_invalid: bool = False,
     truncate: str = "error",
-    **overrides: Any,
+    **overrides: object,
 ) -> list[dict[str, Any]]:
     """JudgeBench's official protocol with a local system as the judge (`lmn judgebench-accuracy
     --judge-system`): returns records in JudgeBench's output format, for `official_accuracy`.
@@ -81,8 +84,8 @@ def _chat_key(chat: Sequence[Mapping[str, Any]]) -> str:
 class _FittedCompleteFn:
     """A judge's `CompleteFn` that asks each known prompt as `fit_chats` fitted it to the context."""
 
-    def __init__(self, inner: Any, fitted: dict[str, Any]) -> None:
+    def __init__(self, inner: CompleteFn, fitted: dict[str, Messages]) -> None:
         self.inner, self.fitted = inner, fitted
 
-    async def __call__(self, messages: Any) -> Any:
+    async def __call__(self, messages: Messages) -> str:
         return await self.inner(self.fitted.get(_chat_key(messages), messages))

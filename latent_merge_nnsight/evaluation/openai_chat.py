@@ -80,7 +80,7 @@ def _retry_after(exc: Exception) -> float | None:
         return None
 
 
-def _reply_text(response: Any) -> str:
+def _reply_text(response: object) -> str:
     """The first choice's text of a chat completion; `_GarbledReply` when the body is not one.
 
     A well-formed completion whose message has no content is an empty reply (an invalid verdict, not a
@@ -208,5 +208,5 @@ class OpenAIChat:
     async def __aenter__(self) -> "OpenAIChat":
         return self
 
-    async def __aexit__(self, *exc: Any) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.aclose()

@@ -20,14 +20,18 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation.judgebench import HF_DATASET, JudgePair, load_judgebench
+from latent_merge_nnsight.evaluation.judgebench.data import HF_DATASET, JudgePair, load_judgebench
 from latent_merge_nnsight.jsonl import read_resumable
+from latent_merge_nnsight.systems.batching import Completion
 from latent_merge_nnsight.systems.fit import check_truncate, fit_chats
 from latent_merge_nnsight.systems.loaded import LoadedSystem, load_system
 from latent_merge_nnsight.systems.spec import System
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 __all__ = ["RespondResult", "meta_path", "read_responses", "respond"]
 
@@ -104,7 +108,7 @@ def _check_meta(meta: Path, system: System, split: str) -> dict[str, Any] | None
     return old
 
 
-def _row(pair: JudgePair, system: str, response: str, completion: Any) -> dict[str, Any]:
+def _row(pair: JudgePair, system: str, response: str, completion: Completion | None) -> dict[str, Any]:
     return {
         "pair_id": pair.pair_id,
         "original_id": pair.original_id,
@@ -120,7 +124,7 @@ def _row(pair: JudgePair, system: str, response: str, completion: Any) -> dict[s
 
 
 def _fit_to_context(
-    loaded: Any, questions: list[str], config: System, truncate: str
+    loaded: LoadedSystem, questions: list[str], config: System, truncate: str
 ) -> dict[str, tuple[str, int]]:
     """``{question: (the text to ask, tokens cut from its start)}``; refuses (``truncate="error"``) or
     cuts (``"left"``) questions whose prompt leaves less than ``max_new_tokens`` of the context."""
@@ -194,7 +198,7 @@ def respond(
     return RespondResult(out, meta, len(pairs), write.answered, skipped)
 
 
-def _check_arguments(limit: Any, batch_size: Any, truncate: Any) -> None:
+def _check_arguments(limit: object, batch_size: object, truncate: object) -> None:
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise LatentMergeError(
             f"limit={limit!r}; expected a positive int or None (all pairs)", param="limit", value=limit
@@ -206,7 +210,7 @@ def _check_arguments(limit: Any, batch_size: Any, truncate: Any) -> None:
     check_truncate(truncate)
 
 
-def _system_config(system: Any) -> System:
+def _system_config(system: str | Path | System | LoadedSystem) -> System:
     """The `System` that `respond`'s `system` argument names."""
     if isinstance(system, LoadedSystem):
         return system.config
@@ -239,7 +243,7 @@ def _resume_state(
 
 
 def _sidecar(
-    loaded: Any, split: str, data: str | Path | None, truncate: str, old_meta: dict[str, Any] | None
+    loaded: LoadedSystem, split: str, data: str | Path | None, truncate: str, old_meta: dict[str, Any] | None
 ) -> dict[str, Any]:
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return {
@@ -256,7 +260,7 @@ def _sidecar(
 class _Writer:
     """Appends response lines to the open responses file, counting them on the progress bar."""
 
-    def __init__(self, fh: Any, system: str, bar: Any):
+    def __init__(self, fh: TextIO, system: str, bar: "tqdm") -> None:
         self.fh, self.system, self.bar = fh, system, bar
         self.answered = 0
 
@@ -283,7 +287,7 @@ def _write_reused(
 
 def _write_generated(
     write: _Writer,
-    loaded: Any,
+    loaded: LoadedSystem,
     by_question: dict[str, list[JudgePair]],
     fitted: dict[str, tuple[str, int]],
     batch_size: int,

@@ -24,13 +24,13 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from latent_merge_nnsight.capture import capture
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generation.loop import prepare_run
 from latent_merge_nnsight.inputs import is_token_ids
 from latent_merge_nnsight.merge import merge_into
 from latent_merge_nnsight.models import hf_module, model_info
 from latent_merge_nnsight.ops import get_op
+from latent_merge_nnsight.residuals import capture
 from latent_merge_nnsight.systems.batching import Completion, TokenLogprob
 from latent_merge_nnsight.systems.logprobs import supports_logprobs
 

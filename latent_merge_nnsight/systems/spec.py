@@ -87,7 +87,7 @@ class SamplingSpec(BaseModel):
 
     @field_validator("max_new_tokens", "temperature", "top_p", "top_k", "seed")
     @classmethod
-    def _the_sampling_rule(cls, value: Any, info: ValidationInfo) -> Any:
+    def _the_sampling_rule(cls, value: float | None, info: ValidationInfo) -> float | None:
         """The one rule per setting (`sampling_rules.check_sampling`), as `lmn.generate` and the CLI."""
         return check_sampling(info.field_name, value)
 
@@ -252,7 +252,7 @@ class System(BaseModel):
     # ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, data: Any, *, where: str = "system") -> "System":
+    def from_dict(cls, data: object, *, where: str = "system") -> "System":
         """Validate a mapping; errors name the field, the value received and what is expected."""
         if not isinstance(data, Mapping):
             raise LatentMergeError(f"{where}: a system must be a mapping, got {type(data).__name__}")
@@ -306,10 +306,14 @@ class System(BaseModel):
         return ref
 
     def source_up_to_layer(self, n_layers: int) -> int | None:
-        """The highest layer a latent source must compute (None: the whole model)."""
+        """The highest layer a latent source is loaded with (None: the whole model): the deepest layer
+        the recipe's plan lists (`recipe_plan`), which `resolve_plan` checks every source reaches; the
+        blocks it then runs per step are `Plan.source_blocks`, never more."""
         if self.kind != "latent" or not self.truncate_sources or self.recipe is None:
             return None
-        top = max(self.recipe.layer_alphas(n_layers))
+        from latent_merge_nnsight.plan import recipe_plan  # (torch: only when a system is loaded)
+
+        top = max(recipe_plan(self.recipe, n_layers).alphas)
         return top if top < n_layers - 1 else None
 
 

@@ -10,8 +10,8 @@ from tiny import pair as tiny_pair
 
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.lockstep import pair
 from latent_merge_nnsight.models import hf_module
-from latent_merge_nnsight.pair import pair
 
 PROMPTS = ["hello there", "hi", "what is up with you"]
 N_NEW = 5
