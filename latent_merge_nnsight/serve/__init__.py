@@ -31,8 +31,8 @@ otherwise, and warns on any other address (IPv4 or IPv6).
 """
 
 from latent_merge_nnsight.serve.app import create_app as create_app
-from latent_merge_nnsight.serve.app import run_serve as run_serve
-from latent_merge_nnsight.serve.app import start_server as start_server
+from latent_merge_nnsight.serve.run import run_serve as run_serve
+from latent_merge_nnsight.serve.run import start_server as start_server
 from latent_merge_nnsight.systems.batching import Batcher as Batcher
 from latent_merge_nnsight.systems.batching import BatchStats as BatchStats
 from latent_merge_nnsight.systems.batching import SystemCompleteFn as SystemCompleteFn
