@@ -173,6 +173,41 @@ def _prompt_list(request: CompletionRequest) -> list[str | list[int]]:
     return prompts  # type: ignore[return-value]
 
 
+def _refuse_buffered_stream(request: BaseRequest, system: ServedSystem) -> None:
+    """A 400 naming the parameter that keeps a ``stream=true`` request from streaming token by token (the
+    generation loop's step hook), rather than sending its whole answer in one chunk at the end: logprobs
+    (scored by teacher forcing once the reply is generated: `systems.logprobs`), echo (the prompt scored
+    in one forward pass) and a ``backend: vllm`` system (vLLM returns the whole answer at once)."""
+    if not request.stream:
+        return
+    if _logprobs(request) is not None:
+        raise ApiError(
+            400,
+            "logprobs with stream=true is not supported: this server scores a reply's tokens once the "
+            "whole reply is generated, so it cannot send them token by token; send stream=false to get "
+            "logprobs",
+            param="logprobs",
+            code="unsupported_parameter",
+        )
+    if isinstance(request, CompletionRequest) and request.echo:
+        raise ApiError(
+            400,
+            "echo=true with stream=true is not supported: echo scores the prompt in one forward pass, "
+            "so there is nothing to stream token by token; send stream=false",
+            param="echo",
+            code="unsupported_parameter",
+        )
+    if getattr(getattr(system, "config", None), "backend", None) == "vllm":
+        raise ApiError(
+            400,
+            f"stream=true is not supported by system {system.name!r} (backend vllm): vLLM returns the "
+            "whole answer at once, so this server cannot send it token by token; send stream=false, or "
+            "serve the system with backend hf",
+            param="stream",
+            code="unsupported_parameter",
+        )
+
+
 def _latent_merge(request: BaseRequest, system: ServedSystem) -> "tuple[Recipe | None, int | None]":
     """The request's ``latent_merge`` (in ``vllm_xargs`` or the body; JSON text or an object), vLLM's
     per-request protocol (`request_recipe`): (its own recipe, by the system's `request_recipe`, or None;
@@ -267,6 +302,7 @@ async def prepare(
         raise unknown_model(body.model, system.name)
     prompts, prompt_param = _request_prompts(body)
     overrides = _overrides(body)
+    _refuse_buffered_stream(body, system)
     budget_param, budget = _max_new_tokens(body)
     echo = isinstance(body, CompletionRequest) and bool(body.echo)
     recipe, merge_from = _latent_merge(body, system)

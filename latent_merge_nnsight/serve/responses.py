@@ -143,12 +143,10 @@ async def stream_events(
         head = {"id": cid, "object": _CHUNK[kind], "created": created, "model": name}
         return _sse(head | {"choices": choices} | extra)
 
-    def piece(i: int, text: str, logprobs: dict[str, object] | None = None) -> str:
+    def piece(i: int, text: str) -> str:
         if kind == "chat":
-            return chunk(
-                {"index": i, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": None}
-            )
-        return chunk({"index": i, "text": text, "logprobs": logprobs, "finish_reason": None})
+            return chunk({"index": i, "delta": {"content": text}, "logprobs": None, "finish_reason": None})
+        return chunk({"index": i, "text": text, "logprobs": None, "finish_reason": None})
 
     tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prompts)]
     sent, answers = [""] * len(prompts), [None] * len(prompts)
@@ -171,8 +169,8 @@ async def stream_events(
             if not c.text.startswith(sent[i]):
                 logger.warning("streamed text %r is not a prefix of the answer %r", sent[i], c.text)
             rest = c.text[len(sent[i]) :] if c.text.startswith(sent[i]) else ""
-            if rest or c.logprobs is not None:
-                yield piece(i, rest, (_chat_logprobs if kind == "chat" else _text_logprobs)(c))
+            if rest:  # a streamed request carries no logprobs (`checks`: a 400 asks for stream=false)
+                yield piece(i, rest)
             finish = _finish(c, openai_words)
             if kind == "chat":
                 yield chunk({"index": i, "delta": {}, "logprobs": None, "finish_reason": finish})
