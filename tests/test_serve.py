@@ -529,9 +529,9 @@ def test_api_key_from_the_environment(monkeypatch):
      ("127.0.0.1", None, False), ("localhost", None, False), ("::", "k", False), ("0.0.0.0", "k", False)],
 )  # fmt: skip
 def test_public_address_without_a_key_warns(caplog, host, key, warns):
-    from latent_merge_nnsight.serve.app import _warn_if_public
+    from latent_merge_nnsight.serve.run import _warn_if_public
 
-    with caplog.at_level("WARNING", logger="latent_merge_nnsight.serve.app"):
+    with caplog.at_level("WARNING", logger="latent_merge_nnsight.serve.run"):
         _warn_if_public(host, key)
     assert ("without authentication" in caplog.text) == warns
 

@@ -140,3 +140,65 @@ def test_a_client_that_hangs_up_frees_its_row_at_the_next_step(served):
     both_after = [t for t, rows in ran if rows == 2 and t > hung_up]
     assert len(both_after) <= 2, both_after  # the hung-up row ran at most the step in flight and one more
     assert len(ran) == N_NEW  # the batch ran as long as the row that stayed
+
+
+# The streams that could only come whole: refused, never buffered into one chunk at the end.
+ECHO_FROM = {"latent_merge": {"merge_from": 0}}  # echo with a 'last'-positions recipe: merged from token 0
+WHOLE_ONLY = [
+    ("chat", {"logprobs": True}, "logprobs"),
+    ("chat", {"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    ("text", {"logprobs": 0}, "logprobs"),
+    ("text", {"logprobs": 3}, "logprobs"),
+    ("text", {"echo": True, "max_tokens": 0, "logprobs": 1, "extra_body": ECHO_FROM}, "logprobs"),
+    ("text", {"echo": True, "max_tokens": 0, "extra_body": ECHO_FROM}, "echo"),
+]
+
+
+@pytest.mark.parametrize(("api", "params", "param"), WHOLE_ONLY)
+def test_a_stream_that_could_only_arrive_whole_is_a_400_naming_its_parameter(served, api, params, param):
+    url, log = served
+    params = {"max_tokens": N_NEW, "temperature": 0} | params
+    log.write_text("")
+    with pytest.raises(openai.BadRequestError) as refused:
+        streamed(url, api, **params)
+    assert refused.value.param == param and "stream=false" in refused.value.message
+    assert steps(log) == []  # refused before any decoding
+    # the same request, not streamed, is served
+    if api == "chat":
+        reply = client(url).chat.completions.create(model=MODEL, messages=CHAT, **params)
+        assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content
+    else:
+        reply = client(url).completions.create(model=MODEL, prompt=PROMPT, **params)
+        assert reply.choices[0].text
+
+
+def test_a_plain_stream_of_the_same_server_still_streams_after_a_refusal(served):
+    url, _ = served
+    with pytest.raises(openai.BadRequestError):
+        streamed(url, "chat", max_tokens=N_NEW, temperature=0, logprobs=True)
+    texts, _, reason = streamed(url, "chat", max_tokens=N_NEW, temperature=0)
+    assert "".join(texts) == answered(url, "chat", max_tokens=N_NEW, temperature=0)[0] and len(texts) > 8
+
+
+@pytest.mark.parametrize("api", ["chat", "text"])
+def test_a_backend_vllm_system_refuses_a_stream_naming_stream(tmp_path, api):
+    """vLLM hands back whole answers (its engine takes no step hook): a stream would be one chunk at the
+    end. The system loads here as CPU shells (no vLLM needed to refuse)."""
+    from test_systems import save_tiny_pair, write_system
+
+    from latent_merge_nnsight.serve import start_server
+
+    root = save_tiny_pair(tmp_path)
+    recipe = {"op": "slerp", "layers": {1: 0.5}}
+    path = write_system(root, "tiny-vllm", kind="latent", sources=["ft"], recipe=recipe, backend="vllm")
+    url, stop = start_server(str(path))
+    try:
+        c = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+        with pytest.raises(openai.BadRequestError) as refused:
+            if api == "chat":
+                c.chat.completions.create(model="tiny-vllm", messages=CHAT, max_tokens=4, stream=True)
+            else:
+                c.completions.create(model="tiny-vllm", prompt=PROMPT, max_tokens=4, stream=True)
+        assert refused.value.param == "stream" and "backend vllm" in refused.value.message
+    finally:
+        stop()

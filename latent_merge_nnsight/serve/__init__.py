@@ -25,14 +25,16 @@ a stream: an error event, then ``data: [DONE]`` and a clean close); the server k
 As in OpenAI's API, a stop sequence that ended the reply is left out of it. Streaming sends the answer
 token by token as OpenAI chunk events, as the generation loop chooses them (its step hook), holding back
 text that could still become a stop string; a client that hangs up frees its row at the next step.
+What cannot stream so is a 400 naming the parameter, never one chunk at the end: ``stream`` with
+``logprobs`` or ``echo``, or on a ``backend: vllm`` system (`checks`).
 With ``api_key`` (``--api-key`` or ``LMN_API_KEY``) every ``/v1`` request needs ``Authorization: Bearer
 <key>`` (401 otherwise, compared in constant time); without one the server binds 127.0.0.1 unless told
 otherwise, and warns on any other address (IPv4 or IPv6).
 """
 
 from latent_merge_nnsight.serve.app import create_app as create_app
-from latent_merge_nnsight.serve.app import run_serve as run_serve
-from latent_merge_nnsight.serve.app import start_server as start_server
+from latent_merge_nnsight.serve.run import run_serve as run_serve
+from latent_merge_nnsight.serve.run import start_server as start_server
 from latent_merge_nnsight.systems.batching import Batcher as Batcher
 from latent_merge_nnsight.systems.batching import BatchStats as BatchStats
 from latent_merge_nnsight.systems.batching import SystemCompleteFn as SystemCompleteFn
