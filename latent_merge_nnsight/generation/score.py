@@ -30,7 +30,7 @@ the positions before it, merged the same way.
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -46,12 +46,26 @@ from latent_merge_nnsight.plan import Plan, RecipeLike, Sources, resolve_plan
 
 if TYPE_CHECKING:
     from latent_merge_nnsight.recipe import Recipe
-    from latent_merge_nnsight.systems.loaded import LoadedSystem
 
 __all__ = ["ScoreResult", "score"]
 
 HEAD_CHUNK = 512
 """Positions whose logits are computed at once (the LM head's output is `chunk x vocab` floats)."""
+
+ENGINES = ("fast", "vllm")
+"""What `lmn.score` runs on."""
+
+class LoadedLike(Protocol):
+    """What `score` reads of a loaded system (`systems.loaded.LoadedSystem`, not imported here: it
+    imports this module)."""
+
+    @property
+    def base(self) -> Model: ...
+
+    def scoring_setup(self) -> tuple[Model, Sources, RecipeLike]: ...
+
+    def generation_setup(self) -> tuple[Sources, RecipeLike]: ...
+
 
 Rows: TypeAlias = Sequence[str | Sequence[int] | Tensor]
 """Per row, a string (tokenized) or token ids."""
@@ -379,7 +393,7 @@ class _Rows:
 
 
 def score(
-    base: "Model | LoadedSystem",
+    base: "Model | LoadedLike",
     sources: Sources = None,
     contexts: Rows | None = None,
     continuations: Rows | None = None,
@@ -391,6 +405,7 @@ def score(
     tokenizer: Tokenizer | None = None,
     merge_from: Sequence[int | None] | None = None,
     next_logprobs: bool = False,
+    engine: str = "fast",
 ) -> ScoreResult:
     """Log-probability of each continuation token given its context, under `recipe` merged as
     `lmn.generate` would merge it (see the module docstring for where the merge applies).
@@ -420,16 +435,24 @@ def score(
             op (an echoed prompt whose context end the recipe's positions cannot see).
         next_logprobs: also return, per row, the log-probabilities of the token after the continuation
             (`ScoreResult.next`).
+        engine: "fast" (the paired block-by-block engine) or "vllm" (vLLM's prompt logprobs, each row
+            merged from where generation would merge: `generation.score_vllm`; positions "last" or
+            "all", or `merge_from`; a `backend: vllm` system scores there).
 
     Everything is checked before any forward runs; a bad argument raises `LatentMergeError`.
     """
+    if engine not in ENGINES:
+        raise LatentMergeError(f"engine={engine!r}; expected one of {', '.join(ENGINES)}")
     setup = getattr(base, "scoring_setup", None)
     if callable(setup):  # a loaded system: its models and recipe
         if sources is not None or recipe is not None:
             raise LatentMergeError(
                 "score(system, ...) takes the system's own sources and recipe; pass neither"
             )
-        base, sources, recipe = setup()
+        if engine == "vllm" or base.config.backend == "vllm":  # its models may be shells: vLLM has weights
+            engine, (sources, recipe), base = "vllm", base.generation_setup(), base.base
+        else:
+            base, sources, recipe = setup()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise LatentMergeError(f"batch_size={batch_size!r}; expected an int >= 1")
     if padding_side not in ("left", "right"):
@@ -438,13 +461,21 @@ def score(
         raise LatentMergeError(f"top={top!r}; expected an int >= 0")
     _check_merge_happens(sources, recipe)
     plan, models = resolve_plan(base, sources, recipe)
-    _check_engine(base, models, plan)
+    if engine == "fast":
+        _check_engine(base, models, plan)
+    elif next_logprobs:
+        raise LatentMergeError("next_logprobs=True runs on engine='fast'")
     tokenizer = tokenizer if tokenizer is not None else getattr(base, "tokenizer", None)
     ctx = _ids(tokenizer, contexts, "contexts", special=True)
     cont = _ids(tokenizer, continuations, "continuations", special=False)
     _check_rows(base, ctx, cont, empty=next_logprobs)
     _check_recipe_rows(recipe, len(ctx))
     starts = _check_merge_from(merge_from, ctx, cont)
+    if engine == "vllm":
+        from latent_merge_nnsight.generation.score_vllm import score_vllm
+
+        logprobs, greedy, tops = score_vllm(base, models, plan, ctx, cont, starts, top)
+        return ScoreResult(tokens=cont, logprobs=logprobs, greedy=greedy, top=tops, recipe=plan.recipe)
     selects = _merge_rows(plan, ctx, cont, starts)
     seqs = [c + n for c, n in zip(ctx, cont, strict=True)]
     pad_id = getattr(tokenizer, "pad_token_id", None)

@@ -29,11 +29,10 @@ from latent_merge_nnsight.generation.loop import prepare_run
 from latent_merge_nnsight.inputs import is_token_ids
 from latent_merge_nnsight.nouns import Tokenizer
 from latent_merge_nnsight.systems.batching import Completion, TokenLogprob
-from latent_merge_nnsight.systems.logprobs import score_as_generated, supports_logprobs
+from latent_merge_nnsight.systems.logprobs import LoadedSystemLike, score_as_generated, supports_logprobs
 
 if TYPE_CHECKING:
     from latent_merge_nnsight.recipe import Recipe
-    from latent_merge_nnsight.systems.loaded import LoadedSystem
     from latent_merge_nnsight.systems.spec import System
 
 __all__ = ["check_echo", "echo_merge_from", "score_echo"]
@@ -66,7 +65,7 @@ def echo_merge_from(config: "System", merge_from: int | None) -> int:
     )
 
 
-def check_echo(loaded: "LoadedSystem", top: int | None, max_new_tokens: int, merge_from: int | None) -> int:
+def check_echo(loaded: LoadedSystemLike, top: int | None, max_new_tokens: int, merge_from: int | None) -> int:
     """An echo request's checks before any forward (a `LatentMergeError` naming the parameter at fault);
     returns the first merged position (`echo_merge_from`)."""
     if max_new_tokens not in (0, 1):
@@ -87,7 +86,7 @@ def check_echo(loaded: "LoadedSystem", top: int | None, max_new_tokens: int, mer
 
 
 def score_echo(
-    loaded: "LoadedSystem",
+    loaded: LoadedSystemLike,
     prompts: Sequence[str | Sequence[int]],
     *,
     top: int | None,

@@ -10,20 +10,28 @@ float rounding. A `backend: vllm` system holds no weights to score with: vLLM re
 """
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generation.loop import GenerationResult
-from latent_merge_nnsight.generation.score import Rows, ScoreResult, score
+from latent_merge_nnsight.generation.score import LoadedLike, Rows, ScoreResult, score
+from latent_merge_nnsight.nouns import Tokenizer
 from latent_merge_nnsight.ops import get_op
 from latent_merge_nnsight.systems.batching import TokenLogprob
 
 if TYPE_CHECKING:
     from latent_merge_nnsight.recipe import Recipe
-    from latent_merge_nnsight.systems.loaded import LoadedSystem
     from latent_merge_nnsight.systems.spec import System
 
-__all__ = ["score_as_generated", "supports_logprobs", "token_logprobs"]
+__all__ = ["LoadedSystemLike", "score_as_generated", "supports_logprobs", "token_logprobs"]
+
+
+class LoadedSystemLike(LoadedLike, Protocol):
+    """What scoring reads of a loaded system (`systems.loaded.LoadedSystem`, which imports this module)."""
+
+    config: "System"
+    name: str
+    tokenizer: Tokenizer
 
 
 def supports_logprobs(config: "System") -> bool:
@@ -37,7 +45,7 @@ def supports_logprobs(config: "System") -> bool:
 
 
 def _scored_rows(
-    loaded: "LoadedSystem",
+    loaded: LoadedSystemLike,
     result: GenerationResult,
     top: int,
     recipes: "Sequence[Recipe | None] | None" = None,
@@ -68,7 +76,7 @@ def _scored_rows(
 
 
 def score_as_generated(
-    loaded: "LoadedSystem",
+    loaded: LoadedSystemLike,
     contexts: Rows,
     continuations: Rows,
     recipes: "Sequence[Recipe | None] | None" = None,
@@ -85,7 +93,7 @@ def score_as_generated(
 
 
 def token_logprobs(
-    loaded: "LoadedSystem",
+    loaded: LoadedSystemLike,
     result: GenerationResult,
     top: int,
     recipes: "Sequence[Recipe | None] | None" = None,
