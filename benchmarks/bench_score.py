@@ -11,6 +11,9 @@ or take a quarter, continuations of 1 to 8 tokens, as multiple-choice tasks make
 
 A merged forward does the base's work plus the source's blocks below L, so its ideal cost is
 `(1 + L / n_layers)` times the base's; the target is merged / hf_single <= 1.15 x that ideal at batch 16.
+`lmn.score` runs a context shared by several choices once (its continuations go on from its caches), which
+`hf_single` does only for one-token continuations: merged / hf_single then falls below the ideal, and
+`merged_over_score_single` (both sharing alike) is the ratio that isolates the merge's own cost.
 Methods are timed round-robin in one run (best of the repeats), so load on a shared machine hits all of
 them alike; the committed records live in `benchmarks/results/score_<preset>_cpu.json`
 (`--update-results`).
