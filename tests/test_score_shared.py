@@ -143,3 +143,12 @@ def test_bad_merge_from_is_named(models, merge_from, match):
         lmn.score(
             base, ft, ["a b", "c"], ["d", "e"], lmn.Recipe(op="lerp", layers={1: 0.5}), merge_from=merge_from
         )
+
+
+def test_bad_engine_and_next_logprobs_on_vllm_are_named(models):
+    base, ft = models
+    recipe = lmn.Recipe(op="lerp", layers={1: 0.5})
+    with pytest.raises(LatentMergeError, match="engine='gpu'; expected one of fast, vllm"):
+        lmn.score(base, ft, ["a"], ["b"], recipe, engine="gpu")
+    with pytest.raises(LatentMergeError, match="next_logprobs=True runs on engine='fast'"):
+        lmn.score(base, ft, ["a"], ["b"], recipe, engine="vllm", next_logprobs=True)

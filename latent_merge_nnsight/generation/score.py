@@ -460,7 +460,7 @@ def score(
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
         raise LatentMergeError(f"top={top!r}; expected an int >= 0")
     _check_merge_happens(sources, recipe)
-    plan, models = resolve_plan(base, sources, recipe)
+    plan, models = resolve_plan(base, sources, recipe, weights_on_disk=engine == "vllm")
     if engine == "fast":
         _check_engine(base, models, plan)
     elif next_logprobs:
