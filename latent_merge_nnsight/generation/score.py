@@ -55,6 +55,7 @@ HEAD_CHUNK = 512
 ENGINES = ("fast", "vllm")
 """What `lmn.score` runs on."""
 
+
 class LoadedLike(Protocol):
     """What `score` reads of a loaded system (`systems.loaded.LoadedSystem`, not imported here: it
     imports this module)."""
