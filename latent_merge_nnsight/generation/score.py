@@ -22,10 +22,16 @@ rows share the sources and one forward mixes each row by its own op, layers, alp
 (`plan.rows_plan`); row i scores as a call with `recipe[i]` alone.
 
 Rows run in batches (padded left or right, any lengths) through the fast engine's paired stepper
-(`generation.fast.PairedEngine.score_states`): both models in lockstep over the whole row in one forward,
-each source only up to its deepest merged layer (`Plan.source_blocks`). One teacher-forced forward equals
-generation's prefill and decode steps because attention is causal: a position's states depend only on
-the positions before it, merged the same way.
+(`generation.fast.PairedEngine.score_states`): both models in lockstep, each source only up to its
+deepest merged layer (`Plan.source_blocks`). A batch runs each distinct context once (rows sharing it,
+as a multiple-choice question's choices, share its forward when they merge it alike), then every row's
+continuation in one more forward that goes on from its context's KV caches (`PairedEngine.branch`), as
+generation's decode steps go on from its prefill. Teacher forcing equals generation because attention is
+causal: a position's states depend only on the positions before it, merged the same way.
+
+`merge_from` (per row) replaces the recipe's positions by "every position from this index on" (an
+echoed prompt, `systems.echo`); `next_logprobs` also returns the distribution after each row (the token
+an echo request generates); `engine="vllm"` scores as vLLM's prompt logprobs (`generation.score_vllm`).
 """
 
 from collections.abc import Sequence
