@@ -11,6 +11,9 @@ or take a quarter, continuations of 1 to 8 tokens, as multiple-choice tasks make
 
 A merged forward does the base's work plus the source's blocks below L, so its ideal cost is
 `(1 + L / n_layers)` times the base's; the target is merged / hf_single <= 1.15 x that ideal at batch 16.
+`lmn.score` runs a context shared by several choices once (its continuations go on from its caches), which
+`hf_single` does only for one-token continuations: merged / hf_single then falls below the ideal, and
+`merged_over_score_single` (both sharing alike) is the ratio that isolates the merge's own cost.
 Methods are timed round-robin in one run (best of the repeats), so load on a shared machine hits all of
 them alike; the committed records live in `benchmarks/results/score_<preset>_cpu.json`
 (`--update-results`).
@@ -25,8 +28,9 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
@@ -37,13 +41,19 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import latent_merge_nnsight as lmn  # noqa: E402
 from latent_merge_nnsight.models import hf_module, model_info  # noqa: E402
+from latent_merge_nnsight.nouns import Model  # noqa: E402
+
+if TYPE_CHECKING:
+    from lm_eval.models.huggingface import HFLM
+
+Runner = Callable[[], object]
 
 METHODS = ("hf_single", "score_single", "score_merged")
 TARGET = 1.15
 """merged / hf_single at batch 16 should stay within this factor of the ideal (1 + L / n_layers)."""
 
 
-def models(preset: str) -> tuple[Any, Any, int]:
+def models(preset: str) -> tuple[Model, Model, int]:
     """(base, source, merge layer) of the preset."""
     if preset == "toy":
         return lmn.load("toy-base", dtype="float32"), lmn.load("toy-reasoner", dtype="float32"), 3
@@ -69,14 +79,16 @@ def requests(n: int, context: int, vocab: int, seed: int = 0) -> list[tuple[list
     return out[:n]
 
 
-def hf_single(base: Any, batch: int) -> Any:
+def hf_single(base: Model, batch: int) -> "HFLM":
     """lm-eval's `hf` model around the base's own HF module (no copy), on the CPU."""
     from lm_eval.models.huggingface import HFLM
 
     return HFLM(pretrained=hf_module(base), tokenizer=base.tokenizer, batch_size=batch, device="cpu")
 
 
-def runners(base: Any, ft: Any, layer: int, reqs: list, batch: int) -> dict[str, Any]:
+def runners(
+    base: Model, ft: Model, layer: int, reqs: list[tuple[list[int], list[int]]], batch: int
+) -> dict[str, Runner]:
     recipe = lmn.Recipe(op="slerp", layers={layer: 0.5})
     ctx, cont = [c for c, _ in reqs], [n for _, n in reqs]
     hflm = hf_single(base, batch)
@@ -88,7 +100,7 @@ def runners(base: Any, ft: Any, layer: int, reqs: list, batch: int) -> dict[str,
     }
 
 
-def measure(run: dict[str, Any], repeats: int) -> dict[str, float]:
+def measure(run: dict[str, Runner], repeats: int) -> dict[str, float]:
     best = {name: float("inf") for name in run}
     for _ in range(repeats):
         for name, fn in run.items():  # round-robin: a burst of load hits every method
@@ -98,14 +110,14 @@ def measure(run: dict[str, Any], repeats: int) -> dict[str, float]:
     return best
 
 
-def check_agreement(run: dict[str, Any]) -> float:
+def check_agreement(run: dict[str, Runner]) -> float:
     """Largest |hf_single - score_single| over the requests' loglikelihoods (the two score the same)."""
     theirs = [ll for ll, _ in run["hf_single"]()]
     ours = run["score_single"]().totals
     return max(abs(a - b) for a, b in zip(theirs, ours, strict=True))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", choices=["toy", "medium"], default="toy")
     parser.add_argument("--requests", type=int, default=64, help="loglikelihood requests per run")

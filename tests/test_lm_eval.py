@@ -129,7 +129,8 @@ def test_a_merged_system_scores_what_lmn_score_gives_on_lm_evals_pairs(tasks, hf
         for choice, resp in zip(row["choices"], doc, strict=True):
             ctx, cont = lm._encode_pair(f"Q: {row['question']}\nA:", " " + choice)
             want = system.score([ctx], [cont])
-            assert resp[0][0] == pytest.approx(want.totals[0], abs=1e-6)
+            # float32: the batch's padding and its shared context's forward round differently (~1e-6)
+            assert resp[0][0] == pytest.approx(want.totals[0], abs=2e-5)
             assert resp[0][1] == want.all_greedy[0]
     ref = [r[0][0] for doc in responses(hf_reference, "toy_mc") for r in doc]
     got = [r[0][0] for doc in responses(ours, "toy_mc") for r in doc]

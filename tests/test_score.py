@@ -42,12 +42,16 @@ def chosen_positions(n_ctx: int, n_cont: int, positions) -> list[int]:
     return sorted({p % n_ctx for p in positions})
 
 
-def reference_logprobs(hf_base, hf_sources, ctx, cont, merges, op, site, positions, params) -> list[float]:
-    """One row: hooks mix each merged layer at the chosen positions; log-softmax of the predicting logits."""
+def reference_logprobs(
+    hf_base, hf_sources, ctx, cont, merges, op, site, positions, params, chosen=None
+) -> list[float]:
+    """One row: hooks mix each merged layer at the chosen positions (`positions` as a recipe's, or
+    `chosen`: indices over context and continuation); log-softmax of the predicting logits."""
     ids = torch.tensor([ctx + cont])
     mask = torch.ones_like(ids)
     states = {layer: [hidden_states(s, ids, mask, layer, site) for s in hf_sources] for layer in merges}
-    chosen = chosen_positions(len(ctx), len(cont), positions)
+    if chosen is None:
+        chosen = chosen_positions(len(ctx), len(cont), positions)
     handles = []
     for layer, a in merges.items():
 

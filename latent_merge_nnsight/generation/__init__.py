@@ -16,7 +16,9 @@
   calls on the same prompts (a grid of merges, e.g. the demo);
 - `graphs.py`: fixed-shape steps captured as CUDA graphs (eager stand-ins off CUDA);
 - `score.py`: `lmn.score`, teacher-forced log-probabilities of continuations, merged where generation
-  would have merged, run on the fast engine's paired stepper (`PairedEngine.score_states`).
+  would have merged, run on the fast engine's paired stepper (`PairedEngine.score_states`; rows sharing
+  a context run it once and go on from its caches, `PairedEngine.branch`);
+- `score_vllm.py`: `lmn.score(..., engine="vllm")`, vLLM's prompt logprobs with `merge_from`.
 """
 
 from latent_merge_nnsight.generation.fast import release_engine as release_engine

@@ -218,14 +218,28 @@ class PairedEngine:
     ) -> tuple[Float[Tensor, "batch seq d_model"], Float[Tensor, "batch seq d_model"] | None]:
         """Teacher forcing (`lmn.score`): both models over whole rows (any padding) in one forward,
         merged where `select` says; the base's final residual at every position, and the source's for
-        the logit ensemble (turn them into logits with each stack's `logits`)."""
-        rows, width = ids.shape
+        the logit ensemble (turn them into logits with each stack's `logits`). `mask` covers the slots
+        the caches hold, then these tokens: rows that go on from earlier ones (`branch`) attend to them."""
+        rows, new = ids.shape
         self.rows = rows
+        start = self.caches[0].end
         for cache in self.caches:
-            cache.begin(width)
-        self._run_blocks(ids, mask_positions(mask), mask, 0, select, bool(select.any()))
+            cache.begin(new)
+        self._run_blocks(ids, mask_positions(mask)[:, start:], mask, start, select, bool(select.any()))
         base, sources = self.steppers[0], self.steppers[1:]
         return base.h, sources[0].h if self.plan.mode == "ensemble" else None
+
+    def branch(self, index: Int[Tensor, " rows"], plan: Plan) -> None:
+        """Go on from the cached rows as the rows `index` picks, a row picked once per continuation of
+        its context (`lmn.score` shares a context's forward), merged by `plan`, those rows' plan (the
+        same layout: per-row alphas picked the same way)."""
+        for stepper in self.steppers:
+            stepper.keep(index.to(self.device), in_place=False)
+        self.rows = self.max_rows = len(index)
+        if plan.groups:
+            wd = torch.float64 if self.base.dtype == torch.float64 else torch.float32
+            plan = plan.on_device(self.device, wd, len(self.sources))
+        self.plan = plan
 
     # ------------------------------------------------------------------------------------------------
     # prefill and decode

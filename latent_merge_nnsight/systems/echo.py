@@ -10,37 +10,38 @@ teacher-forced forward merges at every position ``>= merge_from`` with the recip
 op. Positions ``"all"`` need no ``merge_from`` (every position merges, as in generation); ``"last"`` and
 explicit indices without it are refused (`echo_merge_from`).
 
-`score_echo` runs one row at a time through a teacher-forced forward (`_row_logits`) (the seam where a
-stepper-based scorer can take over) and, with one new token asked for, picks it from the scored
-distribution of the last prompt position with the request's sampling, so the reported logprob is that of
-the distribution it was drawn from.
+`score_echo` scores a request's prompts in one `lmn.score` call (each prompt its first token followed by
+the rest, `merge_from` per row; the fast engine, batched) and, with one new token asked for, picks it from
+the scored distribution after the last prompt token (`next_logprobs`) with the request's sampling, so the
+reported logprob is that of the distribution it was drawn from.
 """
 
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
-from jaxtyping import Bool
+from jaxtyping import Float
 from torch import Tensor
 
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generation.loop import prepare_run
 from latent_merge_nnsight.inputs import is_token_ids
-from latent_merge_nnsight.merge import merge_into
-from latent_merge_nnsight.models import hf_module, model_info
-from latent_merge_nnsight.ops import get_op
-from latent_merge_nnsight.residuals import capture
+from latent_merge_nnsight.nouns import Tokenizer
 from latent_merge_nnsight.systems.batching import Completion, TokenLogprob
-from latent_merge_nnsight.systems.logprobs import supports_logprobs
+from latent_merge_nnsight.systems.logprobs import LoadedSystemLike, score_as_generated, supports_logprobs
 
-__all__ = ["check_echo", "echo_merge_from", "merge_from_mask", "score_echo"]
+if TYPE_CHECKING:
+    from latent_merge_nnsight.recipe import Recipe
+    from latent_merge_nnsight.systems.spec import System
+
+__all__ = ["check_echo", "echo_merge_from", "score_echo"]
 
 MERGE_FROM = "latent_merge.merge_from"
 """The request argument that says where the merge starts (named in errors)."""
 
 
-def echo_merge_from(config: Any, merge_from: int | None) -> int:
+def echo_merge_from(config: "System", merge_from: int | None) -> int:
     """The first merged position of an echo request: ``merge_from`` as given, or 0 for a merge at every
     position (or for a system with no latent merge); a `LatentMergeError` naming ``echo`` when the recipe's
     positions depend on where the context ends and the request does not say it."""
@@ -64,12 +65,7 @@ def echo_merge_from(config: Any, merge_from: int | None) -> int:
     )
 
 
-def merge_from_mask(n_total: int, merge_from: int) -> Bool[Tensor, "1 pos"]:
-    """[1, n_total]: True at every position >= ``merge_from``."""
-    return (torch.arange(n_total) >= merge_from)[None]
-
-
-def check_echo(loaded: Any, top: int | None, max_new_tokens: int, merge_from: int | None) -> int:
+def check_echo(loaded: LoadedSystemLike, top: int | None, max_new_tokens: int, merge_from: int | None) -> int:
     """An echo request's checks before any forward (a `LatentMergeError` naming the parameter at fault);
     returns the first merged position (`echo_merge_from`)."""
     if max_new_tokens not in (0, 1):
@@ -90,114 +86,83 @@ def check_echo(loaded: Any, top: int | None, max_new_tokens: int, merge_from: in
 
 
 def score_echo(
-    loaded: Any,
-    prompts: Sequence[Any],
+    loaded: LoadedSystemLike,
+    prompts: Sequence[str | Sequence[int]],
     *,
     top: int | None,
     max_new_tokens: int,
     merge_from: int | None,
-    sampling: dict[str, Any],
-    recipes: Sequence[Any] | None = None,
+    sampling: Mapping[str, object],
+    recipes: "Sequence[Recipe | None] | None" = None,
 ) -> list[Completion]:
     """One echo `Completion` per prompt (a raw string or token ids): its text is the prompt's text plus
     the new token's; its ``logprobs`` (when ``top`` is not None) cover every prompt token (the first has
     none) and the new one, each with its ``top`` alternatives. ``sampling`` holds `prepare_run`'s sampling
-    and stop arguments; ``recipes`` (one per prompt) score each prompt under a request's own recipe."""
+    and stop arguments; ``recipes`` (one per prompt) score each prompt under a request's own recipe.
+    The prompts are scored in one `lmn.score` call (`score_as_generated`), each as its first token
+    followed by the rest, merged from ``merge_from`` on."""
     start = check_echo(loaded, top, max_new_tokens, merge_from)
     tokenizer = loaded.tokenizer
-    out = []
+    runs, rows = [], []
     for i, prompt in enumerate(prompts):
         with warnings.catch_warnings():
             if max_new_tokens == 0:  # its context warning counts a new token that is not asked for
                 warnings.simplefilter("ignore")
             run = prepare_run(loaded.base, [prompt], max_new_tokens=1, chat=False, **sampling)
-        ids = run.batch.input_ids[0].cpu()
-        n = ids.shape[0]
-        if start >= n:
+        ids = run.batch.input_ids[0][run.batch.attention_mask[0].bool()].tolist()
+        if start >= len(ids):
             raise LatentMergeError(
-                f"{MERGE_FROM}={start} is past prompt {i}'s {n} tokens; expected 0 <= merge_from < {n}"
+                f"{MERGE_FROM}={start} is past prompt {i}'s {len(ids)} tokens; expected 0 <= merge_from < "
+                f"{len(ids)}"
             )
-        recipe = None if recipes is None else recipes[i]
-        logp = torch.log_softmax(_scored_logits(loaded, ids, start, recipe), dim=-1).cpu()
+        runs.append(run)
+        rows.append(ids)
+    scored = score_as_generated(
+        loaded,
+        [ids[:1] for ids in rows],
+        [ids[1:] for ids in rows],
+        recipes,
+        top=top or 0,
+        merge_from=[start] * len(rows),
+        next_logprobs=True,
+    )
+    out = []
+    for k, (prompt, run, ids) in enumerate(zip(prompts, runs, rows, strict=True)):
+        following = scored.next[k].float()
         new: list[int] = []
         reason, new_text = "length", ""
         if max_new_tokens == 1:
-            token = run.sampler(logp[-1:].to(run.batch.input_ids.device), torch.tensor([0]))
+            device = run.batch.input_ids.device
+            token = run.sampler(following[None].to(device), torch.tensor([0]))
             run.tracker.push([0], token)
             result = run.result("echo")
             new, reason, new_text = result.tokens[0], result.finish_reasons[0], result.texts[0]
-        text = (prompt if not is_token_ids(prompt) else tokenizer.decode(ids.tolist())) + new_text
-        logprobs = None if top is None else _token_logprobs(tokenizer, ids.tolist() + new, logp, top)
-        out.append(Completion(text, reason, n, len(new), logprobs))
+        text = (prompt if not is_token_ids(prompt) else tokenizer.decode(ids)) + new_text
+        logprobs = None
+        if top is not None:
+            chosen = [(lp, alts) for lp, alts in zip(scored.logprobs[k], scored.top[k], strict=True)]
+            chosen += [(float(following[t]), _top(following, top)) for t in new]
+            logprobs = _token_logprobs(tokenizer, ids + new, chosen)
+        out.append(Completion(text, reason, len(ids), len(new), logprobs))
     return out
 
 
-def _scored_logits(loaded: Any, ids: Tensor, merge_from: int, recipe: Any = None) -> Tensor:
-    """[pos, vocab] logits of one teacher-forced row merged at positions >= ``merge_from`` (under
-    ``recipe``, a request's own, when given; the seam: a stepper-based scorer, `lmn.score`, can replace
-    this one call)."""
-    return _row_logits(loaded, ids, merge_from_mask(ids.shape[0], merge_from), recipe)
+def _top(logp: Float[Tensor, " vocab"], top: int) -> tuple[tuple[int, float], ...]:
+    values, indices = torch.topk(logp, min(top, logp.shape[-1]))
+    return tuple(zip(indices.tolist(), values.tolist(), strict=True))
 
 
-def _token_logprobs(tokenizer: Any, tokens: list[int], logp: Tensor, top: int) -> tuple[TokenLogprob, ...]:
-    """Token i's logprob is row i-1 of ``logp`` (the first token has none), with its ``top``
-    alternatives."""
-    rows = logp[: len(tokens) - 1]
-    chosen = rows[torch.arange(rows.shape[0]), torch.tensor(tokens[1:])].tolist()
-    values, indices = torch.topk(rows, min(top, rows.shape[-1]), dim=-1)
+def _token_logprobs(
+    tokenizer: Tokenizer, tokens: list[int], scored: list[tuple[float, tuple[tuple[int, float], ...]]]
+) -> tuple[TokenLogprob, ...]:
+    """The first token has no logprob; token i has ``scored[i - 1]``: its logprob and its alternatives
+    as (token id, logprob)."""
     first = TokenLogprob(tokenizer.decode([tokens[0]]), None)
     return (first,) + tuple(
         TokenLogprob(
             tokenizer.decode([token]),
-            float(chosen[i]),
-            tuple(
-                (tokenizer.decode([int(t)]), float(v))
-                for t, v in zip(indices[i].tolist(), values[i].tolist(), strict=True)
-            ),
+            float(logprob),
+            tuple((tokenizer.decode([int(t)]), float(v)) for t, v in alternatives),
         )
-        for i, token in enumerate(tokens[1:])
+        for token, (logprob, alternatives) in zip(tokens[1:], scored, strict=True)
     )
-
-
-def _row_logits(
-    loaded: Any, ids: torch.Tensor, select: Bool[Tensor, "1 pos"], recipe: Any = None
-) -> torch.Tensor:
-    """[seq, vocab] float32 logits of one unpadded row merged at ``select`` with the system's recipe's
-    layers, alphas and op, or with ``recipe``'s (a request's own, `LoadedSystem.request_recipe`)."""
-    base = loaded.base
-    device = next(hf_module(base).parameters()).device
-    ids = ids[None].to(device)
-    mask = torch.ones_like(ids)
-    if recipe is None:
-        recipe = loaded.config.recipe if loaded.config.kind == "latent" else None
-    with torch.no_grad():
-        if recipe is None:
-            with base.trace(input_ids=ids, attention_mask=mask):
-                logits = base.output.logits.save()
-            return logits[0].float()
-        spec = get_op(recipe.op)
-        alphas = recipe.layer_alphas(model_info(base).n_layers)
-        layers = sorted(alphas)
-        select = select.to(device)
-        if spec.static_source:
-            source: Any = loaded.sources[0]
-        else:
-            caps = [
-                capture(s, input_ids=ids, attention_mask=mask, layers=layers, site=recipe.site)
-                for s in loaded.sources
-            ]
-            source = caps if spec.multi_source else caps[0]
-        with base.trace(input_ids=ids, attention_mask=mask):
-            for layer in layers:
-                merge_into(
-                    layer=layer,
-                    source=source,
-                    op=spec,
-                    alpha=alphas[layer],
-                    positions=select,
-                    site=recipe.site,
-                    allow_extrapolation=recipe.allow_extrapolation,
-                    **recipe.op_params(),
-                )
-            logits = base.output.logits.save()
-    return logits[0].float()
