@@ -181,7 +181,7 @@ def apply_plan(
     for i, s in enumerate(sources):
         if isinstance(s, Capture):
             _check_capture_tokens(s, ids, decoding, index(i))
-    static = not plan.groups and plan.op.static_source
+    static = any(p.op.static_source for p in plan.groups or [plan])
     for i, t in enumerate(tensors):
         if not (t.shape == hidden.shape if not static else t.shape[-1] == hidden.shape[-1]):
             raise LatentMergeError(

@@ -182,3 +182,77 @@ def test_merge_into_takes_one_alpha_per_row(models):
         logits([0.5, 0.5])
     with pytest.raises(LatentMergeError, match=r"alpha\[1\]=1.5 is outside \[0, 1\]"):
         logits([0.5, 1.5, 0.0])
+
+
+STEER = [
+    lmn.Recipe(op="delta", layers={1: 0.5, 2: 1.5}),
+    lmn.Recipe(op="delta", layers={2: -1.0}),
+    None,  # the base alone
+    lmn.Recipe(op="delta", layers={0: 2.0}, positions="last"),
+    lmn.Recipe(op="delta", layers=[2, 3], alpha=0.8),
+    lmn.Recipe(op="delta", layers={1: 0.0, 3: 0.7}),
+]
+
+
+@pytest.fixture(scope="module")
+def deltas(models):
+    base, ft = models
+    return lmn.compute_deltas(base, ft, PROMPTS, layers=[0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("engine", ["fast", "fast-static", "nnsight"])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_per_row_delta_rows_equal_separate_calls_token_for_token(
+    models, deltas, engine, padding_side, monkeypatch
+):
+    """Steering rows differing in layers, alphas (the op's default 1 included) and positions: one pass."""
+    base, _ = models
+    kw = dict(max_new_tokens=N_NEW, ignore_eos=True, padding_side=padding_side)
+    expected, _ = _separately(base, deltas, PROMPTS, STEER, **kw)
+    assert len({tuple(t) for t in expected}) > 3  # the rows' recipes do change their tokens
+    if engine == "fast-static":
+        _static_fast(monkeypatch)
+    out = generate(base, deltas, PROMPTS, STEER, engine=engine.split("-")[0], **kw)
+    assert out.tokens == expected
+    assert out.recipe == STEER
+
+
+def test_a_delta_row_at_alpha_zero_equals_the_base_alone(models, deltas):
+    base, _ = models
+    kw = dict(max_new_tokens=N_NEW, ignore_eos=True)
+    alone = generate(base, None, PROMPTS[:3], None, **kw)
+    rows = [lmn.Recipe(op="delta", layers={1: 0.0, 2: 0.0}), lmn.Recipe(op="delta", layers={1: 3.0}), None]
+    for engine in ("fast", "nnsight"):
+        out = generate(base, deltas, PROMPTS[:3], rows, engine=engine, **kw)
+        assert out.tokens[0] == alone.tokens[0] and out.tokens[2] == alone.tokens[2]
+        assert out.tokens[1] != alone.tokens[1]
+
+
+def test_a_kept_engine_takes_new_delta_rows_without_a_new_capture(models, deltas, monkeypatch):
+    """A kept fast engine refills per-row alphas and the steering vectors in place."""
+    base, ft = models
+    other = lmn.compute_deltas(base, ft, PROMPTS[3:], layers=[1])
+    first = [lmn.Recipe(op="delta", layers={1: a}) for a in (0.5, 1.0, 2.0)]
+    second = [lmn.Recipe(op="delta", layers={1: a}) for a in (-1.0, 0.0, 3.0)]
+    kw = dict(max_new_tokens=N_NEW, ignore_eos=True)
+    expected = generate(base, other, PROMPTS[:3], second, **kw)
+    _static_fast(monkeypatch)
+    one = generate(base, deltas, PROMPTS[:3], first, keep_engine=True, **kw)
+    assert not one.info["engine_reused"]
+    two = generate(base, other, PROMPTS[:3], second, keep_engine=True, **kw)
+    assert two.info["engine_reused"] and two.tokens == expected.tokens
+    lmn.generation.run.release_engine(base)
+
+
+def test_delta_rows_that_cannot_share_a_pass_are_refused(models, deltas):
+    base, ft = models
+    kw = dict(max_new_tokens=2)
+    slerp = lmn.Recipe(op="slerp", layers={1: 0.5})
+    steer = lmn.Recipe(op="delta", layers={1: 1.0})
+    with pytest.raises(LatentMergeError, match=r"recipe\[0\] has op 'delta'.*recipe\[1\] has op 'slerp'"):
+        generate(base, deltas, PROMPTS[:2], [steer, slerp], **kw)
+    files = [steer.model_copy(update={"deltas": f}) for f in ("a.safetensors", "b.safetensors")]
+    with pytest.raises(LatentMergeError, match=r"recipe rows name different deltas files"):
+        generate(base, None, PROMPTS[:2], files, **kw)
+    with pytest.raises(LatentMergeError, match=r"but the recipe merges at site='post'"):
+        generate(base, deltas, PROMPTS[:2], [steer, steer.model_copy(update={"site": "post"})], **kw)

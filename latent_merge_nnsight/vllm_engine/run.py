@@ -10,7 +10,7 @@ are decided as for every engine.
 
 Per-row recipes (`recipe=[...]`, a plan with `groups`) run in the same way: the export merges every layer
 a row names, and each row's recipe goes with its request as `latent_merge` (its op and alphas; alpha 0
-for a row without a recipe). vLLM's requests share the export's site, positions and op parameters, so
+for a row without a recipe); `delta` rows export the steering vectors of every layer a row names. vLLM's requests share the export's site, positions and op parameters, so
 rows differing in those are refused here.
 
 `configure(**llm_kwargs)` sets `vllm.LLM` arguments for engines started afterwards (e.g.
@@ -34,7 +34,7 @@ from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generation.loop import GenerationResult, Run
 from latent_merge_nnsight.models import hf_module, model_info
 from latent_merge_nnsight.nouns import Model
-from latent_merge_nnsight.plan import Plan, recipe_plan
+from latent_merge_nnsight.plan import Plan, recipe_plan, row_alphas
 from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.vllm_engine import require_vllm
 from latent_merge_nnsight.vllm_engine.export import Export, check_export, write_export
@@ -143,9 +143,10 @@ def _wanted(base: Model, sources: list[Model], plan: Plan, scratch: list[Path]) 
             f"got {type(plan.recipe).__name__} (the logit ensemble runs on engine='fast' or 'nnsight')"
         )
     recipe = _rows_export_recipe(plan) if plan.groups else plan.recipe if plan.mode == "merge" else None
-    if recipe is not None and plan.deltas is not None and recipe.deltas is None:  # a Deltas: via a file
+    vectors = {k: v for p in plan.groups or [plan] if p.deltas is not None for k, v in p.deltas.items()}
+    if recipe is not None and vectors and recipe.deltas is None:  # a Deltas: via a file
         path = Path(tempfile.mkdtemp(prefix="lmn-deltas-")) / "deltas.safetensors"
-        Deltas(dict(plan.deltas), site=plan.site).save(path)
+        Deltas(vectors, site=recipe.site).save(path)
         scratch.append(path.parent)
         recipe = recipe.model_copy(update={"deltas": str(path)})
     refs = [_ref(s, f"sources[{i}]") for i, s in enumerate(sources)]
@@ -175,8 +176,7 @@ def _row_requests(plan: Plan, export: Export) -> list[dict[str, Any]]:
             out.append({"alpha": 0.0})
             continue
         row = recipe_plan(recipe, export.n_layers)
-        layers = {layer: 0.5 if a is None else a for layer, a in row.alphas.items()}
-        out.append({"layers": layers, "op": row.op.name, "allow_extrapolation": row.allow_extrapolation})
+        out.append({"layers": row_alphas(row), "op": row.op.name, "allow_extrapolation": row.allow_extrapolation})
     return out
 
 
