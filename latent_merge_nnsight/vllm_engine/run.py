@@ -10,8 +10,9 @@ are decided as for every engine.
 
 Per-row recipes (`recipe=[...]`, a plan with `groups`) run in the same way: the export merges every layer
 a row names, and each row's recipe goes with its request as `latent_merge` (its op and alphas; alpha 0
-for a row without a recipe); `delta` rows export the steering vectors of every layer a row names. vLLM's requests share the export's site, positions and op parameters, so
-rows differing in those are refused here.
+for a row without a recipe); `delta` rows export the steering vectors of every layer a row names.
+vLLM's requests share the export's site, positions and op parameters, so rows differing in those are
+refused here.
 
 `configure(**llm_kwargs)` sets `vllm.LLM` arguments for engines started afterwards (e.g.
 `max_num_batched_tokens`, `enable_prefix_caching`, `tensor_parallel_size`); `shutdown()` stops the kept
@@ -176,7 +177,9 @@ def _row_requests(plan: Plan, export: Export) -> list[dict[str, Any]]:
             out.append({"alpha": 0.0})
             continue
         row = recipe_plan(recipe, export.n_layers)
-        out.append({"layers": row_alphas(row), "op": row.op.name, "allow_extrapolation": row.allow_extrapolation})
+        out.append(
+            {"layers": row_alphas(row), "op": row.op.name, "allow_extrapolation": row.allow_extrapolation}
+        )
     return out
 
 
