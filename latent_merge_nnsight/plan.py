@@ -289,7 +289,7 @@ class Plan:
                 self.deltas[layer].copy_(vector)
 
 
-def _is_model(obj: Any) -> bool:
+def _is_model(obj: object) -> bool:
     return isinstance(unwrap(obj), nn.Module)
 
 
@@ -328,7 +328,7 @@ def _load_deltas(recipe: Recipe, given: list[Any], spec: OpSpec) -> Deltas:
     return load_recipe_deltas(recipe)
 
 
-def load_recipe_deltas(recipe: Recipe, device: Any = "cpu") -> Deltas:
+def load_recipe_deltas(recipe: Recipe, device: str | torch.device = "cpu") -> Deltas:
     """The steering vectors of the recipe's `deltas` file (the one place such a file is read)."""
     path = recipe_deltas_path(recipe)
     if not path.exists():
@@ -368,9 +368,7 @@ def recipe_plan(recipe: Recipe, n_layers: int, *, positions: Positions | None = 
     )
 
 
-def rows_plan(
-    recipes: Sequence[Recipe | None], n_layers: int, *, positions: Positions | None = None
-) -> Plan:
+def rows_plan(recipes: Sequence[Recipe | None], n_layers: int, *, positions: Positions | None = None) -> Plan:
     """Per-row recipes (one per prompt; None: that row is the base alone) as one plan for a model of
     `n_layers` blocks (`positions`: for rows whose recipe gives none, as in `recipe_plan`).
 
