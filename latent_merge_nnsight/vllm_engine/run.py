@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,13 +41,16 @@ from latent_merge_nnsight.vllm_engine import require_vllm
 from latent_merge_nnsight.vllm_engine.export import Export, check_export, write_export
 from latent_merge_nnsight.vllm_engine.requests import KEY, cache_salt, parse_request
 
+if TYPE_CHECKING:
+    from vllm.logprobs import SampleLogprobs
+
 __all__ = ["configure", "llm_defaults", "run_vllm", "shutdown"]
 
 _OPTIONS: dict[str, Any] = {}
 _KEPT: dict[str, Any] = {}  # "export", "llm", "folder", "options"
 
 
-def configure(**llm_kwargs: Any) -> None:
+def configure(**llm_kwargs: object) -> None:
     """`vllm.LLM` keyword arguments for engines started from now on (the kept engine is restarted)."""
     _OPTIONS.clear()
     _OPTIONS.update(llm_kwargs)
@@ -241,7 +244,7 @@ def run_vllm(
     return run.result("vllm")
 
 
-def _prompts(run: Any, salts: list[str | None]) -> list[dict[str, Any]]:
+def _prompts(run: Run, salts: list[str | None]) -> list[dict[str, Any]]:
     ids, mask = run.batch.input_ids.cpu(), run.batch.attention_mask.cpu()
     out = []
     for row, m, salt in zip(ids, mask, salts, strict=True):
@@ -252,7 +255,7 @@ def _prompts(run: Any, salts: list[str | None]) -> list[dict[str, Any]]:
     return out
 
 
-def _sampling(run: Any, request: dict[str, Any] | None, logprobs: int | None = None) -> Any:
+def _sampling(run: Run, request: dict[str, Any] | None, logprobs: int | None = None) -> Any:
     """vLLM's sampling parameters for the run's checked settings (greedy as `SamplingConfig.greedy` says)."""
     from vllm import SamplingParams
 
@@ -278,7 +281,9 @@ def _sampling(run: Any, request: dict[str, Any] | None, logprobs: int | None = N
     )
 
 
-def _row_logprobs(scored: Any, tokens: list[int], top: int) -> list[tuple[float, tuple[Any, ...]]]:
+def _row_logprobs(
+    scored: "SampleLogprobs | None", tokens: list[int], top: int
+) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
     """vLLM's logprobs of one row's kept tokens: (the token's logprob, its ``top`` alternatives by rank).
 
     vLLM gives, per token, a mapping token id -> Logprob holding the chosen token and the top ranks."""
@@ -292,7 +297,7 @@ def _row_logprobs(scored: Any, tokens: list[int], top: int) -> list[tuple[float,
     return out
 
 
-def _replay(run: Any, tokens: list[list[int]]) -> None:
+def _replay(run: Run, tokens: list[list[int]]) -> None:
     """Feed vLLM's tokens through the run's tracker, step by step, so rows end exactly as on our engines."""
     tracker = run.tracker
     for step in range(max((len(t) for t in tokens), default=0)):
