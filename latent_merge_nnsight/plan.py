@@ -60,9 +60,9 @@ Mode = Literal["base", "merge", "ensemble"]
 Sources: TypeAlias = Model | Sequence[Model] | Deltas | str | Path | None
 """What `lmn.generate` and `resolve_plan` take as sources: a model, models (RegMean), steering `Deltas`
 (or a file of them), or None (the base alone)."""
-RecipeLike: TypeAlias = Recipe | Ensemble | None
+RecipeLike: TypeAlias = Recipe | Ensemble | Sequence[Recipe | None] | None
 """What `lmn.generate` and `resolve_plan` take as a recipe: a latent merge or steering `Recipe`, a logit
-`Ensemble`, or None (the base alone)."""
+`Ensemble`, one recipe (or None) per prompt (`rows_plan`), or None (the base alone)."""
 
 
 @dataclass
