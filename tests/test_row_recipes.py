@@ -256,3 +256,16 @@ def test_delta_rows_that_cannot_share_a_pass_are_refused(models, deltas):
         generate(base, None, PROMPTS[:2], files, **kw)
     with pytest.raises(LatentMergeError, match=r"but the recipe merges at site='post'"):
         generate(base, deltas, PROMPTS[:2], [steer, steer.model_copy(update={"site": "post"})], **kw)
+
+
+def test_per_row_delta_rows_score_as_separate_calls(models, deltas):
+    """`lmn.score` takes the same per-row steering plan: each row's logprobs equal its call alone."""
+    base, _ = models
+    contexts, continuations = PROMPTS[:3], [" a b", " c", " d e f"]
+    together = lmn.score(base, deltas, contexts, continuations, STEER[:3])
+    base_alone = lmn.score(base, None, contexts, continuations, None)
+    for i, r in enumerate(STEER[:3]):
+        alone = lmn.score(base, deltas if r is not None else None, contexts, continuations, r)
+        assert torch.equal(torch.as_tensor(together.logprobs[i]), torch.as_tensor(alone.logprobs[i]))
+    assert not torch.equal(torch.as_tensor(together.logprobs[0]), torch.as_tensor(base_alone.logprobs[0]))
+    assert torch.equal(torch.as_tensor(together.logprobs[2]), torch.as_tensor(base_alone.logprobs[2]))
