@@ -137,8 +137,9 @@ def generate(
             has one (see `chat`).
         recipe: an `lmn.Recipe` (latent merge or delta steering), an `Ensemble` (logit ensemble), None,
             or a list with one recipe (or None: base alone) per prompt. Per-row recipes may differ in op,
-            layers, alphas, site and positions and run in one pass; they share `sources`, so each takes
-            a live-source op (not `delta`). Row i's tokens equal a call with recipe[i] alone.
+            layers, alphas, site and positions and run in one pass; they share `sources`: all live-source
+            ops, or all `delta` on one set of steering vectors. Row i's tokens equal a call with recipe[i]
+            alone.
         max_new_tokens: new tokens per row at most (>= 1).
         input_ids, attention_mask: token ids (and mask; left or right padding) instead of prompts.
         padding_side: how to pad text prompts of different lengths ("left" or "right").
