@@ -181,14 +181,19 @@ class Plan:
             return hb
         if self.mode != "merge" or site != self.site or layer not in self.alphas:
             return hb
-        if self.deltas is not None:
-            src = self.deltas[layer]
-        elif self.op.multi_source:
-            src = torch.stack([h.to(hb.device) for h in hs])
-        else:
-            src = hs[0].to(hb.device)
-        merged = self.op(hb, src, self.alphas[layer], **self.params)
+        merged = self.op(hb, self._source(layer, hb, hs), self.alphas[layer], **self.params)
         return merged if select is None else torch.where(select[..., None], merged, hb)
+
+    def _source(
+        self, layer: int, hb: Tensor, hs: Sequence[Float[Tensor, "batch pos d_model"]]
+    ) -> Float[Tensor, "*sources batch pos d_model"] | Float[Tensor, " d_model"]:
+        """What the op mixes `hb` with at `layer`: the plan's steering vector, the sources' residuals
+        stacked (a multi-source op), or the one source's, on `hb`'s device."""
+        if self.deltas is not None:
+            return self.deltas[layer]
+        if self.op.multi_source:
+            return torch.stack([h.to(hb.device) for h in hs])
+        return hs[0].to(hb.device)
 
     def _mix_rows(
         self,
@@ -201,13 +206,7 @@ class Plan:
         `batch` entries: a fast engine moves the rows still running to the front), rows at alpha 0 and
         unselected positions left as `hb` bit for bit (whatever the op returns at alpha 0)."""
         alpha = self.alphas[layer][: hb.shape[0]]
-        if self.deltas is not None:
-            src = self.deltas[layer]
-        elif self.op.multi_source:
-            src = torch.stack([h.to(hb.device) for h in hs])
-        else:
-            src = hs[0].to(hb.device)
-        merged = self.op(hb, src, alpha[:, None], **self.params)
+        merged = self.op(hb, self._source(layer, hb, hs), alpha[:, None], **self.params)
         keep = (alpha != 0)[:, None]
         keep = keep if select is None else keep & select
         return torch.where(keep[..., None], merged, hb)

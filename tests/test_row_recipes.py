@@ -34,6 +34,22 @@ def models():
     return pair("qwen2", n_layers=4, seed=0)
 
 
+STEER = [
+    lmn.Recipe(op="delta", layers={1: 0.5, 2: 1.5}),
+    lmn.Recipe(op="delta", layers={2: -1.0}),
+    None,  # the base alone
+    lmn.Recipe(op="delta", layers={0: 2.0}, positions="last"),
+    lmn.Recipe(op="delta", layers=[2, 3], alpha=0.8),
+    lmn.Recipe(op="delta", layers={1: 0.0, 3: 0.7}),
+]
+
+
+@pytest.fixture(scope="module")
+def deltas(models):
+    base, ft = models
+    return lmn.compute_deltas(base, ft, PROMPTS, layers=[0, 1, 2, 3])
+
+
 def _static_fast(monkeypatch):
     module = importlib.import_module("latent_merge_nnsight.generation.fast")
     monkeypatch.setattr(module, "PairedEngine", functools.partial(PairedEngine, static_step=True))
@@ -50,18 +66,23 @@ def _separately(base, ft, prompts, recipes, **kw):
     return [out.tokens[i] for i, out in enumerate(outs)], [out.texts[i] for i, out in enumerate(outs)]
 
 
+@pytest.mark.parametrize("kind", ["live", "delta"])
 @pytest.mark.parametrize("engine", ["fast", "fast-static", "nnsight"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_row_recipes_equal_separate_calls_token_for_token(models, engine, padding_side, monkeypatch):
+def test_row_recipes_equal_separate_calls_token_for_token(
+    models, engine, padding_side, kind, request, monkeypatch
+):
+    """Live-source rows (on the source model) and steering rows (`STEER`, on one `Deltas`) alike."""
     base, ft = models
+    sources, recipes = (ft, RECIPES) if kind == "live" else (request.getfixturevalue("deltas"), STEER)
     kw = dict(max_new_tokens=N_NEW, ignore_eos=True, padding_side=padding_side)
-    expected, _ = _separately(base, ft, PROMPTS, RECIPES, **kw)
+    expected, _ = _separately(base, sources, PROMPTS, recipes, **kw)
     assert len({tuple(t) for t in expected}) > 3  # the rows' recipes do change their tokens
     if engine == "fast-static":
         _static_fast(monkeypatch)
-    out = generate(base, ft, PROMPTS, RECIPES, engine=engine.split("-")[0], **kw)
+    out = generate(base, sources, PROMPTS, recipes, engine=engine.split("-")[0], **kw)
     assert out.tokens == expected
-    assert out.recipe == RECIPES
+    assert out.recipe == recipes
 
 
 def test_rows_finishing_at_different_steps_keep_their_own_recipes(models, monkeypatch):
@@ -182,39 +203,6 @@ def test_merge_into_takes_one_alpha_per_row(models):
         logits([0.5, 0.5])
     with pytest.raises(LatentMergeError, match=r"alpha\[1\]=1.5 is outside \[0, 1\]"):
         logits([0.5, 1.5, 0.0])
-
-
-STEER = [
-    lmn.Recipe(op="delta", layers={1: 0.5, 2: 1.5}),
-    lmn.Recipe(op="delta", layers={2: -1.0}),
-    None,  # the base alone
-    lmn.Recipe(op="delta", layers={0: 2.0}, positions="last"),
-    lmn.Recipe(op="delta", layers=[2, 3], alpha=0.8),
-    lmn.Recipe(op="delta", layers={1: 0.0, 3: 0.7}),
-]
-
-
-@pytest.fixture(scope="module")
-def deltas(models):
-    base, ft = models
-    return lmn.compute_deltas(base, ft, PROMPTS, layers=[0, 1, 2, 3])
-
-
-@pytest.mark.parametrize("engine", ["fast", "fast-static", "nnsight"])
-@pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_per_row_delta_rows_equal_separate_calls_token_for_token(
-    models, deltas, engine, padding_side, monkeypatch
-):
-    """Steering rows differing in layers, alphas (the op's default 1 included) and positions: one pass."""
-    base, _ = models
-    kw = dict(max_new_tokens=N_NEW, ignore_eos=True, padding_side=padding_side)
-    expected, _ = _separately(base, deltas, PROMPTS, STEER, **kw)
-    assert len({tuple(t) for t in expected}) > 3  # the rows' recipes do change their tokens
-    if engine == "fast-static":
-        _static_fast(monkeypatch)
-    out = generate(base, deltas, PROMPTS, STEER, engine=engine.split("-")[0], **kw)
-    assert out.tokens == expected
-    assert out.recipe == STEER
 
 
 def test_a_delta_row_at_alpha_zero_equals_the_base_alone(models, deltas):
