@@ -46,11 +46,13 @@ from latent_merge_nnsight.recipe import Recipe
 
 if TYPE_CHECKING:  # optuna is the optional `search` extra
     from optuna import Study, Trial
-    from optuna.samplers import BaseSampler
     from optuna.trial import FrozenTrial
 
+Models: TypeAlias = Model | Sequence[Model]
 Accuracies: TypeAlias = Callable[[Recipe | None], dict[str, float]]
 """A recipe's (None: the base's) accuracy per task category on one split."""
+Objectives: TypeAlias = 'tuple[Callable[["Trial"], float], Callable[[list["Trial"]], list[float]], int]'
+"""One trial's objective, k trials' in one pass, and k (`_run_trials`)."""
 
 # optuna (the `search` extra) is imported inside functions only: the package works without it.
 __all__ = [
@@ -228,7 +230,7 @@ def _describe(constraints: Mapping[str, float]) -> str:
 
 def search(
     base: Model,
-    sources: Model | Sequence[Model],
+    sources: Models,
     *,
     trials: int = 20,
     target: str = GAINED,
@@ -427,7 +429,7 @@ def _open_study(
     trials a dead process left running failed and queued again. `settings["startup_trials"]` None is
     set here: the stored study's, else `default_startup`."""
 
-    def make_sampler(sampler_seed: int) -> "BaseSampler":
+    def make_sampler(sampler_seed: int) -> Any:
         if settings["sampler"] == "tpe":
             return optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=settings["startup_trials"])
         return optuna.samplers.RandomSampler(seed=sampler_seed)
@@ -458,7 +460,7 @@ def _open_study(
 
 def _run_trials(
     study: "Study",
-    objective: tuple[Callable[["Trial"], float], Callable[[list["Trial"]], list[float]], int],
+    objective: Objectives,
     trials: int,
     target: str,
     constraints: Mapping[str, float],
@@ -573,11 +575,7 @@ def _write_pareto(
 
 
 def _write_winner(
-    result: SearchResult,
-    base: Model,
-    sources: Model | Sequence[Model],
-    settings: dict[str, Any],
-    out: Path,
+    result: SearchResult, base: Model, sources: Models, settings: dict[str, Any], out: Path
 ) -> dict[str, Path]:
     paths = {"winner": out / "winner.yaml", "system": out / "system.yaml", "result": out / "result.json"}
     result.winner.save(paths["winner"])
