@@ -21,9 +21,12 @@ import contextlib
 import importlib.util
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from latent_merge_nnsight.nouns import Model, Tokenizer
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def _mounted_names() -> set[str]:
@@ -81,17 +84,17 @@ make_anyio_tolerate_mounts()
 # nnsight internals the package relies on (imported lazily: see the module docstring)
 
 
-def is_wrapped(obj: Any) -> bool:
+def is_wrapped(obj: object) -> bool:
     """Whether `obj` is an nnsight wrapper or envoy (it holds a module: see `unwrap`)."""
     return hasattr(obj, "_module")
 
 
-def unwrap(obj: Any) -> Any:
+def unwrap(obj: object) -> Any:
     """The module an nnsight wrapper or envoy holds (`obj` itself when it is neither)."""
     return getattr(obj, "_module", obj)
 
 
-def transformers_model(hf_model: Any, tokenizer: Tokenizer) -> Any:
+def transformers_model(hf_model: "nn.Module", tokenizer: Tokenizer) -> Any:
     """nnsight's wrapper of an in-memory HF causal LM (`TransformersModel`)."""
     from nnsight.modeling.transformers import TransformersModel
 
@@ -128,7 +131,7 @@ def is_traceable(model: Model) -> bool:
     return hasattr(model, "interleaver")
 
 
-def model_generate(model: Model, *args: Any, **kwargs: Any) -> Any:
+def model_generate(model: Model, *args: object, **kwargs: object) -> Any:
     """The model class's own `generate` (the HF call a traced generation runs), without the tracing
     decorator nnsight puts around it."""
     return type(model).generate.__wrapped__(model, *args, **kwargs)

@@ -4,7 +4,6 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -13,16 +12,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.inputs import Batch, encode
+from latent_merge_nnsight.inputs import Batch, TokenIds, encode
 from latent_merge_nnsight.models import hf_module, model_info
-from latent_merge_nnsight.nouns import Model
+from latent_merge_nnsight.nouns import Model, Prompts
 from latent_merge_nnsight.sites import Site, check_layer, check_site, get_layers, read_resid, site_name
 
 __all__ = ["Capture", "capture"]
 
 
 def read_tagged(
-    path: str | Path, fmt: str, what: str, device: Any
+    path: str | Path, fmt: str, what: str, device: str | torch.device
 ) -> tuple[dict[str, str], dict[str, Tensor]]:
     """The metadata and tensors of a safetensors file one of our `save` methods wrote (format tag `fmt`)."""
     with safe_open(str(path), framework="pt") as f:
@@ -97,7 +96,7 @@ class Capture:
         save_file({k: v.detach().cpu() for k, v in tensors.items()}, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path, device: Any = "cpu") -> "Capture":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Capture":
         meta, tensors = read_tagged(path, "lmn.capture.v1", "capture", device)
         states = {int(k.split(".", 1)[1]): v for k, v in tensors.items() if k.startswith("layer.")}
         return cls(
@@ -137,12 +136,12 @@ def run_to_layers(model: Model, batch: Batch, layers: list[int], site: Site) -> 
 
 def capture(
     model: Model,
-    inputs: Any = None,
+    inputs: Prompts | TokenIds | None = None,
     layers: Iterable[int] | int = (),
     *,
     site: Site = "pre",
-    input_ids: Any = None,
-    attention_mask: Any = None,
+    input_ids: TokenIds | None = None,
+    attention_mask: TokenIds | None = None,
     padding_side: str | None = None,
 ) -> Capture:
     """Save the residual stream at `layers` for `inputs`; the forward stops after the highest layer.

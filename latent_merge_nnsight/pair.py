@@ -24,8 +24,6 @@ package's own sampler (`lmn.sampling`), so a seed gives the same tokens here as 
 base's cache between steps, and nothing reorders the source's in step with it.
 """
 
-from typing import Any
-
 from latent_merge_nnsight._nnsight import is_traceable
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generation.live import LiveSource
@@ -79,7 +77,9 @@ class Pair:
     def __repr__(self) -> str:
         return f"Pair(base={model_info(self.base).name}, sources={self.sources})"
 
-    def generate(self, prompts: Prompts | None = None, *, max_new_tokens: int, **options: Any) -> PairTracer:
+    def generate(
+        self, prompts: Prompts | None = None, *, max_new_tokens: int, **options: object
+    ) -> PairTracer:
         """Open a generation trace of the base with the sources in lockstep (use in a `with` block).
 
         Takes the prompt and sampling/stopping arguments of `lmn.generate` (`input_ids`, `attention_mask`,
