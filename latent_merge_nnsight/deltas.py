@@ -3,7 +3,6 @@
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -46,7 +45,7 @@ class Deltas:
         save_file(tensors, str(path), metadata=meta)
 
     @classmethod
-    def load(cls, path: str | Path, device: Any = "cpu") -> "Deltas":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "Deltas":
         meta, tensors = read_tagged(path, "lmn.deltas.v1", "deltas", device)
         vectors = {int(k.split(".", 1)[1]): v for k, v in tensors.items()}
         return cls(vectors=vectors, site=meta["site"], n_tokens=int(meta["n_tokens"]))  # type: ignore[arg-type]

@@ -8,16 +8,20 @@ with `input_ids` (and optionally `attention_mask`), or a list whose items may al
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal, TypeAlias
 
 import torch
 from jaxtyping import Int
 from torch import Tensor
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.nouns import Prompts, Tokenizer
+from latent_merge_nnsight.nouns import Chat, Prompts, Tokenizer
 
-__all__ = ["Batch", "check_context", "encode", "is_chat", "is_token_ids"]
+__all__ = ["Batch", "TokenIds", "check_context", "encode", "is_chat", "is_token_ids"]
+
+TokenIds: TypeAlias = Tensor | Sequence[int] | Sequence[Sequence[int]]
+"""Prompts given as token ids: a tensor `[batch, pos]` or `[pos]`, one row of ids, or rows of ids (an
+attention mask takes the same forms)."""
 
 
 @dataclass(frozen=True)
@@ -31,11 +35,11 @@ class Batch:
     def shape(self) -> tuple[int, int]:
         return tuple(self.input_ids.shape)  # type: ignore[return-value]
 
-    def to(self, device: Any) -> "Batch":
+    def to(self, device: str | torch.device) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device))
 
 
-def is_token_ids(obj: Any) -> bool:
+def is_token_ids(obj: object) -> bool:
     """True for one prompt given as token ids: a non-empty list of ints."""
     return (
         isinstance(obj, Sequence)
@@ -45,7 +49,7 @@ def is_token_ids(obj: Any) -> bool:
     )
 
 
-def is_chat(obj: Any) -> bool:
+def is_chat(obj: object) -> bool:
     """True for one chat: a non-empty list of dicts with a `role` key."""
     return (
         isinstance(obj, Sequence)
@@ -55,7 +59,7 @@ def is_chat(obj: Any) -> bool:
     )
 
 
-def _from_tensors(input_ids: Any, attention_mask: Any) -> Batch:
+def _from_tensors(input_ids: TokenIds, attention_mask: TokenIds | None) -> Batch:
     ids = torch.as_tensor(input_ids)
     if ids.ndim == 1:
         ids = ids[None, :]
@@ -87,8 +91,8 @@ def encode(
     tokenizer: Tokenizer,
     prompts: Prompts | None = None,
     *,
-    input_ids: Any = None,
-    attention_mask: Any = None,
+    input_ids: TokenIds | None = None,
+    attention_mask: TokenIds | None = None,
     padding_side: Literal["left", "right"] | None = None,
     chat: bool | None = None,
 ) -> Batch:
@@ -138,7 +142,10 @@ def encode(
 
 
 def _id_rows(
-    tokenizer: Tokenizer, prompts: Sequence[Any], chat: bool | None, padding_side: str | None
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | Chat | Sequence[int]],
+    chat: bool | None,
+    padding_side: str | None,
 ) -> Batch:
     """A batch some of whose prompts are token ids: those rows as given, the others tokenized as `encode`
     tokenizes them alone (a chat without added special tokens, a raw string with them), padded."""
@@ -166,7 +173,9 @@ def _id_rows(
     return _from_tensors(ids, mask)
 
 
-def _texts(tokenizer: Tokenizer, prompts: Sequence[Any], chat: bool | None) -> tuple[list[str], bool]:
+def _texts(
+    tokenizer: Tokenizer, prompts: Sequence[str | Chat | Sequence[int]], chat: bool | None
+) -> tuple[list[str], bool]:
     """Each prompt as the text to tokenize (chats through the chat template), and whether any was
     templated (the template already holds the special tokens)."""
     texts: list[str] = []

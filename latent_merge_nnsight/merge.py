@@ -4,6 +4,7 @@ Called inside `with base.trace(...)` (or a generation trace); the model is found
 Everything is checked before the residual is read, so a bad call leaves the forward untouched.
 """
 
+from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -30,7 +31,7 @@ class ResidSource(Protocol):
     def resid(self, layer: int, site: Site) -> Tensor: ...
 
 
-def _source_tensor(source: Any, layer: int, site: Site, index: str) -> Tensor:
+def _source_tensor(source: object, layer: int, site: Site, index: str) -> Tensor:
     if isinstance(source, Tensor):
         return source
     if isinstance(source, ResidSource):
@@ -85,7 +86,7 @@ def _check_capture_tokens(capture: Capture, ids: Tensor | None, decoding: bool, 
 
 def merge_into(
     layer: int,
-    source: Any,
+    source: "ResidSource | Tensor | Sequence[ResidSource | Tensor]",
     op: "str | OpSpec" = "slerp",
     alpha: float | None = None,
     *,
@@ -93,7 +94,7 @@ def merge_into(
     site: Site = "pre",
     model: Model | None = None,
     allow_extrapolation: bool = False,
-    **params: Any,
+    **params: object,
 ) -> Float[Tensor, "batch pos d_model"] | None:
     """Merge `source` into the residual stream of the traced model at `layer`.
 
@@ -181,7 +182,7 @@ def apply_plan(
     for i, s in enumerate(sources):
         if isinstance(s, Capture):
             _check_capture_tokens(s, ids, decoding, index(i))
-    static = not plan.groups and plan.op.static_source
+    static = any(p.op.static_source for p in plan.groups or [plan])
     for i, t in enumerate(tensors):
         if not (t.shape == hidden.shape if not static else t.shape[-1] == hidden.shape[-1]):
             raise LatentMergeError(

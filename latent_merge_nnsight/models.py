@@ -16,9 +16,10 @@ import os
 import re
 import socket
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import torch
@@ -31,6 +32,10 @@ from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.nouns import Model, Tokenizer
 from latent_merge_nnsight.sites import architecture, get_layers, n_layers
 from latent_merge_nnsight.zoo import ZOO, zoo_path
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+    from transformers.utils.quantization_config import QuantizationConfigMixin
 
 __all__ = [
     "DroppedHead",
@@ -235,7 +240,7 @@ def hub_unreachable(repo_id: str, filename: str = "config.json", repo_type: str 
     return None
 
 
-def _dtype(dtype: Any) -> Any:
+def _dtype(dtype: "str | torch.dtype | None") -> "str | torch.dtype | None":
     if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
         return dtype
     value = getattr(torch, str(dtype), None)
@@ -246,7 +251,7 @@ def _dtype(dtype: Any) -> Any:
     return value
 
 
-def _quantization(quantization: Any) -> Any:
+def _quantization(quantization: "str | QuantizationConfigMixin | None") -> "QuantizationConfigMixin | None":
     """`"4bit"`/`"8bit"` become a `BitsAndBytesConfig`; a transformers quantization config passes through."""
     if quantization is None or not isinstance(quantization, str):
         return quantization
@@ -259,7 +264,7 @@ def _quantization(quantization: Any) -> Any:
     return transformers.BitsAndBytesConfig(load_in_8bit=True)
 
 
-def _truncated_config(config: Any, up_to_layer: int) -> Any:
+def _truncated_config(config: "PretrainedConfig", up_to_layer: int) -> "PretrainedConfig":
     full = config.num_hidden_layers
     if not 0 <= up_to_layer < full:
         raise LatentMergeError(
@@ -276,15 +281,15 @@ def _truncated_config(config: Any, up_to_layer: int) -> Any:
 def load(
     name_or_path: str | Path,
     *,
-    dtype: Any = "auto",
-    device_map: Any = None,
-    quantization: Any = None,
+    dtype: "str | torch.dtype" = "auto",
+    device_map: "str | Mapping[str, int | str | torch.device] | None" = None,
+    quantization: "str | QuantizationConfigMixin | None" = None,
     up_to_layer: int | None = None,
     keep_head: bool = False,
     tokenizer: Tokenizer | None = None,
     progress: bool = False,
-    **hf_kwargs: Any,
-) -> Any:
+    **hf_kwargs: object,
+) -> Model:
     """Load a causal LM from the hub, a local directory or the shipped zoo, wrapped for nnsight.
 
     Arguments:

@@ -12,7 +12,6 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import einops
 import torch
@@ -293,7 +292,7 @@ def delta(
 
 
 def check_weight(
-    value: Any,
+    value: object,
     *,
     allow_extrapolation: bool = False,
     what: str = "alpha",
@@ -315,7 +314,7 @@ def check_weight(
 
 
 def check_alpha(
-    alpha: Any,
+    alpha: object,
     op: "str | OpSpec",
     *,
     allow_extrapolation: bool = False,

@@ -15,6 +15,8 @@ Per-row recipes (`recipe=[r0, r1, ...]`, one per prompt: `rows_plan`) resolve to
 `groups` are sub-plans, one per distinct (op, site, positions, params). A group's `alphas` map each of
 its layers to a `[rows]` tensor: row r's alpha there, 0 for a row of another group or one that does not
 merge at that layer (such rows keep the base residual bit for bit: the mix is masked by `alpha != 0`).
+The rows are all live-source ops (sharing the source models) or all `delta` (sharing one set of steering
+vectors, each group holding those of its layers).
 `Plan.apply` then mixes every row by its own recipe in one call per group (no loop over rows); the
 engines ask the plan where it merges (`sites`), where it selects (`select`), and drop finished rows from
 its tensors with the cache (`keep_rows`).
@@ -49,6 +51,7 @@ __all__ = [
     "recipe_deltas_path",
     "recipe_plan",
     "resolve_plan",
+    "row_alphas",
     "rows_plan",
 ]
 
@@ -57,9 +60,9 @@ Mode = Literal["base", "merge", "ensemble"]
 Sources: TypeAlias = Model | Sequence[Model] | Deltas | str | Path | None
 """What `lmn.generate` and `resolve_plan` take as sources: a model, models (RegMean), steering `Deltas`
 (or a file of them), or None (the base alone)."""
-RecipeLike: TypeAlias = Recipe | Ensemble | None
+RecipeLike: TypeAlias = Recipe | Ensemble | Sequence[Recipe | None] | None
 """What `lmn.generate` and `resolve_plan` take as a recipe: a latent merge or steering `Recipe`, a logit
-`Ensemble`, or None (the base alone)."""
+`Ensemble`, one recipe (or None) per prompt (`rows_plan`), or None (the base alone)."""
 
 
 @dataclass
@@ -78,8 +81,9 @@ class Plan:
         allow_extrapolation: alphas outside [0, 1] were allowed by the recipe.
         recipe: what the user passed, for the result's record (a list for per-row recipes).
         groups: per-row recipes (`rows_plan`): one merge sub-plan per distinct (op, site, positions,
-            params), whose `alphas` are `[rows]` tensors (0 where a row does not merge). Empty for a
-            plan of one recipe, whose fields above say it all.
+            params), whose `alphas` are `[rows]` tensors (0 where a row does not merge) and, for `delta`
+            rows, whose `deltas` are the vectors of its layers. Empty for a plan of one recipe, whose
+            fields above say it all.
     """
 
     mode: Mode
@@ -114,8 +118,8 @@ class Plan:
     @property
     def live_sources(self) -> bool:
         """Whether source models run alongside the base."""
-        if self.groups:
-            return True  # per-row plans take live-source ops only (`rows_plan`)
+        if self.groups:  # all live-source ops or all `delta` (`rows_plan`)
+            return any(g.live_sources for g in self.groups)
         return self.mode == "ensemble" or (
             self.mode == "merge" and self.op is not None and not self.op.static_source
         )
@@ -177,14 +181,19 @@ class Plan:
             return hb
         if self.mode != "merge" or site != self.site or layer not in self.alphas:
             return hb
-        if self.deltas is not None:
-            src = self.deltas[layer]
-        elif self.op.multi_source:
-            src = torch.stack([h.to(hb.device) for h in hs])
-        else:
-            src = hs[0].to(hb.device)
-        merged = self.op(hb, src, self.alphas[layer], **self.params)
+        merged = self.op(hb, self._source(layer, hb, hs), self.alphas[layer], **self.params)
         return merged if select is None else torch.where(select[..., None], merged, hb)
+
+    def _source(
+        self, layer: int, hb: Tensor, hs: Sequence[Float[Tensor, "batch pos d_model"]]
+    ) -> Float[Tensor, "*sources batch pos d_model"] | Float[Tensor, " d_model"]:
+        """What the op mixes `hb` with at `layer`: the plan's steering vector, the sources' residuals
+        stacked (a multi-source op), or the one source's, on `hb`'s device."""
+        if self.deltas is not None:
+            return self.deltas[layer]
+        if self.op.multi_source:
+            return torch.stack([h.to(hb.device) for h in hs])
+        return hs[0].to(hb.device)
 
     def _mix_rows(
         self,
@@ -197,8 +206,7 @@ class Plan:
         `batch` entries: a fast engine moves the rows still running to the front), rows at alpha 0 and
         unselected positions left as `hb` bit for bit (whatever the op returns at alpha 0)."""
         alpha = self.alphas[layer][: hb.shape[0]]
-        src = torch.stack([h.to(hb.device) for h in hs]) if self.op.multi_source else hs[0].to(hb.device)
-        merged = self.op(hb, src, alpha[:, None], **self.params)
+        merged = self.op(hb, self._source(layer, hb, hs), alpha[:, None], **self.params)
         keep = (alpha != 0)[:, None]
         keep = keep if select is None else keep & select
         return torch.where(keep[..., None], merged, hb)
@@ -244,7 +252,8 @@ class Plan:
         if params.get("weights") is not None:
             params["weights"] = source_weights(params["weights"], n_sources).to(device)
         alphas = {layer: a.to(device=device, dtype=dtype, copy=True) for layer, a in self.alphas.items()}
-        return replace(self, alphas=alphas, params=params)
+        deltas = None if self.deltas is None else {k: v.clone() for k, v in self.deltas.items()}
+        return replace(self, alphas=alphas, params=params, deltas=deltas)
 
     def layout(self) -> tuple:
         """What a fixed-shape step of this plan depends on besides its alpha and delta values (which
@@ -265,17 +274,21 @@ class Plan:
                     new = theirs.alphas[layer]
                     alpha[: len(new)].copy_(new)
                     alpha[len(new) :].zero_()
+                mine._refill_deltas(theirs)
             return
         new = dict(other.merges)
         for layer, value in self.alphas.items():
             if value is not None:
                 value.fill_(new[layer])
+        self._refill_deltas(other)
+
+    def _refill_deltas(self, other: "Plan") -> None:
         if other.deltas is not None:
             for layer, vector in other.deltas.items():
                 self.deltas[layer].copy_(vector)
 
 
-def _is_model(obj: Any) -> bool:
+def _is_model(obj: object) -> bool:
     return isinstance(unwrap(obj), nn.Module)
 
 
@@ -314,7 +327,7 @@ def _load_deltas(recipe: Recipe, given: list[Any], spec: OpSpec) -> Deltas:
     return load_recipe_deltas(recipe)
 
 
-def load_recipe_deltas(recipe: Recipe, device: Any = "cpu") -> Deltas:
+def load_recipe_deltas(recipe: Recipe, device: str | torch.device = "cpu") -> Deltas:
     """The steering vectors of the recipe's `deltas` file (the one place such a file is read)."""
     path = recipe_deltas_path(recipe)
     if not path.exists():
@@ -354,15 +367,16 @@ def recipe_plan(recipe: Recipe, n_layers: int, *, positions: Positions | None = 
     )
 
 
-def rows_plan(recipes: Sequence[Any], n_layers: int, *, positions: Positions | None = None) -> Plan:
+def rows_plan(recipes: Sequence[Recipe | None], n_layers: int, *, positions: Positions | None = None) -> Plan:
     """Per-row recipes (one per prompt; None: that row is the base alone) as one plan for a model of
     `n_layers` blocks (`positions`: for rows whose recipe gives none, as in `recipe_plan`).
 
     One group per distinct (op, site, positions, params), its alphas `[rows]` float64 tensors (0 where
     a row does not merge). Rows may differ in op, layers, alphas, site and positions; they share the
-    sources, so every row must take live sources (no `delta`, no Ensemble) and name the same `sources`.
-    The plan's mode is "base" when no row merges. Executors: `Plan.sites` (where to mix, in forward
-    order), `Plan.select` (per-group position masks), `Plan.apply`, `merge.apply_plan`."""
+    sources, so the rows take live sources alike (naming the same `sources`) or all steer with `delta`
+    (naming the same `deltas` file; `resolve_plan` fills each group's vectors); no Ensemble. The plan's
+    mode is "base" when no row merges. Executors: `Plan.sites` (where to mix, in forward order),
+    `Plan.select` (per-group position masks), `Plan.apply`, `merge.apply_plan`."""
     rows = len(recipes)
     if rows == 0:
         raise LatentMergeError("recipe=[] is empty; expected one recipe (or None) per prompt")
@@ -376,20 +390,8 @@ def rows_plan(recipes: Sequence[Any], n_layers: int, *, positions: Positions | N
                 f"recipe[{i}] has type {type(recipe).__name__}; per-row recipes are lmn.Recipe objects "
                 "(or None for the base alone); a logit ensemble runs one recipe per call"
             )
-        plan = recipe_plan(recipe, n_layers, positions=positions)
-        if not plan.live_sources:
-            raise LatentMergeError(
-                f"recipe[{i}] has op {recipe.op!r}, which steers with static vectors; per-row recipes "
-                "share live source models, so every row takes a live-source op (lerp, slerp, regmean, ...);"
-                f" run the {recipe.op!r} rows in a call of their own"
-            )
-        plans.append(plan)
-    named = {tuple(r.sources) for r in recipes if r is not None and r.sources is not None}
-    if len(named) > 1:
-        raise LatentMergeError(
-            f"recipe rows name different sources {sorted(named)}; per-row recipes share the sources of "
-            "one call: run rows with other sources in a call of their own"
-        )
+        plans.append(recipe_plan(recipe, n_layers, positions=positions))
+    _check_rows_share_sources(recipes, plans)
     groups: dict[tuple, list[tuple[int, Plan]]] = {}
     for i, plan in enumerate(plans):
         if plan is not None:
@@ -403,10 +405,45 @@ def rows_plan(recipes: Sequence[Any], n_layers: int, *, positions: Positions | N
         layers = sorted({layer for _, plan in members for layer in plan.alphas})
         alphas = {layer: torch.zeros(rows, dtype=torch.float64) for layer in layers}
         for i, plan in members:
-            for layer, a in plan.alphas.items():
-                alphas[layer][i] = 0.5 if a is None else a  # None: the live ops' own default
+            for layer, a in row_alphas(plan).items():
+                alphas[layer][i] = a
         out.append(replace(first, alphas=alphas, recipe=None))
     return Plan(mode="merge", recipe=list(recipes), groups=out)
+
+
+def _check_rows_share_sources(recipes: Sequence[Recipe | None], plans: Sequence[Plan | None]) -> None:
+    """Per-row recipes run on one call's sources: all live-source ops naming the same `sources`, or all
+    `delta` naming the same `deltas` file."""
+    rows = [(i, r, p) for i, (r, p) in enumerate(zip(recipes, plans, strict=True)) if p is not None]
+    live = [(i, r) for i, r, p in rows if p.live_sources]
+    static = [(i, r) for i, r, p in rows if not p.live_sources]
+    if live and static:
+        (i, steer), (j, mix) = static[0], live[0]
+        raise LatentMergeError(
+            f"recipe[{i}] has op {steer.op!r}, which steers with static vectors, and recipe[{j}] has op "
+            f"{mix.op!r}, which mixes live source models; per-row recipes share the call's sources, so "
+            f"the rows are all live-source ops (lerp, slerp, regmean, ...) or all {steer.op!r}: run the "
+            f"{steer.op!r} rows in a call of their own"
+        )
+    named = {tuple(r.sources) for _, r in live if r.sources is not None}
+    if len(named) > 1:
+        raise LatentMergeError(
+            f"recipe rows name different sources {sorted(named)}; per-row recipes share the sources of "
+            "one call: run rows with other sources in a call of their own"
+        )
+    files = {str(r.deltas) for _, r in static if r.deltas is not None}
+    if len(files) > 1:
+        raise LatentMergeError(
+            f"recipe rows name different deltas files {sorted(files)}; per-row 'delta' recipes share one "
+            "set of steering vectors: run rows with other deltas in a call of their own"
+        )
+
+
+def row_alphas(plan: Plan) -> dict[int, float]:
+    """A one-recipe plan's alphas with the op's own default for None (1 for a steering `delta`, 0.5 for
+    the live ops), as a per-row plan or a vLLM request carries them."""
+    default = 1.0 if plan.op.static_source else 0.5
+    return {layer: default if a is None else a for layer, a in plan.alphas.items()}
 
 
 def merge_plan(
@@ -450,6 +487,12 @@ def resolve_plan(
         return _ensemble_plan(base, given, recipe, weights_on_disk)
     if isinstance(recipe, (list, tuple)):
         plan = rows_plan(recipe, _depth(base, weights_on_disk))
+        if plan.mode != "base" and not plan.live_sources:  # `delta` rows: each group's vectors
+            steer = next(r for r in recipe if r is not None)
+            deltas = _load_deltas(steer, given, plan.groups[0].op)
+            for group in plan.groups:
+                group.deltas = _delta_vectors(base, deltas, group.site, list(group.alphas))
+            return plan, []
         if plan.mode == "base" or not given:
             return Plan(mode="base", recipe=list(recipe)), []
         for group in plan.groups:
@@ -463,7 +506,7 @@ def resolve_plan(
     plan = recipe_plan(recipe, _depth(base, weights_on_disk))
     spec, alphas = plan.op, plan.alphas
     if spec.static_source:
-        plan.deltas = _delta_vectors(base, recipe, given, spec, alphas)
+        plan.deltas = _delta_vectors(base, _load_deltas(recipe, given, spec), recipe.site, list(alphas))
         return plan, []
     if not given:
         return Plan(mode="base", recipe=recipe), []
@@ -493,20 +536,17 @@ def _ensemble_plan(
     return Plan(mode="ensemble", ensemble=ensemble, recipe=ensemble), [src]
 
 
-def _delta_vectors(
-    base: Model, recipe: Recipe, given: list[Any], spec: OpSpec, alphas: dict[int, float | None]
-) -> dict[int, Tensor]:
+def _delta_vectors(base: Model, deltas: Deltas, site: str, layers: list[int]) -> dict[int, Tensor]:
     """The steering vector of each recipe layer, checked and on the base's device."""
-    deltas = _load_deltas(recipe, given, spec)
-    if deltas.site != recipe.site:
+    if deltas.site != site:
         raise LatentMergeError(
-            f"the deltas were computed at site={deltas.site!r} but the recipe merges at site={recipe.site!r}"
+            f"the deltas were computed at site={deltas.site!r} but the recipe merges at site={site!r}"
         )
     hidden = hf_module(base).config.hidden_size
     device = device_of(base)
     vectors = {}
-    for layer in alphas:
-        v = deltas.resid(layer, recipe.site)
+    for layer in layers:
+        v = deltas.resid(layer, site)
         if v.shape[-1] != hidden:
             raise LatentMergeError(
                 f"delta for layer {layer} has size {v.shape[-1]}; the base's hidden size is {hidden}"

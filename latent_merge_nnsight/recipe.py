@@ -70,7 +70,7 @@ class Recipe(BaseModel):
 
     @field_validator("layers")
     @classmethod
-    def _layers_nonnegative(cls, layers: Any) -> Any:
+    def _layers_nonnegative(cls, layers: dict[int, float] | list[int] | Literal["all"]) -> Any:
         keys = list(layers) if not isinstance(layers, str) else []
         if not isinstance(layers, str) and not keys:
             raise ValueError("layers is empty; give at least one layer")

@@ -41,7 +41,7 @@ class RequestRecipe:
         return json.dumps([self.op, list(self.alphas), self.merge_from])
 
 
-def _raw(value: Any) -> dict[str, Any]:
+def _raw(value: object) -> dict[str, Any]:
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -62,13 +62,13 @@ def _raw(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-def _number(value: Any, what: str) -> float:
+def _number(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise LatentMergeError(f"{KEY}.{what}={value!r} must be a finite number")
     return float(value)
 
 
-def check_request(value: Any) -> dict[str, Any]:
+def check_request(value: object) -> dict[str, Any]:
     """The checks that need nothing served (`resolve_request` runs these first): keys, types, op name."""
     raw = _raw(value)
     if "alpha" in raw and ("layers" in raw or "alphas" in raw):
@@ -109,7 +109,7 @@ _WORDS = {
 
 
 def resolve_request(
-    value: Any,
+    value: object,
     recipe: Mapping[str, Any] | None,
     layers: Sequence[int],
     n_sources: int,

@@ -28,7 +28,6 @@ Temperature 0 means greedy, everywhere the package takes sampling settings (`lmn
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -113,7 +112,7 @@ def filter_logits(
 class Sampler:
     """Picks next tokens for a batch of `n_rows` rows, step after step."""
 
-    def __init__(self, config: SamplingConfig, n_rows: int, device: Any):
+    def __init__(self, config: SamplingConfig, n_rows: int, device: str | torch.device):
         self.config = config
         self.n_rows = n_rows
         self.generator: torch.Generator | None = None

@@ -18,11 +18,11 @@ SAMPLERS = ("default", "paper")
 """The top-p rules (`latent_merge_nnsight.sampling`)."""
 
 
-def _number(v: Any) -> bool:
+def _number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _int(v: Any) -> bool:
+def _int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -42,7 +42,7 @@ SAMPLING_SETTINGS: tuple[str, ...] = tuple(_RULES)[1:]
 """The settings of `SamplingConfig` (every rule but `max_new_tokens`, a setting of the run)."""
 
 
-def check_sampling(name: str, value: Any) -> Any:
+def check_sampling(name: str, value: object) -> Any:
     """`value` if it is valid for the sampling setting `name`, else a `LatentMergeError` naming it."""
     ok, expected = _RULES[name]
     if not ok(value):

@@ -10,11 +10,18 @@ nnsight `Envoy`. It imports nothing of the package except the error type.
 """
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from torch import Tensor
 
 from latent_merge_nnsight.errors import LatentMergeError
+
+if TYPE_CHECKING:
+    from nnsight import Envoy
+    from torch import nn
+
+    ModelLike = nn.Module | Envoy
+    """A Hugging Face module or an nnsight envoy of one (an `lmn.load` model is one)."""
 
 __all__ = [
     "Architecture",
@@ -127,31 +134,31 @@ register_architecture(
 )
 
 
-def resolve_path(root: Any, path: str) -> Any:
+def resolve_path(root: object, path: str) -> Any:
     """The attribute at a dotted `path` below `root` (`"model.layers"` -> `root.model.layers`)."""
     return _resolve(root, path)
 
 
-def registered(model_type: Any) -> Architecture | None:
+def registered(model_type: object) -> Architecture | None:
     """The registered `Architecture` of a `config.model_type`, or None."""
     return _ARCHITECTURES.get(model_type)
 
 
-def _resolve(root: Any, path: str) -> Any:
+def _resolve(root: object, path: str) -> Any:
     obj = root
     for part in path.split("."):
         obj = getattr(obj, part)
     return obj
 
 
-def _config(model: Any) -> Any:
+def _config(model: "ModelLike") -> Any:
     config = getattr(model, "config", None)
     if config is None:
         raise LatentMergeError(f"{type(model).__name__} has no `config`; expected a Hugging Face causal LM")
     return config
 
 
-def architecture(model: Any) -> Architecture:
+def architecture(model: "ModelLike") -> Architecture:
     """The `Architecture` of an HF model (or an nnsight wrapper of one), by `config.model_type`."""
     model_type = getattr(_config(model), "model_type", None)
     if model_type in _ARCHITECTURES:
@@ -164,7 +171,7 @@ def architecture(model: Any) -> Architecture:
     )
 
 
-def get_layers(model: Any) -> Any:
+def get_layers(model: "ModelLike") -> Any:
     """The decoder blocks of `model` (a `ModuleList`, or the matching nnsight envoy list)."""
     arch = architecture(model)
     try:
@@ -176,7 +183,7 @@ def get_layers(model: Any) -> Any:
         ) from None
 
 
-def n_layers(model: Any) -> int:
+def n_layers(model: "ModelLike") -> int:
     """Number of decoder blocks."""
     return len(get_layers(model))
 
@@ -188,7 +195,7 @@ def check_site(site: str) -> None:
         )
 
 
-def check_layer(layer: Any, total: int, *, what: str = "layer", model_name: str = "the model") -> int:
+def check_layer(layer: object, total: int, *, what: str = "layer", model_name: str = "the model") -> int:
     """Validate one layer index against `[0, total)`; negative indices are refused (the paper clamped)."""
     expected = f"0 <= {what} < {total}"
     if isinstance(layer, bool) or not isinstance(layer, int):
@@ -214,7 +221,7 @@ def site_name(layer: int, site: Site = "pre") -> str:
     return f"layers.{layer}.resid_{site}"
 
 
-def read_resid(block: Any, site: Site) -> Tensor:
+def read_resid(block: "Envoy", site: Site) -> Tensor:
     """The residual stream at a block (an nnsight envoy, inside a trace): its input or its output.
 
     Handles both bare-tensor outputs (transformers 5) and tuple outputs (transformers 4).
@@ -226,7 +233,7 @@ def read_resid(block: Any, site: Site) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def write_resid(block: Any, site: Site, value: Tensor) -> None:
+def write_resid(block: "Envoy", site: Site, value: Tensor) -> None:
     """Replace the residual stream at a block (inside a trace), keeping any extra tuple outputs."""
     check_site(site)
     if site == "pre":

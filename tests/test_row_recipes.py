@@ -34,6 +34,22 @@ def models():
     return pair("qwen2", n_layers=4, seed=0)
 
 
+STEER = [
+    lmn.Recipe(op="delta", layers={1: 0.5, 2: 1.5}),
+    lmn.Recipe(op="delta", layers={2: -1.0}),
+    None,  # the base alone
+    lmn.Recipe(op="delta", layers={0: 2.0}, positions="last"),
+    lmn.Recipe(op="delta", layers=[2, 3], alpha=0.8),
+    lmn.Recipe(op="delta", layers={1: 0.0, 3: 0.7}),
+]
+
+
+@pytest.fixture(scope="module")
+def deltas(models):
+    base, ft = models
+    return lmn.compute_deltas(base, ft, PROMPTS, layers=[0, 1, 2, 3])
+
+
 def _static_fast(monkeypatch):
     module = importlib.import_module("latent_merge_nnsight.generation.fast")
     monkeypatch.setattr(module, "PairedEngine", functools.partial(PairedEngine, static_step=True))
@@ -50,18 +66,23 @@ def _separately(base, ft, prompts, recipes, **kw):
     return [out.tokens[i] for i, out in enumerate(outs)], [out.texts[i] for i, out in enumerate(outs)]
 
 
+@pytest.mark.parametrize("kind", ["live", "delta"])
 @pytest.mark.parametrize("engine", ["fast", "fast-static", "nnsight"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_row_recipes_equal_separate_calls_token_for_token(models, engine, padding_side, monkeypatch):
+def test_row_recipes_equal_separate_calls_token_for_token(
+    models, engine, padding_side, kind, request, monkeypatch
+):
+    """Live-source rows (on the source model) and steering rows (`STEER`, on one `Deltas`) alike."""
     base, ft = models
+    sources, recipes = (ft, RECIPES) if kind == "live" else (request.getfixturevalue("deltas"), STEER)
     kw = dict(max_new_tokens=N_NEW, ignore_eos=True, padding_side=padding_side)
-    expected, _ = _separately(base, ft, PROMPTS, RECIPES, **kw)
+    expected, _ = _separately(base, sources, PROMPTS, recipes, **kw)
     assert len({tuple(t) for t in expected}) > 3  # the rows' recipes do change their tokens
     if engine == "fast-static":
         _static_fast(monkeypatch)
-    out = generate(base, ft, PROMPTS, RECIPES, engine=engine.split("-")[0], **kw)
+    out = generate(base, sources, PROMPTS, recipes, engine=engine.split("-")[0], **kw)
     assert out.tokens == expected
-    assert out.recipe == RECIPES
+    assert out.recipe == recipes
 
 
 def test_rows_finishing_at_different_steps_keep_their_own_recipes(models, monkeypatch):
@@ -182,3 +203,57 @@ def test_merge_into_takes_one_alpha_per_row(models):
         logits([0.5, 0.5])
     with pytest.raises(LatentMergeError, match=r"alpha\[1\]=1.5 is outside \[0, 1\]"):
         logits([0.5, 1.5, 0.0])
+
+
+def test_a_delta_row_at_alpha_zero_equals_the_base_alone(models, deltas):
+    base, _ = models
+    kw = dict(max_new_tokens=N_NEW, ignore_eos=True)
+    alone = generate(base, None, PROMPTS[:3], None, **kw)
+    rows = [lmn.Recipe(op="delta", layers={1: 0.0, 2: 0.0}), lmn.Recipe(op="delta", layers={1: 3.0}), None]
+    for engine in ("fast", "nnsight"):
+        out = generate(base, deltas, PROMPTS[:3], rows, engine=engine, **kw)
+        assert out.tokens[0] == alone.tokens[0] and out.tokens[2] == alone.tokens[2]
+        assert out.tokens[1] != alone.tokens[1]
+
+
+def test_a_kept_engine_takes_new_delta_rows_without_a_new_capture(models, deltas, monkeypatch):
+    """A kept fast engine refills per-row alphas and the steering vectors in place."""
+    base, ft = models
+    other = lmn.compute_deltas(base, ft, PROMPTS[3:], layers=[1])
+    first = [lmn.Recipe(op="delta", layers={1: a}) for a in (0.5, 1.0, 2.0)]
+    second = [lmn.Recipe(op="delta", layers={1: a}) for a in (-1.0, 0.0, 3.0)]
+    kw = dict(max_new_tokens=N_NEW, ignore_eos=True)
+    expected = generate(base, other, PROMPTS[:3], second, **kw)
+    _static_fast(monkeypatch)
+    one = generate(base, deltas, PROMPTS[:3], first, keep_engine=True, **kw)
+    assert not one.info["engine_reused"]
+    two = generate(base, other, PROMPTS[:3], second, keep_engine=True, **kw)
+    assert two.info["engine_reused"] and two.tokens == expected.tokens
+    lmn.generation.run.release_engine(base)
+
+
+def test_delta_rows_that_cannot_share_a_pass_are_refused(models, deltas):
+    base, ft = models
+    kw = dict(max_new_tokens=2)
+    slerp = lmn.Recipe(op="slerp", layers={1: 0.5})
+    steer = lmn.Recipe(op="delta", layers={1: 1.0})
+    with pytest.raises(LatentMergeError, match=r"recipe\[0\] has op 'delta'.*recipe\[1\] has op 'slerp'"):
+        generate(base, deltas, PROMPTS[:2], [steer, slerp], **kw)
+    files = [steer.model_copy(update={"deltas": f}) for f in ("a.safetensors", "b.safetensors")]
+    with pytest.raises(LatentMergeError, match=r"recipe rows name different deltas files"):
+        generate(base, None, PROMPTS[:2], files, **kw)
+    with pytest.raises(LatentMergeError, match=r"but the recipe merges at site='post'"):
+        generate(base, deltas, PROMPTS[:2], [steer, steer.model_copy(update={"site": "post"})], **kw)
+
+
+def test_per_row_delta_rows_score_as_separate_calls(models, deltas):
+    """`lmn.score` takes the same per-row steering plan: each row's logprobs equal its call alone."""
+    base, _ = models
+    contexts, continuations = PROMPTS[:3], [" a b", " c", " d e f"]
+    together = lmn.score(base, deltas, contexts, continuations, STEER[:3])
+    base_alone = lmn.score(base, None, contexts, continuations, None)
+    for i, r in enumerate(STEER[:3]):
+        alone = lmn.score(base, deltas if r is not None else None, contexts, continuations, r)
+        assert torch.equal(torch.as_tensor(together.logprobs[i]), torch.as_tensor(alone.logprobs[i]))
+    assert not torch.equal(torch.as_tensor(together.logprobs[0]), torch.as_tensor(base_alone.logprobs[0]))
+    assert torch.equal(torch.as_tensor(together.logprobs[2]), torch.as_tensor(base_alone.logprobs[2]))

@@ -13,7 +13,6 @@ the cell's value (or with `display(fig)`).
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,7 +36,7 @@ _GEOMETRY_LABELS = {
 }
 
 
-def _require(df: Any, columns: Sequence[str], what: str) -> pd.DataFrame:
+def _require(df: object, columns: Sequence[str], what: str) -> pd.DataFrame:
     if not isinstance(df, pd.DataFrame):
         raise LatentMergeError(f"df has type {type(df).__name__}; expected a pandas DataFrame ({what})")
     missing = [c for c in columns if c not in df.columns]

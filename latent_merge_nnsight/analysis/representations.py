@@ -34,7 +34,7 @@ from latent_merge_nnsight.metrics import linear_cka, midness
 from latent_merge_nnsight.models import check_compatible, hf_module, model_info
 from latent_merge_nnsight.nouns import Model, Prompts
 from latent_merge_nnsight.plan import Plan, Sources, load_recipe_deltas, recipe_plan
-from latent_merge_nnsight.positions import last_real_index, position_mask
+from latent_merge_nnsight.positions import Positions, last_real_index, position_mask
 from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.sites import get_layers, site_name
 
@@ -58,7 +58,7 @@ _TOKENS: tuple[str, ...] = ("merged", "real", "last")
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def as_recipe(recipe: Any, what: str = "recipe") -> Recipe:
+def as_recipe(recipe: Recipe | Mapping[str, object], what: str = "recipe") -> Recipe:
     """A `Recipe`, from a Recipe or a mapping (as written in YAML/JSON)."""
     if isinstance(recipe, Recipe):
         return recipe
@@ -187,7 +187,7 @@ def _merged_hidden_states(
     return saved
 
 
-def _row_mask(mask: Tensor, tokens: str, positions: Any) -> Bool[Tensor, "b p"]:
+def _row_mask(mask: Tensor, tokens: str, positions: Positions) -> Bool[Tensor, "b p"]:
     """Which tokens of a chunk become rows of the CKA/midness matrices."""
     if tokens == "real":
         return mask.bool()
@@ -197,7 +197,7 @@ def _row_mask(mask: Tensor, tokens: str, positions: Any) -> Bool[Tensor, "b p"]:
     return position_mask(mask, positions, decoding=False)
 
 
-def _resolve_layers(layers: Any, n: int, first_affected: int) -> list[int]:
+def _resolve_layers(layers: int | Sequence[int] | str, n: int, first_affected: int) -> list[int]:
     if isinstance(layers, str):
         if layers == "all":
             return list(range(n + 1))
@@ -238,10 +238,10 @@ def _layerwise_cka(x: Tensor, y: Tensor, debiased: bool) -> list[float]:
 def representations(
     base: Model,
     sources: Sources,
-    recipe: Any,
+    recipe: Recipe | Mapping[str, object],
     prompts: Prompts,
     layers: Sequence[int] | Literal["all", "affected"] = "all",
-    weight_merged: Any = None,
+    weight_merged: Model | Mapping[str, Model] | None = None,
     *,
     tokens: Tokens = "merged",
     debiased: bool = False,
@@ -307,9 +307,11 @@ def representations(
     return df
 
 
-def _weight_models(base: Model, srcs: list[Any], weight_merged: Any) -> dict[str, Any]:
+def _weight_models(
+    base: Model, srcs: list[Model], weight_merged: Model | Mapping[str, Model] | None
+) -> dict[str, Model]:
     """The weight-merged models by label, every model checked compatible with the base."""
-    weights: dict[str, Any]
+    weights: dict[str, Model]
     if weight_merged is None:
         weights = {}
     elif isinstance(weight_merged, Mapping):

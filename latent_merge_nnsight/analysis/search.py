@@ -27,20 +27,32 @@ different ones is an error. One process per study.
 import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import pandas as pd
 
 from latent_merge_nnsight.analysis.evaluators import TaskAccuracy
 from latent_merge_nnsight.analysis.pareto import pareto_figure, pareto_front
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.evaluation.tasks import CATEGORIES, make_eval_set
+from latent_merge_nnsight.evaluation.tasks import CATEGORIES, Example, make_eval_set
 from latent_merge_nnsight.generation import release_engine
 from latent_merge_nnsight.models import model_info
+from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.ops import get_op
 from latent_merge_nnsight.recipe import Recipe
+
+if TYPE_CHECKING:  # optuna is the optional `search` extra
+    from optuna import Study, Trial
+    from optuna.trial import FrozenTrial
+
+Models: TypeAlias = Model | Sequence[Model]
+Accuracies: TypeAlias = Callable[[Recipe | None], dict[str, float]]
+"""A recipe's (None: the base's) accuracy per task category on one split."""
+Objectives: TypeAlias = 'tuple[Callable[["Trial"], float], Callable[[list["Trial"]], list[float]], int]'
+"""One trial's objective, k trials' in one pass, and k (`_run_trials`)."""
 
 # optuna (the `search` extra) is imported inside functions only: the package works without it.
 __all__ = [
@@ -130,7 +142,7 @@ class SearchSpace:
             raise LatentMergeError(f"space.alpha_range={self.alpha_range}; expected 0 <= low < high <= 1")
         return dataclasses.replace(self, layers=tuple(sorted(set(layers))))
 
-    def suggest(self, trial: Any) -> Recipe:
+    def suggest(self, trial: "Trial") -> Recipe:
         """The trial's recipe (parameters: op, site, top, n_layers, alpha_0 for the top layer, alpha_1 for
         the one below, ..., positions)."""
         assert self.layers is not None
@@ -173,7 +185,7 @@ class SearchResult:
     paths: dict[str, Path] = dataclasses.field(default_factory=dict)
 
 
-def _splits(n_search: int, n_test: int, seed: int) -> tuple[list[Any], list[Any]]:
+def _splits(n_search: int, n_test: int, seed: int) -> tuple[list[Example], list[Example]]:
     """Disjoint search and test examples per category, all from the held-out (eval) questions."""
     for name, n in (("n_search", n_search), ("n_test", n_test)):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -193,7 +205,7 @@ def _storage_url(storage: str | Path | None, out: Path | None) -> str | None:
     return text if "://" in text else f"sqlite:///{Path(text).resolve()}"
 
 
-def _check_settings(study: Any, settings: dict[str, Any], where: str) -> None:
+def _check_settings(study: "Study", settings: dict[str, Any], where: str) -> None:
     """Store the settings on a new study; on an existing one, refuse different settings."""
     stored = study.user_attrs.get("settings")
     if stored is None:
@@ -217,8 +229,8 @@ def _describe(constraints: Mapping[str, float]) -> str:
 
 
 def search(
-    base: Any,
-    sources: Any,
+    base: Model,
+    sources: Models,
     *,
     trials: int = 20,
     target: str = GAINED,
@@ -279,7 +291,7 @@ def search(
 
     source_list = list(sources) if isinstance(sources, (list, tuple)) else [sources]
 
-    def accuracies(recipe: Recipe | None, examples: list[Any]) -> dict[str, float]:
+    def accuracies(recipe: Recipe | None, examples: list[Example]) -> dict[str, float]:
         model_sources = None if recipe is None else source_list
         return {c: r["accuracy"] for c, r in evaluate(base, model_sources, recipe, examples).items()}
 
@@ -292,10 +304,10 @@ def search(
     # start-up trials: given, else the stored study's (so `trials` can grow), else a third of `trials`
     study = _open_study(optuna, url, study_name, settings, default_startup=min(10, max(2, trials // 3)))
 
-    def objective(trial: Any) -> float:
+    def objective(trial: "Trial") -> float:
         return _run_trial(trial, space, lambda r: accuracies(r, search_set), base_search, constraints, target)
 
-    def objectives(asked: list[Any]) -> list[float]:
+    def objectives(asked: list["Trial"]) -> list[float]:
         recipes = [space.suggest(trial) for trial in asked]
         scores = evaluate.batch(base, source_list, recipes, search_set)
         return [
@@ -331,7 +343,9 @@ def search(
     return result
 
 
-def _test_winner(best: Any, accuracies: Any) -> tuple[Recipe, dict[str, float], dict[str, float]]:
+def _test_winner(
+    best: "FrozenTrial", accuracies: Accuracies
+) -> tuple[Recipe, dict[str, float], dict[str, float]]:
     """The best feasible trial's recipe, and its metrics and the base's on the test split."""
     winner = Recipe.model_validate(best.user_attrs["recipe"] | {"name": f"search trial {best.number}"})
     base_test = task_metrics(accuracies(None), None)
@@ -341,9 +355,9 @@ def _test_winner(best: Any, accuracies: Any) -> tuple[Recipe, dict[str, float], 
 
 
 def _run_trial(
-    trial: Any,
+    trial: "Trial",
     space: SearchSpace,
-    accuracies: Any,
+    accuracies: Accuracies,
     base_search: dict[str, float],
     constraints: Mapping[str, float],
     target: str,
@@ -360,7 +374,7 @@ def _run_trial(
     return metrics[target]
 
 
-def _import_optuna() -> Any:
+def _import_optuna() -> ModuleType:
     try:
         import optuna
     except ImportError:
@@ -371,7 +385,7 @@ def _import_optuna() -> Any:
 
 
 def _write_trials(
-    study: Any,
+    study: "Study",
     constraints: Mapping[str, float],
     pareto: tuple[str, str],
     base_search: dict[str, float],
@@ -389,7 +403,7 @@ def _write_trials(
 
 
 def _check_search(
-    target: str, constraints: Mapping[str, Any], trials: Any, sampler: str, pareto: tuple[str, str]
+    target: str, constraints: Mapping[str, object], trials: object, sampler: str, pareto: tuple[str, str]
 ) -> None:
     """`search`'s arguments: metrics it knows, finite minimums, a trial count, a sampler."""
     names = metric_names()
@@ -409,8 +423,8 @@ def _check_search(
 
 
 def _open_study(
-    optuna: Any, url: str | None, study_name: str, settings: dict[str, Any], default_startup: int
-) -> Any:
+    optuna: ModuleType, url: str | None, study_name: str, settings: dict[str, Any], default_startup: int
+) -> "Study":
     """The study in `url` (created, or resumed after checking it ran with the same `settings`), with
     trials a dead process left running failed and queued again. `settings["startup_trials"]` None is
     set here: the stored study's, else `default_startup`."""
@@ -445,7 +459,12 @@ def _open_study(
 
 
 def _run_trials(
-    study: Any, objective: Any, trials: int, target: str, constraints: Mapping[str, float], progress: bool
+    study: "Study",
+    objective: Objectives,
+    trials: int,
+    target: str,
+    constraints: Mapping[str, float],
+    progress: bool,
 ) -> int:
     """Run the trials the study lacks to reach `trials` complete ones; returns how many ran.
 
@@ -460,7 +479,7 @@ def _run_trials(
     bar = tqdm(total=trials, initial=done, desc="lmn search", unit="trial", disable=not progress)
     evaluated = [0]
 
-    def report(study: Any, trial: Any) -> None:
+    def report(study: "Study", trial: "FrozenTrial") -> None:
         evaluated[0] += 1
         best = _best_feasible(study, constraints)
         bar.set_postfix_str(
@@ -489,7 +508,7 @@ def _run_trials(
     return evaluated[0]
 
 
-def _best_feasible(study: Any, constraints: Mapping[str, float]) -> Any:
+def _best_feasible(study: "Study", constraints: Mapping[str, float]) -> "FrozenTrial | None":
     import optuna
 
     best = None
@@ -500,7 +519,7 @@ def _best_feasible(study: Any, constraints: Mapping[str, float]) -> Any:
     return best
 
 
-def _trials_table(study: Any, constraints: Mapping[str, float]) -> pd.DataFrame:
+def _trials_table(study: "Study", constraints: Mapping[str, float]) -> pd.DataFrame:
     import optuna
 
     rows = []
@@ -556,7 +575,7 @@ def _write_pareto(
 
 
 def _write_winner(
-    result: SearchResult, base: Any, sources: Any, settings: dict[str, Any], out: Path
+    result: SearchResult, base: Model, sources: Models, settings: dict[str, Any], out: Path
 ) -> dict[str, Path]:
     paths = {"winner": out / "winner.yaml", "system": out / "system.yaml", "result": out / "result.json"}
     result.winner.save(paths["winner"])

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 import transformers
@@ -36,8 +36,12 @@ from latent_merge_nnsight.baselines.regmean_math import check_coefficients, regm
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.inputs import encode
 from latent_merge_nnsight.models import check_compatible, hf_module, load, model_info, wrap
+from latent_merge_nnsight.nouns import Model, Prompts
 from latent_merge_nnsight.ops import check_weight
 from latent_merge_nnsight.zoo import ZOO, zoo_path
+
+if TYPE_CHECKING:
+    from mergekit.config import MergeConfiguration
 
 __all__ = [
     "WEIGHT_METHODS",
@@ -49,6 +53,9 @@ __all__ = [
     "mergekit_config",
     "regmean_weights",
 ]
+
+ModelRef: TypeAlias = Model | str | Path
+"""A model to merge: a zoo name, a checkpoint directory or hub id, or a loaded model."""
 
 WEIGHT_METHODS: tuple[str, ...] = ("lerp", "slerp", "task_arithmetic", "regmean")
 
@@ -88,7 +95,7 @@ def _check_method(method: str) -> str:
     return method
 
 
-def _as_list(sources: Any) -> list[Any]:
+def _as_list(sources: ModelRef | Sequence[ModelRef]) -> list[ModelRef]:
     items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
     if not items:
         raise LatentMergeError("sources is empty; expected at least one fine-tuned model")
@@ -106,7 +113,7 @@ def _source_weights(weights: Sequence[float] | None, n: int, *, normalise: bool)
     return [x / sum(w) for x in w] if normalise else w
 
 
-def _checkpoint(model: Any, scratch: Path, index: int) -> str:
+def _checkpoint(model: ModelRef, scratch: Path, index: int) -> str:
     """A directory (or hub id) mergekit can read for `model`: zoo names and paths as they are, in-memory
     models saved to `scratch`."""
     if isinstance(model, (str, Path)):
@@ -201,7 +208,7 @@ def mergekit_config(
     return MergeConfiguration.model_validate(data)
 
 
-def _run_mergekit(config: Any, out: Path, device: str) -> None:
+def _run_mergekit(config: "MergeConfiguration", out: Path, device: str) -> None:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
@@ -220,7 +227,7 @@ def _run_mergekit(config: Any, out: Path, device: str) -> None:
 # RegMean
 
 
-def linear_names(model: Any) -> list[str]:
+def linear_names(model: Model) -> list[str]:
     """Names of the `nn.Linear` modules whose weight RegMean solves, in module order (which is their
     execution order in the supported architectures). An output head tied to the input embeddings is
     left out: it is the embedding matrix, and is averaged as one."""
@@ -261,7 +268,7 @@ class Grams:
         return cls(grams, int(meta["n_tokens"]))
 
 
-def _envoy(model: Any, name: str) -> Any:
+def _envoy(model: Model, name: str) -> Any:
     envoy = model
     for part in name.split("."):
         envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
@@ -269,8 +276,8 @@ def _envoy(model: Any, name: str) -> Any:
 
 
 def collect_grams(
-    model: Any,
-    calibration: Any,
+    model: Model,
+    calibration: Prompts,
     *,
     names: Sequence[str] | None = None,
     batch_size: int = 8,
@@ -321,7 +328,7 @@ def collect_grams(
     return Grams(sums, n_tokens, {"model": model_info(model).name})
 
 
-def _as_model(model: Any) -> Any:
+def _as_model(model: ModelRef) -> Model:
     if isinstance(model, (str, Path)):
         return load(model, dtype="auto")
     if model_info(model).truncated:
@@ -332,9 +339,9 @@ def _as_model(model: Any) -> Any:
 
 
 def _collect_all_grams(
-    models: list[Any],
-    calibration: Any,
-    source_calibration: Sequence[Any] | None,
+    models: list[Model],
+    calibration: Prompts | None,
+    source_calibration: Sequence[Prompts] | None,
     names: list[str],
     batch_size: int,
 ) -> list[Grams]:
@@ -354,13 +361,13 @@ def _collect_all_grams(
 
 
 def regmean_weights(
-    base: Any,
-    sources: Any,
-    calibration: Any = None,
+    base: ModelRef,
+    sources: ModelRef | Sequence[ModelRef],
+    calibration: Prompts | None = None,
     alpha: float = 0.5,
     *,
     weights: Sequence[float] | None = None,
-    source_calibration: Sequence[Any] | None = None,
+    source_calibration: Sequence[Prompts] | None = None,
     grams: Sequence[Grams] | None = None,
     off_diagonal: float = 0.9,
     ridge: float = 1e-6,
@@ -435,8 +442,8 @@ def regmean_weights(
 
 
 def merge_weights(
-    base: Any,
-    sources: Any,
+    base: ModelRef,
+    sources: ModelRef | Sequence[ModelRef],
     method: str = "lerp",
     alpha: float = 0.5,
     *,
@@ -446,7 +453,7 @@ def merge_weights(
     dtype: str | None = None,
     device: str = "cpu",
     allow_extrapolation: bool = False,
-    **regmean: Any,
+    **regmean: object,
 ) -> WeightMerge:
     """Merge `sources` into `base` in parameter space; `alpha=0` is the base, `alpha=1` the source(s).
 

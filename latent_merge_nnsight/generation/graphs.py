@@ -11,7 +11,7 @@ its device-side slot. `FixedStep` puts both together: the one fixed-shape decode
 import functools
 import warnings
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 
@@ -31,10 +31,16 @@ def side_stream() -> Any:
     return _SIDE_STREAMS[device]
 
 
+StepOut: TypeAlias = "torch.Tensor | tuple[StepOut, ...] | list[StepOut] | None"
+"""What a fixed-shape step returns: tensors, maybe nested in tuples and lists (refilled in place)."""
+PoolHandle: TypeAlias = tuple[int, int]
+"""A CUDA graphs' memory pool (`CUDAGraph.pool()`, torch's `_POOL_HANDLE`)."""
+
+
 class CapturedStep:
     """One captured fixed-shape step (a decode step for one batch size), replayed on its static buffers."""
 
-    def __init__(self, step: Any, pool: Any = None):
+    def __init__(self, step: Callable[[], StepOut], pool: PoolHandle | None = None):
         stream = side_stream()
         stream.wait_stream(torch.cuda.current_stream())
         mode = torch.cuda.get_sync_debug_mode()
@@ -62,9 +68,9 @@ class EagerStep:
     code that forgets to copy a result before the next step fails on CPU too.
     """
 
-    def __init__(self, step: Any):
+    def __init__(self, step: Callable[[], StepOut]):
         self.step = step
-        self.out: Any = None
+        self.out: StepOut = None
 
     def replay(self) -> Any:
         fresh = self.step()
@@ -75,7 +81,7 @@ class EagerStep:
         return self.out
 
 
-def _refill(out: Any, fresh: Any) -> None:
+def _refill(out: StepOut, fresh: StepOut) -> None:
     """Copy `fresh` into `out`, tensor by tensor, through tuples and lists (None stays None)."""
     if isinstance(out, torch.Tensor):
         out.copy_(fresh)
@@ -98,7 +104,7 @@ class StepGraphs:
         self.use_graphs = use_graphs
         self.what = what
         self.steps: dict[Hashable, CapturedStep | EagerStep] = {}
-        self.pool: Any = None
+        self.pool: PoolHandle | None = None
         self.error: str | None = None
 
     def __bool__(self) -> bool:
@@ -141,7 +147,7 @@ class StepInputs:
         shape: `(rows, kv_slots)` as made.
     """
 
-    def __init__(self, rows: int, device: Any, kv_slots: int | None = None):
+    def __init__(self, rows: int, device: torch.device | str, kv_slots: int | None = None):
         zeros = functools.partial(torch.zeros, dtype=torch.long, device=device)
         self.ids, self.pos, self.slot = zeros(rows, 1), zeros(rows, 1), zeros(1)
         self.kv_mask = None if kv_slots is None else zeros(rows, kv_slots)
@@ -186,7 +192,7 @@ class FixedStep:
         self.on = use_graphs or static
         self.inputs: StepInputs | None = None  # made on first use
 
-    def inputs_for(self, rows: int, device: Any, kv_slots: int | None = None) -> StepInputs:
+    def inputs_for(self, rows: int, device: torch.device | str, kv_slots: int | None = None) -> StepInputs:
         """The static inputs for `rows` rows (and a mask over `kv_slots` slots). New buffers make every
         captured step stale, so those are dropped."""
         inputs = self.inputs

@@ -15,21 +15,21 @@ logits processor inside HF's `generate`.
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.inputs import Batch, check_context, encode
+from latent_merge_nnsight.inputs import Batch, TokenIds, check_context, encode
 from latent_merge_nnsight.models import hf_module, model_info
 from latent_merge_nnsight.nouns import Model, Prompts, Tokenizer
 from latent_merge_nnsight.plan import Plan, RecipeLike, device_of
 from latent_merge_nnsight.sampling import Sampler, SamplingConfig, Tracker
 from latent_merge_nnsight.sampling_rules import check_sampling
 
-__all__ = ["BEAM_SEARCH_UNSUPPORTED", "GenerationResult", "Run", "left_align", "prepare_run"]
+__all__ = ["BEAM_SEARCH_UNSUPPORTED", "GenerationResult", "Run", "StepHook", "left_align", "prepare_run"]
 
 BEAM_SEARCH_UNSUPPORTED = (
     "num_beams={n}: beam search is not supported. Lockstep merging keeps a KV cache per source model in "
@@ -156,6 +156,11 @@ class Run:
 # checks and preparation (no forward runs here)
 
 
+StepHook: TypeAlias = Callable[[Run, list[int], list[int]], Iterable[int] | None]
+"""`Run.on_step`: called with the run, the rows that chose a token this step and those tokens; returns
+rows to end now (or None)."""
+
+
 def left_align(batch: Batch) -> Batch:
     """Move every row's padding to the left (real tokens keep their order), so each row's last real token
     is its last column. Both engines run on this layout."""
@@ -163,7 +168,9 @@ def left_align(batch: Batch) -> Batch:
     return Batch(batch.input_ids.gather(1, order), batch.attention_mask.gather(1, order))
 
 
-def _eos_ids(model: Model, tokenizer: Tokenizer, eos_token_id: Any, ignore_eos: bool) -> list[int]:
+def _eos_ids(
+    model: Model, tokenizer: Tokenizer, eos_token_id: int | Sequence[int] | None, ignore_eos: bool
+) -> list[int]:
     if ignore_eos:
         return []
     if eos_token_id is not None:
@@ -192,7 +199,7 @@ def _pad_id(model: Model, tokenizer: Tokenizer, eos: list[int]) -> int:
     return eos[0] if eos else 0
 
 
-def _check_stop(stop: Any, tokenizer: Tokenizer) -> list[str]:
+def _check_stop(stop: str | Sequence[str] | None, tokenizer: Tokenizer) -> list[str]:
     if stop is None:
         return []
     items = [stop] if isinstance(stop, str) else stop
@@ -207,7 +214,7 @@ def _check_stop(stop: Any, tokenizer: Tokenizer) -> list[str]:
     return list(items)
 
 
-def _chat_default(chat: Any, tokenizer: Tokenizer) -> bool:
+def _chat_default(chat: bool | None, tokenizer: Tokenizer) -> bool:
     """`chat=None` means: apply the chat template when the tokenizer has one."""
     if chat not in (None, True, False):
         raise LatentMergeError(
@@ -220,17 +227,17 @@ def prepare_run(
     base: Model,
     prompts: Prompts | None = None,
     *,
-    max_new_tokens: Any,
-    input_ids: Any = None,
-    attention_mask: Any = None,
+    max_new_tokens: int,
+    input_ids: TokenIds | None = None,
+    attention_mask: TokenIds | None = None,
     padding_side: str | None = None,
-    stop: Any = None,
-    eos_token_id: Any = None,
+    stop: str | Sequence[str] | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     ignore_eos: bool = False,
     num_beams: int = 1,
     tokenizer: Tokenizer | None = None,
     chat: bool | None = None,
-    **sampling: Any,
+    **sampling: object,
 ) -> Run:
     """Check the generation arguments and encode the prompts (left-aligned, on the base's device).
 

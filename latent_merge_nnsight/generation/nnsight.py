@@ -11,7 +11,8 @@ steps, and nothing reorders the sources' in step with it.
 
 import functools
 import warnings
-from typing import Any
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -32,6 +33,9 @@ from latent_merge_nnsight.models import hf_module
 from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.plan import Plan
 from latent_merge_nnsight.sampling import Tracker
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["PairTracer", "open_trace", "run_nnsight"]
 
@@ -62,11 +66,11 @@ class _Stop(StoppingCriteria):
     def __init__(self, tracker: Tracker):
         self.tracker = tracker
 
-    def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
+    def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs: object) -> Tensor:
         return torch.tensor(self.tracker.done, device=input_ids.device)
 
 
-def _neutral_config(hf: Any, pad_id: int) -> GenerationConfig:
+def _neutral_config(hf: "PreTrainedModel", pad_id: int) -> GenerationConfig:
     """A generation config with no logits processors of its own (the model's may carry a repetition
     penalty or sampling defaults that would change the base's logits before our sampler sees them)."""
     old = hf.generation_config
@@ -79,7 +83,7 @@ def _neutral_config(hf: Any, pad_id: int) -> GenerationConfig:
     )
 
 
-def _run_generate(base: Model, pad_id: int, *args: Any, **kwargs: Any) -> Any:
+def _run_generate(base: Model, pad_id: int, *args: object, **kwargs: object) -> Any:
     """nnsight's own `generate` under a neutral generation config (restored afterwards)."""
     hf = hf_module(base)
     saved = hf.generation_config
@@ -96,7 +100,12 @@ class PairTracer(tracer_class()):  # type: ignore[misc]
     generation: Any = None
     _lmn_finish: Any = None
 
-    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> bool:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool:
         ok = False
         try:
             with torch.no_grad():
@@ -126,7 +135,7 @@ def _generate_kwargs(base: Model, live: list[LiveSource], run: Run) -> dict[str,
     )
 
 
-def _finish_sources(run: Any, live: list[LiveSource]) -> None:
+def _finish_sources(run: Run, live: list[LiveSource]) -> None:
     """Record whether the sources' steps ran as CUDA graphs, then free their caches and graphs."""
     if live:
         run.info["cuda_graphs"] = all(s.graphs.use_graphs for s in live)

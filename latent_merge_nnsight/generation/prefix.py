@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 
 from latent_merge_nnsight.models import hf_module
+from latent_merge_nnsight.nouns import Model
 
 __all__ = ["PromptReuse", "PromptStates", "share_prompt_states"]
 
@@ -66,13 +67,13 @@ class PromptStates:
         return new
 
 
-def prompt_states(hf: Any) -> PromptStates | None:
+def prompt_states(hf: nn.Module) -> PromptStates | None:
     """The store of a model's HF module, when `share_prompt_states` is active for it."""
     return _STORES.get(hf)
 
 
 @contextlib.contextmanager
-def share_prompt_states(*models: Any, max_batches: int = 8) -> Iterator[None]:
+def share_prompt_states(*models: Model, max_batches: int = 8) -> Iterator[None]:
     """While the block runs, fast-engine prefills of `models` (base or source) on prompts they have
     prefilled before reuse the blocks their unmerged streams already computed (see the module doc).
     The stored states are dropped on exit."""

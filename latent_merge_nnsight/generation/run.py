@@ -25,14 +25,14 @@ Memory: a source is needed only up to the highest merged layer, so load it with
 """
 
 from collections.abc import Sequence
-from typing import Any
 
 from latent_merge_nnsight._nnsight import is_traceable
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generation.fast import release_engine, run_fast
-from latent_merge_nnsight.generation.loop import GenerationResult, prepare_run
+from latent_merge_nnsight.generation.loop import GenerationResult, StepHook, prepare_run
 from latent_merge_nnsight.generation.nnsight import run_nnsight
 from latent_merge_nnsight.generation.stack import fast_support
+from latent_merge_nnsight.inputs import TokenIds
 from latent_merge_nnsight.models import model_info
 from latent_merge_nnsight.nouns import Model, Prompts, Tokenizer
 from latent_merge_nnsight.ops import get_op
@@ -104,8 +104,8 @@ def generate(
     recipe: RecipeLike = None,
     *,
     max_new_tokens: int,
-    input_ids: Any = None,
-    attention_mask: Any = None,
+    input_ids: TokenIds | None = None,
+    attention_mask: TokenIds | None = None,
     padding_side: str | None = None,
     do_sample: bool = False,
     temperature: float = 1.0,
@@ -124,7 +124,7 @@ def generate(
     chat: bool | None = None,
     sampler: str = "default",
     logprobs: int | None = None,
-    on_step: Any = None,
+    on_step: StepHook | None = None,
 ) -> GenerationResult:
     """Generate from `base` with `sources` merged in lockstep according to `recipe`.
 
@@ -137,8 +137,9 @@ def generate(
             has one (see `chat`).
         recipe: an `lmn.Recipe` (latent merge or delta steering), an `Ensemble` (logit ensemble), None,
             or a list with one recipe (or None: base alone) per prompt. Per-row recipes may differ in op,
-            layers, alphas, site and positions and run in one pass; they share `sources`, so each takes
-            a live-source op (not `delta`). Row i's tokens equal a call with recipe[i] alone.
+            layers, alphas, site and positions and run in one pass; they share `sources`: all live-source
+            ops, or all `delta` on one set of steering vectors. Row i's tokens equal a call with recipe[i]
+            alone.
         max_new_tokens: new tokens per row at most (>= 1).
         input_ids, attention_mask: token ids (and mask; left or right padding) instead of prompts.
         padding_side: how to pad text prompts of different lengths ("left" or "right").

@@ -14,7 +14,7 @@ padding, causality and sliding windows all come from one additive bias per windo
 
 import contextlib
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -25,6 +25,9 @@ from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.models import hf_module
 from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.sites import Architecture, registered, resolve_path
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 __all__ = [
     "Biases",
@@ -43,9 +46,11 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 
 Biases = dict[int | None, Tensor]
 """One forward's additive attention biases, by attention window (None: full causal attention)."""
+Rotary = tuple[Tensor, Tensor] | dict[str, tuple[Tensor, Tensor]] | None
+"""One forward's rotary embeddings (cos, sin): one pair, or one per layer type; None without rotary."""
 
 
-def layer_windows(config: Any, n_layers: int) -> list[int | None]:
+def layer_windows(config: "PretrainedConfig", n_layers: int) -> list[int | None]:
     """Each block's attention window, as HF masks it: None for full attention.
 
     With `layer_types` a block slides only when its type says so (Qwen2/3, Gemma 2/3); without, a
@@ -159,7 +164,7 @@ class KVCache:
         self.capacity = capacity
 
     def update(
-        self, key: Tensor, value: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+        self, key: Tensor, value: Tensor, layer_idx: int, *args: object, **kwargs: object
     ) -> tuple[Tensor, Tensor]:
         """Store this forward's keys/values for `layer_idx` and return all keys/values to attend to."""
         if self.keys[layer_idx] is None:
@@ -257,7 +262,9 @@ class Stack:
     def new_cache(self, capacity: int) -> KVCache:
         return KVCache(self.n_layers, capacity)
 
-    def embed(self, ids: Int[Tensor, "batch new"], positions: Int[Tensor, "batch new"]) -> tuple[Tensor, Any]:
+    def embed(
+        self, ids: Int[Tensor, "batch new"], positions: Int[Tensor, "batch new"]
+    ) -> tuple[Tensor, Rotary]:
         """Token embeddings, and what the blocks need per forward (rotary cos/sin), from the position ids."""
         h = self._embed(ids)
         if self._wpe is not None:  # learned positions (GPT-2)
@@ -283,7 +290,7 @@ class Stack:
         h: Float[Tensor, "batch new d_model"],
         bias: Biases,
         positions: Int[Tensor, "batch new"],
-        context: Any,
+        context: Rotary,
         cache: KVCache,
     ) -> Float[Tensor, "batch new d_model"]:
         """Run decoder block i (its keys/values go into `cache`); `bias` from `attention_bias`."""

@@ -17,11 +17,20 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from latent_merge_nnsight.errors import LatentMergeError
+from latent_merge_nnsight.nouns import Chat
+
+if TYPE_CHECKING:
+    from latent_merge_nnsight.generation.loop import Run
+    from latent_merge_nnsight.recipe import Recipe
 
 __all__ = ["BatchStats", "Batcher", "Completion", "SystemCompleteFn", "TokenLogprob", "without_stop"]
+
+
+Prompt: TypeAlias = str | Chat | Sequence[int]
+"""One request's prompt: a string, a chat, or token ids."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,12 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+class CompletingSystem(Protocol):
+    """What the batcher runs: a loaded system's batched `complete` (`systems.loaded.LoadedSystem`)."""
+
+    def complete(self, prompts: Sequence[Prompt], **kwargs: object) -> list[Completion]: ...
 
 
 def without_stop(text: str, finish_reason: str, stops: Sequence[str]) -> str:
@@ -76,10 +91,10 @@ def settled(text: str, stops: Sequence[str]) -> int:
 
 @dataclass
 class _Request:
-    prompt: Any
+    prompt: Prompt
     params: dict[str, Any]
     future: "asyncio.Future[Completion]"
-    recipe: Any = None  # the request's own recipe (None: the system's)
+    recipe: "Recipe | None" = None  # the request's own recipe (None: the system's)
     deltas: "asyncio.Queue[Any] | None" = None  # streamed: text pieces, then its Completion (or an error)
     gone: bool = False  # a streamed request whose client stopped listening: its row ends at the next step
     answered: bool = False  # a streamed request whose Completion went out at the step its row finished
@@ -110,7 +125,7 @@ class _StreamHook:
         self.group, self.loop = group, loop
         self.sent = [0] * len(group)
 
-    def __call__(self, run: Any, rows: list[int], tokens: list[int]) -> list[int]:
+    def __call__(self, run: "Run", rows: list[int], tokens: list[int]) -> list[int]:
         tracker = run.tracker
         for row in rows:
             request = self.group[row]
@@ -150,7 +165,9 @@ class Batcher:
     system's generation thread. Must be started inside the event loop that submits to it.
     """
 
-    def __init__(self, system: Any, *, max_batch_size: int = 8, max_wait_ms: float = 5.0) -> None:
+    def __init__(
+        self, system: CompletingSystem, *, max_batch_size: int = 8, max_wait_ms: float = 5.0
+    ) -> None:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise LatentMergeError(
                 f"max_batch_size={max_batch_size!r}; expected an int >= 1",
@@ -188,14 +205,16 @@ class Batcher:
         self._queue = asyncio.Queue()
         self._task = self.loop.create_task(self._work())
 
-    def _request(self, prompt: Any, params: Mapping[str, Any] | None, recipe: Any, stream: bool) -> _Request:
+    def _request(
+        self, prompt: Prompt, params: Mapping[str, Any] | None, recipe: "Recipe | None", stream: bool
+    ) -> _Request:
         if self._queue is None or self.loop is not asyncio.get_running_loop():
             raise LatentMergeError("Batcher.submit called before start() in this event loop")
         deltas: asyncio.Queue[Any] | None = asyncio.Queue() if stream else None
         return _Request(prompt, dict(params or {}), self.loop.create_future(), recipe, deltas)
 
     async def submit(
-        self, prompt: Any, params: Mapping[str, Any] | None = None, recipe: Any = None
+        self, prompt: Prompt, params: Mapping[str, Any] | None = None, recipe: "Recipe | None" = None
     ) -> Completion:
         """Queue one prompt with its sampling overrides (and its own recipe: None for the system's); wait
         for its `Completion`."""
@@ -205,7 +224,7 @@ class Batcher:
         return await request.future
 
     async def stream(
-        self, prompt: Any, params: Mapping[str, Any] | None = None, recipe: Any = None
+        self, prompt: Prompt, params: Mapping[str, Any] | None = None, recipe: "Recipe | None" = None
     ) -> AsyncIterator[str | Completion]:
         """Like `submit`, yielding the answer's text in pieces as they are decoded (never a piece of a
         stop string; all of it at the end for a system without ``streams_tokens``), then its
@@ -292,7 +311,12 @@ class SystemCompleteFn:
     """
 
     def __init__(
-        self, system: Any, *, max_batch_size: int, max_wait_ms: float, overrides: Mapping[str, Any]
+        self,
+        system: CompletingSystem,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        overrides: Mapping[str, Any],
     ) -> None:
         self.system = system
         self.max_batch_size, self.max_wait_ms = max_batch_size, max_wait_ms

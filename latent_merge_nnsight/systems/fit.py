@@ -6,9 +6,12 @@ One rule for every command that feeds a local system prompts it did not write (`
 """
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from latent_merge_nnsight.errors import LatentMergeError
+
+if TYPE_CHECKING:
+    from latent_merge_nnsight.systems.loaded import LoadedSystem
 
 TRUNCATE: tuple[str, ...] = ("error", "left", "none")
 """What to do with a prompt over the context: refuse it, cut the start of its last message, feed it whole."""
@@ -16,7 +19,7 @@ TRUNCATE: tuple[str, ...] = ("error", "left", "none")
 Chat = list[dict[str, Any]]
 
 
-def check_truncate(truncate: Any) -> str:
+def check_truncate(truncate: object) -> str:
     if truncate not in TRUNCATE:
         raise LatentMergeError(
             f"truncate={truncate!r}; expected one of {TRUNCATE}", param="truncate", value=truncate
@@ -25,7 +28,11 @@ def check_truncate(truncate: Any) -> str:
 
 
 def fit_chats(
-    loaded: Any, chats: Sequence[Sequence[Mapping[str, Any]]], budget: int, truncate: str, what: str
+    loaded: "LoadedSystem",
+    chats: Sequence[Sequence[Mapping[str, Any]]],
+    budget: int,
+    truncate: str,
+    what: str,
 ) -> list[tuple[Chat, int]]:
     """Each chat as it is to be asked, with the tokens cut from the start of its last message (0: whole).
 
@@ -51,7 +58,7 @@ def fit_chats(
     return out
 
 
-def _cut_left(loaded: Any, chat: Chat, cut: int, room: int) -> tuple[Chat, int]:
+def _cut_left(loaded: "LoadedSystem", chat: Chat, cut: int, room: int) -> tuple[Chat, int]:
     """`chat` with the first tokens of its last message cut until the prompt fits `room` tokens."""
     text = str(chat[-1]["content"])
     # verbose=False: the text is longer than the model takes, which is why it is being cut (no warning)

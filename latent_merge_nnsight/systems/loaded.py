@@ -28,9 +28,10 @@ from latent_merge_nnsight._nnsight import is_wrapped
 from latent_merge_nnsight.baselines.weights import merge_weights
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generation import generate
-from latent_merge_nnsight.generation.score import score
+from latent_merge_nnsight.generation.score import ScoreResult, score
 from latent_merge_nnsight.inputs import is_chat, is_token_ids
 from latent_merge_nnsight.models import hf_module, load, model_info
+from latent_merge_nnsight.nouns import Tokenizer as HfTokenizer
 from latent_merge_nnsight.ops import get_op
 from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.request_recipe import KEY, as_recipe, resolve_request
@@ -179,7 +180,7 @@ class LoadedSystem:
         with self._counter_lock:
             return self._encode(text, add_special_tokens)
 
-    def sampling(self, **overrides: Any) -> SamplingSpec:
+    def sampling(self, **overrides: object) -> SamplingSpec:
         """The system's sampling settings with ``overrides`` applied (validated)."""
         unknown = sorted(set(overrides) - set(SamplingSpec.model_fields))
         if unknown:
@@ -195,7 +196,7 @@ class LoadedSystem:
                 f"sampling overrides are invalid:\n{explain_errors(exc)}", param=str(loc[0]) if loc else None
             ) from None
 
-    def request_recipe(self, value: Any) -> Recipe | None:
+    def request_recipe(self, value: object) -> Recipe | None:
         """A request's own recipe (vLLM's per-request ``latent_merge``: `request_recipe`): the system's
         recipe with the request's op and alphas, or None when the value sets neither (``merge_from``
         alone). A `LatentMergeError` naming the field for a layer the system does not merge, an alpha out
@@ -227,7 +228,7 @@ class LoadedSystem:
         *,
         recipes: Sequence[Recipe | None] | None = None,
         on_step: Callable[..., Any] | None = None,
-        **overrides: Any,
+        **overrides: object,
     ) -> list[Completion]:
         """Generate one answer per prompt (strings are used as is, chats get the chat template, token-id
         lists are the tokens themselves).
@@ -281,7 +282,7 @@ class LoadedSystem:
             )
         return [self.config.recipe if r is None else r for r in recipes]
 
-    def generate(self, prompts: Sequence[Any], **overrides: Any) -> list[str]:
+    def generate(self, prompts: Sequence[Any], **overrides: object) -> list[str]:
         """The answer texts for `prompts` (see `complete` for finish reasons and token counts)."""
         return [c.text for c in self.complete(prompts, **overrides)]
 
@@ -323,7 +324,12 @@ class LoadedSystem:
             )
         return (self.base, *self.generation_setup())
 
-    def score(self, contexts: Any, continuations: Any, **kwargs: Any) -> Any:
+    def score(
+        self,
+        contexts: Sequence[str | Sequence[int]],
+        continuations: Sequence[str | Sequence[int]],
+        **kwargs: object,
+    ) -> ScoreResult:
         """`lmn.score` of (context, continuation) rows under this system, one call at a time."""
         with self._lock:
             return score(self, None, contexts, continuations, None, **kwargs)
@@ -356,7 +362,7 @@ class LoadedSystem:
     def provenance(self) -> dict[str, Any]:
         """What produced an output: the system file's content, models, recipe, sampling, seed, versions."""
 
-        def describe(model: Any, ref: str | None) -> dict[str, Any]:
+        def describe(model: object, ref: str | None) -> dict[str, Any]:
             if not is_wrapped(model) and not hasattr(model, "config"):  # e.g. steering Deltas
                 return {"ref": ref, "type": type(model).__name__}
             info = model_info(model)
@@ -396,7 +402,9 @@ class LoadedSystem:
         """Run ``fn`` in this system's single generation thread (from a running event loop)."""
         return asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
-    def complete_fn(self, *, max_batch_size: int = 8, max_wait_ms: float = 5.0, **overrides: Any) -> Any:
+    def complete_fn(
+        self, *, max_batch_size: int = 8, max_wait_ms: float = 5.0, **overrides: object
+    ) -> SystemCompleteFn:
         """An async ``messages -> reply text`` callable (a judge's `CompleteFn`) that batches calls.
 
         Concurrent calls (e.g. `judgebench_accuracy` with ``concurrency=8``) are collected into one
@@ -419,7 +427,7 @@ def _shell(ref: str, dtype: str) -> Any:
     return load(ref, dtype=dtype, up_to_layer=0)
 
 
-def _private_encoder(tokenizer: Any) -> Callable[[str, bool], list[int]]:
+def _private_encoder(tokenizer: HfTokenizer) -> Callable[[str, bool], list[int]]:
     """An encoding function over a private copy of the tokenizer's backend (rebuilt from its JSON, so
     counting never touches the padding state that batched encoding sets on the shared tokenizer)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

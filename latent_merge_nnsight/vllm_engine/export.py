@@ -274,7 +274,7 @@ def read_export_or_none(folder: Path) -> Export | None:
         return None
 
 
-def read_export(folder_or_config: Any) -> Export:
+def read_export(folder_or_config: str | Path | dict[str, Any]) -> Export:
     """The `Export` of an export folder, or of its `latent_merge` config block (a dict)."""
     if isinstance(folder_or_config, dict):
         block, folder = folder_or_config, None

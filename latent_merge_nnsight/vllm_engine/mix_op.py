@@ -10,10 +10,13 @@ piece before it, so the piece after it reads from the address it was captured wi
 """
 
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from vllm.config import ModelConfig, VllmConfig
 
 # Imported inside functions: vllm (optional) and `requests` (it pulls plan/models, transformers and
 # nnsight, too heavy for `plugin.register`, which imports this module in every vLLM process).
@@ -66,7 +69,7 @@ class LatentMergeConfig:
     (`--api-server-count N`: each of the N builds its own, so each front end knows the export)."""
 
     @staticmethod
-    def verify_and_update_config(vllm_config: Any) -> None:
+    def verify_and_update_config(vllm_config: "VllmConfig") -> None:
         """Note the export for the front end's request checks and list the model's logits processor
         (`requests.attach_processor`). No full CUDA graphs: they would capture
         the mix with the batch of capture time; piecewise graphs split around the op (the model adds it
@@ -94,5 +97,5 @@ class LatentMergeConfig:
             cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
     @staticmethod
-    def verify_and_update_model_config(model_config: Any) -> None:
+    def verify_and_update_model_config(model_config: "ModelConfig") -> None:
         return

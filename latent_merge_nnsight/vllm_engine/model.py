@@ -29,7 +29,7 @@ import dataclasses
 import glob
 import os
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -44,6 +44,11 @@ from latent_merge_nnsight.vllm_engine.export import Export, read_export
 from latent_merge_nnsight.vllm_engine.mix_op import MODELS, OP, register_mix_op
 from latent_merge_nnsight.vllm_engine.requests import TABLE
 
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+    from vllm.config import VllmConfig
+    from vllm.sequence import IntermediateTensors
+
 __all__ = ["LatentMergeForCausalLM"]
 
 register_mix_op()
@@ -57,7 +62,9 @@ _STACKED = (  # HF weight name part -> (vLLM fused parameter part, shard)
 )
 
 
-def _decoder_layer(family: str, config: Any, vllm_config: Any, prefix: str) -> nn.Module:
+def _decoder_layer(
+    family: str, config: "PretrainedConfig", vllm_config: "VllmConfig", prefix: str
+) -> nn.Module:
     """vLLM's own decoder block of `family`."""
     if family == "qwen2":
         from vllm.model_executor.models.qwen2 import Qwen2DecoderLayer as Layer
@@ -88,7 +95,13 @@ class _Stack(nn.Module):
     """One model's embedding, some of its blocks (keyed by their global layer index) and maybe its norm."""
 
     def __init__(
-        self, name: str, config: Any, vllm_config: Any, blocks: int, offset: int, with_norm: bool
+        self,
+        name: str,
+        config: "PretrainedConfig",
+        vllm_config: "VllmConfig",
+        blocks: int,
+        offset: int,
+        with_norm: bool,
     ) -> None:
         super().__init__()
         from vllm.model_executor.layers.layernorm import RMSNorm
@@ -127,7 +140,7 @@ class _Mix:
         return out[0]
 
 
-def _check_graphs(vllm_config: Any) -> None:
+def _check_graphs(vllm_config: "VllmConfig") -> None:
     """Refuse a CUDA-graph setup that would capture the mix (the config hook picks a safe one by
     default); add the mix to the ops piecewise graphs split at."""
     from vllm.config import CompilationMode, CUDAGraphMode
@@ -158,7 +171,7 @@ def _check_graphs(vllm_config: Any) -> None:
 class LatentMergeForCausalLM(nn.Module):
     """The composite model an lmn vLLM export names (see the module docstring)."""
 
-    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+    def __init__(self, *, vllm_config: "VllmConfig", prefix: str = "") -> None:
         super().__init__()
         from transformers import AutoConfig
         from vllm.model_executor.layers.logits_processor import LogitsProcessor
@@ -300,9 +313,9 @@ class LatentMergeForCausalLM(nn.Module):
         self,
         input_ids: Tensor | None,
         positions: Tensor,
-        intermediate_tensors: Any = None,
+        intermediate_tensors: "IntermediateTensors | None" = None,
         inputs_embeds: Tensor | None = None,
-        **kwargs: Any,
+        **kwargs: object,
     ) -> Tensor:
         if inputs_embeds is not None or input_ids is None:
             raise LatentMergeError(

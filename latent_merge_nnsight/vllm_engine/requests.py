@@ -31,14 +31,20 @@ own `logits_processors` (`attach_processor`), so vLLM never loads it for another
 
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.request_recipe import KEY, RequestRecipe, check_request, resolve_request
 from latent_merge_nnsight.vllm_engine import ARCHITECTURE
 from latent_merge_nnsight.vllm_engine.export import Export, read_export
+
+if TYPE_CHECKING:  # vLLM is optional: its types for a type checker only
+    from torch import Tensor
+    from vllm import SamplingParams
+    from vllm.config import VllmConfig
+    from vllm.v1.sample.logits_processor import BatchUpdate
 
 __all__ = [
     "KEY",
@@ -54,7 +60,7 @@ __all__ = [
 ]
 
 
-def parse_request(value: Any, export: Export) -> RequestRecipe:
+def parse_request(value: object, export: Export) -> RequestRecipe:
     """A request's `latent_merge` value checked against the export it runs on (the checks themselves are
     `request_recipe.resolve_request`'s, which `lmn serve` runs against its system)."""
     return resolve_request(value, export.recipe, export.layers, len(export.sources), holder="export")
@@ -112,7 +118,7 @@ class RequestTable:
         self.export: Export | None = None
         self.active = False
         self.slot_of: dict[str, int] = {}  # V2: request id -> slot
-        self.order: Any = None  # V2: this step's batch position -> slot (None: no real batch)
+        self.order: list[int] | None = None  # V2: this step's batch position -> slot (None: no real batch)
         self.v2 = False
 
     def reset(self, export: Export | None, *, v2: bool) -> None:
@@ -121,7 +127,7 @@ class RequestTable:
         self.slot_of.clear()
         self.export, self.active, self.v2, self.order = export, export is not None, v2, None
 
-    def recipe(self, params: Any) -> RequestRecipe | None:
+    def recipe(self, params: "SamplingParams") -> RequestRecipe | None:
         """The request's own recipe from its sampling parameters (None: the export's)."""
         raw = (getattr(params, "extra_args", None) or {}).get(KEY)
         if raw is None or self.export is None:
@@ -142,7 +148,7 @@ class RequestTable:
 
     # V2: slots, and the step's batch order
 
-    def add_slot(self, slot: int, req_id: str, prompt_len: int, params: Any) -> None:
+    def add_slot(self, slot: int, req_id: str, prompt_len: int, params: "SamplingParams") -> None:
         """A request (new, or re-filled after preemption with its partial output) takes `slot`; whatever
         the slot held before is replaced."""
         self.slot_of[req_id] = slot
@@ -154,7 +160,7 @@ class RequestTable:
         if slot is not None:
             self.rows.pop(slot, None)
 
-    def set_order(self, idx_mapping: Any, req_ids: Any = ()) -> None:
+    def set_order(self, idx_mapping: Iterable[int] | None, req_ids: Sequence[str] = ()) -> None:
         """This step's batch position -> slot (V2's `InputBatch.idx_mapping_np`, `req_ids` its requests).
         None, or a batch of requests never added (V2's dummy batches), mixes nothing."""
         real = idx_mapping is not None and all(r in self.slot_of for r in req_ids)
@@ -162,7 +168,7 @@ class RequestTable:
 
     # V1: the persistent batch's rows
 
-    def update(self, batch_update: Any) -> None:
+    def update(self, batch_update: "BatchUpdate | None") -> None:
         """Apply one `BatchUpdate` (removed, then added, then moved, as vLLM orders them)."""
         if batch_update is None:
             return
@@ -197,7 +203,7 @@ or a ValueError (`LLM.generate`). vLLM builds the config in every front-end proc
 API server of `vllm serve`, each of `--api-server-count N`'s), so each of them sets it."""
 
 
-def note_export(vllm_config: Any) -> None:
+def note_export(vllm_config: "VllmConfig") -> None:
     """Remember the export of the config being built (`mix_op.LatentMergeConfig`)."""
     hf = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
     block = getattr(hf, "latent_merge", None)
@@ -205,7 +211,7 @@ def note_export(vllm_config: Any) -> None:
         FRONT["export"] = read_export(block)
 
 
-def check_front(sampling_params: Any) -> None:
+def check_front(sampling_params: "SamplingParams") -> None:
     """The front end's check of a request's `latent_merge` value against `FRONT`'s export: a `ValueError`
     (vLLM's 400) naming the problem. A process that knows no export (the model is not a latent-merge
     export, or vLLM gave this front end a config built elsewhere) refuses every such value: the worker
@@ -234,7 +240,7 @@ PROCESSOR = f"{__name__}:LatentMergeRequests"
 """The logits processor as vLLM's `logits_processors` lists it (a class path, loaded in each process)."""
 
 
-def attach_processor(vllm_config: Any) -> None:
+def attach_processor(vllm_config: "VllmConfig") -> None:
     """List `LatentMergeRequests` in this model's `logits_processors` (the config hook runs this for our
     architecture only), so each front end checks requests with it and each worker builds it, under
     either model runner; other models never load it."""
@@ -267,10 +273,10 @@ def _logits_processor_class() -> type:
         V2 state, which also sees each step's batch order before the forward)."""
 
         @classmethod
-        def validate_params(cls, sampling_params: Any) -> None:
+        def validate_params(cls, sampling_params: "SamplingParams") -> None:
             check_front(sampling_params)
 
-        def __init__(self, vllm_config: Any, *runner_args: Any) -> None:
+        def __init__(self, vllm_config: "VllmConfig", *runner_args: object) -> None:
             self.v1 = len(runner_args) == 2  # (device, is_pin_memory); V2 passes (req_states,)
             if self.v1:
                 hf = vllm_config.model_config.hf_config
@@ -281,19 +287,19 @@ def _logits_processor_class() -> type:
         def is_argmax_invariant(self) -> bool:
             return True
 
-        def update_state(self, batch_update: Any) -> None:
+        def update_state(self, batch_update: "BatchUpdate | None") -> None:
             if TABLE.active and not TABLE.v2:
                 TABLE.update(batch_update)
 
         # Model Runner V2
-        def add_request(self, req_idx: int, sampling_params: Any) -> bool:
+        def add_request(self, req_idx: int, sampling_params: "SamplingParams") -> bool:
             return False  # never changes this request's logits
 
         def apply_staged_writes(self) -> None:
             return None
 
         # both
-        def apply(self, logits: Any, ctx: Any = None) -> Any:
+        def apply(self, logits: "Tensor", ctx: object = None) -> "Tensor":
             return logits
 
     LatentMergeRequests.__qualname__ = "LatentMergeRequests"

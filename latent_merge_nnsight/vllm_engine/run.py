@@ -10,8 +10,9 @@ are decided as for every engine.
 
 Per-row recipes (`recipe=[...]`, a plan with `groups`) run in the same way: the export merges every layer
 a row names, and each row's recipe goes with its request as `latent_merge` (its op and alphas; alpha 0
-for a row without a recipe). vLLM's requests share the export's site, positions and op parameters, so
-rows differing in those are refused here.
+for a row without a recipe); `delta` rows export the steering vectors of every layer a row names.
+vLLM's requests share the export's site, positions and op parameters, so rows differing in those are
+refused here.
 
 `configure(**llm_kwargs)` sets `vllm.LLM` arguments for engines started afterwards (e.g.
 `max_num_batched_tokens`, `enable_prefix_caching`, `tensor_parallel_size`); `shutdown()` stops the kept
@@ -25,7 +26,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,11 +35,14 @@ from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.generation.loop import GenerationResult, Run
 from latent_merge_nnsight.models import hf_module, model_info
 from latent_merge_nnsight.nouns import Model
-from latent_merge_nnsight.plan import Plan, recipe_plan
+from latent_merge_nnsight.plan import Plan, recipe_plan, row_alphas
 from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.vllm_engine import require_vllm
 from latent_merge_nnsight.vllm_engine.export import Export, check_export, write_export
 from latent_merge_nnsight.vllm_engine.requests import KEY, cache_salt, parse_request
+
+if TYPE_CHECKING:
+    from vllm.logprobs import SampleLogprobs
 
 __all__ = ["configure", "llm_defaults", "run_vllm", "shutdown"]
 
@@ -46,7 +50,7 @@ _OPTIONS: dict[str, Any] = {}
 _KEPT: dict[str, Any] = {}  # "export", "llm", "folder", "options"
 
 
-def configure(**llm_kwargs: Any) -> None:
+def configure(**llm_kwargs: object) -> None:
     """`vllm.LLM` keyword arguments for engines started from now on (the kept engine is restarted)."""
     _OPTIONS.clear()
     _OPTIONS.update(llm_kwargs)
@@ -143,9 +147,10 @@ def _wanted(base: Model, sources: list[Model], plan: Plan, scratch: list[Path]) 
             f"got {type(plan.recipe).__name__} (the logit ensemble runs on engine='fast' or 'nnsight')"
         )
     recipe = _rows_export_recipe(plan) if plan.groups else plan.recipe if plan.mode == "merge" else None
-    if recipe is not None and plan.deltas is not None and recipe.deltas is None:  # a Deltas: via a file
+    vectors = {k: v for p in plan.groups or [plan] if p.deltas is not None for k, v in p.deltas.items()}
+    if recipe is not None and vectors and recipe.deltas is None:  # a Deltas: via a file
         path = Path(tempfile.mkdtemp(prefix="lmn-deltas-")) / "deltas.safetensors"
-        Deltas(dict(plan.deltas), site=plan.site).save(path)
+        Deltas(vectors, site=recipe.site).save(path)
         scratch.append(path.parent)
         recipe = recipe.model_copy(update={"deltas": str(path)})
     refs = [_ref(s, f"sources[{i}]") for i, s in enumerate(sources)]
@@ -175,8 +180,9 @@ def _row_requests(plan: Plan, export: Export) -> list[dict[str, Any]]:
             out.append({"alpha": 0.0})
             continue
         row = recipe_plan(recipe, export.n_layers)
-        layers = {layer: 0.5 if a is None else a for layer, a in row.alphas.items()}
-        out.append({"layers": layers, "op": row.op.name, "allow_extrapolation": row.allow_extrapolation})
+        out.append(
+            {"layers": row_alphas(row), "op": row.op.name, "allow_extrapolation": row.allow_extrapolation}
+        )
     return out
 
 
@@ -238,7 +244,7 @@ def run_vllm(
     return run.result("vllm")
 
 
-def _prompts(run: Any, salts: list[str | None]) -> list[dict[str, Any]]:
+def _prompts(run: Run, salts: list[str | None]) -> list[dict[str, Any]]:
     ids, mask = run.batch.input_ids.cpu(), run.batch.attention_mask.cpu()
     out = []
     for row, m, salt in zip(ids, mask, salts, strict=True):
@@ -249,7 +255,7 @@ def _prompts(run: Any, salts: list[str | None]) -> list[dict[str, Any]]:
     return out
 
 
-def _sampling(run: Any, request: dict[str, Any] | None, logprobs: int | None = None) -> Any:
+def _sampling(run: Run, request: dict[str, Any] | None, logprobs: int | None = None) -> Any:
     """vLLM's sampling parameters for the run's checked settings (greedy as `SamplingConfig.greedy` says)."""
     from vllm import SamplingParams
 
@@ -275,7 +281,9 @@ def _sampling(run: Any, request: dict[str, Any] | None, logprobs: int | None = N
     )
 
 
-def _row_logprobs(scored: Any, tokens: list[int], top: int) -> list[tuple[float, tuple[Any, ...]]]:
+def _row_logprobs(
+    scored: "SampleLogprobs | None", tokens: list[int], top: int
+) -> list[tuple[float, tuple[tuple[int, float], ...]]]:
     """vLLM's logprobs of one row's kept tokens: (the token's logprob, its ``top`` alternatives by rank).
 
     vLLM gives, per token, a mapping token id -> Logprob holding the chosen token and the top ranks."""
@@ -289,7 +297,7 @@ def _row_logprobs(scored: Any, tokens: list[int], top: int) -> list[tuple[float,
     return out
 
 
-def _replay(run: Any, tokens: list[list[int]]) -> None:
+def _replay(run: Run, tokens: list[list[int]]) -> None:
     """Feed vLLM's tokens through the run's tracker, step by step, so rows end exactly as on our engines."""
     tracker = run.tracker
     for step in range(max((len(t) for t in tokens), default=0)):

@@ -12,12 +12,20 @@ The front-end checks (`validate_params`) stay with `requests.LatentMergeRequests
 `logits_processors` by the config hook.
 """
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vllm.v1.worker.gpu.model_states.default import DefaultModelState
 
 from latent_merge_nnsight.vllm_engine.export import read_export
 from latent_merge_nnsight.vllm_engine.requests import TABLE
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.v1.core.sched.output import NewRequestData
+    from vllm.v1.worker.gpu.input_batch import InputBatch
+    from vllm.v1.worker.gpu.mm.encoder_cache import EncoderCache
+    from vllm.v1.worker.gpu.states import RequestState
 
 __all__ = ["LatentMergeModelState"]
 
@@ -25,12 +33,18 @@ __all__ = ["LatentMergeModelState"]
 class LatentMergeModelState(DefaultModelState):
     """V2's default model state, keeping `TABLE` by request slot (see the module docstring)."""
 
-    def __init__(self, vllm_config: Any, model: Any, encoder_cache: Any, device: Any) -> None:
+    def __init__(
+        self,
+        vllm_config: "VllmConfig",
+        model: "torch.nn.Module",
+        encoder_cache: "EncoderCache | None",
+        device: "torch.device",
+    ) -> None:
         super().__init__(vllm_config, model, encoder_cache, device)
         hf = vllm_config.model_config.hf_config.get_text_config()
         TABLE.reset(read_export(hf.latent_merge), v2=True)
 
-    def add_request(self, req_index: int, new_req_data: Any) -> None:
+    def add_request(self, req_index: int, new_req_data: "NewRequestData") -> None:
         super().add_request(req_index, new_req_data)
         TABLE.add_slot(req_index, new_req_data.req_id, new_req_data.prompt_len, new_req_data.sampling_params)
 
@@ -38,7 +52,7 @@ class LatentMergeModelState(DefaultModelState):
         super().remove_request(req_id)
         TABLE.remove_request(req_id)
 
-    def prepare_inputs(self, input_batch: Any, req_states: Any) -> dict[str, Any]:
+    def prepare_inputs(self, input_batch: "InputBatch", req_states: "RequestState") -> dict[str, Any]:
         TABLE.set_order(input_batch.idx_mapping_np[: input_batch.num_reqs], input_batch.req_ids)
         return super().prepare_inputs(input_batch, req_states)
 

@@ -1,7 +1,8 @@
 """Driver (run as a subprocess by test_rows.py): per-row recipes on engine="vllm" and engine="fast".
 
 Usage: driver_rows.py OUT_DIR. Writes OUT_DIR/result.json: the per-row call's tokens on both engines, and
-each row's tokens from a call with that row's recipe alone (fast engine), plus the base's tokens.
+each row's tokens from a call with that row's recipe alone (fast engine), plus the base's tokens; the
+same for per-row `delta` (steering) recipes ("steer_*").
 """
 
 import json
@@ -24,6 +25,13 @@ RECIPES = [
     lmn.Recipe(op="lerp", layers={2: 0.0}),
     lmn.Recipe(op="slerp", layers={2: 0.5, 3: 0.9}),
 ]
+STEER = [  # `delta` rows: one set of steering vectors, per-row layers and alphas
+    lmn.Recipe(op="delta", layers={3: 2.0, 4: 1.0}),
+    lmn.Recipe(op="delta", layers={4: -2.0}),
+    None,
+    lmn.Recipe(op="delta", layers={2: 0.0}),
+    lmn.Recipe(op="delta", layers={2: 1.5, 3: 1.5}),
+]
 
 
 def main() -> None:
@@ -44,6 +52,12 @@ def main() -> None:
         "fast": lmn.generate(base, ft, prompts, RECIPES, engine="fast", **kw).tokens,
         "vllm": lmn.generate(base, ft, prompts, RECIPES, engine="vllm", **kw).tokens,
     }
+    deltas = lmn.compute_deltas(base, ft, prompts, layers=[2, 3, 4])
+    out["steer_alone"] = [
+        lmn.generate(base, deltas, prompts, r, engine="fast", **kw).tokens[i] for i, r in enumerate(STEER)
+    ]
+    out["steer_fast"] = lmn.generate(base, deltas, prompts, STEER, engine="fast", **kw).tokens
+    out["steer_vllm"] = lmn.generate(base, deltas, prompts, STEER, engine="vllm", **kw).tokens
     try:
         lmn.generate(
             base,
