@@ -208,7 +208,8 @@ class Tracker:
         return None
 
     def text(self, row: int) -> str:
-        """The row's new text: EOS left out; cut just after the first stop string when it stopped on one."""
+        """The row's new text: EOS left out; cut before the first stop string when it stopped on one (the
+        stop string itself is left out, as OpenAI's and vLLM's servers do; `tokens` still hold it)."""
         if self.tokenizer is None:
             return ""
         toks = self.tokens[row]
@@ -216,6 +217,6 @@ class Tracker:
             toks = toks[:-1]
         text = self.tokenizer.decode(toks, skip_special_tokens=True)
         if self.reasons[row] == "stop":
-            cut = min((text.find(s) + len(s) for s in self.stop if s in text), default=len(text))
+            cut = min((text.find(s) for s in self.stop if s in text), default=len(text))
             text = text[:cut]
         return text

@@ -50,7 +50,8 @@ class GenerationResult:
         attention_mask: 1 for the real tokens of `sequences`, 0 for padding.
         prompt_width: columns of `sequences` that belong to the (padded) prompt.
         tokens: the new token ids of each row (an EOS token that ended a row is included).
-        texts: the new text of each row (EOS left out; cut just after the stop string that ended it).
+        texts: the new text of each row (EOS left out; cut before the stop string that ended it, which is
+            left out as the servers leave it out; `tokens` keep it).
         finish_reasons: per row, "eos", "stop" or "length" ("abort": a row the step hook ended).
         engine: which engine ran ("fast" or "nnsight").
         recipe: the recipe (or Ensemble, or None) that ran.

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def drop_stop(c: Completion, stops: Sequence[str]) -> Completion:
-    """OpenAI leaves the stop sequence out of the reply; `lmn.generate` keeps it at the end of the text."""
+    """The reply without the stop string that ended it. `lmn.generate` already leaves it out (one rule
+    for the package and its servers); this guards systems written outside the package that keep it."""
     text = without_stop(c.text, c.finish_reason, stops)
     return c if text == c.text else dataclasses.replace(c, text=text)
 

@@ -63,7 +63,7 @@ class CompletingSystem(Protocol):
 
 
 def without_stop(text: str, finish_reason: str, stops: Sequence[str]) -> str:
-    """The text OpenAI sends: without the stop string that ended it (`lmn.generate` keeps it at the end)."""
+    """The text OpenAI sends: without the stop string that ended it (as `lmn.generate` gives it)."""
     if finish_reason == "stop":
         for stop in stops:
             if stop and text.endswith(stop):

@@ -78,7 +78,7 @@ class SamplingSpec(BaseModel):
     seed: int | None = Field(None, description="random seed for sampling (None: unseeded)")
     stop: list[str] = Field(
         default_factory=list,
-        description="stop strings: a row ends after the first one (kept at the end of the text)",
+        description="stop strings: a row ends at the first one (left out of the text, as OpenAI does)",
     )
     sampler: Literal["default", "paper"] = Field(
         "default",
