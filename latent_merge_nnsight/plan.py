@@ -7,9 +7,8 @@ blocks), model compatibility, and the steering deltas. It is the only place a re
 loaded (a relative path is read next to the YAML file the recipe came from).
 
 Every executor then runs the same plan and mixes through `Plan.apply(layer, site, hb, hs, select)`:
-`merge_into` (one layer, in a trace), the fast engine (`generation.fast`, at each merged layer of its
-block loop), the nnsight engine (`generation.nnsight`, through `merge.apply_plan`) and `analysis/`.
-`Plan.next_logits` is the logit ensemble's mix, used by the loop's choose-next step.
+`merge_into` (in a trace), the fast engine, the nnsight engine and `analysis/`. `Plan.next_logits` is the
+logit ensemble's mix, used by the loop's choose-next step.
 
 Per-row recipes (`recipe=[r0, r1, ...]`, one per prompt: `rows_plan`) resolve to one plan whose
 `groups` are sub-plans, one per distinct (op, site, positions, params). A group's `alphas` map each of
@@ -17,9 +16,7 @@ its layers to a `[rows]` tensor: row r's alpha there, 0 for a row of another gro
 merge at that layer (such rows keep the base residual bit for bit: the mix is masked by `alpha != 0`).
 The rows are all live-source ops (sharing the source models) or all `delta` (sharing one set of steering
 vectors, each group holding those of its layers).
-`Plan.apply` then mixes every row by its own recipe in one call per group (no loop over rows); the
-engines ask the plan where it merges (`sites`), where it selects (`select`), and drop finished rows from
-its tensors with the cache (`keep_rows`).
+`Plan.apply` mixes every row by its own recipe in one call per group (no loop over rows).
 """
 
 from collections.abc import Sequence
@@ -100,8 +97,7 @@ class Plan:
 
     @property
     def merges(self) -> list[tuple[int, float | None]]:
-        """(layer, alpha) in execution order, without the no-op alpha=0 layers (a per-row group's layers
-        all stay: their alphas are `[rows]` tensors)."""
+        """(layer, alpha) in execution order, without alpha=0 layers (a per-row group keeps all)."""
         return [(layer, a) for layer, a in sorted(self.alphas.items()) if isinstance(a, Tensor) or a != 0]
 
     def sites(self) -> list[tuple[int, str]]:
@@ -141,11 +137,8 @@ class Plan:
         return position_mask(mask, self.positions, decoding=decoding)
 
     def source_blocks(self, source_layers: int, *, listed: bool = False) -> int:
-        """Blocks each source runs per step: up to the highest merged layer, or all for the ensemble (the
-        one place a source's depth is computed).
-
-        `listed=True` counts every layer the plan lists, alpha 0 included: the depth a source needs to
-        take any alphas at those layers (a vLLM export, a source loaded `up_to_layer` for a recipe)."""
+        """Blocks each source runs per step: up to the highest merged layer, or all for the ensemble.
+        `listed=True` counts every listed layer, alpha 0 included (a vLLM export's depth)."""
         if self.mode == "ensemble":
             return source_layers
         if self.groups:
@@ -155,6 +148,14 @@ class Plan:
         if not self.live_sources or not layers:
             return 0
         return max(layers) + (1 if self.site == "post" else 0)
+
+    def load_up_to(self, source_layers: int) -> int | None:
+        """The `up_to_layer` a live source is loaded with (None: the whole model): the deepest layer the
+        plan lists, alpha 0 included, which `resolve_plan` checks every source holds."""
+        listed = [layer for g in self.groups or [self] for layer in g.alphas]
+        if self.mode == "ensemble" or not self.live_sources or not listed:
+            return None
+        return max(listed) if max(listed) < source_layers - 1 else None
 
     def apply(
         self,

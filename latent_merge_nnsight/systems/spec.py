@@ -306,15 +306,13 @@ class System(BaseModel):
         return ref
 
     def source_up_to_layer(self, n_layers: int) -> int | None:
-        """The highest layer a latent source is loaded with (None: the whole model): the deepest layer
-        the recipe's plan lists (`recipe_plan`), which `resolve_plan` checks every source reaches; the
-        blocks it then runs per step are `Plan.source_blocks`, never more."""
+        """The highest layer a latent source is loaded with (None: the whole model): the plan's rule
+        (`Plan.load_up_to`), which the CLI's loads follow too."""
         if self.kind != "latent" or not self.truncate_sources or self.recipe is None:
             return None
         from latent_merge_nnsight.plan import recipe_plan  # (torch: only when a system is loaded)
 
-        top = max(recipe_plan(self.recipe, n_layers).alphas)
-        return top if top < n_layers - 1 else None
+        return recipe_plan(self.recipe, n_layers).load_up_to(n_layers)
 
 
 def explain_errors(exc: ValidationError) -> str:
