@@ -9,11 +9,7 @@ their request, so vLLM's prefix cache never mixes recipes. Explicit positions me
 which a request cannot say: they are refused here (pass `merge_from`, or use engine "fast").
 """
 
-import shutil
-from pathlib import Path
-
 from latent_merge_nnsight.errors import LatentMergeError
-from latent_merge_nnsight.models import hf_module
 from latent_merge_nnsight.nouns import Model
 from latent_merge_nnsight.plan import Plan
 
@@ -53,18 +49,10 @@ def score_vllm(
     from vllm import SamplingParams
 
     from latent_merge_nnsight.vllm_engine.requests import KEY, cache_salt, parse_request
-    from latent_merge_nnsight.vllm_engine.run import _dtype, _engine, _request, _row_requests, _wanted
+    from latent_merge_nnsight.vllm_engine.run import _request, _row_requests, engine_for
 
     starts = [_merge_start(plan, c, m) for c, m in zip(contexts, merge_from, strict=True)]
-    scratch: list[Path] = []
-    try:
-        wanted = _wanted(base, sources, plan, scratch)
-        llm, export = _engine(
-            wanted, _dtype(base), getattr(hf_module(base).config, "max_position_embeddings", None)
-        )
-    finally:
-        for folder in scratch:
-            shutil.rmtree(folder, ignore_errors=True)
+    llm, export = engine_for(base, sources, plan)
     own = _row_requests(plan, export) if plan.groups else [_request(plan, export)] * len(contexts)
     prompts, params = [], []
     for ctx, cont, request, start in zip(contexts, continuations, own, starts, strict=True):

@@ -118,6 +118,18 @@ def _fits(kept: Export, wanted: Export) -> bool:
     )
 
 
+def engine_for(base: Model, sources: list[Model], plan: Plan) -> tuple[Any, Export]:
+    """The kept vLLM engine (and its export folder) that runs `plan` on these models; the scratch
+    folders a first export needs are removed once the engine has loaded them."""
+    scratch: list[Path] = []
+    try:
+        wanted = _wanted(base, sources, plan, scratch)
+        return _engine(wanted, _dtype(base), getattr(hf_module(base).config, "max_position_embeddings", None))
+    finally:
+        for folder in scratch:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def _engine(wanted: Export, dtype: str, max_model_len: int | None) -> tuple[Any, Export]:
     kept = _KEPT.get("export")
     if kept is not None and _fits(kept, wanted) and _KEPT.get("dtype") == dtype:
@@ -216,15 +228,7 @@ def run_vllm(
     require_vllm()
     if run.sampler.config.sampler != "default":
         raise LatentMergeError("engine='vllm' samples with vLLM's own top-p rule; use sampler='default'")
-    scratch: list[Path] = []
-    try:
-        wanted = _wanted(base, sources, plan, scratch)
-        llm, export = _engine(
-            wanted, _dtype(base), getattr(hf_module(base).config, "max_position_embeddings", None)
-        )
-    finally:
-        for folder in scratch:
-            shutil.rmtree(folder, ignore_errors=True)
+    llm, export = engine_for(base, sources, plan)
     if plan.groups:
         requests: list[dict[str, Any] | None] = list(_row_requests(plan, export))
         request: Any = requests
