@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import lm_eval  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval_tasks import generate_until_body, write_task  # noqa: E402
 
 import latent_merge_nnsight as lmn  # noqa: E402
 from latent_merge_nnsight.errors import LatentMergeError  # noqa: E402
@@ -48,27 +49,9 @@ GEN = [
 
 
 def write_tasks(root: Path) -> Path:
-    def dump(name, rows):
-        path = root / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        return path
-
-    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {path}\ntest_split: test\n"
-    (root / "toy_mc.yaml").write_text(
-        "task: toy_mc\n" + common.format(path=dump("mc", MC)) + "output_type: multiple_choice\n"
-        'doc_to_text: "Q: {{question}}\\nA:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
-        "metric_list:\n  - metric: acc\n"
-    )
-    (root / "toy_ppl.yaml").write_text(
-        "task: toy_ppl\n" + common.format(path=dump("ppl", TEXTS)) + "output_type: loglikelihood_rolling\n"
-        'doc_to_text: ""\ndoc_to_target: "{{text}}"\nmetric_list:\n  - metric: word_perplexity\n'
-    )
-    (root / "toy_gen.yaml").write_text(
-        "task: toy_gen\n" + common.format(path=dump("gen", GEN)) + "output_type: generate_until\n"
-        'doc_to_text: "Q: {{question}}\\nA:"\ndoc_to_target: "{{answer}}"\n'
-        'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 12\n  do_sample: false\n'
-        "metric_list:\n  - metric: exact_match\n"
-    )
+    write_task(root, "toy_mc", MC, "multiple_choice")
+    write_task(root, "toy_ppl", TEXTS, "loglikelihood_rolling")
+    write_task(root, "toy_gen", GEN, "generate_until", generate_until_body("{{answer}}", "\\n"))
     return root
 
 

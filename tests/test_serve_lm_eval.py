@@ -24,6 +24,7 @@ import lm_eval  # noqa: E402
 from lm_eval.api.registry import register_model  # noqa: E402
 from lm_eval.models.openai_completions import LocalCompletionsAPI  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval_tasks import write_task  # noqa: E402
 from reference import hidden_states, merged_logits  # noqa: E402
 
 from latent_merge_nnsight.serve import start_server  # noqa: E402
@@ -41,14 +42,7 @@ MC = [
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tasks")
-    data = root / "mc.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in MC))
-    (root / "serve_mc.yaml").write_text(
-        f"task: serve_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-        "test_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "Q: {{question}}\\nA:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
-        "metric_list:\n  - metric: acc\n"
-    )
+    write_task(root, "serve_mc", MC, "multiple_choice")
     return root
 
 

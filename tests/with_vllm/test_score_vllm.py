@@ -3,9 +3,8 @@ engine's numbers on the toy pair: per-token logprobs and greedy flags of multipl
 alpha 0.5 and 1, and the base alone), lm-eval's per-choice loglikelihoods and its `generate_until` texts
 (local tasks, `dataset_path: json`)."""
 
-import json
-
 import pytest
+from lm_eval_tasks import generate_until_body, write_task
 from vllm_helpers import run_driver
 
 MC = [
@@ -16,22 +15,8 @@ GEN = [{"question": "Compute 7+1."}, {"question": "Say hello."}]
 
 
 def write_tasks(root):
-    (root / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MC))
-    (root / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GEN))
-    common = "dataset_path: json\ntest_split: test\n"
-    (root / "mc.yaml").write_text(
-        f"task: vllm_score_mc\n{common}dataset_kwargs:\n  data_files:\n    test: {root / 'mc.jsonl'}\n"
-        "output_type: multiple_choice\n"
-        'doc_to_text: "Q: {{question}}\\nA:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\n'
-        "metric_list:\n  - metric: acc\n"
-    )
-    (root / "gen.yaml").write_text(
-        f"task: vllm_score_gen\n{common}dataset_kwargs:\n  data_files:\n    test: {root / 'gen.jsonl'}\n"
-        "output_type: generate_until\n"
-        'doc_to_text: "Q: {{question}}\\nA:"\ndoc_to_target: " 8"\n'
-        'generation_kwargs:\n  until: ["\\n\\n"]\n  max_gen_toks: 12\n  do_sample: false\n'
-        "metric_list:\n  - metric: exact_match\n"
-    )
+    write_task(root, "vllm_score_mc", MC, "multiple_choice")
+    write_task(root, "vllm_score_gen", GEN, "generate_until", generate_until_body(" 8", "\\n\\n"))
 
 
 def test_score_and_lm_eval_on_vllm_equal_the_fast_engine(tmp_path):
