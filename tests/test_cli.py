@@ -9,7 +9,8 @@ import pytest
 from judgebench_files import DATA as SHARED
 from judgebench_files import MISSING
 
-from latent_merge_nnsight.cli import build_parser, in_flag_terms, main
+from latent_merge_nnsight.cli import build_parser, main
+from latent_merge_nnsight.cli.common import in_flag_terms
 from latent_merge_nnsight.errors import LatentMergeError
 
 
@@ -213,7 +214,7 @@ def test_library_argument_names_become_flags():
 def test_help_shows_defaults_and_the_split_defaults_agree():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices
-    assert "(default: 64)" in sub["generate"].format_help()
+    assert "(default: 64)" in " ".join(sub["generate"].format_help().split())  # however the lines wrap
     splits = {
         name: next(a.default for a in sub[name]._actions if a.dest == "split")
         for name in ("respond", "judgebench-accuracy")
