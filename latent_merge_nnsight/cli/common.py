@@ -143,7 +143,7 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, **kwargs: object) -> None:
         kwargs.setdefault("formatter_class", Help)
-        super().__init__(**kwargs)  # type: ignore[arg-type]  (argparse's own keywords, passed through)
+        super().__init__(**kwargs)  # type: ignore[arg-type]  # argparse's own keywords, passed through
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
