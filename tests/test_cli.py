@@ -9,7 +9,8 @@ import pytest
 from judgebench_files import DATA as SHARED
 from judgebench_files import MISSING
 
-from latent_merge_nnsight.cli import build_parser, in_flag_terms, main
+from latent_merge_nnsight.cli import build_parser, main
+from latent_merge_nnsight.cli.common import PARAM_FLAGS, declared, field_help, in_flag_terms, option_strings
 from latent_merge_nnsight.errors import LatentMergeError
 
 
@@ -210,10 +211,55 @@ def test_library_argument_names_become_flags():
     assert in_flag_terms("recipe.top_p=2") == "recipe.top_p=2"  # a field of a file stays as written
 
 
+def flags_of(command: str) -> set[str]:
+    return option_strings(next(a for a in build_parser()._actions if a.dest == "command").choices[command])
+
+
+def test_an_error_is_respelled_only_into_flags_its_command_has():
+    """The error's `param` becomes the command's flag; a phrase hinting at a flag the command lacks (the
+    sweep's `--fresh` in `lmn generate`) stays in the library's words rather than name a wrong flag."""
+    message = "top_p=0; expected a number in (0, 1] (1 keeps every token)"
+    assert in_flag_terms(message, flags_of("generate"), "top_p").startswith("--top-p 0; expected")
+    assert in_flag_terms(message, flags_of("respond"), "top_p") == message  # respond has no --top-p
+    assert in_flag_terms(message, flags_of("generate")) == message  # top_p is not this error's param
+    resume = "pass resume=False to overwrite it"
+    assert in_flag_terms(resume, flags_of("sweep")) == "pass --fresh to overwrite it"
+    assert in_flag_terms(resume, flags_of("generate")) == resume
+    for command in ("generate", "sweep", "respond", "judge", "judgebench-accuracy", "eval", "search"):
+        flags = flags_of(command)
+        for param, flag in PARAM_FLAGS.items():
+            line = in_flag_terms(f"{param}=1 is bad", flags, param)
+            assert (flag in flags) == line.startswith(f"{flag} 1"), (command, line)
+
+
+def test_help_text_and_choices_are_those_the_package_declares():
+    """`field_help`/`declared` read the source (importing it would import torch); they agree with what the
+    imported classes and constants say."""
+    from latent_merge_nnsight.generation.run import ENGINES
+    from latent_merge_nnsight.recipe import Recipe
+    from latent_merge_nnsight.systems.fit import TRUNCATE
+    from latent_merge_nnsight.systems.spec import SamplingSpec, System
+
+    for model in (Recipe, SamplingSpec, System):
+        for name, field in model.model_fields.items():
+            if field.description:
+                assert field_help(model.__name__, name) == field.description
+    assert declared("generation/run.py", "ENGINES") == ENGINES
+    assert declared("systems/fit.py", "TRUNCATE") == TRUNCATE
+    with pytest.raises(LookupError):
+        field_help("Recipe", "no_such_field")
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    truncate = {name: next(a.choices for a in sub[name]._actions if a.dest == "truncate")
+                for name in ("respond", "judgebench-accuracy")}  # fmt: skip
+    assert set(truncate.values()) == {TRUNCATE}
+    top_p = next(a for a in sub["generate"]._actions if a.dest == "top_p")
+    assert top_p.help == SamplingSpec.model_fields["top_p"].description
+
+
 def test_help_shows_defaults_and_the_split_defaults_agree():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices
-    assert "(default: 64)" in sub["generate"].format_help()
+    assert "(default: 64)" in " ".join(sub["generate"].format_help().split())  # however the lines wrap
     splits = {
         name: next(a.default for a in sub[name]._actions if a.dest == "split")
         for name in ("respond", "judgebench-accuracy")

@@ -8,7 +8,8 @@ import torch
 from serve_load import env, lmn
 
 import latent_merge_nnsight as lmn_api
-from latent_merge_nnsight.cli import _Help, build_parser, main
+from latent_merge_nnsight.cli import build_parser, main
+from latent_merge_nnsight.cli.common import Help
 
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:
@@ -16,7 +17,7 @@ def subparsers() -> dict[str, argparse.ArgumentParser]:
 
 
 def test_help_shows_each_default_once():
-    formatter = _Help(prog="lmn")
+    formatter = Help(prog="lmn")
     for name, parser in subparsers().items():
         for action in parser._actions:
             text = formatter._get_help_string(action) or ""

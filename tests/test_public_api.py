@@ -182,7 +182,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("evaluation", ("evaluation",)),
     ("analysis", ("analysis",)),
     ("applications", ("demo", "serve", "zoo.train")),
-    ("cli", ("cli", "cli_eval")),
+    ("cli", ("cli",)),
     ("package", ("",)),  # latent_merge_nnsight/__init__: the public names, resolved lazily
 )  # fmt: skip
 MAX_ARROWS_UP = 4

@@ -1,39 +1,29 @@
 """`lmn eval SYSTEM.yaml --tasks T1,T2`: lm-evaluation-harness on a system, through the `latent-merge` model.
 
 Writes lm-eval's own results JSON (and, with `--log-samples`, its per-sample JSONL) under `--output-path`,
-and prints lm-eval's table. Needs the `lmeval` extra (`pip install 'latent_merge_nnsight[lmeval]'`).
-`cli.py` registers the command; nothing here imports torch or lm-eval before the command runs.
+and prints lm-eval's table. Needs the `lmeval` extra (`pip install 'latent_merge_nnsight[lmeval]'`);
+nothing here imports torch or lm-eval before the command runs.
 """
 
 import argparse
 import re
 from pathlib import Path
-from typing import Any
 
-from latent_merge_nnsight.errors import LatentMergeError
-
-__all__ = ["EVAL_FLAG_WORDS", "add_eval_arguments", "cmd_eval"]
-
-EVAL_FLAG_WORDS: dict[str, str] = {
-    "batch_size=": "--batch-size ",
-    "max_gen_toks=": "--max-gen-toks ",
-    "max_length=": "--max-length ",
-}
-"""The library's argument names in error messages -> this command's flags."""
+from latent_merge_nnsight.cli.common import POSITIVE, CliError, Subcommands, add_command
 
 MISSING = "lm-eval is not installed; install the extra: pip install 'latent_merge_nnsight[lmeval]'"
 
 
-def add_eval_arguments(p: argparse.ArgumentParser, positive: Any) -> None:
-    """`lmn eval`'s flags (`positive`: the CLI's int >= 1 type)."""
+def add(sub: Subcommands) -> None:
+    p = add_command(sub, "eval", run, "lm-evaluation-harness tasks on a system (needs the lmeval extra)")
     p.add_argument("system", help="system YAML (any kind: latent, weight, ensemble, single)")
     p.add_argument("--tasks", required=True, help="lm-eval task names, comma-separated")
-    p.add_argument("--limit", type=positive, default=None, help="documents per task at most")
+    p.add_argument("--limit", type=POSITIVE, default=None, help="documents per task at most")
     p.add_argument("--include-path", default=None, help="folder of extra task YAMLs")
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per prompt")
-    p.add_argument("--batch-size", type=positive, default=8, help="rows per forward")
-    p.add_argument("--max-length", type=positive, default=None, help="context window (default: the model's)")
-    p.add_argument("--max-gen-toks", type=positive, default=256, help="default new tokens per generation")
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="rows per forward")
+    p.add_argument("--max-length", type=POSITIVE, default=None, help="context window (default: the model's)")
+    p.add_argument("--max-gen-toks", type=POSITIVE, default=256, help="default new tokens per generation")
     p.add_argument(
         "--apply-chat-template", action="store_true", help="send prompts through the chat template"
     )
@@ -47,25 +37,25 @@ def add_eval_arguments(p: argparse.ArgumentParser, positive: Any) -> None:
 def _tasks(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
-        raise LatentMergeError(f"--tasks {text!r} names no task; expected T1,T2,...")
+        raise CliError(f"--tasks {text!r} names no task; expected T1,T2,...")
     return names
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     tasks = _tasks(args.tasks)
     if args.log_samples and not args.output_path:
-        raise LatentMergeError("--log-samples needs --output-path (where the samples are written)")
+        raise CliError("--log-samples needs --output-path (where the samples are written)")
     if args.include_path is not None and not Path(args.include_path).is_dir():
-        raise LatentMergeError(f"--include-path {args.include_path}: no such folder")
+        raise CliError(f"--include-path {args.include_path}: no such folder")
     if not Path(args.system).is_file():
-        raise LatentMergeError(f"{args.system}: no such file")
+        raise CliError(f"{args.system}: no such file")
     from latent_merge_nnsight.systems import System
 
     name = System.from_file(args.system).name  # a bad system file fails before lm-eval indexes its tasks
     try:
         import lm_eval  # after the package (and nnsight's fix-ups) is imported
     except ImportError:
-        raise LatentMergeError(MISSING) from None
+        raise CliError(MISSING) from None
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
@@ -76,9 +66,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         where = f" (nor in --include-path {args.include_path})" if args.include_path else ""
-        raise LatentMergeError(f"--tasks: unknown task(s) {unknown}: not lm-eval tasks{where}")
+        raise CliError(f"--tasks: unknown task(s) {unknown}: not lm-eval tasks{where}")
     tracker = EvaluationTracker(output_path=args.output_path) if args.output_path else None
-    model_args = {"system": str(Path(args.system).resolve()), "max_gen_toks": args.max_gen_toks}
+    model_args: dict[str, str | int] = {
+        "system": str(Path(args.system).resolve()),
+        "max_gen_toks": args.max_gen_toks,
+    }
     if args.max_length is not None:
         model_args["max_length"] = args.max_length
     results = lm_eval.simple_evaluate(
@@ -103,8 +96,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         general.model_name = general.model_name_sanitized = re.sub(r"[^\w.+-]+", "_", name)
         tracker.save_results_aggregated(results=results, samples=samples)
         if args.log_samples:
-            for name in results["configs"]:
-                tracker.save_results_samples(task_name=name, samples=samples[name])
+            for task in results["configs"]:
+                tracker.save_results_samples(task_name=task, samples=samples[task])
     print(make_table(results))
     if "groups" in results:
         print(make_table(results, "groups"))
