@@ -187,3 +187,54 @@ def test_from_models_needs_a_recipe_and_use_recipe_names_its_range(toy64):
     assert alone[0][0] == pytest.approx(lmn.score(base, None, [[5, 6, 7]], [[8, 9]]).totals[0], abs=1e-12)
     want = lmn.score(base, ft, [[5, 6, 7]], [[8, 9]], lmn.Recipe(op="lerp", layers={2: 0.5}))
     assert merged[0][0] == pytest.approx(want.totals[0], abs=1e-12) and merged != alone
+
+
+def test_lmn_sweep_on_lm_eval_tasks_writes_lm_evals_numbers_per_cell_and_a_heatmap_per_metric(
+    tasks, tmp_path
+):
+    """`lmn sweep --eval lm-eval:TASK,TASK` as a user runs it: each cell's numbers are lm-eval's own run of
+    that recipe, and every task metric gets its heatmap; a task lm-eval does not know is one flag error."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "latent_merge_nnsight.cli", "sweep", "--base", str(zoo_path("toy-base"))]
+    cmd += [
+        "--source",
+        str(zoo_path("toy-reasoner")),
+        "--dtype",
+        "float64",
+        "--ops",
+        "slerp",
+        "--layers",
+        "2",
+    ]
+    cmd += ["--alphas", "0.4", "0.8", "--include-path", str(tasks), "--no-progress", "--out", str(out)]
+    done = subprocess.run([*cmd, "--eval", "lm-eval:toy_mc,toy_ppl"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    import pandas as pd
+
+    df = pd.read_csv(out / "results.csv")
+    assert {p.name for p in out.glob("heatmap_*.png")} == {
+        "heatmap_toy_mc-acc.png",
+        "heatmap_toy_ppl-word_perplexity.png",
+    }
+    for alpha in (0.4, 0.8):
+        recipe_file = tmp_path / f"slerp-{alpha}.yaml"
+        recipe_file.write_text(f"op: slerp\nlayers: {{2: {alpha}}}\n")
+        ref = lm_eval.simple_evaluate(
+            model="latent-merge",
+            model_args=f"base={zoo_path('toy-base')},source={zoo_path('toy-reasoner')},recipe={recipe_file},"
+            "dtype=float64",
+            tasks=["toy_mc", "toy_ppl"],
+            task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+            bootstrap_iters=0,
+        )["results"]
+        rows = df[(df["op"] == "slerp") & (df["alpha"] == alpha)]
+        got = dict(zip(rows["metric"], rows["value"], strict=True))
+        assert got["toy_mc/acc"] == pytest.approx(ref["toy_mc"]["acc,none"], rel=1e-9)
+        assert got["toy_ppl/word_perplexity"] == pytest.approx(
+            ref["toy_ppl"]["word_perplexity,none"], rel=1e-9
+        )
+
+    bad = subprocess.run([*cmd, "--eval", "lm-eval:no_such_task", "--fresh"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("lmn sweep: error: --eval lm-eval:no_such_task")
+    assert "no_such_task" in bad.stderr.strip().splitlines()[-1]

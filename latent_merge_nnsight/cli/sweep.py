@@ -2,7 +2,9 @@
 
 What each cell is measured by is `--eval NAME`, one of `EVALUATIONS`: a function of the parsed flags
 giving the prompts, the evaluator (`analysis.sweep`'s `evaluate`) and the metric the heatmap shows.
-A new evaluation is one more entry there.
+A new evaluation is one more entry there. `--eval lm-eval:TASK[,TASK]` runs lm-evaluation-harness tasks
+(`analysis.LmEvalTasks`, with `--include-path`, `--limit`, `--num-fewshot`): the paper's layer x ratio
+analysis on standard tasks, one heatmap per task metric.
 """
 
 import argparse
@@ -30,9 +32,9 @@ if TYPE_CHECKING:
 class Evaluation(NamedTuple):
     """What `lmn sweep --eval NAME` measures each cell on, and by what."""
 
-    prompts: "list[str] | list[Example]"
+    prompts: "list[str] | list[Example] | None"
     evaluate: "Evaluate"
-    metric: str
+    metric: str | None  # None: every metric the evaluator reports (one heatmap each)
 
 
 def _tasks(args: argparse.Namespace) -> Evaluation:
@@ -55,11 +57,47 @@ def _perplexity(args: argparse.Namespace) -> Evaluation:
     return Evaluation(prompts, analysis.Perplexity(), "nll")
 
 
+def _lm_eval(args: argparse.Namespace) -> Evaluation:
+    from latent_merge_nnsight import analysis
+    from latent_merge_nnsight.errors import LatentMergeError
+
+    tasks = args.eval.removeprefix(LM_EVAL).split(",")
+    if args.include_path is not None and not Path(args.include_path).is_dir():
+        raise CliError(f"--include-path {args.include_path}: no such folder")
+    try:
+        evaluate = analysis.LmEvalTasks(
+            tasks,
+            include_path=args.include_path,
+            limit=args.limit,
+            num_fewshot=args.num_fewshot,
+            seed=args.seed,
+        )
+    except LatentMergeError as exc:
+        raise CliError(f"--eval {args.eval}: {exc}") from None
+    return Evaluation(None, evaluate, None)
+
+
+LM_EVAL = "lm-eval:"
+"""`--eval lm-eval:TASK[,TASK]`: lm-evaluation-harness tasks."""
+
 EVALUATIONS: dict[str, Callable[[argparse.Namespace], Evaluation]] = {
     "tasks": _tasks,  # the toy task's questions (--n-per-category, --seed): accuracy per category
     "perplexity": _perplexity,  # the lines of --texts: negative log-likelihood
 }
-"""`--eval` NAME -> the evaluation it runs (the choices of `--eval`)."""
+"""`--eval` NAME -> the evaluation it runs (the choices of `--eval`, with `lm-eval:TASK[,TASK]`)."""
+
+
+def _eval_choice(text: str) -> str:
+    tasks = text.removeprefix(LM_EVAL)
+    if text in EVALUATIONS or (text.startswith(LM_EVAL) and all(t.strip() for t in tasks.split(","))):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"invalid choice: {text!r} (choose from {', '.join(map(repr, EVALUATIONS))} or 'lm-eval:TASK[,TASK]')"
+    )
+
+
+def _evaluation(args: argparse.Namespace) -> Evaluation:
+    return _lm_eval(args) if args.eval.startswith(LM_EVAL) else EVALUATIONS[args.eval](args)
 
 
 def add(sub: Subcommands) -> None:
@@ -70,10 +108,19 @@ def add(sub: Subcommands) -> None:
     p.add_argument("--layers", nargs="+", type=LAYER, required=True, help="merge layers to sweep")
     p.add_argument("--alphas", nargs="+", type=FINITE, default=[0.25, 0.5, 0.75], help="alphas to sweep")
     p.add_argument("--allow-extrapolation", action="store_true", help="allow --alphas outside [0, 1]")
-    p.add_argument("--eval", choices=tuple(EVALUATIONS), default="tasks", help="what to measure per cell")
+    p.add_argument(
+        "--eval",
+        type=_eval_choice,
+        default="tasks",
+        metavar="{" + ",".join(EVALUATIONS) + ",lm-eval:TASK[,TASK]}",
+        help="what to measure per cell",
+    )
     p.add_argument("--texts", default=None, help="text file (one per line) for --eval perplexity")
+    p.add_argument("--include-path", default=None, help="folder of lm-eval task YAMLs for --eval lm-eval:...")
+    p.add_argument("--limit", type=POSITIVE, default=None, help="lm-eval: documents per task")
+    p.add_argument("--num-fewshot", type=COUNT, default=None, help="lm-eval: few-shot examples")
     p.add_argument("--n-per-category", type=POSITIVE, default=20, help="toy task questions per category")
-    p.add_argument("--seed", type=COUNT, default=0, help="seed of the toy task questions")
+    p.add_argument("--seed", type=COUNT, default=0, help="seed of the toy task questions (and of lm-eval)")
     p.add_argument("--site", default="pre", choices=["pre", "post"], help=field_help("Recipe", "site"))
     p.add_argument("--out", default="runs/sweep", help="folder for sweep.jsonl, results.csv and heatmaps")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming OUT/sweep.jsonl")
@@ -83,14 +130,14 @@ def add(sub: Subcommands) -> None:
         type=POSITIVE,
         default=None,
         help="rows (cells x questions) per engine pass: cells run together as per-row recipes "
-        "(default: the evaluator's batch size, 64)",
+        "(default: the evaluator's batch size, 64); with --eval lm-eval:..., cells per pass",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     from latent_merge_nnsight import analysis
 
-    evaluation = EVALUATIONS[args.eval](args)
+    evaluation = _evaluation(args)
     base, sources = load_models(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -110,7 +157,9 @@ def run(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
     )
     df.to_csv(out / "results.csv", index=False)
-    heatmap = out / f"heatmap_{evaluation.metric}.png"
-    analysis.heatmaps(df, evaluation.metric, path=heatmap)
-    print(f"wrote {out / 'results.csv'} and {heatmap}")
+    metrics = [evaluation.metric] if evaluation.metric else list(dict.fromkeys(df["metric"]))
+    heatmaps = [out / f"heatmap_{metric.replace('/', '-')}.png" for metric in metrics]
+    for metric, path in zip(metrics, heatmaps, strict=True):
+        analysis.heatmaps(df, metric, path=path)
+    print(f"wrote {out / 'results.csv'} and {', '.join(map(str, heatmaps))}")
     return 0
