@@ -232,3 +232,38 @@ def test_imports_point_down_the_declared_floors():
     assert [m for m in sorted(graph) if _floor(m) == -1] == [], "modules on no declared floor (add to LAYERS)"
     arrows = _arrows_up(graph)
     assert len(arrows) <= MAX_ARROWS_UP, f"{len(arrows)} imports go up a floor:\n" + "\n".join(arrows)
+
+
+MAX_LINES = 600
+MAX_BARE_ANY = 0.08
+
+
+def _annotated_parameters(tree: ast.AST) -> list[ast.arg]:
+    params = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            every = [*a.posonlyargs, *a.args, *a.kwonlyargs, *(x for x in (a.vararg, a.kwarg) if x)]
+            params += [p for p in every if p.annotation is not None]
+    return params
+
+
+def _bare_any_share(sources: dict[str, str]) -> tuple[int, int]:
+    """(parameters annotated with a bare `Any`, annotated parameters) over the given module sources."""
+    params = [p for text in sources.values() for p in _annotated_parameters(ast.parse(text))]
+    return sum(ast.unparse(p.annotation) == "Any" for p in params), len(params)
+
+
+def test_the_any_count_counts_only_bare_any_parameters():
+    text = "def f(a: Any, b: list[Any], c, *d: Any, e: int = 1, **k: Any) -> Any: ..."
+    assert _bare_any_share({"m": text}) == (3, 5)
+
+
+def test_signatures_name_their_types_and_files_stay_small():
+    """The house rules of issue 22: bare `Any` on at most 8% of annotated parameters (the nouns have
+    aliases: `Model`, `Sources`, `Prompts`, `RecipeLike`, ...), and no module over 600 lines."""
+    sources = {str(p.relative_to(PACKAGE)): p.read_text() for p in sorted(PACKAGE.rglob("*.py"))}
+    long = {name: n for name, text in sources.items() if (n := len(text.splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
+    bare, total = _bare_any_share(sources)
+    assert bare <= MAX_BARE_ANY * total, f"bare Any on {bare} of {total} annotated parameters"
