@@ -98,3 +98,26 @@ def margins(
     got = score(base, source, [list(context)], [ids[0][: at + 1]], recipe, top=2)
     (t1, lp1), (t2, lp2) = got.top[0][at][:2]
     return {"token": at, "margin": lp1 - lp2, "tokens": [ids[0][at], ids[1][at]], "top": [t1, t2]}
+
+
+def near_ties(
+    batched: Texts,
+    single: Texts,
+    recipes: Mapping[str, Recipe],
+    prompts: Mapping[str, list[str]],
+    base: Model,
+    source: Model,
+) -> list[dict[str, object]]:
+    """Every (setup, category, prompt) whose text differs between a run in per-row passes (`batched`) and
+    one setup at a time (`single`), with where the two part and the logit margin there under the setup
+    alone (`margins`; `prompts`: the prompt texts per category). A setup that is not a per-row recipe
+    has no margin (its two runs are the same call: it should never differ)."""
+    out: list[dict[str, object]] = []
+    for label, category, i in differing_rows(batched, single):
+        row: dict[str, object] = {"setup": label, "category": category, "prompt": i}
+        recipe = recipes.get(label)
+        if recipe is not None and i >= 0:
+            pair = (single[label][category][i], batched[label][category][i])
+            row |= margins(base, source, recipe, prompts[category][i], pair)
+        out.append(row)
+    return out

@@ -117,8 +117,10 @@ def run_grid(
     engine: str,
     progress: bool,
     max_batch: int = DEFAULT_MAX_BATCH,
+    quick: bool = False,
 ) -> GridRun:
-    """Load the pair and evaluate every setup of the coarse grid, then those of the finer alpha grid."""
+    """Load the pair and evaluate every setup of the coarse grid, then those of the finer alpha grid
+    (`quick`: a grid without layers gets the quick grid's, as `QUICK_GRID` does)."""
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise LatentMergeError(f"max_batch={max_batch!r}; expected an int >= 1 (rows per engine pass)")
     from tqdm.auto import tqdm
@@ -136,7 +138,9 @@ def run_grid(
         shared.enter_context(share_prompt_states(base_model, ft_model))
         n_layers = model_info(base_model).n_layers
         last = n_layers - 1
-        layers = grid.layers if grid.layers is not None else default_layers(n_layers, grid is QUICK_GRID)
+        layers = (
+            grid.layers if grid.layers is not None else default_layers(n_layers, quick or grid is QUICK_GRID)
+        )
         post = grid.post_layers if grid.post_layers is not None else sorted({max(0, last - 1), last})
         grid = replace(grid, layers=tuple(layers), post_layers=tuple(post))
         sets = eval_sets(grid.n_per_category, grid.seed)

@@ -130,7 +130,8 @@ def run_demo(
             about 100 s of CPU time on one thread).
         progress: show a tqdm progress bar.
         base, source: zoo names or checkpoint folders of the pair.
-        grid: evaluate this grid instead (overrides `quick`).
+        grid: evaluate this grid instead (overrides `quick`, except that with `quick` a grid without
+            `layers` gets the quick grid's).
         threads: torch CPU threads for the run (restored afterwards); None leaves the setting alone. One
             by default: the toy models are too small to gain from more, and on a shared machine extra
             threads slow them down many times over.
@@ -155,7 +156,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     start, cpu_start = time.perf_counter(), time.process_time()
     with _threads(threads):
-        ran = run_grid(base, source, grid, engine, progress, max_batch)
+        ran = run_grid(base, source, grid, engine, progress, max_batch, quick)
     grid, n_layers, last, texts = ran.grid, ran.n_layers, ran.n_layers - 1, ran.texts
     df = pd.DataFrame(ran.rows, columns=COLUMNS).astype({"layer": "Int64"})
     elapsed = time.perf_counter() - start
