@@ -61,6 +61,8 @@ class GridRun:
     recipes: dict[str, Recipe]
     bars: list[tuple[int, int]]
     """Per progress bar (one per phase): (its total, the setups it counted)."""
+    n_passes: int = 0
+    """Passes run (a pass: one setup, or per-row setups together, on each category)."""
 
 
 def passes(todo: list[Setup], per_pass: int, n_layers: int) -> list[list[Setup]]:
@@ -129,6 +131,7 @@ def run_grid(
     texts: Texts = {}
     recipes: dict[str, Recipe] = {}
     bars: list[tuple[int, int]] = []
+    n_passes = 0
     probe = NormProbe()
     evaluator = TaskAccuracy(batch_size=max_batch, engine=engine)
     with quiet_hf_progress(), contextlib.ExitStack() as shared:
@@ -148,6 +151,7 @@ def run_grid(
         per_pass = max(1, max_batch // grid.n_per_category)
 
         def run(todo: list[Setup], desc: str) -> None:
+            nonlocal n_passes
             # one bar per phase, each with its total from the start (the finer alphas are known only
             # after the grid has run)
             bar = tqdm(total=len(todo), desc=desc, unit="setup", disable=not progress, dynamic_ncols=True)
@@ -176,6 +180,7 @@ def run_grid(
                         recipes[setup.label] = setup.recipe  # type: ignore[assignment]
                 bar.update(len(group))
                 counted += len(group)
+                n_passes += 1
             bar.close()
             bars.append((len(todo), counted))
 
@@ -187,4 +192,4 @@ def run_grid(
         run(finer, "lmn demo: finer alphas")
         release_engine(base_model)
         release_engine(ft_model)
-    return GridRun(rows, texts, sets, grid, n_layers, len(finer), recipes, bars)
+    return GridRun(rows, texts, sets, grid, n_layers, len(finer), recipes, bars, n_passes)

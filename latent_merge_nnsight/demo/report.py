@@ -452,6 +452,13 @@ def _notes(w: _Writer, meta: dict[str, Any], figures: dict[str, str]) -> None:
         "- At alpha = 1 (beta = 1) LERP, SLERP and RegMean all return the source state itself, so the grid "
         "runs only LERP there.\n"
     )
+    if meta.get("passes"):
+        w.add(
+            f"- {meta['n_systems']} setups ran in {meta['passes']} passes: consecutive latent merges of the "
+            f"pair together as per-row recipes, up to {meta['max_batch']} rows (setups x a category's "
+            "prompts) a pass (`lmn.generate(recipe=[...])`): the answers of one setup at a time, but where "
+            "a float32 near-tie flips a token.\n"
+        )
     w.add(f"- Versions: {meta['versions']}.\n")
     if figures:
         items = list(figures.items())

@@ -183,6 +183,7 @@ def run_demo(
         "grid": asdict(grid),
         "versions": _versions(),
         "max_batch": max_batch,
+        "passes": ran.n_passes,
         **identity_checks(texts, wide, last),
     }
     paths["meta"] = out / "meta.json"
