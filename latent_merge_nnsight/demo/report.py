@@ -33,7 +33,13 @@ CATS = ("knowledge", "reasoning", "math", "coding")
 
 
 def setup_label(
-    system: str, op: Any, layer: Any, alpha: Any, lam: Any = None, site: Any = None, schedule: Any = None
+    system: str,
+    op: str | float | None,
+    layer: int | float | None,
+    alpha: float | None,
+    lam: float | None = None,
+    site: str | float | None = None,
+    schedule: str | float | None = None,
 ) -> str:
     """A setup's name in tables, e.g. `latent-lerp post L=5 alpha=0.9`, `latent-slerp post {4: 0.25, 5: 1}`,
     `weight-slerp alpha=0.5`, `ensemble b=0.75`."""
@@ -52,7 +58,7 @@ def setup_label(
     return " ".join(parts)
 
 
-def _present(v: Any) -> bool:
+def _present(v: object) -> bool:
     return v is not None and not bool(pd.isna(v))
 
 
@@ -111,7 +117,7 @@ def families(wide: pd.DataFrame, n_layers: int) -> dict[str, pd.Series]:
     }
 
 
-def _fmt(v: Any) -> str:
+def _fmt(v: object) -> str:
     return "" if not _present(v) else f"{float(v):.2f}"
 
 
