@@ -10,7 +10,8 @@ merges of the pair as per-row recipes in shared engine passes; then `max_batch=1
 calls), so its CPU time is the child's user + sys time from `resource.getrusage(RUSAGE_CHILDREN)` (every
 thread; the machine's other load does not count, unlike wall time). Reported: both sides' CPU and wall
 seconds, their ratios (batched / one at a time; the target of issue 25 is CPU <= 0.5), whether
-results.csv (without its timing column) and samples.json are the same both ways, and every prompt whose
+results.csv (without its timing column; the probe's means to 1e-6 relative, as float sums over other
+batches round differently) and samples.json are the same both ways, and every prompt whose
 answer differs, with its logit margin where the two runs part (`demo.checks.near_ties`: a float32
 near-tie has a margin near 0).
 """
@@ -63,14 +64,21 @@ def run_side(out: Path, quick: bool, n: int, max_batch: int) -> dict[str, float]
     return {"cpu_s": round(cpu, 2), "wall_s": round(time.perf_counter() - wall, 2)}
 
 
+def _same_results(a: pd.DataFrame, b: pd.DataFrame) -> bool:
+    """results.csv without timings: every column the same, the probe's float means to 1e-6 relative."""
+    probe = ["norm_ratio", "source_weight"]
+    if a.shape != b.shape or not a.drop(columns=probe).equals(b.drop(columns=probe)):
+        return False
+    return all(
+        bool(((a[c] - b[c]).abs() <= 1e-6 * a[c].abs()).where(a[c].notna(), b[c].isna()).all()) for c in probe
+    )
+
+
 def compare(quick: bool, n: int, max_batch: int, folder: Path) -> dict[str, Any]:
     """Run the demo both ways (per-row passes first) and compare what they wrote."""
     sides = {"batched": max_batch, "one_at_a_time": 1}
     times = {name: run_side(folder / name, quick, n, mb) for name, mb in sides.items()}
-    tables = {
-        name: pd.read_csv(folder / name / "results.csv").drop(columns="seconds").to_csv(index=False)
-        for name in sides
-    }
+    tables = {name: pd.read_csv(folder / name / "results.csv").drop(columns="seconds") for name in sides}
     samples = {name: (folder / name / "samples.json").read_text() for name in sides}
     got = {name: json.loads((folder / name / "texts.json").read_text()) for name in sides}
     grid = QUICK_GRID if quick else DEFAULT_GRID
@@ -89,7 +97,7 @@ def compare(quick: bool, n: int, max_batch: int, folder: Path) -> dict[str, Any]
         **times,
         "cpu_ratio": round(times["batched"]["cpu_s"] / times["one_at_a_time"]["cpu_s"], 4),
         "wall_ratio": round(times["batched"]["wall_s"] / times["one_at_a_time"]["wall_s"], 4),
-        "results_csv_equal": tables["batched"] == tables["one_at_a_time"],
+        "results_equal": _same_results(tables["batched"], tables["one_at_a_time"]),
         "samples_json_equal": samples["batched"] == samples["one_at_a_time"],
         "answers_equal": f"{n_texts - len(differing)}/{n_texts}",
         "differing": differing,
