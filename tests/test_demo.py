@@ -14,8 +14,8 @@ import torch
 
 import latent_merge_nnsight as lmn
 from latent_merge_nnsight.demo import QUICK_GRID, export_docs, write_report
-from latent_merge_nnsight.demo.run import refine_alphas
-from latent_merge_nnsight.evaluation.tasks import CATEGORIES, evaluate_model
+from latent_merge_nnsight.demo.grid import refine_alphas
+from latent_merge_nnsight.evaluation.tasks import CATEGORIES, MAX_NEW_TOKENS, accuracy, make_eval_set
 
 FIGURES = ("pareto.png", "tradeoff.png", "bars.png", "heatmap_mean.png", "heatmap_reasoning.png")
 
@@ -103,6 +103,29 @@ def test_identities_the_report_checks_hold(demo):
     assert prompts == QUICK_GRID.n_per_category * len(CATEGORIES) and 0 <= same <= prompts
 
 
+@torch.no_grad()
+def _hf_accuracy(module: torch.nn.Module, tokenizer, n: int, seed: int) -> dict[str, float]:
+    """An independent reference: greedy HF `generate` on the held-out chats (left-padded by hand, one
+    batch per category, the category's token budget), scored by `tasks.accuracy`."""
+    eos = tokenizer.eos_token_id
+    pad = eos if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    result: dict[str, float] = {}
+    for category in CATEGORIES:
+        examples = make_eval_set(category, n, seed)
+        chats = [[{"role": "user", "content": e.prompt}] for e in examples]
+        ids = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+        ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in ids]
+        width = max(map(len, ids))
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in ids])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
+        gen = module.generate(
+            input_ids=input_ids, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS[category],
+            do_sample=False, eos_token_id=eos, pad_token_id=pad,
+        )  # fmt: skip
+        result.update(accuracy(examples, tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)))
+    return result
+
+
 def test_base_and_reasoner_rows_match_hf_generate(demo):
     """The demo's accuracies (lmn.generate) equal an independent evaluation with HF `generate`."""
     _, out = demo
@@ -113,10 +136,7 @@ def test_base_and_reasoner_rows_match_hf_generate(demo):
         for system, name in (("base", "toy-base"), ("reasoner", "toy-reasoner")):
             model = lmn.load(name)
             module = lmn.models.hf_module(model)
-            with torch.no_grad():
-                ref = evaluate_model(
-                    module, model.tokenizer, n_per_category=QUICK_GRID.n_per_category, seed=0
-                )
+            ref = _hf_accuracy(module, model.tokenizer, QUICK_GRID.n_per_category, seed=0)
             got = df[df["system"] == system].set_index("category")["accuracy"]
             for category in CATEGORIES:
                 assert got[category] == pytest.approx(ref[category]), (system, category)
@@ -143,7 +163,7 @@ def test_figures_are_pngs_with_content(demo, name):
 
 
 def test_heatmaps_show_every_op_and_alpha_the_grid_ran(demo):
-    from latent_merge_nnsight.demo.report import heatmap_figures
+    from latent_merge_nnsight.demo.figures import heatmap_figures
 
     _, out = demo
     df = pd.read_csv(out / "results.csv")

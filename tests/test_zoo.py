@@ -17,10 +17,10 @@ from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.tasks import (
     CATEGORIES,
     Example,
-    evaluate_model,
-    generate_responses,
+    chat_messages,
     make_eval_set,
 )
+from latent_merge_nnsight.generation.run import generate
 from latent_merge_nnsight.zoo import ZOO, ZOO_DIR, zoo_path
 from latent_merge_nnsight.zoo.tokenizer import build_tokenizer
 from latent_merge_nnsight.zoo.train import (
@@ -28,6 +28,7 @@ from latent_merge_nnsight.zoo.train import (
     TrainConfig,
     build_model,
     encode_example,
+    held_out_accuracy,
     main,
     pack,
     response_loss,
@@ -166,18 +167,18 @@ def test_pair_shares_architecture_but_not_weights(pair) -> None:
 def test_batched_left_padded_generation_matches_one_at_a_time(pair) -> None:
     models, tokenizer = pair
     prompts = [e.prompt for e in make_eval_set("reasoning", 3, seed=4) + make_eval_set("math", 3, seed=4)]
-    batched = generate_responses(models["toy-reasoner"], tokenizer, prompts, max_new_tokens=48)
-    alone = [
-        generate_responses(models["toy-reasoner"], tokenizer, [p], max_new_tokens=48)[0] for p in prompts
-    ]
+    chats = [chat_messages(p) for p in prompts]
+    model = models["toy-reasoner"]
+    batched = generate(model, None, chats, max_new_tokens=48, tokenizer=tokenizer).texts
+    alone = [generate(model, None, [c], max_new_tokens=48, tokenizer=tokenizer).texts[0] for c in chats]
     assert batched == alone
     assert len({len(p) for p in prompts}) > 1  # the batch really was padded
 
 
 def _accuracies(pair) -> tuple[dict[str, float], dict[str, float]]:
     models, tokenizer = pair
-    base = evaluate_model(models["toy-base"], tokenizer, n_per_category=64, seed=123)
-    ft = evaluate_model(models["toy-reasoner"], tokenizer, n_per_category=64, seed=123)
+    base = held_out_accuracy(models["toy-base"], tokenizer, n_per_category=64, seed=123)
+    ft = held_out_accuracy(models["toy-reasoner"], tokenizer, n_per_category=64, seed=123)
     assert set(base) == set(ft) == set(CATEGORIES)
     return base, ft
 

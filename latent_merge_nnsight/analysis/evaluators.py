@@ -20,9 +20,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from latent_merge_nnsight.analysis.representations import as_recipe, model_device
+from latent_merge_nnsight.analysis.representations import as_model_list, as_recipe, model_device
 from latent_merge_nnsight.analysis.sweep import fingerprint_of
 from latent_merge_nnsight.deltas import Deltas, compute_deltas
+from latent_merge_nnsight.ensemble import Ensemble
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.tasks import MAX_NEW_TOKENS, Example, accuracy, chat_messages
 from latent_merge_nnsight.generation.run import generate
@@ -30,9 +31,9 @@ from latent_merge_nnsight.generation.score import score
 from latent_merge_nnsight.inputs import Batch, encode
 from latent_merge_nnsight.merge import apply_plan
 from latent_merge_nnsight.models import model_info
-from latent_merge_nnsight.nouns import Model
+from latent_merge_nnsight.nouns import Chat, Model
 from latent_merge_nnsight.ops import get_op
-from latent_merge_nnsight.plan import Sources, load_recipe_deltas, recipe_plan
+from latent_merge_nnsight.plan import RecipeLike, Sources, load_recipe_deltas, recipe_plan
 from latent_merge_nnsight.recipe import Recipe
 from latent_merge_nnsight.residuals import Capture, capture
 from latent_merge_nnsight.sites import get_layers
@@ -278,23 +279,31 @@ def _by_category(examples: list[Example]) -> dict[str, list[int]]:
     return by_category
 
 
+def _per_row(recipe: "Recipe | Ensemble | None") -> bool:
+    """Whether a system can share a pass as a per-row recipe (the model alone, or a live-source op)."""
+    return recipe is None or (isinstance(recipe, Recipe) and not get_op(recipe.op).static_source)
+
+
 class TaskAccuracy:
     """Evaluator for the toy tasks: greedy exact-match accuracy per category, generated with `lmn.generate`.
 
     `prompts` is a list of `lmn.evaluation.tasks.Example`; each is asked as one user turn (the chat the toy
     models were trained on), answered greedily within the category's token budget (`tasks.MAX_NEW_TOKENS`
-    unless `max_new_tokens` is given) and scored with `tasks.score`. Op `delta` steers with the recipe's
-    `deltas` file, or else with `compute_deltas(model, sources[0], the prompts' chats, layers)`.
+    unless `max_new_tokens` is given) and scored with `tasks.score`. Op `delta` steers with `sources` when
+    they are `Deltas`, else with the recipe's `deltas` file, or else with
+    `compute_deltas(model, sources[0], the prompts' chats, layers)`. A recipe may also be an `lmn.Ensemble`
+    (a logit ensemble of `model` and `sources`).
     Returns `{category: {"accuracy": x}}`, x a fraction in [0, 1].
 
-    With the fast engine on CUDA the engine (its caches and captured decode steps) is kept on the model
-    from call to call (`generate(..., keep_engine=True)`), so a sweep over alphas captures once per layer
-    and op; `sweep` lets it go when it ends (`generation.release_engine`).
+    With the fast engine the engine (its caches, and on CUDA its captured decode steps) is kept on the
+    model from call to call (`generate(..., keep_engine=True)`), so a sweep over alphas captures once per
+    layer and op; `sweep` lets it go when it ends (`generation.release_engine`).
 
     `batch(model, sources, recipes, prompts)` scores several systems on the same prompts at once: every
     (recipe, prompt) is one row of per-row recipes (`lmn.generate(recipe=[...])`), up to `batch_size` rows
-    a pass, so a grid of alphas costs a few passes instead of one per cell (`sweep` and `lmn search` call
-    it). Each system's result equals its own call's (token for token in float64).
+    a pass, so a grid of alphas costs a few passes instead of one per cell (`sweep`, `lmn search` and
+    `lmn demo` call it). Each system's result equals its own call's (token for token in float64).
+    `generations(...)` is the same with the texts themselves (the demo keeps them for its report).
     """
 
     def __init__(self, *, max_new_tokens: int | None = None, batch_size: int = 64, engine: str = "auto"):
@@ -313,41 +322,67 @@ class TaskAccuracy:
         return f"TaskAccuracy(max_new_tokens={self.max_new_tokens}, batch_size={self.batch_size})"
 
     def batch(
-        self, model: Any, sources: Sequence[Any], recipes: Sequence[Recipe | None], prompts: Any
-    ) -> list[dict[str, Any]]:
+        self, model: Model, sources: Sources, recipes: Sequence[RecipeLike], prompts: Sequence[Example]
+    ) -> list[dict[str, dict[str, float]]]:
         """`[self(model, sources, r, prompts) for r in recipes]`, with the live-source recipes (and None)
-        run together as per-row recipes; steering (`delta`) recipes run one call each."""
-        recipes = [None if r is None else as_recipe(r) for r in recipes]
+        run together as per-row recipes; steering (`delta`) recipes and ensembles run one call each."""
+        examples = list(prompts)
+        texts = self.generations(model, sources, recipes, examples)
+        return [{c: {"accuracy": a} for c, a in accuracy(examples, out).items()} for out in texts]
+
+    def generations(
+        self, model: Model, sources: Sources, recipes: Sequence[RecipeLike], prompts: Sequence[Example]
+    ) -> list[list[str]]:
+        """Per recipe, the generated answer to every prompt (in prompt order): the live-source recipes
+        (and None) together as per-row recipes, `batch_size` rows a pass (a lone one as a plain recipe);
+        steering recipes and ensembles in calls of their own."""
+        systems = [r if r is None or isinstance(r, Ensemble) else as_recipe(r) for r in recipes]
         examples, chats = self._examples(prompts)
-        results: list[dict[str, Any] | None] = [None] * len(recipes)
-        together = [j for j, r in enumerate(recipes) if r is None or not get_op(r.op).static_source]
-        for j, r in enumerate(recipes):
+        outputs: list[list[str]] = [[""] * len(examples) for _ in systems]
+        together = [j for j, r in enumerate(systems) if _per_row(r)]
+        for j, r in enumerate(systems):
             if j not in together:
-                results[j] = self(model, sources, r, prompts)
-        merging = any(recipes[j] is not None for j in together)
-        outputs = [[""] * len(examples) for _ in together]
+                self._generate(
+                    model, self._sources(model, sources, r, chats), [r], chats, examples, [outputs[j]]
+                )
+        if together:
+            merging = any(systems[j] is not None for j in together)
+            srcs = self._sources(model, sources, None, chats) if merging else None
+            rows = [systems[j] for j in together]
+            self._generate(model, srcs, rows, chats, examples, [outputs[j] for j in together])
+        return outputs
+
+    def _generate(
+        self,
+        model: Model,
+        sources: Sources,
+        systems: list["Recipe | Ensemble | None"],
+        chats: list[Chat],
+        examples: list[Example],
+        outputs: list[list[str]],
+    ) -> None:
+        """Answer every (system, prompt), category by category within its budget, into `outputs`: one
+        system per call as itself, several as per-row recipes (system-major rows)."""
         for category, idx in _by_category(examples).items():
             budget = self.max_new_tokens or MAX_NEW_TOKENS.get(category, 64)
-            pairs = [(k, i) for k in range(len(together)) for i in idx]  # system-major
+            pairs = [(k, i) for k in range(len(systems)) for i in idx]
             for start in range(0, len(pairs), self.batch_size):
                 chunk = pairs[start : start + self.batch_size]
+                recipe = systems[0] if len(systems) == 1 else [systems[k] for k, _ in chunk]
                 result = generate(
                     model,
-                    list(sources) if merging else None,
+                    sources if recipe is not None else None,
                     [chats[i] for _, i in chunk],
-                    [recipes[together[k]] for k, _ in chunk],
+                    recipe,  # type: ignore[arg-type]
                     max_new_tokens=budget,
                     engine=self.engine,
                     keep_engine=True,
                 )
                 for (k, i), text in zip(chunk, result.texts, strict=True):
                     outputs[k][i] = text
-        for k, j in enumerate(together):
-            results[j] = {c: {"accuracy": a} for c, a in accuracy(examples, outputs[k]).items()}
-        return results  # type: ignore[return-value]
 
     @staticmethod
-    def _examples(prompts: Any) -> tuple[list[Example], list[Any]]:
+    def _examples(prompts: Sequence[Example]) -> tuple[list[Example], list[Chat]]:
         examples = list(prompts)
         if not examples:
             raise LatentMergeError("prompts=[] is empty; expected a list of evaluation.tasks.Example")
@@ -360,44 +395,29 @@ class TaskAccuracy:
         return examples, [chat_messages(ex.prompt) for ex in examples]
 
     def __call__(
-        self, model: Any, sources: Sequence[Any], recipe: Recipe | None, prompts: Any
-    ) -> dict[str, Any]:
-        examples, chats = self._examples(prompts)
-        merge_sources: Any = None
-        if recipe is not None:
-            recipe = as_recipe(recipe)
-            merge_sources = list(sources)
-            if get_op(recipe.op).static_source:
-                merge_sources = self._steering(model, merge_sources, recipe, chats)
-        outputs: list[str] = [""] * len(examples)
-        for category, idx in _by_category(examples).items():
-            budget = self.max_new_tokens or MAX_NEW_TOKENS.get(category, 64)
-            for start in range(0, len(idx), self.batch_size):
-                rows = idx[start : start + self.batch_size]
-                result = generate(
-                    model,
-                    merge_sources,
-                    [chats[i] for i in rows],
-                    recipe,
-                    max_new_tokens=budget,
-                    engine=self.engine,
-                    keep_engine=True,
-                )
-                for i, text in zip(rows, result.texts, strict=True):
-                    outputs[i] = text
-        return {c: {"accuracy": a} for c, a in accuracy(examples, outputs).items()}
+        self, model: Model, sources: Sources, recipe: RecipeLike, prompts: Sequence[Example]
+    ) -> dict[str, dict[str, float]]:
+        return self.batch(model, sources, [recipe], prompts)[0]
 
-    def _steering(self, model: Any, sources: list[Any], recipe: Recipe, chats: list[Any]) -> Deltas:
+    def _sources(
+        self, model: Model, sources: Sources, recipe: "Recipe | Ensemble | None", chats: list[Chat]
+    ) -> Sources:
+        """What a system merges: the sources as given, or for a steering recipe its `Deltas`."""
+        if isinstance(sources, Deltas) or isinstance(recipe, Ensemble):
+            return sources
+        if not (isinstance(recipe, Recipe) and get_op(recipe.op).static_source):
+            return as_model_list(sources)
+        srcs = as_model_list(sources) if sources is not None else []
         if recipe.deltas is not None:
             return load_recipe_deltas(recipe, device=model_device(model))
-        if not sources:
+        if not srcs:
             raise LatentMergeError(
                 "op 'delta' needs a source model to compute deltas from (or a recipe with a deltas file)"
             )
         layers = sorted(recipe.layer_alphas(model_info(model).n_layers))
-        key = (id(model), id(sources[0]), fingerprint_of({"chats": chats}), recipe.site)
+        key = (id(model), id(srcs[0]), fingerprint_of({"chats": chats}), recipe.site)
         if self._deltas is None or self._deltas[0] != key or not set(layers) <= set(self._deltas[1].vectors):
             n = model_info(model).n_layers
-            every = sorted(set(range(min(n, model_info(sources[0]).n_layers))))
-            self._deltas = (key, compute_deltas(model, sources[0], chats, every, site=recipe.site))
+            every = sorted(set(range(min(n, model_info(srcs[0]).n_layers))))
+            self._deltas = (key, compute_deltas(model, srcs[0], chats, every, site=recipe.site))
         return self._deltas[1]

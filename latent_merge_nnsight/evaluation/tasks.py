@@ -10,7 +10,8 @@ Four categories, named like JudgeBench's, each a seeded generator of `Example`s:
 - ``coding``: string manipulation (reverse, sort the letters, uppercase, repeat twice).
 
 Every response ends with a line ``Answer: <answer>``; `extract_answer` takes what follows the last
-``Answer:`` and `score` compares it with the reference.
+``Answer:`` and `score` compares it with the reference. This module holds the data and the scoring
+only: `analysis.TaskAccuracy` generates the answers (with `lmn.generate`) and scores them here.
 
 **What "held-out" means.** For reasoning, math and coding a problem (its numbers and operations, or its
 operation and word, whatever the wording) is in the eval split when a SHA-256 hash of it falls in one
@@ -30,8 +31,6 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
-
-import torch
 
 from latent_merge_nnsight.errors import LatentMergeError
 
@@ -363,79 +362,3 @@ def accuracy(examples: Sequence[Example], outputs: Sequence[str]) -> dict[str, f
     for ex, out in zip(examples, outputs, strict=True):
         hits.setdefault(ex.category, []).append(score(ex.category, out, ex.answer))
     return {c: sum(h) / len(h) for c, h in hits.items()}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Evaluating a Hugging Face causal LM
-
-
-@torch.no_grad()
-def generate_responses(
-    model: torch.nn.Module,
-    tokenizer,
-    prompts: Sequence[str],
-    max_new_tokens: int = 64,
-    batch_size: int = 64,
-) -> list[str]:
-    """Greedy chat responses of `model` to `prompts` (HF `generate`, batched, left padding).
-
-    Each prompt is rendered with the tokenizer's chat template as one user turn; the decoded
-    response has its special tokens removed.
-    """
-    if batch_size < 1:
-        raise LatentMergeError(
-            f"batch_size={batch_size!r} must be >= 1", param="batch_size", value=batch_size
-        )
-    if max_new_tokens < 1:
-        raise LatentMergeError(
-            f"max_new_tokens={max_new_tokens!r} must be >= 1", param="max_new_tokens", value=max_new_tokens
-        )
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = eos if pad is None else pad
-    device = next(model.parameters()).device
-    out: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        rows = [
-            tokenizer.apply_chat_template(chat_messages(p), add_generation_prompt=True, tokenize=False)
-            for p in chunk
-        ]
-        ids = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in rows]
-        width = max(len(r) for r in ids)
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in ids], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids], device=device)
-        gen = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=pad,
-        )
-        out.extend(tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True))
-    return out
-
-
-def evaluate_model(
-    model: torch.nn.Module,
-    tokenizer,
-    n_per_category: int = 100,
-    seed: int = 0,
-    categories: Sequence[str] = CATEGORIES,
-    batch_size: int = 64,
-) -> dict[str, float]:
-    """Greedy exact-match accuracy (a fraction in [0, 1]) of a chat model on `n_per_category` held-out
-    examples per category.
-
-    Knowledge holds only `knowledge_pool_size("eval")` (96) held-out questions; a larger
-    `n_per_category` asks all of them.
-    """
-    result: dict[str, float] = {}
-    for category in categories:
-        n = min(n_per_category, knowledge_pool_size("eval")) if category == "knowledge" else n_per_category
-        examples = make_eval_set(category, n, seed)
-        outputs = generate_responses(
-            model, tokenizer, [e.prompt for e in examples], MAX_NEW_TOKENS[category], batch_size
-        )
-        result.update(accuracy(examples, outputs))
-    return result

@@ -44,10 +44,13 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config,
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.tasks import (
     CATEGORIES,
+    MAX_NEW_TOKENS,
     Example,
+    accuracy,
     chat_messages,
     direct_target,
-    evaluate_model,
+    knowledge_pool_size,
+    make_eval_set,
     sample_example,
 )
 from latent_merge_nnsight.models import quiet_hf_progress
@@ -290,6 +293,24 @@ def _save(
     _save_info(folder, info)
 
 
+def held_out_accuracy(
+    model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, n_per_category: int, seed: int
+) -> dict[str, float]:
+    """Greedy exact-match accuracy of a checkpoint being trained on `n_per_category` held-out examples
+    per category (knowledge asks at most its `knowledge_pool_size("eval")` held-out questions), answered
+    by `lmn.generate` within each category's budget and scored by `tasks.accuracy`."""
+    from latent_merge_nnsight.generation.run import generate
+
+    result: dict[str, float] = {}
+    for category in CATEGORIES:
+        n = min(n_per_category, knowledge_pool_size("eval")) if category == "knowledge" else n_per_category
+        examples = make_eval_set(category, n, seed)
+        chats = [chat_messages(e.prompt) for e in examples]
+        out = generate(model, None, chats, max_new_tokens=MAX_NEW_TOKENS[category], tokenizer=tokenizer)
+        result.update(accuracy(examples, out.texts))
+    return result
+
+
 def _save_info(folder: pathlib.Path, info: dict) -> None:
     (folder / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
 
@@ -362,7 +383,7 @@ def train_pair(
                     model, tokenizer, out / name, info
                 )  # before evaluating: keep the weights whatever happens
                 if eval_n:
-                    acc = evaluate_model(model, tokenizer, eval_n, eval_seed)
+                    acc = held_out_accuracy(model, tokenizer, eval_n, eval_seed)
                     info["eval"] = {"n_per_category": eval_n, "seed": eval_seed, "accuracy": acc}
                     _save_info(out / name, info)
                 infos[name] = info
