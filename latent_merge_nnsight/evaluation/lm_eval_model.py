@@ -54,7 +54,7 @@ from tqdm import tqdm
 from latent_merge_nnsight.errors import LatentMergeError
 from latent_merge_nnsight.evaluation.system_args import system_from_args
 from latent_merge_nnsight.generation import generate
-from latent_merge_nnsight.generation.score import score
+from latent_merge_nnsight.generation.score import ScoreResult, score
 from latent_merge_nnsight.models import hf_module
 from latent_merge_nnsight.nouns import Model, Tokenizer
 from latent_merge_nnsight.plan import RecipeLike, Sources, device_of
@@ -310,12 +310,15 @@ class LatentMergeLM(TemplateLM):
             return self.recipes[0]
         return [self.recipes[k] for k in ks]  # type: ignore[misc]
 
-    def _scoring_models(self) -> tuple[Model, Sources]:
-        """(base, sources) to score with; a system checks it holds weights (`scoring_setup`)."""
+    def _score(
+        self, contexts: list[list[int]], continuations: list[list[int]], ks: Sequence[int]
+    ) -> ScoreResult:
+        """`lmn.score` of rows answering recipes `ks`: a loaded system scores itself, as it generates (on
+        vLLM for `backend: vllm`, whose models here hold no weights); models score by the rows' recipes."""
         if self.system is not None:
-            base, sources, _ = self.system.scoring_setup()
-            return base, sources
-        return self._base, self._sources
+            return score(self.system, None, contexts, continuations, None, batch_size=len(contexts))
+        recipe = self._rows_recipe(ks)
+        return score(self._base, self._sources, contexts, continuations, recipe, batch_size=len(contexts))
 
     # ------------------------------------------------------------------------------------------------
     # loglikelihood
@@ -339,7 +342,6 @@ class LatentMergeLM(TemplateLM):
         tokens = [ctx + cont for _, ctx, cont in requests]
         order = Collator(rows, sort_fn=lambda row: (-len(tokens[row[0]]), tuple(tokens[row[0]]), row[1]))
         bar = tqdm(total=len(rows), disable=disable_tqdm, desc="Running loglikelihood requests")
-        base, sources = self._scoring_models()
         out: list[tuple[float, bool]] = []
         for chunk in order.get_batched(n=self.batch_size):
             contexts, continuations = [], []
@@ -352,8 +354,7 @@ class LatentMergeLM(TemplateLM):
                 whole = (ctx + cont)[-(self.max_length + 1) :]
                 contexts.append(whole[: len(whole) - len(cont)])
                 continuations.append(cont)
-            recipe = self._rows_recipe([k for _, k in chunk])
-            got = score(base, sources, contexts, continuations, recipe, batch_size=len(chunk))
+            got = self._score(contexts, continuations, [k for _, k in chunk])
             out += list(zip(got.totals, got.all_greedy, strict=True))
             bar.update(len(chunk))
         bar.close()
