@@ -286,3 +286,15 @@ def test_respond_without_network_fails_at_once(capsys, monkeypatch):
         "lmn respond: error: --split gpt is read from the hub dataset ScalerLab/JudgeBench"
     )
     assert line.endswith("give --data FILE (a local JSONL/Parquet copy)")
+
+
+@pytest.mark.parametrize("flag", [["--include-path", "."], ["--limit", "3"], ["--num-fewshot", "0"]])
+def test_sweep_refuses_lm_eval_flags_without_lm_eval(flag, capsys):
+    """`--include-path`, `--limit` and `--num-fewshot` are read only by `--eval lm-eval:...`: with another
+    `--eval` they are a one-line error naming the flag, before any model loads, not silently ignored."""
+    code = main(["sweep", "--base", "toy-base", "--source", "toy-reasoner", "--layers", "2", *flag])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        code == 2
+        and line == f"lmn sweep: error: {flag[0]} is for --eval lm-eval:TASK; --eval tasks does not read it"
+    )

@@ -97,7 +97,16 @@ def _eval_choice(text: str) -> str:
 
 
 def _evaluation(args: argparse.Namespace) -> Evaluation:
-    return _lm_eval(args) if args.eval.startswith(LM_EVAL) else EVALUATIONS[args.eval](args)
+    if args.eval.startswith(LM_EVAL):
+        return _lm_eval(args)
+    given = [flag for flag, value in LM_EVAL_FLAGS.items() if getattr(args, value) is not None]
+    if given:
+        raise CliError(f"{given[0]} is for --eval lm-eval:TASK; --eval {args.eval} does not read it")
+    return EVALUATIONS[args.eval](args)
+
+
+LM_EVAL_FLAGS = {"--include-path": "include_path", "--limit": "limit", "--num-fewshot": "num_fewshot"}
+"""The flags only `--eval lm-eval:...` reads (refused with another `--eval`, never silently ignored)."""
 
 
 def add(sub: Subcommands) -> None:
